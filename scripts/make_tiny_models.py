@@ -1,0 +1,71 @@
+"""Make the tiny local chat model the offline config and the tests use.
+
+`tiny-noise-chat` is a Llama-architecture model with RANDOM weights, built through
+transformers' own classes, with a byte-level BPE tokenizer trained here and a ChatML chat
+template. It exercises the real HF code path (chat template, streamer, sampling, stop) in a
+second, but the text it writes is noise: it is a test fixture, not a language model.
+
+    python scripts/make_tiny_models.py [OUTPUT_DIR]     (default: .smmf/models)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "queues carry jobs from producers to model-pinned workers",
+    "tokens stream back over redis pub sub as they are generated",
+    "embeddings map text to vectors; similar texts get similar vectors",
+    "hello world, this is a tiny model with random weights that writes noise",
+]
+
+
+def make_tokenizer(out: Path):  # type: ignore[no-untyped-def]
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", bos_token=None)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+def make_chat_model(out: Path) -> Path:
+    """Write tiny-noise-chat under `out` (skipped when it is already there)."""
+    target = out / "tiny-noise-chat"
+    if (target / "config.json").exists():
+        return target
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    target.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(target)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), bos_token_id=None,
+        tie_word_embeddings=True, initializer_range=0.5,
+    )
+    LlamaForCausalLM(config).save_pretrained(target)
+    return target
+
+
+if __name__ == "__main__":
+    output = Path(sys.argv[1] if len(sys.argv) > 1 else ".smmf/models")
+    print(make_chat_model(output))

@@ -1,0 +1,37 @@
+"""smmf-queue: many LLM and embedding models behind one interface, on per-model Celery queues."""
+
+from .client import AsyncClient, Client
+from .config import ConfigWarning, ModelConfig, SmmfConfig, load_config
+from .errors import (BrokerUnavailable, ConfigError, DispatchError, JobError, JobFailed,
+                     JobTimeout, NoLiveWorker, ProviderUnavailable, RequestError, SmmfError,
+                     UnknownModel, WrongModelKind)
+from .jobs import ChatDelta, ChatResult, EmbeddingResult, Usage
+
+__all__ = [
+    # clients
+    "Client",
+    "AsyncClient",
+    # config
+    "load_config",
+    "SmmfConfig",
+    "ModelConfig",
+    "ConfigWarning",
+    # results
+    "ChatDelta",
+    "ChatResult",
+    "EmbeddingResult",
+    "Usage",
+    # errors
+    "SmmfError",
+    "ConfigError",
+    "RequestError",
+    "UnknownModel",
+    "WrongModelKind",
+    "DispatchError",
+    "BrokerUnavailable",
+    "NoLiveWorker",
+    "JobError",
+    "JobFailed",
+    "JobTimeout",
+    "ProviderUnavailable",
+]

@@ -1,0 +1,223 @@
+"""The `smmf-queue` command: parses arguments and calls the library. Each command's docstring is its help."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import redis
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import keys, registry
+from .client import Client
+from .config import DEFAULT_CONFIG, SmmfConfig, load_config
+from .errors import SmmfError
+
+app = typer.Typer(help="Many LLM and embedding models behind one interface, on per-model queues.",
+                  no_args_is_help=True, add_completion=False)
+console = Console()
+errors = Console(stderr=True)
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Config file (TOML).")]
+ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Model name; default: the config's default.")]
+
+
+def _fail(message: str) -> NoReturn:
+    errors.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code=1)
+
+
+def _load(path: Path) -> SmmfConfig:
+    try:
+        return load_config(path)
+    except SmmfError as exc:
+        _fail(exc.message)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    errors.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+
+
+warnings.showwarning = _show_warning  # type: ignore[assignment]
+
+
+@app.command()
+def config(config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """Validate a config file and print it resolved, with secrets masked."""
+    loaded = _load(config)
+    console.print_json(json.dumps(loaded.model_dump(mode="json")))
+
+
+@app.command()
+def worker(models: Annotated[list[str], typer.Option("--model", "-m", help="Model to serve (repeatable).")],
+           config: ConfigOption = DEFAULT_CONFIG,
+           loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO") -> None:
+    """Serve one or more models: load them once, consume only their queues."""
+    from .worker import run_worker
+
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    loaded = _load(config)
+    try:
+        run_worker(loaded, models, loglevel=loglevel)
+    except SmmfError as exc:
+        _fail(exc.message)
+
+
+@app.command()
+def models(config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """List configured models, their live workers and queue depth."""
+    loaded = _load(config)
+    client = redis.Redis.from_url(loaded.queue.redis, socket_connect_timeout=2)
+    try:
+        workers = registry.live_workers(client)
+        broker_is_redis = loaded.queue.broker_url == loaded.queue.redis
+        depths = {m.name: client.llen(keys.queue_name(m.kind, m.name)) if broker_is_redis else None
+                  for m in loaded.models}
+    except redis.RedisError as exc:
+        _fail(f"cannot reach Redis at {loaded.queue.redis}: {exc}")
+    table = Table("model", "kind", "provider", "queue", "live workers", "in flight", "queued")
+    for model in loaded.models:
+        serving = [w for w in workers if any(m.name == model.name and m.kind == model.kind
+                                             for m in w.models)]
+        depth = depths[model.name]
+        table.add_row(model.name, model.kind, model.provider, keys.queue_name(model.kind, model.name),
+                      str(len(serving)), str(sum(w.in_flight for w in serving)),
+                      "n/a" if depth is None else str(depth))
+    console.print(table)
+    for w in workers:
+        console.print(f"worker {w.worker_id} on {w.host} pid {w.pid} [{w.hardware}]: "
+                      f"{', '.join(m.name for m in w.models)}", highlight=False)
+
+
+@app.command()
+def chat(prompt: Annotated[str, typer.Argument(help="What to say.")],
+         config: ConfigOption = DEFAULT_CONFIG, model: ModelOption = None,
+         system: Annotated[str | None, typer.Option(help="System message.")] = None,
+         temperature: Annotated[float | None, typer.Option(help="Sampling temperature; 0 is greedy.")] = None,
+         max_tokens: Annotated[int | None, typer.Option(help="Most tokens to generate.")] = None,
+         seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None) -> None:
+    """Stream a reply in the terminal."""
+    loaded = _load(config)
+    name = model or loaded.default_llm or (loaded.llms[0].name if loaded.llms else None)
+    if name is None:
+        _fail(f"{loaded.source} configures no LLM")
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}]
+    params = {k: v for k, v in {"temperature": temperature, "max_tokens": max_tokens,
+                                "seed": seed}.items() if v is not None}
+    with _client(loaded) as client:
+        _stream(client, name, messages, params)
+
+
+@app.command()
+def embed(texts: Annotated[list[str], typer.Argument(help="Texts to embed.")],
+          config: ConfigOption = DEFAULT_CONFIG, model: ModelOption = None,
+          as_json: Annotated[bool, typer.Option("--json", help="Print the vectors as JSON.")] = False) -> None:
+    """Print vectors, or with several texts their cosine similarities."""
+    loaded = _load(config)
+    name = model or loaded.default_embedding or (loaded.embeddings[0].name if loaded.embeddings else None)
+    if name is None:
+        _fail(f"{loaded.source} configures no embedding model")
+    with _client(loaded) as client:
+        result = _call(lambda: client.embed(name, texts))
+    if as_json:
+        console.print_json(json.dumps(result.vectors))
+        return
+    _print_similarities(name, texts, result.vectors)
+
+
+@app.command()
+def up(config: ConfigOption = DEFAULT_CONFIG,
+       demo: Annotated[bool, typer.Option(help="Send a chat and an embedding through the queues, then stop.")] = False) -> None:
+    """Run the standalone stack: embedded Redis (if configured) and one worker per model."""
+    from .standalone import Stack
+
+    loaded = _load(config)
+    stack = Stack(loaded)
+    console.print(f"starting {len(loaded.models)} workers for {loaded.source} …")
+    started = time.monotonic()
+    try:
+        with stack:
+            console.print(f"[green]ready[/green] in {time.monotonic() - started:.1f}s: "
+                          f"redis {loaded.queue.redis}; logs in {stack.log_dir}/", highlight=False)
+            if demo:
+                _demo(loaded)
+                return
+            console.print("serving; Ctrl-C stops everything")
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("stopping …")
+    except SmmfError as exc:
+        _fail(exc.message)
+
+
+def _demo(config: SmmfConfig) -> None:
+    """One streamed chat and one embedding similarity, through the queues."""
+    with _client(config) as client:
+        if config.llms:
+            llm = config.default_llm or config.llms[0].name
+            prompt = "Say hello to the queue."
+            console.print(f"\n[bold]chat[/bold] {llm} <- {prompt!r}")
+            _stream(client, llm, [{"role": "user", "content": prompt}],
+                    {"temperature": 0.7, "max_tokens": 32, "seed": 7})
+        if config.embeddings:
+            name = config.default_embedding or config.embeddings[0].name
+            texts = ["A worker pulls jobs from its model's queue.",
+                     "Each model has its own queue that workers consume.",
+                     "The cat sleeps in the afternoon sun."]
+            console.print(f"\n[bold]embed[/bold] {name}")
+            result = _call(lambda: client.embed(name, texts))
+            _print_similarities(name, texts, result.vectors)
+
+
+def _stream(client: Client, model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> None:
+    def run() -> None:
+        started = time.perf_counter()
+        first: float | None = None
+        for delta in client.stream_chat(model, messages, **params):
+            if delta.restart:
+                console.print("\n[yellow](a worker was lost; the reply restarts)[/yellow]")
+            first = first or time.perf_counter()
+            console.out(delta.text, end="", highlight=False)
+        ttft = f", first token after {(first - started) * 1000:.0f} ms" if first else ""
+        console.print(f"\n[dim]({model}{ttft})[/dim]", highlight=False)
+
+    _call(run)
+
+
+def _print_similarities(model: str, texts: list[str], vectors: list[list[float]]) -> None:
+    console.print(f"{len(vectors)} vectors of {len(vectors[0])} dimensions from {model}")
+    if len(texts) == 1:
+        console.print(f"[{', '.join(f'{x:.4f}' for x in vectors[0][:8])}, …]")
+        return
+    table = Table("cosine", *[f"#{i}" for i in range(len(texts))])
+    for i, row in enumerate(vectors):
+        table.add_row(f"#{i} {texts[i][:40]}", *[f"{_cosine(row, other):.3f}" for other in vectors])
+    console.print(table)
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)) or 1.0)
+
+
+def _client(config: SmmfConfig) -> Client:
+    try:
+        return Client(config)
+    except SmmfError as exc:
+        _fail(exc.message)
+
+
+def _call(work: Any) -> Any:
+    try:
+        return work()
+    except SmmfError as exc:
+        _fail(exc.message)

@@ -1,0 +1,273 @@
+"""The SDK: `AsyncClient` does the work; `Client` runs it on a private event loop thread.
+
+    client = Client(config="configs/local.toml")
+    client.chat("tiny-noise-chat", [{"role": "user", "content": "hi"}], temperature=0)
+    for delta in client.stream_chat(...): print(delta.text, end="")
+    client.embed("all-MiniLM-L6-v2", ["a", "b"]).vectors
+
+A job goes: validate against the config → (fail fast if asked and no worker is alive) →
+subscribe to the job's channel and wait for Redis to confirm → enqueue on the model's queue →
+read events in `seq` order, filling gaps from the job's event log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import redis.asyncio
+from pydantic import ValidationError
+
+from . import keys, registry
+from .config import ModelKind, SmmfConfig, load_config
+from .errors import (BrokerUnavailable, JobFailed, JobTimeout, NoLiveWorker, RequestError,
+                     SmmfError)
+from .hub import StreamHub
+from .jobs import (ChatDelta, ChatRequest, ChatResult, EmbeddingRequest, EmbeddingResult,
+                   StreamEvent)
+from .queues import make_celery_app, send_job
+from .streaming import EventAssembler, decode_log
+
+T = TypeVar("T")
+
+#: seconds without an event after which the reader checks the job's log (a lost pub/sub message).
+QUIET_CHECK_S = 2.0
+
+
+class AsyncClient:
+    """Submits chat and embedding jobs to the queues that a config describes."""
+
+    def __init__(self, config: str | os.PathLike[str] | SmmfConfig | None = None):
+        self.config = config if isinstance(config, SmmfConfig) else load_config(config)
+        self._redis = redis.asyncio.from_url(self.config.queue.redis)
+        self._hub = StreamHub(self._redis)
+        self._celery = make_celery_app(self.config)
+        # kombu's producer is blocking: a small pool keeps it off the event loop.
+        self._sender = ThreadPoolExecutor(max_workers=4, thread_name_prefix="smmf-send")
+        self._liveness = registry.LivenessCache()
+
+    async def chat(self, model: str, messages: list[dict[str, Any]], *,
+                   timeout: float | None = None, fail_fast: bool | None = None,
+                   **params: Any) -> ChatResult:
+        """Run a chat job and return the whole reply."""
+        request = self._chat_request(model, messages, params)
+        assembler = EventAssembler(request.job_id, model)
+        async for _ in self._run("llm", request.model_dump(mode="json"), assembler, timeout, fail_fast):
+            pass
+        return assembler.chat_result()
+
+    async def stream_chat(self, model: str, messages: list[dict[str, Any]], *,
+                          timeout: float | None = None, fail_fast: bool | None = None,
+                          **params: Any) -> AsyncIterator[ChatDelta]:
+        """Yield the reply's deltas as the worker produces them."""
+        request = self._chat_request(model, messages, params)
+        assembler = EventAssembler(request.job_id, model)
+        async for delta in self._run("llm", request.model_dump(mode="json"), assembler, timeout,
+                                     fail_fast):
+            yield delta
+
+    async def embed(self, model: str, texts: list[str], *, normalize: bool | None = None,
+                    timeout: float | None = None, fail_fast: bool | None = None) -> EmbeddingResult:
+        """Vectors for `texts`, in input order."""
+        self.config.model(model, "embedding")
+        try:
+            request = EmbeddingRequest(model=model, texts=list(texts), normalize=normalize)
+        except ValidationError as exc:
+            raise RequestError(f"invalid embedding request: {exc}", model=model) from None
+        assembler = EventAssembler(request.job_id, model)
+        async for _ in self._run("embedding", request.model_dump(mode="json"), assembler, timeout,
+                                 fail_fast):
+            pass
+        return assembler.embedding_result()
+
+    async def live_workers(self) -> list[registry.WorkerInfo]:
+        """Workers whose heartbeat is current."""
+        return await registry.alive_workers(self._redis)
+
+    async def aclose(self) -> None:
+        await self._hub.aclose()
+        await self._redis.aclose()
+        self._sender.shutdown(wait=False)
+        self._celery.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _chat_request(self, model: str, messages: list[dict[str, Any]],
+                      params: dict[str, Any]) -> ChatRequest:
+        self.config.model(model, "llm")
+        try:
+            return ChatRequest(model=model, messages=messages, params=params)
+        except ValidationError as exc:
+            raise RequestError(f"invalid chat request: {_first_error(exc)}", model=model) from None
+
+    async def _run(self, kind: ModelKind, request: dict[str, Any], assembler: EventAssembler,
+                   timeout: float | None, fail_fast: bool | None) -> AsyncIterator[ChatDelta]:
+        model, job_id = request["model"], request["job_id"]
+        timeout = timeout or self.config.queue.job_timeout_s
+        if self.config.queue.fail_fast if fail_fast is None else fail_fast:
+            await self._require_worker(kind, model)
+        try:
+            inbox = await self._hub.subscribe(job_id)
+        except (OSError, redis.RedisError, asyncio.TimeoutError) as exc:
+            raise BrokerUnavailable(f"cannot reach Redis: {exc}", model=model) from None
+        try:
+            await self._send(kind, request, timeout)
+            deadline = time.monotonic() + timeout
+            async for event in self._events(inbox, assembler, deadline):
+                delta = assembler.apply(event)
+                if delta is not None:
+                    yield delta
+                if assembler.terminal is not None:
+                    break
+        finally:
+            await self._hub.unsubscribe(job_id)
+        terminal = assembler.terminal
+        if terminal is not None and terminal.type == "error":
+            raise JobFailed(terminal.error_message or "job failed",
+                            error_type=terminal.error_type or "JobFailed", model=model, job_id=job_id)
+
+    async def _events(self, inbox: asyncio.Queue[bytes], assembler: EventAssembler,
+                      deadline: float) -> AsyncIterator[StreamEvent]:
+        """Events in seq order: live ones from the inbox, missing ones from the log."""
+        while assembler.terminal is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise JobTimeout(f"no result within the timeout for job {assembler.job_id}",
+                                 model=assembler.model, job_id=assembler.job_id)
+            try:
+                raw = await asyncio.wait_for(inbox.get(), min(remaining, QUIET_CHECK_S))
+            except asyncio.TimeoutError:
+                for event in await self._replay(assembler.job_id, assembler.want):
+                    yield event
+                continue
+            event = StreamEvent.model_validate_json(raw)
+            if event.seq < assembler.want:
+                continue
+            if event.seq > assembler.want:
+                for missing in await self._replay(assembler.job_id, assembler.want, event.seq - 1):
+                    yield missing
+            yield event
+
+    async def _replay(self, job_id: str, first: int, last: int | None = None) -> list[StreamEvent]:
+        entries = await self._redis.xrange(keys.event_log(job_id), f"{first}-0",
+                                           f"{last}-0" if last is not None else "+")
+        return decode_log(entries)
+
+    async def replay(self, job_id: str, model: str, from_seq: int = 1) -> AsyncIterator[ChatDelta]:
+        """Read a job's stream from `from_seq`, whether it is running or already finished."""
+        assembler = EventAssembler(job_id, model)
+        inbox = await self._hub.subscribe(job_id)
+        try:
+            for event in await self._replay(job_id, 1):
+                delta = assembler.apply(event)
+                if delta is not None and event.seq >= from_seq:
+                    yield delta
+            deadline = time.monotonic() + self.config.queue.job_timeout_s
+            async for event in self._events(inbox, assembler, deadline):
+                delta = assembler.apply(event)
+                if delta is not None and event.seq >= from_seq:
+                    yield delta
+        finally:
+            await self._hub.unsubscribe(job_id)
+
+    async def _send(self, kind: str, request: dict[str, Any], timeout: float) -> None:
+        task = keys.CHAT_TASK if kind == "llm" else keys.EMBED_TASK
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(
+                self._sender, lambda: send_job(self._celery, task, kind, request, expires_s=timeout))
+        except Exception as exc:  # kombu raises OperationalError and socket errors
+            raise BrokerUnavailable(f"cannot enqueue on the broker: {type(exc).__name__}: {exc}",
+                                    model=request["model"], job_id=request["job_id"]) from None
+
+    async def _require_worker(self, kind: str, model: str) -> None:
+        workers = self._liveness.fresh()
+        if workers is None or not registry.replicas(workers, kind, model):
+            workers = self._liveness.store(await registry.alive_workers(self._redis))
+        if not registry.replicas(workers, kind, model):
+            raise NoLiveWorker(f"no live worker serves {kind} model '{model}' "
+                               f"(start one: smmf-queue worker --model {model})", model=model)
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(p) for p in error["loc"])
+    return f"{where}: {error['msg']}"
+
+
+class Client:
+    """The blocking twin of AsyncClient: same methods, run on a private event loop thread."""
+
+    def __init__(self, config: str | os.PathLike[str] | SmmfConfig | None = None):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="smmf-client",
+                                        daemon=True)
+        self._thread.start()
+        self._async = self._call(_make_async_client(config))
+        self.config = self._async.config
+
+    def chat(self, model: str, messages: list[dict[str, Any]], **kwargs: Any) -> ChatResult:
+        """Run a chat job and return the whole reply."""
+        return self._call(self._async.chat(model, messages, **kwargs))
+
+    def stream_chat(self, model: str, messages: list[dict[str, Any]],
+                    **kwargs: Any) -> Iterator[ChatDelta]:
+        """Yield the reply's deltas as the worker produces them."""
+        return self._iterate(self._async.stream_chat(model, messages, **kwargs))
+
+    def embed(self, model: str, texts: list[str], **kwargs: Any) -> EmbeddingResult:
+        """Vectors for `texts`, in input order."""
+        return self._call(self._async.embed(model, texts, **kwargs))
+
+    def replay(self, job_id: str, model: str, from_seq: int = 1) -> Iterator[ChatDelta]:
+        """Read a job's stream from `from_seq`, whether it is running or already finished."""
+        return self._iterate(self._async.replay(job_id, model, from_seq))
+
+    def live_workers(self) -> list[registry.WorkerInfo]:
+        return self._call(self._async.live_workers())
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._call(self._async.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, coro: Awaitable[T]) -> T:
+        return asyncio.run_coroutine_threadsafe(_await(coro), self._loop).result()
+
+    def _iterate(self, stream: AsyncIterator[T]) -> Iterator[T]:
+        try:
+            while True:
+                try:
+                    yield self._call(stream.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._call(stream.aclose())  # type: ignore[attr-defined]
+
+
+async def _await(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+async def _make_async_client(config: str | os.PathLike[str] | SmmfConfig | None) -> AsyncClient:
+    return AsyncClient(config)
+
+

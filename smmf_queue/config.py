@@ -1,0 +1,321 @@
+"""Loading a TOML config into typed settings.
+
+The `[models]` part follows DB-GPT's schema, so a DB-GPT model section works unchanged:
+`default_llm`, `default_embedding`, `[[models.llms]]`, `[[models.embeddings]]`. Our own
+sections are `[queue]` (where jobs, streams and results live), `[worker]` and `[gateway]`;
+they refuse unknown keys (a typo names its key), while a model entry only warns on keys it does
+not know (DB-GPT ignores them silently). Every other top-level section is DB-GPT's and ignored.
+
+Any string value may use `${env:VAR}`, `${env:VAR:-default}` and `${pkg:module}` (the folder of
+an installed Python package, e.g. the packaged all-MiniLM-L6-v2).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import tomllib
+import warnings
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from .errors import ConfigError, UnknownModel, WrongModelKind
+from .providers import PROVIDER_KEYS, known_providers, suggest_provider
+
+#: The config used when none is given: offline, embedded Redis, local models.
+DEFAULT_CONFIG = Path("configs/local.toml")
+
+ModelKind = Literal["llm", "embedding"]
+_SECTION_OF_KIND: dict[str, str] = {"llm": "llms", "embedding": "embeddings"}
+_PLACEHOLDER = re.compile(r"\$\{(env|pkg):([^}:]+)(?::-([^}]*))?\}")
+
+
+class ConfigWarning(UserWarning):
+    """Warned when a config has keys that smmf-queue does not use (they are ignored)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class QueueSettings(_Strict):
+    """Where jobs, streams, the registry and results live."""
+
+    #: Celery broker; `redis://` or `amqp://` (then streams and results stay on `redis_url`).
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    #: Redis for streams, job records and the worker registry; defaults to a Redis broker_url.
+    redis_url: str | None = None
+    #: Celery result backend; defaults to redis_url.
+    result_backend: str | None = None
+    #: `smmf-queue up` starts a private redis-server on broker_url's port when true.
+    embedded_redis: bool = False
+    #: data folder of the embedded Redis, relative to the working directory.
+    embedded_redis_dir: str = ".smmf/redis"
+    #: how long a caller waits for a job's result by default, seconds.
+    job_timeout_s: float = Field(default=600.0, gt=0)
+    #: how long a job's events stay replayable after its last event, seconds.
+    event_ttl_s: int = Field(default=600, gt=0)
+    #: most events kept per job for replay (deltas are coalesced, so this is rarely reached).
+    event_log_max: int = Field(default=10_000, gt=0)
+    #: how long results stay in the result backend, seconds.
+    result_ttl_s: int = Field(default=3600, gt=0)
+    #: seconds before Redis re-delivers an unacknowledged job (kombu's visibility_timeout).
+    visibility_timeout_s: int = Field(default=120, gt=0)
+    #: default for callers: fail at once with NoLiveWorker instead of waiting in the queue.
+    fail_fast: bool = False
+
+    @property
+    def redis(self) -> str:
+        """The Redis URL for streams, records and the registry."""
+        if self.redis_url:
+            return self.redis_url
+        if self.broker_url.startswith(("redis://", "rediss://", "unix://")):
+            return self.broker_url
+        raise ConfigError("queue.redis_url is required when queue.broker_url is not a Redis URL")
+
+    @property
+    def results(self) -> str:
+        """The Celery result backend URL."""
+        return self.result_backend or self.redis
+
+
+class WorkerSettings(_Strict):
+    """How model-pinned workers report liveness and guard against crash loops."""
+
+    #: seconds between heartbeats.
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    #: seconds a heartbeat stays valid; a dead worker disappears after this.
+    heartbeat_ttl_s: float = Field(default=6.0, gt=0)
+    #: deliveries of one job before it is failed as a worker killer.
+    max_attempts: int = Field(default=3, ge=1)
+    #: seconds a running job's lease lasts without renewal (renewed with each heartbeat).
+    lease_s: float = Field(default=30.0, gt=0)
+
+
+class GatewaySettings(_Strict):
+    """The OpenAI-compatible HTTP gateway."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_keys: list[SecretStr] = Field(default_factory=list)
+
+
+class ModelConfig(BaseModel):
+    """One `[[models.llms]]` or `[[models.embeddings]]` entry, as DB-GPT writes it.
+
+    Provider-specific keys (e.g. `n_gpu_layers`) are kept in `options`.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    provider: str
+    kind: ModelKind = "llm"
+    #: the upstream model name; defaults to `name`.
+    backend: str | None = None
+    path: str | None = None
+    device: str | None = None
+    api_key: SecretStr | None = None
+    api_base: str | None = None
+    #: DB-GPT's key for an embeddings endpoint URL.
+    api_url: str | None = None
+    #: jobs one worker runs at once for this model; None picks by provider.
+    concurrency: int | None = Field(default=None, ge=1)
+    context_length: int | None = Field(default=None, ge=1)
+    verbose: bool = False
+    prompt_template: str | None = None
+
+    @field_validator("provider")
+    @classmethod
+    def _known_provider(cls, value: str) -> str:
+        if value not in known_providers():
+            raise ValueError(
+                f"unknown provider '{value}'.{suggest_provider(value)} "
+                f"Known providers: {', '.join(known_providers())}"
+            )
+        return value
+
+    @property
+    def upstream_name(self) -> str:
+        """The model name the engine or API knows it by."""
+        return self.backend or self.name
+
+    @property
+    def slots(self) -> int:
+        """Jobs a worker runs at once: wide for remote or batching engines, 1 for a CPU model."""
+        if self.concurrency:
+            return self.concurrency
+        return 64 if self.provider.startswith("proxy/") or self.provider == "vllm" else 1
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Provider-specific keys from the entry."""
+        return dict(self.model_extra or {})
+
+
+class SmmfConfig(BaseModel):
+    """A whole config file: the models and our own sections."""
+
+    source: Path
+    default_llm: str | None = None
+    default_embedding: str | None = None
+    llms: list[ModelConfig] = Field(default_factory=list)
+    embeddings: list[ModelConfig] = Field(default_factory=list)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+
+    @property
+    def models(self) -> list[ModelConfig]:
+        """Every configured model, LLMs first."""
+        return [*self.llms, *self.embeddings]
+
+    def model(self, name: str, kind: ModelKind | None = None) -> ModelConfig:
+        """The model called `name`; with `kind`, one of that kind (else WrongModelKind)."""
+        candidates = [m for m in self.models if m.name == name]
+        if not candidates:
+            known = ", ".join(m.name for m in self.models) or "none"
+            raise UnknownModel(f"unknown model '{name}' (configured: {known})", model=name)
+        for model in candidates:
+            if kind is None or model.kind == kind:
+                return model
+        raise WrongModelKind(
+            f"model '{name}' is an {candidates[0].kind} model, not an {kind} model", model=name
+        )
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> SmmfConfig:
+    """Read, interpolate and validate a config file; ConfigError names file, key and what was expected."""
+    source = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        raw = tomllib.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    raw = _interpolate(raw, source, "")
+    return _build(raw, source)
+
+
+def _build(raw: dict[str, Any], source: Path) -> SmmfConfig:
+    models = raw.get("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError(f"{source}: key 'models': expected a table, got {type(models).__name__}")
+    for ignored in sorted(set(models) - {"llms", "embeddings", "default_llm", "default_embedding"}):
+        warnings.warn(f"{source}: models.{ignored} is not served by smmf-queue; ignored",
+                      ConfigWarning, stacklevel=3)
+    entries = {kind: _model_entries(models, kind, source) for kind in _SECTION_OF_KIND}
+    config = SmmfConfig(
+        source=source,
+        default_llm=models.get("default_llm"),
+        default_embedding=models.get("default_embedding"),
+        llms=entries["llm"],
+        embeddings=entries["embedding"],
+        queue=_section(QueueSettings, raw, "queue", source),
+        worker=_section(WorkerSettings, raw, "worker", source),
+        gateway=_section(GatewaySettings, raw, "gateway", source),
+    )
+    _check_defaults(config)
+    return config
+
+
+_S = TypeVar("_S", bound=_Strict)
+
+
+def _section(cls: type[_S], raw: dict[str, Any], name: str, source: Path) -> _S:
+    """One of our own sections; its keys are named `section.key` in errors."""
+    values = raw.get(name, {})
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: key '{name}': expected a table, got {type(values).__name__}")
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source, "", prefix=f"{name}.")) from None
+
+
+def _model_entries(models: dict[str, Any], kind: str, source: Path) -> list[ModelConfig]:
+    section = _SECTION_OF_KIND[kind]
+    items = models.get(section, [])
+    if not isinstance(items, list):
+        raise ConfigError(f"{source}: key 'models.{section}': expected an array of tables "
+                          f"([[models.{section}]]), got {type(items).__name__}")
+    built: list[ModelConfig] = []
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        where = f"models.{section}[{index}]"
+        if isinstance(item, dict) and "name" in item:
+            where += f" (model '{item['name']}')"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{source}: {where}: expected a table, got {type(item).__name__}")
+        try:
+            model = ModelConfig(**item, kind=kind)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, source, where)) from None
+        if model.name in seen:
+            raise ConfigError(f"{source}: {where}: key 'name': model '{model.name}' is defined twice")
+        seen.add(model.name)
+        _warn_unknown_keys(model, source, where)
+        built.append(model)
+    return built
+
+
+def _warn_unknown_keys(model: ModelConfig, source: Path, where: str) -> None:
+    unknown = sorted(set(model.options) - PROVIDER_KEYS.get(model.provider, frozenset()))
+    if unknown:
+        warnings.warn(
+            f"{source}: {where}: unknown keys for provider '{model.provider}' ignored: "
+            f"{', '.join(unknown)}", ConfigWarning, stacklevel=4)
+
+
+def _check_defaults(config: SmmfConfig) -> None:
+    for key, kind in (("default_llm", "llm"), ("default_embedding", "embedding")):
+        name = getattr(config, key)
+        if name and not any(m.name == name and m.kind == kind for m in config.models):
+            raise ConfigError(f"{config.source}: key 'models.{key}': expected the name of a "
+                              f"configured {kind} model, got '{name}'")
+
+
+def _describe(exc: ValidationError, source: Path, where: str, prefix: str = "") -> str:
+    """Turn pydantic's errors into one line per problem, naming file, entry and key."""
+    lines = []
+    for error in exc.errors():
+        key = prefix + (".".join(str(part) for part in error["loc"]) or "?")
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (not a setting of this section)"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        else:
+            message = f"expected: {message} (got {error['input']!r})"
+        prefix = f"{where}: " if where else ""
+        lines.append(f"{source}: {prefix}key '{key}': {message}")
+    return "\n".join(lines)
+
+
+def _interpolate(value: Any, source: Path, key: str) -> Any:
+    """Replace ${env:...} and ${pkg:...} in every string, recursively; `key` names where we are."""
+    if isinstance(value, dict):
+        return {k: _interpolate(v, source, f"{key}.{k}" if key else k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+        return _PLACEHOLDER.sub(lambda match: _resolve(match, source, key), value)
+    return value
+
+
+def _resolve(match: re.Match[str], source: Path, key: str) -> str:
+    scheme, name, default = match.group(1), match.group(2), match.group(3)
+    if scheme == "env":
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{source}: key '{key}': environment variable {name} is not set "
+                          f"(write ${{env:{name}:-default}} to give a default)")
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{source}: key '{key}': Python package '{name}' is not installed")
+    return str(Path(next(iter(spec.submodule_search_locations))))

@@ -1,0 +1,79 @@
+"""One error tree for smmf-queue, so callers catch by meaning, not by origin.
+
+    SmmfError
+    ├── ConfigError                       a config file is malformed
+    ├── RequestError                      the request itself is wrong (a 4xx)
+    │   ├── UnknownModel
+    │   └── WrongModelKind
+    ├── DispatchError                     the job could not be handed to a worker
+    │   ├── BrokerUnavailable
+    │   └── NoLiveWorker
+    ├── JobError                          the job was taken but did not succeed
+    │   ├── JobFailed
+    │   └── JobTimeout (also a TimeoutError)
+    └── ProviderUnavailable               a worker cannot serve a model on this host
+
+Errors carry `model` and `job_id` where they know them. Messages never contain an API key or a
+prompt: they cross the wire and land in logs and in Flower.
+"""
+
+from __future__ import annotations
+
+
+class SmmfError(Exception):
+    """Root of every error smmf-queue raises on purpose."""
+
+    def __init__(self, message: str, *, model: str | None = None, job_id: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.model = model
+        self.job_id = job_id
+
+
+class ConfigError(SmmfError):
+    """Raised when a config file cannot be read, parsed or validated; the message names the file and key."""
+
+
+class RequestError(SmmfError):
+    """Raised when a request is invalid before anything is enqueued."""
+
+
+class UnknownModel(RequestError):
+    """Raised when a request names a model that the config does not define."""
+
+
+class WrongModelKind(RequestError):
+    """Raised when a chat goes to an embedding model or an embedding to an LLM."""
+
+
+class DispatchError(SmmfError):
+    """Raised when a job cannot be handed to the queues."""
+
+
+class BrokerUnavailable(DispatchError):
+    """Raised when Redis (or the broker) cannot be reached."""
+
+
+class NoLiveWorker(DispatchError):
+    """Raised, when the caller asks to fail fast, if no live worker serves the model."""
+
+
+class JobError(SmmfError):
+    """Raised when an accepted job did not produce a result."""
+
+
+class JobFailed(JobError):
+    """Raised when the worker reported an error; `error_type` is the provider-side class of it."""
+
+    def __init__(self, message: str, *, error_type: str = "JobFailed", model: str | None = None,
+                 job_id: str | None = None):
+        super().__init__(message, model=model, job_id=job_id)
+        self.error_type = error_type
+
+
+class JobTimeout(JobError, TimeoutError):
+    """Raised when a job's result did not arrive within the caller's timeout (it may still run)."""
+
+
+class ProviderUnavailable(SmmfError):
+    """Raised when a provider cannot run here: wrong hardware, or its package is not installed."""

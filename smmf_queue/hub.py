@@ -1,0 +1,82 @@
+"""One pub/sub connection per process, shared by every job stream the process reads.
+
+A gateway holding hundreds of streams must not open a Redis connection per request. The hub
+keeps one subscription connection and a reader task that routes each message to its job's
+queue. `subscribe` returns only once Redis has confirmed the subscription, so a producer that
+enqueues afterwards cannot miss the first event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import redis.asyncio
+
+from . import keys
+
+#: seconds to wait for Redis to confirm a subscription.
+SUBSCRIBE_TIMEOUT_S = 10.0
+
+
+class StreamHub:
+    """Multiplexes the pub/sub channels of many jobs over one connection."""
+
+    def __init__(self, client: redis.asyncio.Redis):
+        self._client = client
+        self._pubsub = client.pubsub()
+        self._inboxes: dict[bytes, asyncio.Queue[bytes]] = {}
+        self._confirmed: dict[bytes, asyncio.Future[None]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def subscribe(self, job_id: str) -> asyncio.Queue[bytes]:
+        """A queue that receives the raw events of `job_id`, once the subscription is confirmed."""
+        channel = keys.stream_channel(job_id).encode()
+        inbox: asyncio.Queue[bytes] = asyncio.Queue()
+        confirmed = asyncio.get_running_loop().create_future()
+        self._inboxes[channel] = inbox
+        self._confirmed[channel] = confirmed
+        async with self._lock:
+            await self._pubsub.subscribe(channel)
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.create_task(self._read(), name="smmf-stream-hub")
+        try:
+            await asyncio.wait_for(confirmed, SUBSCRIBE_TIMEOUT_S)
+        except BaseException:
+            await self.unsubscribe(job_id)
+            raise
+        return inbox
+
+    async def unsubscribe(self, job_id: str) -> None:
+        channel = keys.stream_channel(job_id).encode()
+        self._inboxes.pop(channel, None)
+        self._confirmed.pop(channel, None)
+        async with self._lock:
+            with contextlib.suppress(Exception):
+                await self._pubsub.unsubscribe(channel)
+
+    async def _read(self) -> None:
+        while True:
+            message = await self._pubsub.get_message(timeout=1.0)
+            if message is None:
+                if not self._inboxes and not self._pubsub.subscribed:
+                    return
+                continue
+            channel = message["channel"]
+            if message["type"] == "message":
+                inbox = self._inboxes.get(channel)
+                if inbox is not None:
+                    inbox.put_nowait(message["data"])
+            elif message["type"] == "subscribe":
+                confirmed = self._confirmed.pop(channel, None)
+                if confirmed is not None and not confirmed.done():
+                    confirmed.set_result(None)
+
+    async def aclose(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        with contextlib.suppress(Exception):
+            await self._pubsub.aclose()

@@ -1,0 +1,142 @@
+"""The wire schema: what travels in job messages, stream events and results.
+
+JSON only, versioned by `v`. A request never carries a provider secret: keys live in the
+worker's config. Embedding vectors travel as base64 of little-endian float32 (exact and about
+a quarter of the size of JSON floats).
+"""
+
+from __future__ import annotations
+
+import base64
+import sys
+import uuid
+from array import array
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: wire version of requests and events; bump on an incompatible change.
+WIRE_VERSION = 1
+
+EventType = Literal["delta", "end", "error", "restart"]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def new_job_id() -> str:
+    """A fresh job id (also the Celery task id)."""
+    return uuid.uuid4().hex
+
+
+class ChatMessage(_Wire):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class SamplingParams(_Wire):
+    """Sampling parameters; None means "the model's default". 0 is a value, never dropped."""
+
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    seed: int | None = None
+
+
+class ChatRequest(_Wire):
+    v: int = WIRE_VERSION
+    job_id: str = Field(default_factory=new_job_id)
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    params: SamplingParams = Field(default_factory=SamplingParams)
+
+
+class EmbeddingRequest(_Wire):
+    v: int = WIRE_VERSION
+    job_id: str = Field(default_factory=new_job_id)
+    model: str
+    texts: list[str] = Field(min_length=1)
+    #: scale vectors to unit length; None uses the model's setting.
+    normalize: bool | None = None
+
+
+class Usage(_Wire):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class StreamEvent(_Wire):
+    """One event of a job's stream; `seq` counts from 1 across all attempts of the job."""
+
+    v: int = WIRE_VERSION
+    seq: int
+    attempt: int
+    type: EventType
+    text: str = ""
+    reasoning: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    #: worker that ran this attempt (in `end`, `error` and `restart`).
+    worker: str | None = None
+    #: embedding jobs: base64 float32 vectors, row after row, and their width.
+    vectors_b64: str | None = None
+    dims: int | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in ("end", "error")
+
+    def encode(self) -> str:
+        """Compact JSON for the wire (defaults left out)."""
+        return self.model_dump_json(exclude_defaults=True)
+
+
+class ChatDelta(BaseModel):
+    """A piece of a streamed reply, as the SDK yields it."""
+
+    text: str = ""
+    reasoning: str = ""
+    #: true when a crash restarted the job: drop what was shown so far.
+    restart: bool = False
+
+
+class ChatResult(BaseModel):
+    job_id: str
+    model: str
+    text: str
+    reasoning: str = ""
+    finish_reason: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    worker: str | None = None
+
+
+class EmbeddingResult(BaseModel):
+    job_id: str
+    model: str
+    vectors: list[list[float]]
+    usage: Usage = Field(default_factory=Usage)
+    worker: str | None = None
+
+
+def pack_vectors(vectors: list[list[float]]) -> tuple[str, int]:
+    """Vectors → (base64 of float32 rows, width)."""
+    dims = len(vectors[0]) if vectors else 0
+    flat = array("f", (x for row in vectors for x in row))
+    if sys.byteorder != "little":
+        flat.byteswap()
+    return base64.b64encode(flat.tobytes()).decode("ascii"), dims
+
+
+def unpack_vectors(data: str, dims: int) -> list[list[float]]:
+    """The inverse of pack_vectors."""
+    flat = array("f")
+    flat.frombytes(base64.b64decode(data))
+    if sys.byteorder != "little":
+        flat.byteswap()
+    values = flat.tolist()
+    return [values[i:i + dims] for i in range(0, len(values), dims)] if dims else []

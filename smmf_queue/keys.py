@@ -1,0 +1,50 @@
+"""Every Redis key, channel and queue name smmf-queue uses, in one place.
+
+Model names come from users' configs; `safe_name` maps them onto characters that are safe in
+Redis keys and AMQP queue names, so "Qwen/Qwen2.5-7B" and "qwen:7b" both make valid names.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "smmf"
+
+#: Celery task names: one per job kind; the model travels in the queue name and the request.
+CHAT_TASK = "smmf.chat"
+EMBED_TASK = "smmf.embed"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_name(model: str) -> str:
+    """Map a model name onto [A-Za-z0-9._-] so it can sit inside any key or queue name."""
+    return _UNSAFE.sub("_", model)
+
+
+def queue_name(kind: str, model: str) -> str:
+    """The Celery queue of one model: `smmf.llm.<model>` or `smmf.embedding.<model>`."""
+    return f"{PREFIX}.{kind}.{safe_name(model)}"
+
+
+def stream_channel(job_id: str) -> str:
+    """Pub/sub channel carrying one job's live events."""
+    return f"{PREFIX}:stream:{job_id}"
+
+
+def event_log(job_id: str) -> str:
+    """Redis Stream keeping one job's events for replay (capped, with a TTL)."""
+    return f"{PREFIX}:events:{job_id}"
+
+
+def job_record(job_id: str) -> str:
+    """Hash holding one job's state, owner, attempt and lease."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def worker_heartbeat(worker_id: str) -> str:
+    """Key (with TTL) that says a worker is alive and what it serves."""
+    return f"{PREFIX}:worker:{worker_id}"
+
+
+WORKER_HEARTBEAT_PATTERN = f"{PREFIX}:worker:*"

