@@ -17,7 +17,7 @@ from rich.table import Table
 
 from . import keys, registry
 from .client import Client
-from .config import DEFAULT_CONFIG, SmmfConfig, load_config
+from .config import DEFAULT_CONFIG, ModelConfig, SmmfConfig, load_config
 from .errors import SmmfError
 
 app = typer.Typer(help="Many LLM and embedding models behind one interface, on per-model queues.",
@@ -30,7 +30,7 @@ ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Model na
 
 
 def _fail(message: str) -> NoReturn:
-    errors.print(f"[red]error:[/red] {message}", highlight=False)
+    errors.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=1)
 
 
@@ -42,7 +42,7 @@ def _load(path: Path) -> SmmfConfig:
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-    errors.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    errors.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
 
 warnings.showwarning = _show_warning  # type: ignore[assignment]
@@ -71,29 +71,42 @@ def worker(models: Annotated[list[str], typer.Option("--model", "-m", help="Mode
 
 
 @app.command()
-def models(config: ConfigOption = DEFAULT_CONFIG) -> None:
+def models(config: ConfigOption = DEFAULT_CONFIG,
+           as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False) -> None:
     """List configured models, their live workers and queue depth."""
     loaded = _load(config)
     client = redis.Redis.from_url(loaded.queue.redis, socket_connect_timeout=2)
     try:
         workers = registry.live_workers(client)
         broker_is_redis = loaded.queue.broker_url == loaded.queue.redis
-        depths = {m.name: client.llen(keys.queue_name(m.kind, m.name)) if broker_is_redis else None
-                  for m in loaded.models}
+        rows = [_model_row(m, workers, client.llen(keys.queue_name(m.kind, m.name))
+                           if broker_is_redis else None) for m in loaded.models]
     except redis.RedisError as exc:
         _fail(f"cannot reach Redis at {loaded.queue.redis}: {exc}")
-    table = Table("model", "kind", "provider", "queue", "live workers", "in flight", "queued")
-    for model in loaded.models:
-        serving = [w for w in workers if any(m.name == model.name and m.kind == model.kind
-                                             for m in w.models)]
-        depth = depths[model.name]
-        table.add_row(model.name, model.kind, model.provider, keys.queue_name(model.kind, model.name),
-                      str(len(serving)), str(sum(w.in_flight for w in serving)),
-                      "n/a" if depth is None else str(depth))
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table("model", "kind", "provider", "queue", "live", "busy", "queued")
+    for column in table.columns:
+        column.overflow = "fold"
+    for row in rows:
+        table.add_row(row["model"], row["kind"], row["provider"], row["queue"],
+                      str(row["live_workers"]), str(row["in_flight"]),
+                      "n/a" if row["queued"] is None else str(row["queued"]))
     console.print(table)
     for w in workers:
-        console.print(f"worker {w.worker_id} on {w.host} pid {w.pid} [{w.hardware}]: "
-                      f"{', '.join(m.name for m in w.models)}", highlight=False)
+        console.print(f"worker {w.worker_id} (pid {w.pid} on {w.host}, {w.hardware}): "
+                      f"{', '.join(m.name for m in w.models)}", highlight=False, soft_wrap=True)
+
+
+def _model_row(model: ModelConfig, workers: list[registry.WorkerInfo],
+               depth: int | None) -> dict[str, Any]:
+    serving = [w for w in workers if any(m.name == model.name and m.kind == model.kind
+                                         for m in w.models)]
+    return {"model": model.name, "kind": model.kind, "provider": model.provider,
+            "queue": keys.queue_name(model.kind, model.name), "live_workers": len(serving),
+            "in_flight": sum(w.in_flight for w in serving), "queued": depth,
+            "workers": [f"{w.worker_id} [{w.hardware}]" for w in serving]}
 
 
 @app.command()

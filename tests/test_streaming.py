@@ -1,0 +1,129 @@
+"""The pieces of a stream: stop filtering, coalescing, ordering, fencing of stale attempts."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from smmf_queue import keys
+from smmf_queue.jobs import StreamEvent, Usage, pack_vectors, unpack_vectors
+from smmf_queue.providers.base import ChatChunk, StopFilter
+from smmf_queue.records import JobRecords
+from smmf_queue.streaming import EventAssembler, EventWriter, coalesce, decode_log, last_seq
+
+
+def test_stop_filter_cuts_at_a_stop_split_across_pieces() -> None:
+    stops = StopFilter(["END"])
+    out = [stops.feed(piece) for piece in ["hello E", "N", "D tail"]]
+    assert "".join(out) == "hello " and stops.stopped
+    assert stops.feed("more") == ""
+
+
+def test_stop_filter_releases_held_text_that_was_not_a_stop() -> None:
+    stops = StopFilter(["END"])
+    assert stops.feed("send E") == "send "  # "E" might begin "END": held back
+    assert stops.feed("x") == "Ex"
+    assert stops.feed("tail E") == "tail "
+    assert stops.flush() == "E" and not stops.stopped
+
+
+def test_coalesce_merges_what_arrived_while_the_consumer_was_busy() -> None:
+    release = threading.Event()
+
+    def burst() -> Iterator[ChatChunk]:
+        yield ChatChunk(text="a")
+        release.wait(5)
+        for piece in "bcdef":
+            yield ChatChunk(text=piece)
+        yield ChatChunk(finish_reason="stop", usage=Usage(completion_tokens=6))
+
+    merged = coalesce(burst())
+    assert next(merged).text == "a"  # the first token goes out at once
+    release.set()
+    time.sleep(0.2)  # the consumer is "busy" while the rest of the burst arrives
+    rest = list(merged)
+    assert "".join(c.text for c in rest[:-1]) == "bcdef"
+    assert len(rest) == 2  # one merged delta, then the final chunk on its own
+    assert rest[-1].finish_reason == "stop"
+
+
+def test_coalesce_raises_the_providers_error_after_what_it_yielded() -> None:
+    def failing() -> Iterator[ChatChunk]:
+        yield ChatChunk(text="partial")
+        raise RuntimeError("engine broke")
+
+    seen = []
+    with pytest.raises(RuntimeError, match="engine broke"):
+        for chunk in coalesce(failing()):
+            seen.append(chunk.text)
+    assert "".join(seen) == "partial"
+
+
+def event(seq: int, type_: str = "delta", attempt: int = 1, text: str = "") -> StreamEvent:
+    return StreamEvent(seq=seq, attempt=attempt, type=type_, text=text)  # type: ignore[arg-type]
+
+
+def test_assembler_restart_voids_earlier_text_and_ignores_stale_attempts() -> None:
+    assembler = EventAssembler("j", "m")
+    assembler.apply(event(1, text="old "))
+    restart = assembler.apply(event(2, "restart", attempt=2))
+    assert restart is not None and restart.restart
+    assert assembler.apply(event(3, attempt=1, text="stale")) is None
+    assembler.apply(event(4, attempt=2, text="new"))
+    assembler.apply(StreamEvent(seq=5, attempt=2, type="end", finish_reason="stop"))
+    assert assembler.chat_result().text == "new"
+    with pytest.raises(ValueError, match="out of order"):
+        assembler.apply(event(9))
+
+
+def test_vectors_survive_the_wire_exactly() -> None:
+    vectors = [[0.1, -2.5, 3.25], [1e-8, 0.0, 7.0]]
+    packed, dims = pack_vectors(vectors)
+    back = unpack_vectors(packed, dims)
+    assert dims == 3 and len(back) == 2
+    assert back[0][1] == -2.5 and back[1][2] == 7.0 and abs(back[0][0] - 0.1) < 1e-7
+
+
+def test_safe_queue_names() -> None:
+    assert keys.queue_name("llm", "Qwen/Qwen2.5-7B") == "smmf.llm.Qwen_Qwen2.5-7B"
+    assert keys.queue_name("embedding", "bge:m3 x") == "smmf.embedding.bge_m3_x"
+
+
+@pytest.fixture
+def records(redis_client: redis.Redis) -> JobRecords:
+    return JobRecords(redis_client, lease_s=0.3, max_attempts=2, ttl_s=60)
+
+
+def writer(client: redis.Redis, job_id: str, attempt: int) -> EventWriter:
+    return EventWriter(client, job_id, attempt, worker_id="w", ttl_s=60, max_events=100,
+                       last_seq=last_seq(client, job_id))
+
+
+def test_a_live_lease_blocks_a_second_delivery_and_only_the_owner_finishes(
+        records: JobRecords, redis_client: redis.Redis) -> None:
+    job = "fence-1"
+    assert records.claim(job, "A").outcome == "claimed"
+    busy = records.claim(job, "B")
+    assert busy.outcome == "busy" and 0 < busy.value <= 300
+    time.sleep(0.35)  # A's lease expires (A died)
+    second = records.claim(job, "B")
+    assert (second.outcome, second.value) == ("claimed", 2)
+    # A, back from the dead, cannot end the stream; B can, once
+    stale = writer(redis_client, job, 1)
+    assert not records.finish(stale, "A", stale.next_event("end"))
+    current = writer(redis_client, job, 2)
+    assert records.finish(current, "B", current.next_event("end"))
+    assert records.claim(job, "C").outcome == "finished"
+    assert [e.type for e in decode_log(redis_client.xrange(keys.event_log(job)))] == ["end"]
+
+
+def test_a_job_that_keeps_killing_workers_is_exhausted(records: JobRecords) -> None:
+    job = "fence-2"
+    for owner in ("A", "B"):
+        assert records.claim(job, owner).outcome == "claimed"
+        time.sleep(0.35)
+    assert records.claim(job, "C").outcome == "exhausted"
