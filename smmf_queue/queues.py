@@ -32,7 +32,6 @@ def make_celery_app(config: SmmfConfig) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_send_task_events=True,
-        task_track_started=True,
         result_expires=config.queue.result_ttl_s,
         result_extended=True,
         broker_connection_retry_on_startup=True,
@@ -49,8 +48,19 @@ def make_celery_app(config: SmmfConfig) -> Celery:
     return app
 
 
+#: how often a producer retries a failed publish before reporting the broker unavailable.
+PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2}
+
+
 def send_job(app: Celery, task: str, kind: str, request: dict[str, Any], *,
              expires_s: float | None) -> None:
-    """Put one job on its model's queue; the job id is the Celery task id."""
+    """Put one job on its model's queue; the job id is the Celery task id.
+
+    Flower shows `kwargsrepr`: it names the model and the job's size, never the prompt text.
+    """
+    size = (f"{len(request['messages'])} messages" if "messages" in request
+            else f"{len(request['texts'])} texts")
     app.send_task(task, kwargs={"request": request}, queue=keys.queue_name(kind, request["model"]),
-                  task_id=request["job_id"], expires=expires_s)
+                  task_id=request["job_id"], expires=expires_s, argsrepr="()",
+                  kwargsrepr=f"{{model: {request['model']!r}, {size}}}",
+                  retry_policy=PUBLISH_RETRY_POLICY)

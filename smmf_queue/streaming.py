@@ -3,7 +3,7 @@
 Every event goes out in one Redis round trip that appends it to the job's event log (a capped
 Redis Stream whose entry ids are `<seq>-0`, with a TTL) and publishes it on the job's pub/sub
 channel. Pub/sub gives readers the event at once; the log lets a late or reconnecting reader
-replay from any `seq`. Token bursts are coalesced (`coalesce`): while one event is on its way,
+replay from any `seq`. Token bursts are coalesced (`drain`): while one event is on its way,
 the tokens that arrive meanwhile are merged into the next one, so round trips per second are
 bounded by Redis latency, not by the model's tokens per second.
 """
@@ -11,7 +11,6 @@ bounded by Redis latency, not by the model's tokens per second.
 from __future__ import annotations
 
 import queue
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +18,6 @@ import redis
 
 from . import keys
 from .jobs import (ChatDelta, ChatResult, EmbeddingResult, StreamEvent, Usage, unpack_vectors)
-from .providers.base import ChatChunk
 
 #: Lua that appends one event to the log, refreshes its TTL and publishes it; shared with the
 #: fenced terminal write in records.py. KEYS[1] log; ARGV: event json, seq, maxlen, ttl, channel.
@@ -79,77 +77,24 @@ def decode_log(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[StreamEv
     return [StreamEvent.model_validate_json(fields[b"e"]) for _, fields in entries]
 
 
-def merge_chunks(chunks: list[ChatChunk]) -> ChatChunk:
-    """Join consecutive deltas into one."""
-    if len(chunks) == 1:
-        return chunks[0]
-    return ChatChunk(text="".join(c.text for c in chunks),
-                     reasoning="".join(c.reasoning for c in chunks))
+def drain(ready: queue.Queue[Any], end: object) -> Iterator[list[Any]]:
+    """Batches from `ready` until `end`: block for one item, then take all that already waits.
 
-
-class _PumpFailed:
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-_END = object()
-
-
-def coalesce(chunks: Iterator[ChatChunk]) -> Iterator[ChatChunk]:
-    """Yield `chunks` merged: whatever arrived while the consumer was busy comes as one chunk.
-
-    The provider's generator runs in a pump thread; the consumer (which writes to Redis) takes
-    everything that is ready at once. The final chunk (with finish_reason) is never merged.
-    Closing this generator stops the pump and closes the provider's generator.
+    Providers coalesce at the source with it: an engine that generates in its own thread puts
+    tokens on a queue, and the job thread publishes one event per wake-up, not one per token.
     """
-    ready: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    stop = threading.Event()
-
-    def pump() -> None:
-        try:
-            for chunk in chunks:
-                ready.put(chunk)
-                if stop.is_set():
-                    break
-            ready.put(_END)
-        except BaseException as exc:  # handed to the consumer, raised there
-            ready.put(_PumpFailed(exc))
-        finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
-
-    thread = threading.Thread(target=pump, name="smmf-pump", daemon=True)
-    thread.start()
-    try:
-        while True:
-            batch: list[ChatChunk] = []
-            item = ready.get()
-            while True:
-                if item is _END:
-                    if batch:
-                        yield merge_chunks(batch)
-                    return
-                if isinstance(item, _PumpFailed):
-                    if batch:
-                        yield merge_chunks(batch)
-                    raise item.error
-                if item.finish_reason is not None:
-                    if batch:
-                        yield merge_chunks(batch)
-                    yield item
-                    batch = []
-                else:
-                    batch.append(item)
-                try:
-                    item = ready.get_nowait()
-                except queue.Empty:
-                    break
-            if batch:
-                yield merge_chunks(batch)
-    finally:
-        stop.set()
-        thread.join(timeout=30)
+    while True:
+        batch = [ready.get()]
+        while batch[-1] is not end:
+            try:
+                batch.append(ready.get_nowait())
+            except queue.Empty:
+                break
+        if batch[-1] is end:
+            if len(batch) > 1:
+                yield batch[:-1]
+            return
+        yield batch
 
 
 class EventAssembler:

@@ -30,7 +30,7 @@ from .providers import load_provider
 from .providers.base import Provider, provider_errors
 from .queues import make_celery_app
 from .records import JobRecords
-from .streaming import EventWriter, coalesce, last_seq
+from .streaming import EventWriter, last_seq
 
 log = logging.getLogger("smmf_queue.worker")
 
@@ -156,7 +156,7 @@ class WorkerRuntime:
         text: list[str] = []
         reasoning: list[str] = []
         finish_reason, usage = "stop", Usage()
-        for chunk in coalesce(provider.stream_chat(request)):
+        for chunk in provider.stream_chat(request):
             if chunk.finish_reason is not None:
                 finish_reason, usage = chunk.finish_reason, chunk.usage or Usage()
                 continue

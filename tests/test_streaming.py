@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import threading
+import queue
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
 
 from smmf_queue import keys
-from smmf_queue.jobs import StreamEvent, Usage, pack_vectors, unpack_vectors
-from smmf_queue.providers.base import ChatChunk, StopFilter
+from smmf_queue.jobs import StreamEvent, pack_vectors, unpack_vectors
+from smmf_queue.providers.base import StopFilter
 from smmf_queue.records import JobRecords
-from smmf_queue.streaming import EventAssembler, EventWriter, coalesce, decode_log, last_seq
+from smmf_queue.streaming import EventAssembler, EventWriter, decode_log, drain, last_seq
 
 
 def test_stop_filter_cuts_at_a_stop_split_across_pieces() -> None:
@@ -31,36 +30,18 @@ def test_stop_filter_releases_held_text_that_was_not_a_stop() -> None:
     assert stops.flush() == "E" and not stops.stopped
 
 
-def test_coalesce_merges_what_arrived_while_the_consumer_was_busy() -> None:
-    release = threading.Event()
-
-    def burst() -> Iterator[ChatChunk]:
-        yield ChatChunk(text="a")
-        release.wait(5)
-        for piece in "bcdef":
-            yield ChatChunk(text=piece)
-        yield ChatChunk(finish_reason="stop", usage=Usage(completion_tokens=6))
-
-    merged = coalesce(burst())
-    assert next(merged).text == "a"  # the first token goes out at once
-    release.set()
-    time.sleep(0.2)  # the consumer is "busy" while the rest of the burst arrives
-    rest = list(merged)
-    assert "".join(c.text for c in rest[:-1]) == "bcdef"
-    assert len(rest) == 2  # one merged delta, then the final chunk on its own
-    assert rest[-1].finish_reason == "stop"
-
-
-def test_coalesce_raises_the_providers_error_after_what_it_yielded() -> None:
-    def failing() -> Iterator[ChatChunk]:
-        yield ChatChunk(text="partial")
-        raise RuntimeError("engine broke")
-
-    seen = []
-    with pytest.raises(RuntimeError, match="engine broke"):
-        for chunk in coalesce(failing()):
-            seen.append(chunk.text)
-    assert "".join(seen) == "partial"
+def test_drain_gives_one_batch_per_wake_up_and_stops_at_the_end() -> None:
+    ready: queue.Queue[object] = queue.Queue()
+    end = object()
+    batches = drain(ready, end)
+    ready.put("a")
+    assert next(batches) == ["a"]  # the first token goes out at once
+    for piece in "bcd":  # the consumer was busy while these arrived
+        ready.put(piece)
+    assert next(batches) == ["b", "c", "d"]
+    ready.put("e")
+    ready.put(end)
+    assert list(batches) == [["e"]]
 
 
 def event(seq: int, type_: str = "delta", attempt: int = 1, text: str = "") -> StreamEvent:

@@ -50,7 +50,8 @@ class Provider(abc.ABC):
         """Load weights or open clients; called once per worker process."""
 
     def stream_chat(self, request: ChatRequest) -> Iterator[ChatChunk]:
-        """Yield the reply as it is generated."""
+        """Yield the reply as it is generated; each chunk holds all the text ready at that moment
+        (see streaming.drain), so a fast engine does not cost a Redis round trip per token."""
         raise JobFailed(f"model '{self.model.name}' does not chat", model=self.model.name)
 
     def embed(self, texts: list[str], normalize: bool | None) -> Embeddings:

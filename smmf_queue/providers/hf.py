@@ -18,6 +18,7 @@ from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, Stoppi
 
 from ..errors import ProviderUnavailable
 from ..jobs import ChatRequest, Usage
+from ..streaming import drain
 from .base import ChatChunk, Embeddings, Provider, StopFilter
 
 #: tokens generated when neither the request nor the config says.
@@ -103,8 +104,8 @@ class HFProvider(Provider):
         thread.start()
         stops = StopFilter(request.params.stop)
         try:
-            for text in streamer:
-                piece = stops.feed(text)
+            for ready in drain(streamer.text_queue, streamer.stop_signal):
+                piece = stops.feed("".join(ready))
                 if piece:
                     yield ChatChunk(text=piece)
                 if stops.stopped:

@@ -1,0 +1,169 @@
+"""What the queue adds: streamed chats through smmf-queue against the same provider in-process.
+
+Starts its own Redis (the bundled redis-server, free port) and one worker process for the tiny
+chat model, then, in one run:
+  1. in-process: the hf provider called directly (the baseline);
+  2. through the queue: the SDK's stream_chat, same requests, same model;
+  3. a no-op Celery round trip on the same Redis (apply_async + get), for scale.
+Prints p50/p99 of time to first token and total time, the added latency and the ratios.
+
+    .venv/bin/python scripts/bench_dispatch.py [--n 200] [--max-tokens 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from celery import Celery  # noqa: E402
+
+from smmf_queue import Client, load_config  # noqa: E402
+from smmf_queue.embedded import EmbeddedRedis  # noqa: E402
+from smmf_queue.jobs import ChatRequest  # noqa: E402
+from smmf_queue.providers import load_provider  # noqa: E402
+from smmf_queue.standalone import start_worker_process  # noqa: E402
+
+MODEL = "tiny-noise-chat"
+MESSAGES = [{"role": "user", "content": "Say something about queues."}]
+
+
+def noop_app(url: str) -> Celery:
+    app = Celery("bench_noop", broker=url, backend=url, set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json",
+                    worker_prefetch_multiplier=1, task_acks_late=True,
+                    worker_hijack_root_logger=False)
+    app.task(name="bench.noop")(noop)
+    return app
+
+
+def noop() -> None:
+    """The task of the no-op round trip."""
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def summary(name: str, values_s: list[float]) -> str:
+    ms = [v * 1000 for v in values_s]
+    return f"{name:<34} p50 {percentile(ms, 50):7.2f} ms   p99 {percentile(ms, 99):7.2f} ms"
+
+
+def timed(chunks: Iterator[Any]) -> tuple[float, float]:
+    """(time to first text, total time) of consuming a stream, in seconds."""
+    start = time.perf_counter()
+    first = None
+    for chunk in chunks:
+        if first is None and chunk.text:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return (first or end) - start, end - start
+
+
+def bench_chats(config_path: Path, client: Client, n: int,
+                max_tokens: int) -> dict[str, list[tuple[float, float]]]:
+    """Alternate in-process and queued chats, so both see the same machine state."""
+    provider = load_provider(load_config(config_path).model(MODEL))
+    provider.load()
+    params = {"max_tokens": max_tokens, "temperature": 0}
+    runs: dict[str, list[tuple[float, float]]] = {"local": [], "queue": []}
+    for i in range(n + 5):
+        request = ChatRequest(model=MODEL, messages=MESSAGES, params=params)
+        local = timed(provider.stream_chat(request))
+        queued = timed(client.stream_chat(MODEL, MESSAGES, **params))
+        if i >= 5:  # warm-up
+            runs["local"].append(local)
+            runs["queue"].append(queued)
+    return runs
+
+
+def bench_noop(url: str, n: int) -> list[float]:
+    app = noop_app(url)
+    times = []
+    for i in range(n + 5):
+        start = time.perf_counter()
+        app.send_task("bench.noop").get(timeout=10)
+        if i >= 5:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--noop-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.noop_worker:
+        noop_app(args.noop_worker).worker_main(["worker", "--pool=solo", "--loglevel=WARNING",
+                                                "--without-gossip", "--without-mingle"])
+        return
+
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_models.py"),
+                    str(ROOT / ".smmf" / "models")], check=True, capture_output=True)
+    work = Path(tempfile.mkdtemp(prefix="smmf-bench-"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with EmbeddedRedis(port, work / "redis", appendonly=False) as server:
+        config_path = work / "bench.toml"
+        config_path.write_text(f"""
+[[models.llms]]
+name = "{MODEL}"
+provider = "hf"
+path = "{ROOT / '.smmf' / 'models' / 'tiny-noise-chat'}"
+device = "cpu"
+[queue]
+broker_url = "{server.url}"
+""")
+        worker = start_worker_process(config_path, [MODEL], work / "worker.log")
+        noop = subprocess.Popen([sys.executable, __file__, "--noop-worker", server.url])
+        try:
+            with Client(config_path) as client:
+                deadline = time.monotonic() + 120
+                while not any(m.name == MODEL for w in client.live_workers() for m in w.models):
+                    if time.monotonic() > deadline:
+                        raise SystemExit("worker did not start; see " + str(work / "worker.log"))
+                    time.sleep(0.2)
+                runs = bench_chats(config_path, client, args.n, args.max_tokens)
+            noop_times = bench_noop(server.url, args.n)
+        finally:
+            for process in (worker, noop):
+                process.terminate()
+                process.wait(timeout=15)
+
+    local_ttft, local_total = [r[0] for r in runs["local"]], [r[1] for r in runs["local"]]
+    queue_ttft, queue_total = [r[0] for r in runs["queue"]], [r[1] for r in runs["queue"]]
+    print(f"{args.n} streamed chats of {args.max_tokens} tokens, model {MODEL}, one worker, "
+          f"{os.cpu_count()} cores")
+    print(summary("in-process provider: first token", local_ttft))
+    print(summary("through the queue:   first token", queue_ttft))
+    print(summary("in-process provider: total", local_total))
+    print(summary("through the queue:   total", queue_total))
+    print(summary("no-op Celery round trip", noop_times))
+    added_p50 = (percentile(queue_ttft, 50) - percentile(local_ttft, 50)) * 1000
+    added_p99 = (percentile(queue_ttft, 99) - percentile(local_ttft, 99)) * 1000
+    print(f"added time to first token: p50 {added_p50:.2f} ms, p99 {added_p99:.2f} ms "
+          f"(target: p50 under 3 ms)")
+    print(f"ratios (queue / in-process): first token p50 "
+          f"{percentile(queue_ttft, 50) / percentile(local_ttft, 50):.2f}x, total p50 "
+          f"{percentile(queue_total, 50) / percentile(local_total, 50):.2f}x; added TTFT / no-op "
+          f"Celery round trip p50 {added_p50 / (percentile(noop_times, 50) * 1000):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
