@@ -127,6 +127,7 @@ name = "{MODEL}"
 provider = "hf"
 path = "{ROOT / '.smmf' / 'models' / 'tiny-noise-chat'}"
 device = "cpu"
+num_threads = 1
 [queue]
 broker_url = "{server.url}"
 """)

@@ -133,29 +133,40 @@ class AsyncClient:
 
     async def _events(self, inbox: asyncio.Queue[bytes], assembler: EventAssembler,
                       deadline: float) -> AsyncIterator[StreamEvent]:
-        """Events in seq order: live ones from the inbox, missing ones from the log."""
+        """Events in seq order: live ones from the inbox, missing ones from the log.
+
+        The consumer applies each event before asking for the next, so `assembler.want` is
+        always the next seq needed.
+        """
         while assembler.terminal is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise JobTimeout(f"no result within the timeout for job {assembler.job_id}",
                                  model=assembler.model, job_id=assembler.job_id)
             try:
-                raw = await asyncio.wait_for(inbox.get(), min(remaining, QUIET_CHECK_S))
-            except asyncio.TimeoutError:
+                if inbox.empty():
+                    async with asyncio.timeout(min(remaining, QUIET_CHECK_S)):
+                        raw = await inbox.get()
+                else:
+                    raw = inbox.get_nowait()
+            except TimeoutError:  # quiet: a lost message, or a slow job; ask the log
                 for event in await self._replay(assembler.job_id, assembler.want):
                     yield event
                 continue
             event = StreamEvent.model_validate_json(raw)
-            if event.seq < assembler.want:
-                continue
             if event.seq > assembler.want:
                 for missing in await self._replay(assembler.job_id, assembler.want, event.seq - 1):
                     yield missing
-            yield event
+            if event.seq == assembler.want:
+                yield event
 
     async def _replay(self, job_id: str, first: int, last: int | None = None) -> list[StreamEvent]:
-        entries = await self._redis.xrange(keys.event_log(job_id), f"{first}-0",
-                                           f"{last}-0" if last is not None else "+")
+        """Logged events first..last; none while Redis is unreachable (the reader asks again)."""
+        try:
+            entries = await self._redis.xrange(keys.event_log(job_id), f"{first}-0",
+                                               f"{last}-0" if last is not None else "+")
+        except (OSError, redis.RedisError):
+            return []
         return decode_log(entries)
 
     async def replay(self, job_id: str, model: str, from_seq: int = 1) -> AsyncIterator[ChatDelta]:

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
+import redis
 import redis.asyncio
 
 from . import keys
 
 #: seconds to wait for Redis to confirm a subscription.
 SUBSCRIBE_TIMEOUT_S = 10.0
+#: seconds between attempts to read again after the pub/sub connection broke.
+RECONNECT_DELAY_S = 0.2
 
 
 class StreamHub:
@@ -28,6 +32,7 @@ class StreamHub:
         self._inboxes: dict[bytes, asyncio.Queue[bytes]] = {}
         self._confirmed: dict[bytes, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._has_channels = asyncio.Event()
         self._lock = asyncio.Lock()
 
     async def subscribe(self, job_id: str) -> asyncio.Queue[bytes]:
@@ -39,6 +44,7 @@ class StreamHub:
         self._confirmed[channel] = confirmed
         async with self._lock:
             await self._pubsub.subscribe(channel)
+            self._has_channels.set()
             if self._reader is None or self._reader.done():
                 self._reader = asyncio.create_task(self._read(), name="smmf-stream-hub")
         try:
@@ -57,21 +63,29 @@ class StreamHub:
                 await self._pubsub.unsubscribe(channel)
 
     async def _read(self) -> None:
+        """Route messages for as long as the process lives; sleep while nothing is subscribed."""
         while True:
-            message = await self._pubsub.get_message(timeout=1.0)
-            if message is None:
-                if not self._inboxes and not self._pubsub.subscribed:
-                    return
-                continue
-            channel = message["channel"]
-            if message["type"] == "message":
-                inbox = self._inboxes.get(channel)
-                if inbox is not None:
-                    inbox.put_nowait(message["data"])
-            elif message["type"] == "subscribe":
-                confirmed = self._confirmed.pop(channel, None)
-                if confirmed is not None and not confirmed.done():
-                    confirmed.set_result(None)
+            if not self._pubsub.subscribed:
+                self._has_channels.clear()
+                await self._has_channels.wait()
+            try:
+                async for message in self._pubsub.listen():
+                    self._route(message)
+            except (OSError, redis.RedisError):
+                # Redis went away: redis-py reconnects and re-subscribes on the next read; events
+                # published meanwhile are replayed from the log by the readers (client._events).
+                await asyncio.sleep(RECONNECT_DELAY_S)
+
+    def _route(self, message: dict[str, Any]) -> None:
+        channel = message["channel"]
+        if message["type"] == "message":
+            inbox = self._inboxes.get(channel)
+            if inbox is not None:
+                inbox.put_nowait(message["data"])
+        elif message["type"] == "subscribe":
+            confirmed = self._confirmed.pop(channel, None)
+            if confirmed is not None and not confirmed.done():
+                confirmed.set_result(None)
 
     async def aclose(self) -> None:
         if self._reader is not None:

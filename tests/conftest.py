@@ -142,8 +142,7 @@ StartWorker = Callable[..., WorkerProcess]
 
 
 @pytest.fixture(scope="session")
-def start_worker(config_path: Path, redis_client: redis.Redis,
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartWorker]:
+def start_worker(config_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartWorker]:
     """Start a worker for `models` and wait until its heartbeat shows it live."""
     started: list[WorkerProcess] = []
     logs = tmp_path_factory.mktemp("logs")
@@ -153,13 +152,13 @@ def start_worker(config_path: Path, redis_client: redis.Redis,
         worker = WorkerProcess(start_worker_process(config, list(models), log), log, list(models))
         started.append(worker)
         if wait:
-            known = {w.worker_id for w in registry.live_workers(redis_client)}
+            heartbeats = redis.Redis.from_url(load_config(config).queue.redis)
 
             def live() -> bool:
                 if worker.process.poll() is not None:
                     raise AssertionError(f"worker exited: {log.read_text()[-3000:]}")
-                fresh = [w for w in registry.live_workers(redis_client)
-                         if w.worker_id not in known and w.pid == worker.process.pid]
+                fresh = [w for w in registry.live_workers(heartbeats)
+                         if w.pid == worker.process.pid]
                 if fresh:
                     worker.worker_id = fresh[0].worker_id
                 return bool(fresh)

@@ -108,3 +108,26 @@ def test_a_job_that_keeps_killing_workers_is_exhausted(records: JobRecords) -> N
         assert records.claim(job, owner).outcome == "claimed"
         time.sleep(0.35)
     assert records.claim(job, "C").outcome == "exhausted"
+
+
+def test_hub_survives_rapid_subscribe_unsubscribe_cycles(redis_server) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    import redis.asyncio
+
+    from smmf_queue.hub import StreamHub
+
+    async def cycle() -> int:
+        client = redis.asyncio.from_url(redis_server.url)
+        hub = StreamHub(client)
+        delivered = 0
+        for i in range(300):
+            inbox = await asyncio.wait_for(hub.subscribe(f"cycle-{i}"), 5)
+            await client.publish(keys.stream_channel(f"cycle-{i}"), b"ping")
+            delivered += (await asyncio.wait_for(inbox.get(), 5)) == b"ping"
+            await hub.unsubscribe(f"cycle-{i}")
+        await hub.aclose()
+        await client.aclose()
+        return delivered
+
+    assert asyncio.run(cycle()) == 300

@@ -25,7 +25,7 @@ PROVIDERS: dict[str, str] = {
 #: kept here, not in the provider modules, so validating a config never imports an engine.
 PROVIDER_KEYS: dict[str, frozenset[str]] = {
     "hf": frozenset({"torch_dtype", "trust_remote_code", "max_new_tokens", "normalize",
-                     "batch_size", "pooling", "low_cpu_mem_usage", "quantization"}),
+                     "batch_size", "num_threads"}),
 }
 
 

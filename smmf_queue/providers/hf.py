@@ -60,22 +60,32 @@ class HFProvider(Provider):
         return device
 
     def load(self) -> None:
+        threads = self.model.options.get("num_threads")
+        if threads:
+            # Process-wide, which is right for a worker pinned to its models: a small model
+            # gains nothing from intra-op threads that spin on the cores other work needs.
+            torch.set_num_threads(int(threads))
         path = self._path()
         if self.model.kind == "embedding":
             self._load_embedder(path)
             return
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=self._dtype()).to(self._device())
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self._trust_remote_code())
+        self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=self._dtype(),
+                                                       trust_remote_code=self._trust_remote_code()
+                                                       ).to(self._device())
         self.lm.eval()
 
     def _load_embedder(self, path: str) -> None:
         self.sentence_model: Any = None
         if (Path(path) / "modules.json").exists():
             from sentence_transformers import SentenceTransformer
-            self.sentence_model = SentenceTransformer(path, device=self._device())
+            self.sentence_model = SentenceTransformer(path, device=self._device(),
+                                                      trust_remote_code=self._trust_remote_code())
             return
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.encoder = AutoModel.from_pretrained(path, dtype=self._dtype()).to(self._device())
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self._trust_remote_code())
+        self.encoder = AutoModel.from_pretrained(path, dtype=self._dtype(),
+                                                 trust_remote_code=self._trust_remote_code()
+                                                 ).to(self._device())
         self.encoder.eval()
 
     def stream_chat(self, request: ChatRequest) -> Iterator[ChatChunk]:
@@ -187,6 +197,10 @@ class HFProvider(Provider):
         if device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         return device
+
+    def _trust_remote_code(self) -> bool:
+        """Run a model folder's own Python code only when the config says so."""
+        return bool(self.model.options.get("trust_remote_code", False))
 
     def _dtype(self) -> Any:
         name = self.model.options.get("torch_dtype", "auto")

@@ -1,0 +1,63 @@
+"""`smmf-queue up` as a user runs it, and the SDK reaching that stack from another process."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import redis
+
+from smmf_queue import AsyncClient, Client, load_config
+
+from .conftest import CHAT, EMBED, ROOT, free_port, wait_until
+
+
+def test_up_serves_the_config_and_stops_everything_on_ctrl_c(tmp_path: Path, tiny_models: Path) -> None:
+    # Given a config with an embedded Redis on a free port
+    port = free_port()
+    config_path = tmp_path / "standalone.toml"
+    config_path.write_text((ROOT / "configs" / "local.toml").read_text()
+                           .replace('".smmf/models/tiny-noise-chat"', f'"{tiny_models / "tiny-noise-chat"}"')
+                           .replace("${env:SMMF_REDIS_PORT:-6390}", str(port))
+                           .replace('".smmf/redis"', f'"{tmp_path / "redis"}"'))
+    # When `smmf-queue up` runs it
+    up = subprocess.Popen([sys.executable, "-m", "smmf_queue", "up", "-c", str(config_path)],
+                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert up.stdout is not None
+        for line in up.stdout:
+            if line.startswith("serving"):
+                break
+        else:
+            raise AssertionError("`up` ended before serving")
+        # Then a client in another process reaches it through the same config, sync and async
+        with Client(config_path) as client:
+            assert client.chat(CHAT, [{"role": "user", "content": "hi"}], max_tokens=3).text
+            assert len(client.embed(EMBED, ["a", "b"]).vectors) == 2
+
+        async def use_async() -> list[str]:
+            async with AsyncClient(config_path) as aclient:
+                pieces = [d.text async for d in aclient.stream_chat(
+                    CHAT, [{"role": "user", "content": "hi"}], max_tokens=8, temperature=0)]
+                result = await aclient.embed(EMBED, ["x"])
+                assert len(result.vectors[0]) == 384
+                return pieces
+
+        assert "".join(asyncio.run(use_async()))
+    finally:
+        # And Ctrl-C stops the workers and the embedded Redis
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) == 0
+    assert load_config(config_path).queue.embedded_redis
+    probe = redis.Redis(port=port, socket_connect_timeout=0.5)
+    wait_until(lambda: not _answers(probe), 10, "the embedded Redis to stop")
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
