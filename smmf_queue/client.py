@@ -45,7 +45,7 @@ class AsyncClient:
         self.config = config if isinstance(config, SmmfConfig) else load_config(config)
         self._redis = redis.asyncio.from_url(self.config.queue.redis)
         self._hub = StreamHub(self._redis)
-        self._celery = make_celery_app(self.config)
+        self._celery = make_celery_app(self.config, store_results=False)
         self._liveness = registry.LivenessCache()
 
     async def chat(self, model: str, messages: list[dict[str, Any]], *,

@@ -18,10 +18,15 @@ from .config import SmmfConfig
 UNACKED_RESTORE_INTERVAL_S = 5
 
 
-def make_celery_app(config: SmmfConfig) -> Celery:
-    """A Celery app for the config's broker and result backend (no tasks registered)."""
-    app = Celery("smmf_queue", broker=config.queue.broker_url, backend=config.queue.results,
-                 set_as_current=False)
+def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery:
+    """A Celery app for the config's broker (no tasks registered).
+
+    Workers store results (`store_results`); producers pass False: they read results from the
+    job's stream, and a producer with a Redis result backend would subscribe to and unsubscribe
+    from each task's result channel on every send (two extra round trips per job).
+    """
+    app = Celery("smmf_queue", broker=config.queue.broker_url,
+                 backend=config.queue.results if store_results else None, set_as_current=False)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
