@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+import urllib.request
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -147,6 +148,16 @@ def embed(texts: Annotated[list[str], typer.Argument(help="Texts to embed.")],
 
 
 @app.command()
+def gateway(config: ConfigOption = DEFAULT_CONFIG,
+            host: Annotated[str | None, typer.Option(help="Address; default: gateway.host.")] = None,
+            port: Annotated[int | None, typer.Option(help="Port; default: gateway.port.")] = None) -> None:
+    """Serve the OpenAI-compatible HTTP API over the queues."""
+    from .gateway import serve
+
+    serve(_load(config), host, port)
+
+
+@app.command()
 def up(config: ConfigOption = DEFAULT_CONFIG,
        demo: Annotated[bool, typer.Option(help="Send a chat and an embedding through the queues, then stop.")] = False) -> None:
     """Run the standalone stack: embedded Redis (if configured) and one worker per model."""
@@ -159,9 +170,11 @@ def up(config: ConfigOption = DEFAULT_CONFIG,
     try:
         with stack:
             console.print(f"[green]ready[/green] in {time.monotonic() - started:.1f}s: "
-                          f"redis {loaded.queue.redis}; logs in {stack.log_dir}/", highlight=False)
+                          f"redis {loaded.queue.redis}; OpenAI-compatible API {stack.gateway_url}/v1; "
+                          f"logs in {stack.log_dir}/", highlight=False)
             if demo:
                 _demo(loaded)
+                _demo_gateway(stack.gateway_url, loaded)
                 return
             console.print("serving; Ctrl-C stops everything")
             while True:
@@ -189,6 +202,25 @@ def _demo(config: SmmfConfig) -> None:
             console.print(f"\n[bold]embed[/bold] {name}")
             result = _call(lambda: client.embed(name, texts))
             _print_similarities(name, texts, result.vectors)
+
+
+def _demo_gateway(url: str, config: SmmfConfig) -> None:
+    """One chat through the OpenAI-compatible gateway, as any OpenAI client would send it."""
+    if not config.llms:
+        return
+    model = config.default_llm or config.llms[0].name
+    body = json.dumps({"model": model, "max_tokens": 16, "temperature": 0,
+                       "messages": [{"role": "user", "content": "Hello, gateway."}]}).encode()
+    headers = {"Content-Type": "application/json"}
+    if config.gateway.api_keys:
+        headers["Authorization"] = f"Bearer {config.gateway.api_keys[0].get_secret_value()}"
+    request = urllib.request.Request(f"{url}/v1/chat/completions", body, headers)
+    with urllib.request.urlopen(request, timeout=60) as response:
+        reply = json.load(response)
+    console.print(f"\n[bold]POST {url}/v1/chat/completions[/bold] ({model})")
+    console.out(reply["choices"][0]["message"]["content"], highlight=False)
+    console.print(f"[dim](finish_reason {reply['choices'][0]['finish_reason']}, "
+                  f"usage {reply['usage']})[/dim]", highlight=False)
 
 
 def _stream(client: Client, model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> None:

@@ -86,6 +86,10 @@ class AsyncClient:
         """Workers whose heartbeat is current."""
         return await registry.alive_workers(self._redis)
 
+    async def ping(self) -> None:
+        """Raise if Redis cannot be reached."""
+        await self._redis.ping()
+
     async def aclose(self) -> None:
         await self._hub.aclose()
         await self._redis.aclose()
@@ -130,6 +134,8 @@ class AsyncClient:
         if terminal is not None and terminal.type == "error":
             raise JobFailed(terminal.error_message or "job failed",
                             error_type=terminal.error_type or "JobFailed", model=model, job_id=job_id)
+        if terminal is not None and kind == "llm":
+            yield ChatDelta(finish_reason=terminal.finish_reason, usage=terminal.usage)
 
     async def _events(self, inbox: asyncio.Queue[bytes], assembler: EventAssembler,
                       deadline: float) -> AsyncIterator[StreamEvent]:

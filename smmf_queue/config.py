@@ -100,7 +100,12 @@ class GatewaySettings(_Strict):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    #: bearer keys clients must send; empty means no authentication.
     api_keys: list[SecretStr] = Field(default_factory=list)
+    #: largest request body accepted, bytes (413 above it).
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    #: with no live worker for a model: false answers 503 at once, true queues and waits.
+    wait_for_worker: bool = False
 
 
 class ModelConfig(BaseModel):

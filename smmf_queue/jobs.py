@@ -97,12 +97,15 @@ class StreamEvent(_Wire):
 
 
 class ChatDelta(BaseModel):
-    """A piece of a streamed reply, as the SDK yields it."""
+    """A piece of a streamed reply, as the SDK yields it; the last one says why it ended."""
 
     text: str = ""
     reasoning: str = ""
     #: true when a crash restarted the job: drop what was shown so far.
     restart: bool = False
+    #: set on the last delta only ("stop", "length"), with the job's usage.
+    finish_reason: str | None = None
+    usage: Usage | None = None
 
 
 class ChatResult(BaseModel):

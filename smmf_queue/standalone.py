@@ -1,6 +1,8 @@
-"""Standalone mode: one machine runs the embedded Redis and one worker process per model.
+"""Standalone mode: one machine runs the embedded Redis, one worker process per model and the
+gateway.
 
-`Stack` starts them, waits until every model has a live worker, and stops them all on exit.
+`Stack` starts them, waits until every model has a live worker and the gateway answers, and
+stops them all on exit.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import redis
@@ -30,6 +33,11 @@ class Stack:
         self.log_dir = Path(log_dir)
         self.redis: EmbeddedRedis | None = None
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.gateway: subprocess.Popen[bytes] | None = None
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.config.gateway.host}:{self.config.gateway.port}"
 
     def start(self) -> None:
         if self.config.queue.embedded_redis:
@@ -40,6 +48,10 @@ class Stack:
         for model in self.config.models:
             self.workers[model.name] = start_worker_process(self.config.source, [model.name],
                                                             self.log_dir / f"{_file_safe(model.name)}.log")
+        with open(self.log_dir / "gateway.log", "ab") as log:
+            self.gateway = subprocess.Popen(
+                [sys.executable, "-m", "smmf_queue", "gateway", "-c", str(self.config.source)],
+                stdout=log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Block until every configured model has a live worker; raise if a worker dies first."""
@@ -49,22 +61,38 @@ class Stack:
             workers = registry.live_workers(client)
             missing = [m.name for m in self.config.models
                        if not registry.replicas(workers, m.kind, m.name)]
-            if not missing:
+            if not missing and self._gateway_answers():
                 return
-            for name, process in self.workers.items():
+            for label, process, log in self._children():
                 if process.poll() is not None:
-                    log = self.log_dir / f"{_file_safe(name)}.log"
-                    raise SmmfError(f"worker for '{name}' exited with code {process.returncode}; "
-                                    f"last lines of {log}:\n{_tail(log)}", model=name)
+                    raise SmmfError(f"{label} exited with code {process.returncode}; "
+                                    f"last lines of {log}:\n{_tail(log)}")
             if time.monotonic() > deadline:
-                raise SmmfError(f"workers not live after {timeout_s:.0f}s: {', '.join(missing)}")
+                raise SmmfError(f"not ready after {timeout_s:.0f}s: workers missing for "
+                                f"{', '.join(missing) or 'none'}; gateway answering: "
+                                f"{self._gateway_answers()}")
             time.sleep(0.2)
 
+    def _children(self) -> list[tuple[str, subprocess.Popen[bytes], Path]]:
+        children = [(f"the worker for '{name}'", process, self.log_dir / f"{_file_safe(name)}.log")
+                    for name, process in self.workers.items()]
+        if self.gateway is not None:
+            children.append(("the gateway", self.gateway, self.log_dir / "gateway.log"))
+        return children
+
+    def _gateway_answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.gateway_url}/healthz", timeout=1) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
     def stop(self) -> None:
-        for process in self.workers.values():
+        processes = [process for _, process, _ in self._children()]
+        for process in processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for process in self.workers.values():
+        for process in processes:
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:

@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / ".smmf" / "models"
 CHAT = "tiny-noise-chat"
 SPARE = "tiny-chat-spare"
+IDLE = "tiny-chat-never-served"
+GATEWAY_KEY = "sk-test-gateway"
 EMBED = "all-MiniLM-L6-v2"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,6 +73,11 @@ provider = "hf"
 path = "{models / 'tiny-noise-chat'}"
 device = "cpu"
 
+[[models.llms]]
+name = "{IDLE}"
+provider = "hf"
+path = "{models / 'tiny-noise-chat'}"
+
 [[models.embeddings]]
 name = "{EMBED}"
 provider = "hf"
@@ -86,6 +93,10 @@ visibility_timeout_s = 4
 heartbeat_interval_s = 0.5
 heartbeat_ttl_s = 1.5
 lease_s = 3
+
+[gateway]
+api_keys = ["{GATEWAY_KEY}"]
+max_body_bytes = 65536
 {extra}
 """)
     return path

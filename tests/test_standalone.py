@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import redis
@@ -17,11 +19,12 @@ from .conftest import CHAT, EMBED, ROOT, free_port, wait_until
 
 def test_up_serves_the_config_and_stops_everything_on_ctrl_c(tmp_path: Path, tiny_models: Path) -> None:
     # Given a config with an embedded Redis on a free port
-    port = free_port()
+    port, gateway_port = free_port(), free_port()
     config_path = tmp_path / "standalone.toml"
     config_path.write_text((ROOT / "configs" / "local.toml").read_text()
                            .replace('".smmf/models/tiny-noise-chat"', f'"{tiny_models / "tiny-noise-chat"}"')
                            .replace("${env:SMMF_REDIS_PORT:-6390}", str(port))
+                           .replace("${env:SMMF_GATEWAY_PORT:-8000}", str(gateway_port))
                            .replace('".smmf/redis"', f'"{tmp_path / "redis"}"'))
     # When `smmf-queue up` runs it
     up = subprocess.Popen([sys.executable, "-m", "smmf_queue", "up", "-c", str(config_path)],
@@ -47,6 +50,9 @@ def test_up_serves_the_config_and_stops_everything_on_ctrl_c(tmp_path: Path, tin
                 return pieces
 
         assert "".join(asyncio.run(use_async()))
+        # and the gateway that `up` started answers with the configured models
+        with urllib.request.urlopen(f"http://127.0.0.1:{gateway_port}/v1/models") as response:
+            assert {m["id"] for m in json.load(response)["data"]} == {CHAT, EMBED}
     finally:
         # And Ctrl-C stops the workers and the embedded Redis
         up.send_signal(signal.SIGINT)

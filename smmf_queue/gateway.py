@@ -1,0 +1,254 @@
+"""The OpenAI-compatible HTTP gateway: `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`.
+
+It enqueues onto the same per-model queues as the SDK (it is an AsyncClient behind FastAPI).
+Streamed chunks are built as small dicts and serialised once each: no SDK object per token.
+Every error leaves as OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with
+its status from one table (`_STATUS`); a failure mid-stream ends the stream with such a frame.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import registry
+from .client import AsyncClient
+from .config import SmmfConfig
+from .errors import (BrokerUnavailable, JobFailed, JobTimeout, NoLiveWorker, RequestError,
+                     SmmfError, UnknownModel)
+from .jobs import pack_vectors
+
+#: SmmfError class → (HTTP status, OpenAI error type, code); the first match wins.
+_STATUS: list[tuple[type[SmmfError], int, str, str | None]] = [
+    (UnknownModel, 404, "invalid_request_error", "model_not_found"),
+    (RequestError, 400, "invalid_request_error", None),
+    (NoLiveWorker, 503, "service_unavailable", "no_live_worker"),
+    (BrokerUnavailable, 503, "service_unavailable", "broker_unavailable"),
+    (JobTimeout, 504, "timeout", "job_timeout"),
+    (JobFailed, 502, "api_error", "job_failed"),
+    (SmmfError, 500, "api_error", None),
+]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        """OpenAI allows content as a list of parts; the text parts are what models read."""
+        if isinstance(self.content, list):
+            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields of OpenAI's chat completion request that smmf-queue honours."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    messages: list[_Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=1)
+
+    def params(self) -> dict[str, Any]:
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        params = {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+                  "max_tokens": self.max_completion_tokens or self.max_tokens, "stop": stop}
+        return {key: value for key, value in params.items() if value is not None}
+
+
+class EmbeddingsRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+def create_app(config: SmmfConfig) -> FastAPI:
+    """The gateway for one config; its AsyncClient lives as long as the app."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.client = AsyncClient(config)
+        yield
+        await app.state.client.aclose()
+
+    app = FastAPI(title="smmf-queue gateway", lifespan=lifespan)
+    fail_fast = not config.gateway.wait_for_worker
+    keys = {k.get_secret_value() for k in config.gateway.api_keys}
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Response:
+        if request.url.path.startswith("/v1/"):
+            if keys and request.headers.get("authorization", "").removeprefix("Bearer ") not in keys:
+                return _error(401, "Incorrect API key provided.", "invalid_request_error",
+                              "invalid_api_key")
+            length = request.headers.get("content-length")
+            if length and length.isdigit() and int(length) > config.gateway.max_body_bytes:
+                return _error(413, f"Request body of {length} bytes exceeds the limit of "
+                              f"{config.gateway.max_body_bytes} bytes.", "invalid_request_error",
+                              "request_too_large")
+        response: Response = await call_next(request)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        error = exc.errors()[0]
+        param = ".".join(str(p) for p in error["loc"] if p != "body")
+        return _error(400, f"{param}: {error['msg']}" if param else error["msg"],
+                      "invalid_request_error", None, param or None)
+
+    @app.exception_handler(SmmfError)
+    async def smmf_error(request: Request, exc: SmmfError) -> JSONResponse:
+        status, kind, code = _classify(exc)
+        return _error(status, exc.message, kind, code)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest) -> Any:
+        client: AsyncClient = app.state.client
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            stream = client.stream_chat(body.model, messages, fail_fast=fail_fast,
+                                        **body.params())
+            first = await _first(stream)  # errors before the first token are plain 4xx/5xx
+            return StreamingResponse(_sse(body.model, first, stream, include_usage),
+                                     media_type="text/event-stream")
+        result = await client.chat(body.model, messages, fail_fast=fail_fast, **body.params())
+        return {
+            "id": f"chatcmpl-{result.job_id}", "object": "chat.completion",
+            "created": int(time.time()), "model": body.model,
+            "choices": [{"index": 0, "finish_reason": result.finish_reason,
+                         "message": _message(result.text, result.reasoning)}],
+            "usage": result.usage.model_dump(),
+        }
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingsRequest) -> dict[str, Any]:
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        result = await app.state.client.embed(body.model, texts, fail_fast=fail_fast)
+        return {"object": "list", "model": body.model,
+                "data": [{"object": "embedding", "index": i,
+                          "embedding": _encode(vector, body.encoding_format)}
+                         for i, vector in enumerate(result.vectors)],
+                "usage": {"prompt_tokens": result.usage.prompt_tokens,
+                          "total_tokens": result.usage.total_tokens}}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        workers = await app.state.client.live_workers()
+        return {"object": "list", "data": [
+            {"id": m.name, "object": "model", "owned_by": "smmf-queue", "kind": m.kind,
+             "provider": m.provider, "live_workers": registry.replicas(workers, m.kind, m.name)}
+            for m in config.models]}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=None)
+    async def readyz() -> Any:
+        try:
+            await app.state.client.ping()
+        except (OSError, redis.RedisError) as exc:
+            return JSONResponse({"status": "unavailable", "redis": str(exc)}, status_code=503)
+        return {"status": "ready"}
+
+    return app
+
+
+async def _first(stream: AsyncIterator[Any]) -> Any:
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _sse(model: str, first: Any, stream: AsyncIterator[Any],
+               include_usage: bool) -> AsyncIterator[bytes]:
+    """SSE frames of chat.completion.chunk objects, ending with `[DONE]`."""
+    chunk_id, created = f"chatcmpl-{time.monotonic_ns():x}", int(time.time())
+
+    def frame(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        body = {"id": chunk_id, "object": "chat.completion.chunk", "created": created,
+                "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                **extra}
+        return _data(body)
+
+    yield frame({"role": "assistant", "content": ""})
+    try:
+        delta = first
+        while delta is not None:
+            if delta.text or delta.reasoning:
+                yield frame(_message(delta.text, delta.reasoning, role=False))
+            if delta.finish_reason is not None:
+                yield frame({}, delta.finish_reason)
+                if include_usage and delta.usage is not None:
+                    yield _data({"id": chunk_id, "object": "chat.completion.chunk",
+                                 "created": created, "model": model, "choices": [],
+                                 "usage": delta.usage.model_dump()})
+            delta = await _first(stream)
+    except SmmfError as exc:
+        _, kind, code = _classify(exc)
+        yield _data({"error": {"message": exc.message, "type": kind, "param": None, "code": code}})
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]  # a client that left ends the job's stream
+    yield b"data: [DONE]\n\n"
+
+
+def _data(body: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _message(text: str, reasoning: str, role: bool = True) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant"} if role else {}
+    message["content"] = text
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    return message
+
+
+def _encode(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "float":
+        return vector
+    packed, _ = pack_vectors([vector])
+    return packed
+
+
+def _classify(exc: SmmfError) -> tuple[int, str, str | None]:
+    for cls, status, kind, code in _STATUS:
+        if isinstance(exc, cls):
+            return status, kind, code
+    return 500, "api_error", None
+
+
+def _error(status: int, message: str, kind: str, code: str | None,
+           param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status)
+
+
+def serve(config: SmmfConfig, host: str | None = None, port: int | None = None) -> None:
+    """Run the gateway with uvicorn until stopped."""
+    import uvicorn
+
+    uvicorn.run(create_app(config), host=host or config.gateway.host,
+                port=port or config.gateway.port, log_level="warning")
+

@@ -1,0 +1,126 @@
+"""The OpenAI-compatible gateway, driven by the official `openai` SDK as its client."""
+
+from __future__ import annotations
+
+import base64
+import math
+import subprocess
+import sys
+import urllib.request
+from array import array
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from .conftest import (CHAT, EMBED, GATEWAY_KEY, IDLE, WorkerProcess, free_port, wait_until)
+
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture(scope="module")
+def gateway_url(config_path: Path, chat_worker: WorkerProcess, embed_worker: WorkerProcess,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    process = subprocess.Popen([sys.executable, "-m", "smmf_queue", "gateway", "-c", str(config_path),
+                                "--port", str(port)], stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        assert process.poll() is None, log.read_text()
+        try:
+            return urllib.request.urlopen(f"{url}/healthz", timeout=1).status == 200
+        except OSError:
+            return False
+
+    wait_until(answers, 60, "the gateway")
+    yield url
+    process.terminate()
+    process.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def oai(gateway_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=GATEWAY_KEY, max_retries=0)
+
+
+def test_streaming_chat_matches_the_non_streaming_reply(oai: openai.OpenAI) -> None:
+    whole = oai.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=20, temperature=0)
+    stream = oai.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=20, temperature=0,
+                                         stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == whole.choices[0].message.content != ""
+    assert finishes == ["length"] == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
+    assert whole.usage is not None and whole.usage.completion_tokens == 20
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+
+
+def test_stop_and_content_parts(oai: openai.OpenAI) -> None:
+    whole = oai.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=40, temperature=0)
+    text = whole.choices[0].message.content or ""
+    stop = text[len(text) // 2:][:3]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hello there"}]}]
+    cut = oai.chat.completions.create(model=CHAT, messages=parts, max_tokens=40,  # type: ignore[arg-type]
+                                      temperature=0, stop=stop)
+    assert cut.choices[0].message.content == text[:text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_embeddings_in_float_and_base64_keep_order(oai: openai.OpenAI, gateway_url: str) -> None:
+    texts = ["queues", "workers", "a cat in the sun"]
+    floats = oai.embeddings.create(model=EMBED, input=texts, encoding_format="float")
+    assert [d.index for d in floats.data] == [0, 1, 2]
+    raw = httpx.post(f"{gateway_url}/v1/embeddings", headers={"Authorization": f"Bearer {GATEWAY_KEY}"},
+                     json={"model": EMBED, "input": texts, "encoding_format": "base64"}).json()
+    for item, float_item in zip(raw["data"], floats.data):
+        decoded = array("f")
+        decoded.frombytes(base64.b64decode(item["embedding"]))
+        assert decoded.tolist() == pytest.approx(float_item.embedding)
+    single = oai.embeddings.create(model=EMBED, input="queues")  # the SDK's default: base64
+    assert cosine(single.data[0].embedding, floats.data[0].embedding) > 0.9999
+    assert floats.usage.prompt_tokens > 3
+
+
+def test_models_lists_kind_provider_and_live_workers(gateway_url: str) -> None:
+    response = httpx.get(f"{gateway_url}/v1/models", headers={"Authorization": f"Bearer {GATEWAY_KEY}"})
+    models = {m["id"]: m for m in response.json()["data"]}
+    assert models[CHAT]["kind"] == "llm" and models[CHAT]["live_workers"] == 1
+    assert models[EMBED]["kind"] == "embedding" and models[EMBED]["provider"] == "hf"
+    assert models[IDLE]["live_workers"] == 0
+
+
+def test_errors_are_openai_shaped(oai: openai.OpenAI, gateway_url: str) -> None:
+    wrong_key = openai.OpenAI(base_url=f"{gateway_url}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        wrong_key.chat.completions.create(model=CHAT, messages=HELLO)
+    assert caught.value.code == "invalid_api_key"
+    with pytest.raises(openai.NotFoundError) as not_found:
+        oai.chat.completions.create(model="no-such-model", messages=HELLO)
+    assert not_found.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as bad:
+        oai.chat.completions.create(model=CHAT, messages=HELLO, temperature=7)
+    assert "temperature" in str(bad.value)
+    with pytest.raises(openai.BadRequestError):
+        oai.embeddings.create(model=CHAT, input="x")  # an LLM is not an embedding model
+    with pytest.raises(openai.APIStatusError) as too_big:
+        oai.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "x" * 70_000}])
+    assert too_big.value.status_code == 413
+    with pytest.raises(openai.InternalServerError) as no_worker:
+        oai.chat.completions.create(model=IDLE, messages=HELLO)
+    assert no_worker.value.status_code == 503 and IDLE in str(no_worker.value)
+
+
+def test_health_and_readiness(gateway_url: str) -> None:
+    assert httpx.get(f"{gateway_url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{gateway_url}/readyz").json() == {"status": "ready"}
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
