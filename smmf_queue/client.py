@@ -13,6 +13,7 @@ read events in `seq` order, filling gaps from the job's event log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -28,7 +29,7 @@ from .errors import (BrokerUnavailable, JobFailed, JobTimeout, NoLiveWorker, Req
                      SmmfError)
 from .hub import StreamHub
 from .jobs import (ChatDelta, ChatRequest, ChatResult, EmbeddingRequest, EmbeddingResult,
-                   StreamEvent)
+                   StreamEvent, new_job_id)
 from .queues import make_celery_app, send_job
 from .streaming import EventAssembler, decode_log
 
@@ -50,9 +51,9 @@ class AsyncClient:
 
     async def chat(self, model: str, messages: list[dict[str, Any]], *,
                    timeout: float | None = None, fail_fast: bool | None = None,
-                   **params: Any) -> ChatResult:
+                   job_id: str | None = None, **params: Any) -> ChatResult:
         """Run a chat job and return the whole reply."""
-        request = self._chat_request(model, messages, params)
+        request = self._chat_request(model, messages, params, job_id)
         assembler = EventAssembler(request.job_id, model)
         async for _ in self._run("llm", request.model_dump(mode="json"), assembler, timeout, fail_fast):
             pass
@@ -60,9 +61,9 @@ class AsyncClient:
 
     async def stream_chat(self, model: str, messages: list[dict[str, Any]], *,
                           timeout: float | None = None, fail_fast: bool | None = None,
-                          **params: Any) -> AsyncIterator[ChatDelta]:
-        """Yield the reply's deltas as the worker produces them."""
-        request = self._chat_request(model, messages, params)
+                          job_id: str | None = None, **params: Any) -> AsyncIterator[ChatDelta]:
+        """Yield the reply's deltas as the worker produces them; leaving early cancels the job."""
+        request = self._chat_request(model, messages, params, job_id)
         assembler = EventAssembler(request.job_id, model)
         async for delta in self._run("llm", request.model_dump(mode="json"), assembler, timeout,
                                      fail_fast):
@@ -86,6 +87,11 @@ class AsyncClient:
         """Workers whose heartbeat is current."""
         return await registry.alive_workers(self._redis)
 
+    async def _cancel(self, job_id: str, ttl_s: float) -> None:
+        """Flag the job as cancelled: a worker checks it when it claims and with every event."""
+        with contextlib.suppress(OSError, redis.RedisError):
+            await self._redis.set(keys.cancel_flag(job_id), 1, ex=max(1, int(ttl_s)))
+
     async def ping(self) -> None:
         """Raise if Redis cannot be reached."""
         await self._redis.ping()
@@ -101,11 +107,12 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def _chat_request(self, model: str, messages: list[dict[str, Any]],
-                      params: dict[str, Any]) -> ChatRequest:
+    def _chat_request(self, model: str, messages: list[dict[str, Any]], params: dict[str, Any],
+                      job_id: str | None) -> ChatRequest:
         self.config.model(model, "llm")
         try:
-            return ChatRequest(model=model, messages=messages, params=params)
+            return ChatRequest(model=model, messages=messages, params=params,
+                               job_id=job_id or new_job_id())
         except ValidationError as exc:
             raise RequestError(f"invalid chat request: {_first_error(exc)}", model=model) from None
 
@@ -130,6 +137,8 @@ class AsyncClient:
                     break
         finally:
             await self._hub.unsubscribe(job_id)
+            if assembler.terminal is None:  # the caller left or timed out: stop the job
+                await self._cancel(job_id, timeout)
         terminal = assembler.terminal
         if terminal is not None and terminal.type == "error":
             raise JobFailed(terminal.error_message or "job failed",

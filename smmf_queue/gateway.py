@@ -25,7 +25,7 @@ from .client import AsyncClient
 from .config import SmmfConfig
 from .errors import (BrokerUnavailable, JobFailed, JobTimeout, NoLiveWorker, RequestError,
                      SmmfError, UnknownModel)
-from .jobs import pack_vectors
+from .jobs import new_job_id, pack_vectors
 
 #: SmmfError class → (HTTP status, OpenAI error type, code); the first match wins.
 _STATUS: list[tuple[type[SmmfError], int, str, str | None]] = [
@@ -124,16 +124,18 @@ def create_app(config: SmmfConfig) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest) -> Any:
         client: AsyncClient = app.state.client
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        job_id = new_job_id()
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            stream = client.stream_chat(body.model, messages, fail_fast=fail_fast,
+            stream = client.stream_chat(body.model, messages, fail_fast=fail_fast, job_id=job_id,
                                         **body.params())
             first = await _first(stream)  # errors before the first token are plain 4xx/5xx
-            return StreamingResponse(_sse(body.model, first, stream, include_usage),
+            return StreamingResponse(_sse(body.model, job_id, first, stream, include_usage),
                                      media_type="text/event-stream")
-        result = await client.chat(body.model, messages, fail_fast=fail_fast, **body.params())
+        result = await client.chat(body.model, messages, fail_fast=fail_fast, job_id=job_id,
+                                   **body.params())
         return {
-            "id": f"chatcmpl-{result.job_id}", "object": "chat.completion",
+            "id": f"chatcmpl-{job_id}", "object": "chat.completion",
             "created": int(time.time()), "model": body.model,
             "choices": [{"index": 0, "finish_reason": result.finish_reason,
                          "message": _message(result.text, result.reasoning)}],
@@ -181,10 +183,10 @@ async def _first(stream: AsyncIterator[Any]) -> Any:
         return None
 
 
-async def _sse(model: str, first: Any, stream: AsyncIterator[Any],
+async def _sse(model: str, job_id: str, first: Any, stream: AsyncIterator[Any],
                include_usage: bool) -> AsyncIterator[bytes]:
     """SSE frames of chat.completion.chunk objects, ending with `[DONE]`."""
-    chunk_id, created = f"chatcmpl-{time.monotonic_ns():x}", int(time.time())
+    chunk_id, created = f"chatcmpl-{job_id}", int(time.time())
 
     def frame(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
         body = {"id": chunk_id, "object": "chat.completion.chunk", "created": created,

@@ -42,6 +42,11 @@ def job_record(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 
 
+def cancel_flag(job_id: str) -> str:
+    """Key set by a caller that no longer wants a job's result (e.g. its HTTP client left)."""
+    return f"{PREFIX}:cancel:{job_id}"
+
+
 def worker_heartbeat(worker_id: str) -> str:
     """Key (with TTL) that says a worker is alive and what it serves."""
     return f"{PREFIX}:worker:{worker_id}"

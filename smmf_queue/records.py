@@ -5,6 +5,7 @@ unacknowledged job comes back; so does a long one after the visibility timeout, 
 so each delivery first claims the job's record by an atomic compare-and-set:
 
     (none) ──claim──> RUNNING(owner, attempt, lease) ──finish──> DONE | FAILED
+      └ cancelled by its caller before it ran: nothing runs
                           │ lease expired: the next delivery claims it again, attempt + 1
                           └ attempt > max_attempts: FAILED (the job keeps killing workers)
 
@@ -24,10 +25,11 @@ from . import keys
 from .streaming import APPEND_LUA_BODY, EventWriter
 from .jobs import StreamEvent
 
-ClaimOutcome = Literal["claimed", "busy", "finished", "exhausted"]
+ClaimOutcome = Literal["claimed", "busy", "finished", "exhausted", "cancelled"]
 
-# KEYS[1] record; ARGV: owner, lease_ms, max_attempts, record_ttl_s
+# KEYS[1] record, KEYS[2] cancel flag; ARGV: owner, lease_ms, max_attempts, record_ttl_s
 _CLAIM_LUA = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'cancelled', 0} end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -86,7 +88,7 @@ class JobRecords:
         self._finish = client.register_script(_FINISH_LUA)
 
     def claim(self, job_id: str, owner: str) -> Claim:
-        outcome, value = self._claim(keys=[keys.job_record(job_id)],
+        outcome, value = self._claim(keys=[keys.job_record(job_id), keys.cancel_flag(job_id)],
                                      args=[owner, self.lease_ms, self.max_attempts, self.ttl_s])
         return Claim(outcome.decode(), int(value))
 

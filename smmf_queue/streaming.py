@@ -26,7 +26,8 @@ redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], ARGV[2] .. '-0', 'e', ARGV[1
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', ARGV[5], ARGV[1])
 """
-_APPEND_LUA = APPEND_LUA_BODY + "return 1"
+#: the same, answering whether the job was cancelled (KEYS[2]): the check costs no round trip.
+_APPEND_LUA = APPEND_LUA_BODY + "return redis.call('EXISTS', KEYS[2])"
 
 
 class EventWriter:
@@ -48,18 +49,19 @@ class EventWriter:
         self.seq += 1
         return StreamEvent(seq=self.seq, attempt=self.attempt, type=type_, **fields)  # type: ignore[arg-type]
 
-    def write(self, event: StreamEvent) -> None:
-        """Append and publish one event."""
-        self._append(keys=[keys.event_log(self.job_id)],
-                     args=self.log_args(event))
+    def write(self, event: StreamEvent) -> bool:
+        """Append and publish one event; True when the caller has cancelled the job."""
+        return bool(self._append(keys=[keys.event_log(self.job_id), keys.cancel_flag(self.job_id)],
+                                 args=self.log_args(event)))
 
     def log_args(self, event: StreamEvent) -> list[Any]:
         """ARGV for APPEND_LUA_BODY."""
         return [event.encode(), event.seq, self.max_events, self.ttl_s,
                 keys.stream_channel(self.job_id)]
 
-    def delta(self, text: str, reasoning: str = "") -> None:
-        self.write(self.next_event("delta", text=text, reasoning=reasoning))
+    def delta(self, text: str, reasoning: str = "") -> bool:
+        """Write a delta; True when the caller has cancelled the job."""
+        return self.write(self.next_event("delta", text=text, reasoning=reasoning))
 
     def restart(self) -> None:
         """Tell readers that a new attempt begins and the text so far is void."""

@@ -107,8 +107,8 @@ class WorkerRuntime:
         job_id = str(task.request.id)
         owner = f"{self.worker_id}/{uuid.uuid4().hex[:8]}"
         claim = self.records.claim(job_id, owner)
-        if claim.outcome == "finished":
-            log.info("job %s is already finished; dropping a repeated delivery", job_id)
+        if claim.outcome in ("finished", "cancelled"):
+            log.info("job %s is %s; not running it", job_id, claim.outcome)
             return None
         if claim.outcome == "busy":
             # Another replica holds a live lease: check back when it would have expired.
@@ -156,13 +156,19 @@ class WorkerRuntime:
         text: list[str] = []
         reasoning: list[str] = []
         finish_reason, usage = "stop", Usage()
-        for chunk in provider.stream_chat(request):
+        chunks = provider.stream_chat(request)
+        for chunk in chunks:
             if chunk.finish_reason is not None:
                 finish_reason, usage = chunk.finish_reason, chunk.usage or Usage()
                 continue
-            writer.delta(chunk.text, chunk.reasoning)
             text.append(chunk.text)
             reasoning.append(chunk.reasoning)
+            if writer.delta(chunk.text, chunk.reasoning):
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()  # the provider stops generating (hf: its stopping criterion fires)
+                raise JobFailed("cancelled by the caller", error_type="Cancelled",
+                                model=request.model, job_id=writer.job_id)
         event = writer.next_event("end", finish_reason=finish_reason, usage=usage,
                                   worker=self.worker_id)
         result = ChatResult(job_id=writer.job_id, model=request.model, text="".join(text),

@@ -124,3 +124,26 @@ def test_health_and_readiness(gateway_url: str) -> None:
 def cosine(a: list[float], b: list[float]) -> float:
     dot = sum(x * y for x, y in zip(a, b))
     return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def test_client_disconnect_cancels_the_job_on_the_worker(gateway_url: str, redis_client) -> None:  # type: ignore[no-untyped-def]
+    from smmf_queue import keys
+    from smmf_queue.streaming import decode_log
+
+    # Given a long streamed reply
+    body = {"model": CHAT, "messages": HELLO, "max_tokens": 4000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{gateway_url}/v1/chat/completions", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {GATEWAY_KEY}"}) as response:
+        first = next(line for line in response.iter_lines() if line.startswith("data: {"))
+    # When the client goes away after the first chunk
+    job_id = first.split('"id":"chatcmpl-', 1)[1].split('"', 1)[0]
+
+    def terminal() -> list:  # type: ignore[type-arg]
+        events = decode_log(redis_client.xrange(keys.event_log(job_id)))
+        return [e for e in events if e.terminal]
+
+    # Then the worker stops generating and ends the job as cancelled, long before 4000 tokens
+    wait_until(lambda: bool(terminal()), 30, "the job to end")
+    end = terminal()[0]
+    assert (end.type, end.error_type) == ("error", "Cancelled")
+    assert redis_client.hget(keys.job_record(job_id), "state") == b"FAILED"
