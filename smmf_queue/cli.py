@@ -158,6 +158,14 @@ def gateway(config: ConfigOption = DEFAULT_CONFIG,
 
 
 @app.command()
+def flower(config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """Run Flower (Celery's monitoring UI) against the configured broker, with basic auth from config."""
+    from .queues import run_flower
+
+    run_flower(_load(config))
+
+
+@app.command()
 def up(config: ConfigOption = DEFAULT_CONFIG,
        demo: Annotated[bool, typer.Option(help="Send a chat and an embedding through the queues, then stop.")] = False) -> None:
     """Run the standalone stack: embedded Redis (if configured) and one worker per model."""

@@ -2,7 +2,8 @@
 
 The `[models]` part follows DB-GPT's schema, so a DB-GPT model section works unchanged:
 `default_llm`, `default_embedding`, `[[models.llms]]`, `[[models.embeddings]]`. Our own
-sections are `[queue]` (where jobs, streams and results live), `[worker]` and `[gateway]`;
+sections are `[queue]` (where jobs, streams and results live), `[worker]`, `[gateway]` and
+`[flower]`;
 they refuse unknown keys (a typo names its key), while a model entry only warns on keys it does
 not know (DB-GPT ignores them silently). Every other top-level section is DB-GPT's and ignored.
 
@@ -108,6 +109,15 @@ class GatewaySettings(_Strict):
     wait_for_worker: bool = False
 
 
+class FlowerSettings(_Strict):
+    """Flower, Celery's monitoring UI, run by `smmf-queue flower`."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=5555, ge=0, le=65535)
+    #: "user:password" pairs for HTTP basic auth; empty means no authentication.
+    basic_auth: list[SecretStr] = Field(default_factory=list)
+
+
 class ModelConfig(BaseModel):
     """One `[[models.llms]]` or `[[models.embeddings]]` entry, as DB-GPT writes it.
 
@@ -172,6 +182,7 @@ class SmmfConfig(BaseModel):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    flower: FlowerSettings = Field(default_factory=FlowerSettings)
 
     @property
     def models(self) -> list[ModelConfig]:
@@ -222,6 +233,7 @@ def _build(raw: dict[str, Any], source: Path) -> SmmfConfig:
         queue=_section(QueueSettings, raw, "queue", source),
         worker=_section(WorkerSettings, raw, "worker", source),
         gateway=_section(GatewaySettings, raw, "gateway", source),
+        flower=_section(FlowerSettings, raw, "flower", source),
     )
     _check_defaults(config)
     return config

@@ -50,6 +50,11 @@ def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery
         task_default_queue="smmf.default",
         broker_pool_limit=32,
     )
+    if config.queue.broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
+        # On RabbitMQ, quorum queues: replicated, durable, and they survive a node's loss.
+        app.conf.task_default_queue_type = "quorum"
+        app.conf.task_create_missing_queue_type = "quorum"
+        app.conf.worker_detect_quorum_queues = True
     return app
 
 
@@ -69,3 +74,18 @@ def send_job(app: Celery, task: str, kind: str, request: dict[str, Any], *,
                   task_id=request["job_id"], expires=expires_s, argsrepr="()",
                   kwargsrepr=f"{{model: {request['model']!r}, {size}}}",
                   retry_policy=PUBLISH_RETRY_POLICY)
+
+
+def run_flower(config: SmmfConfig) -> None:
+    """Run Flower against the config's broker until stopped.
+
+    Basic-auth credentials travel in Flower's environment variable, not on its command line,
+    where `ps` would show them.
+    """
+    import os
+
+    if config.flower.basic_auth:
+        os.environ["FLOWER_BASIC_AUTH"] = ",".join(
+            pair.get_secret_value() for pair in config.flower.basic_auth)
+    make_celery_app(config).start(["flower", f"--address={config.flower.host}",
+                                   f"--port={config.flower.port}"])

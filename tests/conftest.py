@@ -28,6 +28,7 @@ CHAT = "tiny-noise-chat"
 SPARE = "tiny-chat-spare"
 IDLE = "tiny-chat-never-served"
 GATEWAY_KEY = "sk-test-gateway"
+FLOWER_AUTH = "admin:flower-test-password"
 EMBED = "all-MiniLM-L6-v2"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,6 +98,10 @@ lease_s = 3
 [gateway]
 api_keys = ["{GATEWAY_KEY}"]
 max_body_bytes = 65536
+
+[flower]
+port = {free_port()}
+basic_auth = ["{FLOWER_AUTH}"]
 {extra}
 """)
     return path
