@@ -59,14 +59,15 @@ def config(config: ConfigOption = DEFAULT_CONFIG) -> None:
 @app.command()
 def worker(models: Annotated[list[str], typer.Option("--model", "-m", help="Model to serve (repeatable).")],
            config: ConfigOption = DEFAULT_CONFIG,
-           loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO") -> None:
+           loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+           metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None) -> None:
     """Serve one or more models: load them once, consume only their queues."""
     from .worker import run_worker
 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     loaded = _load(config)
     try:
-        run_worker(loaded, models, loglevel=loglevel)
+        run_worker(loaded, models, loglevel=loglevel, metrics_port=metrics_port)
     except SmmfError as exc:
         _fail(exc.message)
 

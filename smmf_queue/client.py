@@ -92,6 +92,12 @@ class AsyncClient:
         with contextlib.suppress(OSError, redis.RedisError):
             await self._redis.set(keys.cancel_flag(job_id), 1, ex=max(1, int(ttl_s)))
 
+    async def queue_depth(self, kind: str, model: str) -> int | None:
+        """Jobs waiting in a model's queue; None when the broker is not this Redis."""
+        if self.config.queue.broker_url != self.config.queue.redis:
+            return None
+        return int(await self._redis.llen(keys.queue_name(kind, model)))
+
     async def ping(self) -> None:
         """Raise if Redis cannot be reached."""
         await self._redis.ping()

@@ -14,13 +14,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
+import prometheus_client
 import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import registry
+from . import metrics, registry
 from .client import AsyncClient
 from .config import SmmfConfig
 from .errors import (BrokerUnavailable, JobFailed, JobTimeout, NoLiveWorker, RequestError,
@@ -106,6 +107,9 @@ def create_app(config: SmmfConfig) -> FastAPI:
                               f"{config.gateway.max_body_bytes} bytes.", "invalid_request_error",
                               "request_too_large")
         response: Response = await call_next(request)
+        if request.url.path.startswith("/v1/"):
+            metrics.REQUESTS.labels(request.url.path, getattr(request.state, "model", ""),
+                                    str(response.status_code)).inc()
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -121,8 +125,10 @@ def create_app(config: SmmfConfig) -> FastAPI:
         return _error(status, exc.message, kind, code)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         client: AsyncClient = app.state.client
+        request.state.model = body.model
+        arrived = time.perf_counter()
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         job_id = new_job_id()
         if body.stream:
@@ -130,6 +136,7 @@ def create_app(config: SmmfConfig) -> FastAPI:
             stream = client.stream_chat(body.model, messages, fail_fast=fail_fast, job_id=job_id,
                                         **body.params())
             first = await _first(stream)  # errors before the first token are plain 4xx/5xx
+            metrics.GATEWAY_TTFT.labels(body.model).observe(time.perf_counter() - arrived)
             return StreamingResponse(_sse(body.model, job_id, first, stream, include_usage),
                                      media_type="text/event-stream")
         result = await client.chat(body.model, messages, fail_fast=fail_fast, job_id=job_id,
@@ -143,7 +150,8 @@ def create_app(config: SmmfConfig) -> FastAPI:
         }
 
     @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingsRequest) -> dict[str, Any]:
+    async def embeddings(body: EmbeddingsRequest, request: Request) -> dict[str, Any]:
+        request.state.model = body.model
         texts = [body.input] if isinstance(body.input, str) else body.input
         result = await app.state.client.embed(body.model, texts, fail_fast=fail_fast)
         return {"object": "list", "model": body.model,
@@ -160,6 +168,18 @@ def create_app(config: SmmfConfig) -> FastAPI:
             {"id": m.name, "object": "model", "owned_by": "smmf-queue", "kind": m.kind,
              "provider": m.provider, "live_workers": registry.replicas(workers, m.kind, m.name)}
             for m in config.models]}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        """Gateway metrics, with queue depth and live workers per model read from Redis now."""
+        client: AsyncClient = app.state.client
+        workers = await client.live_workers()
+        for m in config.models:
+            metrics.LIVE_WORKERS.labels(m.name, m.kind).set(registry.replicas(workers, m.kind, m.name))
+            depth = await client.queue_depth(m.kind, m.name)
+            if depth is not None:
+                metrics.QUEUE_DEPTH.labels(m.name, m.kind).set(depth)
+        return Response(prometheus_client.generate_latest(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import sys
+import time
 import uuid
 from array import array
 from typing import Literal
@@ -48,6 +49,8 @@ class SamplingParams(_Wire):
 class ChatRequest(_Wire):
     v: int = WIRE_VERSION
     job_id: str = Field(default_factory=new_job_id)
+    #: the producer's clock (unix seconds) when it enqueued the job: time in queue.
+    submitted_at: float = Field(default_factory=time.time)
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     params: SamplingParams = Field(default_factory=SamplingParams)
@@ -56,6 +59,7 @@ class ChatRequest(_Wire):
 class EmbeddingRequest(_Wire):
     v: int = WIRE_VERSION
     job_id: str = Field(default_factory=new_job_id)
+    submitted_at: float = Field(default_factory=time.time)
     model: str
     texts: list[str] = Field(min_length=1)
     #: scale vectors to unit length; None uses the model's setting.

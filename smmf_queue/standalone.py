@@ -114,11 +114,14 @@ class Stack:
         self.stop()
 
 
-def start_worker_process(config_path: Path, models: list[str], log_file: Path) -> subprocess.Popen[bytes]:
+def start_worker_process(config_path: Path, models: list[str], log_file: Path,
+                         metrics_port: int | None = None) -> subprocess.Popen[bytes]:
     """`smmf-queue worker` for `models` in a child process, its output going to `log_file`."""
     args = [sys.executable, "-m", "smmf_queue", "worker", "-c", str(config_path)]
     for name in models:
         args += ["--model", name]
+    if metrics_port:
+        args += ["--metrics-port", str(metrics_port)]
     with open(log_file, "ab") as log:
         return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
 

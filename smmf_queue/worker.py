@@ -18,11 +18,12 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import prometheus_client
 import redis
 from celery import Celery, Task, signals
 from pydantic import ValidationError
 
-from . import keys, registry
+from . import keys, metrics, registry
 from .config import ModelConfig, SmmfConfig
 from .errors import JobFailed
 from .jobs import (ChatRequest, ChatResult, EmbeddingRequest, StreamEvent, Usage, pack_vectors)
@@ -123,19 +124,26 @@ class WorkerRuntime:
                 error_type="WorkerLost", job_id=job_id))
         if claim.value > 1:
             writer.restart()
-        with self._running_job(job_id, owner):
+        model_name = str(payload.get("model", "?"))
+        with self._running_job(job_id, owner), metrics.IN_FLIGHT.labels(model_name, kind).track_inprogress():
             try:
                 model, provider, request = self._resolve(kind, payload, job_id)
+                metrics.QUEUE_WAIT.labels(model.name, kind).observe(
+                    max(0.0, time.time() - request.submitted_at))
                 with self._slots[(kind, model.name)], provider_errors(model, job_id):
                     if isinstance(request, ChatRequest):
                         event, result = self._chat(provider, request, writer)
                     else:
                         event, result = self._embed(provider, request, writer)
             except JobFailed as exc:
+                outcome = "cancelled" if exc.error_type == "Cancelled" else "failed"
+                metrics.JOBS.labels(model_name, kind, outcome).inc()
                 self._fail(writer, owner, exc)
         if not self.records.finish(writer, owner, event):
             log.warning("job %s: lost its lease before finishing; result dropped", job_id)
+            metrics.JOBS.labels(model_name, kind, "lost_lease").inc()
             return None
+        metrics.JOBS.labels(model_name, kind, "done").inc()
         return result
 
     def _resolve(self, kind: str, payload: dict[str, Any],
@@ -156,11 +164,14 @@ class WorkerRuntime:
         text: list[str] = []
         reasoning: list[str] = []
         finish_reason, usage = "stop", Usage()
+        started = time.perf_counter()
         chunks = provider.stream_chat(request)
         for chunk in chunks:
             if chunk.finish_reason is not None:
                 finish_reason, usage = chunk.finish_reason, chunk.usage or Usage()
                 continue
+            if not text:
+                metrics.WORKER_TTFT.labels(request.model).observe(time.perf_counter() - started)
             text.append(chunk.text)
             reasoning.append(chunk.reasoning)
             if writer.delta(chunk.text, chunk.reasoning):
@@ -169,6 +180,7 @@ class WorkerRuntime:
                     close()  # the provider stops generating (hf: its stopping criterion fires)
                 raise JobFailed("cancelled by the caller", error_type="Cancelled",
                                 model=request.model, job_id=writer.job_id)
+        metrics.TOKENS.labels(request.model).inc(usage.completion_tokens)
         event = writer.next_event("end", finish_reason=finish_reason, usage=usage,
                                   worker=self.worker_id)
         result = ChatResult(job_id=writer.job_id, model=request.model, text="".join(text),
@@ -182,6 +194,7 @@ class WorkerRuntime:
         if len(output.vectors) != len(request.texts):
             raise JobFailed(f"provider returned {len(output.vectors)} vectors for "
                             f"{len(request.texts)} texts", model=request.model)
+        metrics.EMBEDDED.labels(request.model).inc(len(request.texts))
         packed, dims = pack_vectors(output.vectors)
         event = writer.next_event("end", finish_reason="stop", usage=output.usage,
                                   worker=self.worker_id, vectors_b64=packed, dims=dims)
@@ -217,10 +230,16 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
         return runtime.execute(task, "embedding", request)
 
 
-def run_worker(config: SmmfConfig, model_names: list[str], *, loglevel: str = "INFO") -> None:
-    """Serve `model_names` until stopped; raises ProviderUnavailable before consuming if it cannot."""
+def run_worker(config: SmmfConfig, model_names: list[str], *, loglevel: str = "INFO",
+               metrics_port: int | None = None) -> None:
+    """Serve `model_names` until stopped; raises ProviderUnavailable before consuming if it cannot.
+
+    With `metrics_port`, Prometheus metrics are served on 0.0.0.0:`metrics_port`.
+    """
     runtime = WorkerRuntime(config, model_names)
     runtime.prepare()
+    if metrics_port:
+        prometheus_client.start_http_server(metrics_port)
     app = make_celery_app(config)
     register_tasks(app, runtime)
     signals.worker_ready.connect(lambda **_: runtime.start_heartbeat(), weak=False)

@@ -131,6 +131,7 @@ class WorkerProcess:
         self.log = log
         self.models = models
         self.worker_id = ""
+        self.metrics_port: int | None = None
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -163,9 +164,12 @@ def start_worker(config_path: Path, tmp_path_factory: pytest.TempPathFactory) ->
     started: list[WorkerProcess] = []
     logs = tmp_path_factory.mktemp("logs")
 
-    def start(*models: str, config: Path = config_path, wait: bool = True) -> WorkerProcess:
+    def start(*models: str, config: Path = config_path, wait: bool = True,
+              metrics_port: int | None = None) -> WorkerProcess:
         log = logs / f"{'+'.join(models)}-{len(started)}.log"
-        worker = WorkerProcess(start_worker_process(config, list(models), log), log, list(models))
+        worker = WorkerProcess(start_worker_process(config, list(models), log, metrics_port),
+                               log, list(models))
+        worker.metrics_port = metrics_port
         started.append(worker)
         if wait:
             heartbeats = redis.Redis.from_url(load_config(config).queue.redis)
@@ -189,7 +193,7 @@ def start_worker(config_path: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture(scope="session")
 def chat_worker(start_worker: StartWorker) -> WorkerProcess:
-    return start_worker(CHAT)
+    return start_worker(CHAT, metrics_port=free_port())
 
 
 @pytest.fixture(scope="session")

@@ -147,3 +147,22 @@ def test_client_disconnect_cancels_the_job_on_the_worker(gateway_url: str, redis
     end = terminal()[0]
     assert (end.type, end.error_type) == ("error", "Cancelled")
     assert redis_client.hget(keys.job_record(job_id), "state") == b"FAILED"
+
+
+def test_prometheus_metrics_from_gateway_and_worker(oai: openai.OpenAI, gateway_url: str,
+                                                    chat_worker: WorkerProcess) -> None:
+    oai.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=5)
+    list(oai.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=5, stream=True))
+    gateway = httpx.get(f"{gateway_url}/metrics").text
+    assert (f'smmf_gateway_requests_total{{endpoint="/v1/chat/completions",model="{CHAT}",'
+            f'status="200"}}') in gateway
+    assert f'smmf_gateway_time_to_first_token_seconds_count{{model="{CHAT}"}}' in gateway
+    assert f'smmf_live_workers{{kind="llm",model="{CHAT}"}} 1.0' in gateway
+    assert f'smmf_queue_depth{{kind="llm",model="{IDLE}"}} 0.0' in gateway
+    worker = httpx.get(f"http://127.0.0.1:{chat_worker.metrics_port}/metrics").text
+    done = [line for line in worker.splitlines()
+            if line.startswith(f'smmf_jobs_total{{kind="llm",model="{CHAT}",outcome="done"}}')]
+    assert done and float(done[0].split()[-1]) >= 2
+    for name in ("smmf_queue_wait_seconds_count", "smmf_worker_time_to_first_token_seconds_count",
+                 "smmf_generated_tokens_total"):
+        assert f"{name}{{" in worker, name
