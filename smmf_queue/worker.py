@@ -59,6 +59,11 @@ class WorkerRuntime:
         return [keys.queue_name(m.kind, m.name) for m in self.models]
 
     @property
+    def nodename(self) -> str:
+        """Celery's name for this worker (Flower shows it): the models it serves, then its id."""
+        return f"{'+'.join(keys.safe_name(m.name) for m in self.models)}.{self.worker_id}@%h"
+
+    @property
     def pool_size(self) -> int:
         return sum(m.slots for m in self.models)
 
@@ -246,6 +251,6 @@ def run_worker(config: SmmfConfig, model_names: list[str], *, loglevel: str = "I
     signals.worker_shutdown.connect(lambda **_: runtime.stop_heartbeat(), weak=False)
     app.worker_main([
         "worker", "--pool=threads", f"--concurrency={runtime.pool_size}",
-        f"--queues={','.join(runtime.queues)}", f"--hostname=smmf-{runtime.worker_id}@%h",
+        f"--queues={','.join(runtime.queues)}", f"--hostname={runtime.nodename}",
         "--without-gossip", "--without-mingle", "--task-events", f"--loglevel={loglevel}",
     ])
