@@ -54,28 +54,21 @@ def main() -> None:
                            .replace('".smmf/redis"', f'"{work / "redis"}"')
                            + f"\n[flower]\nport = {flower_port}\n")
     config = load_config(config_path)
-    with Stack(config, log_dir=work / "logs"):
-        flower = subprocess.Popen([sys.executable, "-m", "smmf_queue", "flower", "-c", str(config_path)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            url = f"http://127.0.0.1:{flower_port}"
-            for _ in range(100):
-                try:
-                    urllib.request.urlopen(f"{url}/healthcheck", timeout=1)
-                    break
-                except OSError:
-                    time.sleep(0.2)
-            with Client(config) as client:
-                for i in range(6):
-                    client.chat("tiny-noise-chat", [{"role": "user", "content": f"job {i}"}], max_tokens=8)
-                    client.embed("all-MiniLM-L6-v2", [f"text {i}", "another"])
-            time.sleep(2)
-            shoot(f"{url}/workers", ROOT / "docs" / "flower-workers.png")
-            shoot(f"{url}/tasks", ROOT / "docs" / "flower-tasks.png")
-        finally:
-            flower.terminate()
-            flower.wait(timeout=15)
-
+    with Stack(config, log_dir=work / "logs", flower=True):
+        url = f"http://127.0.0.1:{flower_port}"
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{url}/healthcheck", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        with Client(config) as client:
+            for i in range(6):
+                client.chat("tiny-noise-chat", [{"role": "user", "content": f"job {i}"}], max_tokens=8)
+                client.embed("all-MiniLM-L6-v2", [f"text {i}", "another"])
+        time.sleep(2)
+        shoot(f"{url}/workers", ROOT / "docs" / "flower-workers.png")
+        shoot(f"{url}/tasks", ROOT / "docs" / "flower-tasks.png")
 
 if __name__ == "__main__":
     main()

@@ -168,12 +168,13 @@ def flower(config: ConfigOption = DEFAULT_CONFIG) -> None:
 
 @app.command()
 def up(config: ConfigOption = DEFAULT_CONFIG,
-       demo: Annotated[bool, typer.Option(help="Send a chat and an embedding through the queues, then stop.")] = False) -> None:
-    """Run the standalone stack: embedded Redis (if configured) and one worker per model."""
+       demo: Annotated[bool, typer.Option(help="Send a chat and an embedding through the queues, then stop.")] = False,
+       flower: Annotated[bool, typer.Option(help="Also run Flower.")] = False) -> None:
+    """Run the standalone stack: embedded Redis (if configured), one worker per model, the gateway."""
     from .standalone import Stack
 
     loaded = _load(config)
-    stack = Stack(loaded)
+    stack = Stack(loaded, flower=flower)
     console.print(f"starting {len(loaded.models)} workers for {loaded.source} …")
     started = time.monotonic()
     try:
@@ -181,6 +182,9 @@ def up(config: ConfigOption = DEFAULT_CONFIG,
             console.print(f"[green]ready[/green] in {time.monotonic() - started:.1f}s: "
                           f"redis {loaded.queue.redis}; OpenAI-compatible API {stack.gateway_url}/v1; "
                           f"logs in {stack.log_dir}/", highlight=False)
+            if flower:
+                console.print(f"Flower: http://{loaded.flower.host}:{loaded.flower.port}/",
+                              highlight=False)
             if demo:
                 _demo(loaded)
                 _demo_gateway(stack.gateway_url, loaded)

@@ -28,9 +28,12 @@ READY_TIMEOUT_S = 300.0
 class Stack:
     """The processes of a standalone deployment of one config."""
 
-    def __init__(self, config: SmmfConfig, *, log_dir: str | Path = ".smmf/logs"):
+    def __init__(self, config: SmmfConfig, *, log_dir: str | Path = ".smmf/logs",
+                 flower: bool = False):
         self.config = config
         self.log_dir = Path(log_dir)
+        self.with_flower = flower
+        self.flower: subprocess.Popen[bytes] | None = None
         self.redis: EmbeddedRedis | None = None
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.gateway: subprocess.Popen[bytes] | None = None
@@ -48,9 +51,14 @@ class Stack:
         for model in self.config.models:
             self.workers[model.name] = start_worker_process(self.config.source, [model.name],
                                                             self.log_dir / f"{_file_safe(model.name)}.log")
-        with open(self.log_dir / "gateway.log", "ab") as log:
-            self.gateway = subprocess.Popen(
-                [sys.executable, "-m", "smmf_queue", "gateway", "-c", str(self.config.source)],
+        self.gateway = self._start_command("gateway")
+        if self.with_flower:
+            self.flower = self._start_command("flower")
+
+    def _start_command(self, command: str) -> subprocess.Popen[bytes]:
+        with open(self.log_dir / f"{command}.log", "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "smmf_queue", command, "-c", str(self.config.source)],
                 stdout=log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
@@ -78,6 +86,8 @@ class Stack:
                     for name, process in self.workers.items()]
         if self.gateway is not None:
             children.append(("the gateway", self.gateway, self.log_dir / "gateway.log"))
+        if self.flower is not None:
+            children.append(("Flower", self.flower, self.log_dir / "flower.log"))
         return children
 
     def _gateway_answers(self) -> bool:
