@@ -14,30 +14,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from benchkit import MESSAGES, MODEL, percentile, tiny_chat_stack
+from celery import Celery
 
-from celery import Celery  # noqa: E402
-
-from smmf_queue import Client, load_config  # noqa: E402
-from smmf_queue.embedded import EmbeddedRedis  # noqa: E402
-from smmf_queue.jobs import ChatRequest  # noqa: E402
-from smmf_queue.providers import load_provider  # noqa: E402
-from smmf_queue.standalone import start_worker_process  # noqa: E402
-
-MODEL = "tiny-noise-chat"
-MESSAGES = [{"role": "user", "content": "Say something about queues."}]
+from smmf_queue import Client, load_config
+from smmf_queue.jobs import ChatRequest
+from smmf_queue.providers import load_provider
 
 
 def noop_app(url: str) -> Celery:
@@ -51,11 +40,6 @@ def noop_app(url: str) -> Celery:
 
 def noop() -> None:
     """The task of the no-op round trip."""
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 def summary(name: str, values_s: list[float]) -> str:
@@ -113,39 +97,15 @@ def main() -> None:
                                                 "--without-gossip", "--without-mingle"])
         return
 
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_models.py"),
-                    str(ROOT / ".smmf" / "models")], check=True, capture_output=True)
-    work = Path(tempfile.mkdtemp(prefix="smmf-bench-"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with EmbeddedRedis(port, work / "redis", appendonly=False) as server:
-        config_path = work / "bench.toml"
-        config_path.write_text(f"""
-[[models.llms]]
-name = "{MODEL}"
-provider = "hf"
-path = "{ROOT / '.smmf' / 'models' / 'tiny-noise-chat'}"
-device = "cpu"
-num_threads = 1
-[queue]
-broker_url = "{server.url}"
-""")
-        worker = start_worker_process(config_path, [MODEL], work / "worker.log")
+    with tiny_chat_stack() as (config_path, server):
         noop = subprocess.Popen([sys.executable, __file__, "--noop-worker", server.url])
         try:
             with Client(config_path) as client:
-                deadline = time.monotonic() + 120
-                while not any(m.name == MODEL for w in client.live_workers() for m in w.models):
-                    if time.monotonic() > deadline:
-                        raise SystemExit("worker did not start; see " + str(work / "worker.log"))
-                    time.sleep(0.2)
                 runs = bench_chats(config_path, client, args.n, args.max_tokens)
             noop_times = bench_noop(server.url, args.n)
         finally:
-            for process in (worker, noop):
-                process.terminate()
-                process.wait(timeout=15)
+            noop.terminate()
+            noop.wait(timeout=15)
 
     local_ttft, local_total = [r[0] for r in runs["local"]], [r[1] for r in runs["local"]]
     queue_ttft, queue_total = [r[0] for r in runs["queue"]], [r[1] for r in runs["queue"]]

@@ -15,35 +15,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
+from benchkit import MESSAGES, MODEL, free_port, tiny_chat_stack
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from smmf_queue import AsyncClient, load_config
+from smmf_queue.jobs import ChatRequest
+from smmf_queue.providers import load_provider
 
-from smmf_queue import AsyncClient, load_config  # noqa: E402
-from smmf_queue.embedded import EmbeddedRedis  # noqa: E402
-from smmf_queue.jobs import ChatRequest  # noqa: E402
-from smmf_queue.providers import load_provider  # noqa: E402
-from smmf_queue.standalone import start_worker_process  # noqa: E402
-
-MODEL = "tiny-noise-chat"
-MESSAGES = [{"role": "user", "content": "Say something about queues."}]
 KEY = "bench-key"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def p50(values: list[float]) -> float:
@@ -69,35 +54,16 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=120)
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args()
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_models.py"),
-                    str(ROOT / ".smmf" / "models")], check=True, capture_output=True)
-    work = Path(tempfile.mkdtemp(prefix="smmf-bench-gw-"))
     gateway_port = free_port()
-    with EmbeddedRedis(free_port(), work / "redis", appendonly=False) as server:
-        config_path = work / "bench.toml"
-        config_path.write_text(f"""
-[[models.llms]]
-name = "{MODEL}"
-provider = "hf"
-path = "{ROOT / '.smmf' / 'models' / 'tiny-noise-chat'}"
-device = "cpu"
-num_threads = 1
-[queue]
-broker_url = "{server.url}"
-[gateway]
-port = {gateway_port}
-api_keys = ["{KEY}"]
-""")
-        worker = start_worker_process(config_path, [MODEL], work / "worker.log")
+    with tiny_chat_stack(f'[gateway]\nport = {gateway_port}\napi_keys = ["{KEY}"]') as (config_path, _):
         gateway = subprocess.Popen([sys.executable, "-m", "smmf_queue", "gateway", "-c",
                                     str(config_path)], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
         try:
             results = asyncio.run(measure(config_path, gateway_port, args.n, args.max_tokens))
         finally:
-            for process in (worker, gateway):
-                process.terminate()
-                process.wait(timeout=15)
+            gateway.terminate()
+            gateway.wait(timeout=15)
     print(f"{args.n} streamed chats of {args.max_tokens} tokens per row, model {MODEL}, "
           f"one worker (one slot), {os.cpu_count()} cores")
     print(f"{'path':<12}{'clients':>8}{'TTFT p50 ms':>14}{'chats/s':>10}")
@@ -134,8 +100,6 @@ async def measure(config_path: Path, port: int, n: int,
     http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60,
                              headers={"Authorization": f"Bearer {KEY}"},
                              limits=httpx.Limits(max_connections=64))
-    while not any(m.name == MODEL for w in await sdk.live_workers() for m in w.models):
-        await asyncio.sleep(0.2)
     while True:
         try:
             if (await http.get("/healthz")).status_code == 200:

@@ -25,11 +25,17 @@ from pydantic import ValidationError
 
 from . import keys, registry
 from .config import ModelKind, SmmfConfig, load_config
-from .errors import (BrokerUnavailable, JobFailed, JobTimeout, NoLiveWorker, RequestError,
-                     SmmfError)
+from .errors import BrokerUnavailable, JobFailed, JobTimeout, NoLiveWorker, RequestError
 from .hub import StreamHub
-from .jobs import (ChatDelta, ChatRequest, ChatResult, EmbeddingRequest, EmbeddingResult,
-                   StreamEvent, new_job_id)
+from .jobs import (
+    ChatDelta,
+    ChatRequest,
+    ChatResult,
+    EmbeddingRequest,
+    EmbeddingResult,
+    StreamEvent,
+    new_job_id,
+)
 from .queues import make_celery_app, send_job
 from .streaming import EventAssembler, decode_log
 

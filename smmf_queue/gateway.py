@@ -24,8 +24,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from . import metrics, registry
 from .client import AsyncClient
 from .config import SmmfConfig
-from .errors import (BrokerUnavailable, JobFailed, JobTimeout, NoLiveWorker, RequestError,
-                     SmmfError, UnknownModel)
+from .errors import (
+    BrokerUnavailable,
+    JobFailed,
+    JobTimeout,
+    NoLiveWorker,
+    RequestError,
+    SmmfError,
+    UnknownModel,
+)
 from .jobs import new_job_id, pack_vectors
 
 #: SmmfError class → (HTTP status, OpenAI error type, code); the first match wins.

@@ -22,8 +22,8 @@ from typing import Literal
 import redis
 
 from . import keys
-from .streaming import APPEND_LUA_BODY, EventWriter
 from .jobs import StreamEvent
+from .streaming import APPEND_LUA_BODY, EventWriter
 
 ClaimOutcome = Literal["claimed", "busy", "finished", "exhausted", "cancelled"]
 

@@ -17,7 +17,7 @@ from typing import Any
 import redis
 
 from . import keys
-from .jobs import (ChatDelta, ChatResult, EmbeddingResult, StreamEvent, Usage, unpack_vectors)
+from .jobs import ChatDelta, ChatResult, EmbeddingResult, StreamEvent, Usage, unpack_vectors
 
 #: Lua that appends one event to the log, refreshes its TTL and publishes it; shared with the
 #: fenced terminal write in records.py. KEYS[1] log; ARGV: event json, seq, maxlen, ttl, channel.

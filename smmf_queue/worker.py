@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from . import keys, metrics, registry
 from .config import ModelConfig, SmmfConfig
 from .errors import JobFailed
-from .jobs import (ChatRequest, ChatResult, EmbeddingRequest, StreamEvent, Usage, pack_vectors)
+from .jobs import ChatRequest, ChatResult, EmbeddingRequest, StreamEvent, Usage, pack_vectors
 from .providers import load_provider
 from .providers.base import Provider, provider_errors
 from .queues import make_celery_app

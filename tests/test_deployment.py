@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import re
+
 import pytest
 import yaml
 from typer.main import get_command

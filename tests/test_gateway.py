@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import (CHAT, EMBED, GATEWAY_KEY, IDLE, WorkerProcess, free_port, wait_until)
+from .conftest import CHAT, EMBED, GATEWAY_KEY, IDLE, WorkerProcess, free_port, wait_until
 
 HELLO = [{"role": "user", "content": "hello there"}]
 

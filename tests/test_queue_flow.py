@@ -11,8 +11,7 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Producer
 
-from smmf_queue import Client, JobFailed, NoLiveWorker, RequestError, UnknownModel, WrongModelKind
-from smmf_queue import keys
+from smmf_queue import Client, JobFailed, NoLiveWorker, RequestError, UnknownModel, WrongModelKind, keys
 from smmf_queue.config import SmmfConfig
 from smmf_queue.jobs import StreamEvent
 from smmf_queue.streaming import decode_log

@@ -37,4 +37,4 @@ def test_a_queued_job_survives_a_redis_restart(tmp_path: Path, tiny_models: Path
         waiting.join(90)
         worker.stop()
     server.stop()
-    assert results and getattr(results[0], "worker") == worker.worker_id
+    assert results and results[0].worker == worker.worker_id

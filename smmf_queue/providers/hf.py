@@ -13,8 +13,14 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria,
-                          StoppingCriteriaList, TextIteratorStreamer)
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 from ..errors import ProviderUnavailable
 from ..jobs import ChatRequest, Usage

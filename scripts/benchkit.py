@@ -1,0 +1,79 @@
+"""What the benchmarks share: a private Redis and one worker for the tiny chat model.
+
+The stack is started the way a user starts it (real processes, real Redis on a free port), so
+the figures include every hop.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from smmf_queue import registry  # noqa: E402
+from smmf_queue.embedded import EmbeddedRedis  # noqa: E402
+from smmf_queue.standalone import start_worker_process  # noqa: E402
+
+MODEL = "tiny-noise-chat"
+MESSAGES = [{"role": "user", "content": "Say something about queues."}]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+@contextmanager
+def tiny_chat_stack(extra_toml: str = "") -> Iterator[tuple[Path, EmbeddedRedis]]:
+    """(config path, Redis) with one live worker for tiny-noise-chat (one slot, one thread)."""
+    models = ROOT / ".smmf" / "models"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_models.py"), str(models)],
+                   check=True, capture_output=True)
+    work = Path(tempfile.mkdtemp(prefix="smmf-bench-"))
+    with EmbeddedRedis(free_port(), work / "redis", appendonly=False) as server:
+        config_path = work / "bench.toml"
+        config_path.write_text(f"""
+[[models.llms]]
+name = "{MODEL}"
+provider = "hf"
+path = "{models / 'tiny-noise-chat'}"
+device = "cpu"
+num_threads = 1
+[queue]
+broker_url = "{server.url}"
+{extra_toml}
+""")
+        worker = start_worker_process(config_path, [MODEL], work / "worker.log")
+        try:
+            _wait_for_worker(server, worker, work / "worker.log")
+            yield config_path, server
+        finally:
+            worker.terminate()
+            worker.wait(timeout=15)
+
+
+def _wait_for_worker(server: EmbeddedRedis, worker: subprocess.Popen[bytes], log: Path) -> None:
+    import redis
+
+    client = redis.Redis.from_url(server.url)
+    deadline = time.monotonic() + 120
+    while not registry.replicas(registry.live_workers(client), "llm", MODEL):
+        if worker.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the worker did not start; see {log}")
+        time.sleep(0.2)
