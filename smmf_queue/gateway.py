@@ -222,10 +222,17 @@ async def _sse(model: str, job_id: str, first: Any, stream: AsyncIterator[Any],
         return _data(body)
 
     yield frame({"role": "assistant", "content": ""})
+    sent = False
     try:
         delta = first
         while delta is not None:
+            if delta.restart and sent:
+                # An OpenAI stream cannot take back what it sent: end it; the caller retries.
+                raise JobFailed("the worker streaming this reply was lost after part of it was "
+                                "sent; retry the request", error_type="WorkerLost", model=model,
+                                job_id=job_id)
             if delta.text or delta.reasoning:
+                sent = True
                 yield frame(_message(delta.text, delta.reasoning, role=False))
             if delta.finish_reason is not None:
                 yield frame({}, delta.finish_reason)

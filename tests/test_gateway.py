@@ -166,3 +166,30 @@ def test_prometheus_metrics_from_gateway_and_worker(oai: openai.OpenAI, gateway_
     for name in ("smmf_queue_wait_seconds_count", "smmf_worker_time_to_first_token_seconds_count",
                  "smmf_generated_tokens_total"):
         assert f"{name}{{" in worker, name
+
+
+def test_a_worker_lost_mid_stream_ends_the_stream_with_an_openai_error_frame(
+        gateway_url: str, start_worker) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from .conftest import SPARE
+
+    # Given a long reply streaming from a worker
+    first = start_worker(SPARE)
+    body = {"model": SPARE, "messages": HELLO, "max_tokens": 4000, "temperature": 0, "stream": True}
+    frames: list[str] = []
+    with httpx.stream("POST", f"{gateway_url}/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {GATEWAY_KEY}"}) as response:
+        lines = (line for line in response.iter_lines() if line.startswith("data: "))
+        frames.append(next(lines))  # the role frame
+        frames.append(next(lines))  # the first text
+        # When the worker dies and another replica takes the job over
+        first.kill()
+        second = start_worker(SPARE)
+        frames.extend(lines)
+    second.stop()
+    # Then the stream ends with an OpenAI-shaped error frame, then [DONE], never mixed text
+    assert frames[-1] == "data: [DONE]"
+    error = json.loads(frames[-2].removeprefix("data: "))
+    assert set(error) == {"error"}
+    assert error["error"]["code"] == "job_failed" and "lost" in error["error"]["message"]
