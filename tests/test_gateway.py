@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import CHAT, EMBED, GATEWAY_KEY, IDLE, WorkerProcess, free_port, wait_until
+from .conftest import CHAT, EMBED, GATEWAY_KEY, IDLE, SPARE, WorkerProcess, free_port, wait_until
 
 HELLO = [{"role": "user", "content": "hello there"}]
 
@@ -87,7 +87,8 @@ def test_embeddings_in_float_and_base64_keep_order(oai: openai.OpenAI, gateway_u
     assert floats.usage.prompt_tokens > 3
 
 
-def test_models_lists_kind_provider_and_live_workers(gateway_url: str) -> None:
+def test_models_lists_kind_provider_and_live_workers(oai: openai.OpenAI, gateway_url: str) -> None:
+    assert {m.id for m in oai.models.list()} == {CHAT, SPARE, IDLE, EMBED}
     response = httpx.get(f"{gateway_url}/v1/models", headers={"Authorization": f"Bearer {GATEWAY_KEY}"})
     models = {m["id"]: m for m in response.json()["data"]}
     assert models[CHAT]["kind"] == "llm" and models[CHAT]["live_workers"] == 1
@@ -171,8 +172,6 @@ def test_prometheus_metrics_from_gateway_and_worker(oai: openai.OpenAI, gateway_
 def test_a_worker_lost_mid_stream_ends_the_stream_with_an_openai_error_frame(
         gateway_url: str, start_worker) -> None:  # type: ignore[no-untyped-def]
     import json
-
-    from .conftest import SPARE
 
     # Given a long reply streaming from a worker
     first = start_worker(SPARE)
