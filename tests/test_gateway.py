@@ -192,3 +192,32 @@ def test_a_worker_lost_mid_stream_ends_the_stream_with_an_openai_error_frame(
     error = json.loads(frames[-2].removeprefix("data: "))
     assert set(error) == {"error"}
     assert error["error"]["code"] == "job_failed" and "lost" in error["error"]["message"]
+
+
+def test_with_wait_for_worker_a_request_waits_in_the_queue_until_a_worker_starts(
+        config_path: Path, tmp_path: Path, redis_client, start_worker) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from smmf_queue import keys, load_config
+    from smmf_queue.gateway import create_app
+
+    # Given a gateway configured to queue and wait when no worker serves a model
+    waiting_config = tmp_path / "wait.toml"
+    waiting_config.write_text(config_path.read_text().replace(
+        "max_body_bytes = 65536", "max_body_bytes = 65536\nwait_for_worker = true"))
+    replies: list[httpx.Response] = []
+    with TestClient(create_app(load_config(waiting_config))) as gateway:
+        body = {"model": IDLE, "messages": HELLO, "max_tokens": 3}
+        request = threading.Thread(target=lambda: replies.append(gateway.post(
+            "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {GATEWAY_KEY}"})))
+        request.start()
+        # When the request's job sits in the queue and only then a worker starts
+        wait_until(lambda: redis_client.llen(keys.queue_name("llm", IDLE)) == 1, 10, "the queued job")
+        worker = start_worker(IDLE)
+        request.join(60)
+    worker.stop()
+    # Then the request is answered by that worker
+    assert replies and replies[0].status_code == 200
+    assert replies[0].json()["usage"]["completion_tokens"] == 3
