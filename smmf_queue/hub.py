@@ -27,7 +27,6 @@ class StreamHub:
     """Multiplexes the pub/sub channels of many jobs over one connection."""
 
     def __init__(self, client: redis.asyncio.Redis):
-        self._client = client
         self._pubsub = client.pubsub()
         self._inboxes: dict[bytes, asyncio.Queue[bytes]] = {}
         self._confirmed: dict[bytes, asyncio.Future[None]] = {}
