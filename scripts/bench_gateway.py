@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ from benchkit import MESSAGES, MODEL, free_port, tiny_chat_stack
 from smmf_queue import AsyncClient, load_config
 from smmf_queue.jobs import ChatRequest
 from smmf_queue.providers import load_provider
+from smmf_queue.standalone import start_process
 
 KEY = "bench-key"
 
@@ -56,9 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     gateway_port = free_port()
     with tiny_chat_stack(f'[gateway]\nport = {gateway_port}\napi_keys = ["{KEY}"]') as (config_path, _):
-        gateway = subprocess.Popen([sys.executable, "-m", "smmf_queue", "gateway", "-c",
-                                    str(config_path)], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
+        gateway = start_process("gateway", config_path, config_path.with_name("gateway.log"))
         try:
             results = asyncio.run(measure(config_path, gateway_port, args.n, args.max_tokens))
         finally:

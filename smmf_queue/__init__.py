@@ -3,18 +3,18 @@
 from .client import AsyncClient, Client
 from .config import ConfigWarning, ModelConfig, SmmfConfig, load_config
 from .errors import (
-                     BrokerUnavailable,
-                     ConfigError,
-                     DispatchError,
-                     JobError,
-                     JobFailed,
-                     JobTimeout,
-                     NoLiveWorker,
-                     ProviderUnavailable,
-                     RequestError,
-                     SmmfError,
-                     UnknownModel,
-                     WrongModelKind,
+    BrokerUnavailable,
+    ConfigError,
+    DispatchError,
+    JobError,
+    JobFailed,
+    JobTimeout,
+    NoLiveWorker,
+    ProviderUnavailable,
+    RequestError,
+    SmmfError,
+    UnknownModel,
+    WrongModelKind,
 )
 from .jobs import ChatDelta, ChatResult, EmbeddingResult, Usage
 

@@ -103,8 +103,7 @@ def models(config: ConfigOption = DEFAULT_CONFIG,
 
 def _model_row(model: ModelConfig, workers: list[registry.WorkerInfo],
                depth: int | None) -> dict[str, Any]:
-    serving = [w for w in workers if any(m.name == model.name and m.kind == model.kind
-                                         for m in w.models)]
+    serving = registry.serving(workers, model.kind, model.name)
     return {"model": model.name, "kind": model.kind, "provider": model.provider,
             "queue": keys.queue_name(model.kind, model.name), "live_workers": len(serving),
             "in_flight": sum(w.in_flight for w in serving), "queued": depth,

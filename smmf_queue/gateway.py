@@ -215,11 +215,12 @@ async def _sse(model: str, job_id: str, first: Any, stream: AsyncIterator[Any],
     """SSE frames of chat.completion.chunk objects, ending with `[DONE]`."""
     chunk_id, created = f"chatcmpl-{job_id}", int(time.time())
 
-    def frame(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-        body = {"id": chunk_id, "object": "chat.completion.chunk", "created": created,
-                "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                **extra}
-        return _data(body)
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return _data({"id": chunk_id, "object": "chat.completion.chunk", "created": created,
+                      "model": model, "choices": choices, **extra})
+
+    def frame(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return chunk([{"index": 0, "delta": delta, "finish_reason": finish}])
 
     yield frame({"role": "assistant", "content": ""})
     sent = False
@@ -237,9 +238,7 @@ async def _sse(model: str, job_id: str, first: Any, stream: AsyncIterator[Any],
             if delta.finish_reason is not None:
                 yield frame({}, delta.finish_reason)
                 if include_usage and delta.usage is not None:
-                    yield _data({"id": chunk_id, "object": "chat.completion.chunk",
-                                 "created": created, "model": model, "choices": [],
-                                 "usage": delta.usage.model_dump()})
+                    yield chunk([], usage=delta.usage.model_dump())
             delta = await _first(stream)
     except SmmfError as exc:
         _, kind, code = _classify(exc)

@@ -65,9 +65,14 @@ def _decode(values: list[bytes | None]) -> list[WorkerInfo]:
     return [WorkerInfo.model_validate_json(v) for v in values if v is not None]
 
 
+def serving(workers: list[WorkerInfo], kind: str, model: str) -> list[WorkerInfo]:
+    """The workers among `workers` that serve `model` of `kind`."""
+    return [w for w in workers if any(m.name == model and m.kind == kind for m in w.models)]
+
+
 def replicas(workers: list[WorkerInfo], kind: str, model: str) -> int:
     """How many live workers serve `model` of `kind`."""
-    return sum(1 for w in workers for m in w.models if m.name == model and m.kind == kind)
+    return len(serving(workers, kind, model))
 
 
 @dataclass

@@ -51,15 +51,9 @@ class Stack:
         for model in self.config.models:
             self.workers[model.name] = start_worker_process(self.config.source, [model.name],
                                                             self.log_dir / f"{_file_safe(model.name)}.log")
-        self.gateway = self._start_command("gateway")
+        self.gateway = start_process("gateway", self.config.source, self.log_dir / "gateway.log")
         if self.with_flower:
-            self.flower = self._start_command("flower")
-
-    def _start_command(self, command: str) -> subprocess.Popen[bytes]:
-        with open(self.log_dir / f"{command}.log", "ab") as log:
-            return subprocess.Popen(
-                [sys.executable, "-m", "smmf_queue", command, "-c", str(self.config.source)],
-                stdout=log, stderr=subprocess.STDOUT)
+            self.flower = start_process("flower", self.config.source, self.log_dir / "flower.log")
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Block until every configured model has a live worker; raise if a worker dies first."""
@@ -124,16 +118,22 @@ class Stack:
         self.stop()
 
 
+def start_process(command: str, config_path: Path, log_file: Path,
+                  *args: str) -> subprocess.Popen[bytes]:
+    """`smmf-queue COMMAND -c CONFIG ARGS...` in a child process, its output going to `log_file`."""
+    with open(log_file, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "smmf_queue", command, "-c", str(config_path), *args],
+            stdout=log, stderr=subprocess.STDOUT)
+
+
 def start_worker_process(config_path: Path, models: list[str], log_file: Path,
                          metrics_port: int | None = None) -> subprocess.Popen[bytes]:
     """`smmf-queue worker` for `models` in a child process, its output going to `log_file`."""
-    args = [sys.executable, "-m", "smmf_queue", "worker", "-c", str(config_path)]
-    for name in models:
-        args += ["--model", name]
+    args = [arg for name in models for arg in ("--model", name)]
     if metrics_port:
         args += ["--metrics-port", str(metrics_port)]
-    with open(log_file, "ab") as log:
-        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    return start_process("worker", config_path, log_file, *args)
 
 
 def _file_safe(name: str) -> str:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import math
-import subprocess
-import sys
 import urllib.request
 from array import array
 from collections.abc import Iterator
@@ -14,6 +12,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+
+from smmf_queue.standalone import start_process
 
 from .conftest import CHAT, EMBED, GATEWAY_KEY, IDLE, SPARE, WorkerProcess, free_port, wait_until
 
@@ -25,8 +25,7 @@ def gateway_url(config_path: Path, chat_worker: WorkerProcess, embed_worker: Wor
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    process = subprocess.Popen([sys.executable, "-m", "smmf_queue", "gateway", "-c", str(config_path),
-                                "--port", str(port)], stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    process = start_process("gateway", config_path, log, "--port", str(port))
     url = f"http://127.0.0.1:{port}"
 
     def answers() -> bool:
