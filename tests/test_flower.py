@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import pytest
 
 from smmf_queue import Client
 from smmf_queue.config import SmmfConfig
+from smmf_queue.standalone import start_process
 
 from .conftest import CHAT, FLOWER_AUTH, WorkerProcess, wait_until
 
@@ -22,8 +21,7 @@ SECRET_PROMPT = "my private prompt 7f3a"
 def flower_url(config: SmmfConfig, config_path: Path, chat_worker: WorkerProcess,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("flower") / "flower.log"
-    process = subprocess.Popen([sys.executable, "-m", "smmf_queue", "flower", "-c", str(config_path)],
-                               stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    process = start_process("flower", config_path, log)
     url = f"http://127.0.0.1:{config.flower.port}"
 
     def answers() -> bool:
@@ -44,15 +42,24 @@ def test_flower_shows_live_workers_and_finished_tasks(flower_url: str, client: C
     auth = tuple(FLOWER_AUTH.split(":"))
     assert httpx.get(f"{flower_url}/api/workers").status_code == 401  # basic auth is on
     # Given Flower watching, when a job runs
-    result = client.chat(CHAT, [{"role": "user", "content": SECRET_PROMPT}], max_tokens=4)
+    def run_and_fetch() -> dict:  # type: ignore[type-arg]
+        result = client.chat(CHAT, [{"role": "user", "content": SECRET_PROMPT}], max_tokens=4)
 
-    def task_seen() -> bool:
-        tasks = httpx.get(f"{flower_url}/api/tasks", auth=auth, timeout=5).json()
-        return tasks.get(result.job_id, {}).get("state") == "SUCCESS"
+        def task_seen() -> bool:
+            tasks = httpx.get(f"{flower_url}/api/tasks", auth=auth, timeout=5).json()
+            return tasks.get(result.job_id, {}).get("state") == "SUCCESS"
 
+        wait_until(task_seen, 30, "Flower to see the task")
+        return httpx.get(f"{flower_url}/api/task/info/{result.job_id}", auth=auth).json()  # type: ignore[no-any-return]
+
+    # (Flower answers HTTP before its event receiver is subscribed: a job that ran in between
+    # shows without the task-received event, so its name is missing. Run another then.)
+    task = run_and_fetch()
+    for _ in range(5):
+        if task["name"] is not None:
+            break
+        task = run_and_fetch()
     # Then Flower lists the worker and the finished task, named for its model, without the prompt
-    wait_until(task_seen, 30, "Flower to see the task")
-    task = httpx.get(f"{flower_url}/api/task/info/{result.job_id}", auth=auth).json()
     assert task["name"] == "smmf.chat" and CHAT in task["kwargs"]
     assert SECRET_PROMPT not in str(task)
     workers = httpx.get(f"{flower_url}/api/workers", params={"refresh": 1}, auth=auth,
