@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Create .venv in the repo root and install smmf-queue with the hf extra and the test tools.
-# Idempotent: re-installs only when pyproject.toml changed. Used by run.sh and test.sh.
+# Create .venv in the repo root and install smmf-queue with the extras named in $1 (default
+# "hf"; the tests ask for "hf,llamacpp,proxy,dev"). Idempotent: installs again only when
+# pyproject.toml, this script or the extras changed. Used by run.sh and test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+extras=${1:-hf}
 python=${PYTHON:-python3}
-stamp=".venv/.installed-$(sha1sum pyproject.toml scripts/bootstrap.sh | sha1sum | cut -c1-12)"
+stamp=".venv/.installed-$( (sha1sum pyproject.toml scripts/bootstrap.sh; echo "$extras") | sha1sum | cut -c1-12)"
 if [ -f "$stamp" ]; then
   exit 0
 fi
-echo "setting up .venv (first run takes a few minutes) ..." >&2
+echo "setting up .venv with smmf-queue[$extras] (first run takes a few minutes; llama-cpp-python" \
+     "compiles from source, about 6 minutes on 2 cores, cached by pip after that) ..." >&2
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" --upgrade pip
@@ -20,6 +23,5 @@ if [ -n "${SMMF_TORCH_INDEX:-}" ]; then
 else
   "${pip[@]}" "torch==2.13.0"
 fi
-"${pip[@]}" -e ".[hf,dev]"
-rm -f .venv/.installed-*
+"${pip[@]}" -e ".[$extras]"
 touch "$stamp"

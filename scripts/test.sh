@@ -3,5 +3,5 @@
 # port and their own worker processes; nothing else needs to run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/bootstrap.sh
+scripts/bootstrap.sh hf,llamacpp,proxy,dev
 exec .venv/bin/python -m pytest "$@"

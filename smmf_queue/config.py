@@ -163,6 +163,7 @@ class ModelConfig(BaseModel):
         """Jobs a worker runs at once: wide for remote or batching engines, 1 for a CPU model."""
         if self.concurrency:
             return self.concurrency
+        # API proxies wait on the network and vLLM batches continuously; local engines take turns.
         return 64 if self.provider.startswith("proxy/") or self.provider == "vllm" else 1
 
     @property

@@ -10,6 +10,7 @@ from typer.main import get_command
 
 from smmf_queue import load_config
 from smmf_queue.cli import app
+from smmf_queue.providers import PROVIDERS
 
 from .conftest import ROOT
 
@@ -61,6 +62,16 @@ def test_gpu_workers_reserve_a_gpu() -> None:
             assert ("cuda" in service["build"]["dockerfile"]) == wants_gpu, name
 
 
-def test_every_shipped_config_loads() -> None:
+def test_every_shipped_config_loads_and_every_provider_has_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given the key variables a user of each provider sets
+    for variable in ("OPENAI_API_KEY", "AZURE_OPENAI_KEY", "DEEPSEEK_API_KEY", "DASHSCOPE_API_KEY",
+                     "SILICONFLOW_API_KEY"):
+        monkeypatch.setenv(variable, "sk-example")
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", "https://example.openai.azure.com")
+    # Then every shipped config loads, and together they show every provider
+    providers = set()
     for path in sorted((ROOT / "configs").glob("*.toml")):
-        assert load_config(path).models, path
+        config = load_config(path)
+        assert config.models, path
+        providers |= {model.provider for model in config.models}
+    assert providers == set(PROVIDERS)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..config import ModelConfig
 from ..errors import JobFailed, SmmfError
 from ..jobs import ChatRequest, Usage
+from ..streaming import drain
 
 
 @dataclass
@@ -109,3 +112,64 @@ def _overlap(text: str, stop: str) -> int:
         if text.endswith(stop[:size]):
             return size
     return 0
+
+
+@dataclass
+class _Raised:
+    error: BaseException
+
+
+_SOURCE_DONE = object()
+
+
+def read_ahead(chunks: Iterator[ChatChunk], name: str) -> Iterator[ChatChunk]:
+    """The chunks of a blocking source (an HTTP stream, an engine's iterator), merged per wake-up.
+
+    A helper thread pulls `chunks` while the job thread writes events, so text that arrives
+    during one Redis round trip goes out in the next event (see streaming.drain) instead of one
+    event per token. The final chunk (finish_reason, usage) is passed on by itself. Closing this
+    generator makes the helper close `chunks` at its next item, which ends an HTTP stream or
+    stops an engine.
+    """
+    ready: queue.Queue[object] = queue.Queue()
+    closed = threading.Event()
+
+    def pump() -> None:
+        try:
+            for chunk in chunks:
+                ready.put(chunk)
+                if closed.is_set():
+                    break
+        except BaseException as exc:  # handed to the job thread, which raises it
+            ready.put(_Raised(exc))
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
+            ready.put(_SOURCE_DONE)
+
+    threading.Thread(target=pump, name=f"read-ahead-{name}", daemon=True).start()
+    try:
+        for batch in drain(ready, _SOURCE_DONE):
+            yield from _merge(batch)
+    finally:
+        closed.set()
+
+
+def _merge(batch: list[object]) -> Iterator[ChatChunk]:
+    text: list[str] = []
+    reasoning: list[str] = []
+    for item in batch:
+        if isinstance(item, _Raised):
+            raise item.error
+        assert isinstance(item, ChatChunk)
+        text.append(item.text)
+        reasoning.append(item.reasoning)
+        if item.finish_reason is not None:
+            if any(text) or any(reasoning):
+                yield ChatChunk(text="".join(text), reasoning="".join(reasoning))
+            text, reasoning = [], []
+            yield ChatChunk(finish_reason=item.finish_reason, usage=item.usage)
+    if any(text) or any(reasoning):
+        yield ChatChunk(text="".join(text), reasoning="".join(reasoning))

@@ -1,0 +1,92 @@
+"""Ollama's native API through the official `ollama` client: `/api/chat` (streamed NDJSON) and
+`/api/embed`.
+
+Every sampling parameter goes into Ollama's `options` (DB-GPT sends none of them), with
+Ollama's names: `max_tokens` → `num_predict`, `context_length` → `num_ctx`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import ollama
+
+from ..jobs import ChatRequest, Usage
+from .base import ChatChunk, Embeddings, Provider, read_ahead
+from .remote import Endpoint, RetryPolicy, base_url, split, timeout_s, unit_vectors
+
+ENDPOINT = Endpoint("http://localhost:11434", "OLLAMA_API_BASE", None)
+#: texts per /api/embed request when the config does not set `batch_size`.
+EMBED_BATCH_LIMIT = 512
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, ollama.ResponseError):
+        return exc.status_code == 429 or exc.status_code >= 500
+    return isinstance(exc, ConnectionError | httpx.TransportError)
+
+
+class OllamaProvider(Provider):
+    """A model served by an Ollama server."""
+
+    def hardware(self) -> str:
+        return f"api {urlsplit(self._host()).netloc}"
+
+    def load(self) -> None:
+        self.retry = RetryPolicy.of(self.model)
+        self.client = ollama.Client(host=self._host(), timeout=timeout_s(self.model))
+
+    def _host(self) -> str:
+        if self.model.kind == "embedding" and self.model.api_url:
+            return self.model.api_url.rstrip("/")  # DB-GPT's key for Ollama embeddings
+        return base_url(self.model, ENDPOINT)
+
+    def options(self, request: ChatRequest) -> dict[str, Any]:
+        """Ollama's `options` for the request: what it sets, 0 included, in Ollama's names."""
+        params = request.params
+        options = {"temperature": params.temperature, "top_p": params.top_p,
+                   "num_predict": params.max_tokens, "seed": params.seed,
+                   "stop": params.stop or None, "num_ctx": self.model.context_length}
+        return {key: value for key, value in options.items() if value is not None}
+
+    def stream_chat(self, request: ChatRequest) -> Iterator[ChatChunk]:
+        messages = [m.model_dump() for m in request.messages]
+        options = self.options(request)
+
+        def start() -> Iterator[Any]:
+            return self.client.chat(model=self.model.upstream_name, messages=messages,
+                                    stream=True, options=options)
+
+        return read_ahead(self._chunks(self.retry.stream(start, _retryable)), request.job_id)
+
+    def _chunks(self, stream: Iterator[Any]) -> Iterator[ChatChunk]:
+        finish_reason, usage = "stop", None
+        for part in stream:
+            text = part.message.content or ""
+            reasoning = getattr(part.message, "thinking", None) or ""
+            if text or reasoning:
+                yield ChatChunk(text=text, reasoning=reasoning)
+            if part.done:
+                finish_reason = part.done_reason or "stop"
+                prompt, completion = part.prompt_eval_count or 0, part.eval_count or 0
+                usage = Usage(prompt_tokens=prompt, completion_tokens=completion,
+                              total_tokens=prompt + completion)
+        yield ChatChunk(finish_reason=finish_reason, usage=usage)
+
+    def embed(self, texts: list[str], normalize: bool | None) -> Embeddings:
+        limit = int(self.model.options.get("batch_size", EMBED_BATCH_LIMIT))
+        vectors: list[list[float]] = []
+        tokens = 0
+        for batch in split(texts, limit):
+            response = self.retry.call(lambda batch=batch: self.client.embed(
+                model=self.model.upstream_name, input=batch, truncate=True), _retryable)
+            vectors.extend(list(vector) for vector in response.embeddings)
+            tokens += response.prompt_eval_count or 0
+        if normalize is None:  # the API's vectors as they come, unless the config says
+            normalize = bool(self.model.options.get("normalize", False))
+        if normalize:
+            vectors = unit_vectors(vectors)
+        return Embeddings(vectors, Usage(prompt_tokens=tokens, total_tokens=tokens))

@@ -1,0 +1,157 @@
+"""OpenAI-compatible APIs through the official `openai` SDK.
+
+One implementation serves `proxy/openai` (also Azure OpenAI, with `api_type = "azure"`),
+`proxy/deepseek` (its `reasoning_content` becomes reasoning text; `thinking_enabled` as in
+DB-GPT), `proxy/tongyi` (Qwen through DashScope's compatible mode) and `proxy/siliconflow`.
+They differ only in their defaults (`ENDPOINTS`) and their embedding batch limits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import openai
+
+from ..jobs import ChatRequest, Usage
+from .base import ChatChunk, Embeddings, Provider, read_ahead
+from .remote import (
+    Endpoint,
+    RetryPolicy,
+    base_url,
+    require_api_key,
+    split,
+    timeout_s,
+    unit_vectors,
+)
+
+#: provider → DB-GPT's default base URL and env vars for it and the key.
+ENDPOINTS: dict[str, Endpoint] = {
+    "proxy/openai": Endpoint("https://api.openai.com/v1", "OPENAI_API_BASE", "OPENAI_API_KEY"),
+    "proxy/deepseek": Endpoint("https://api.deepseek.com/v1", "DEEPSEEK_API_BASE", "DEEPSEEK_API_KEY"),
+    "proxy/tongyi": Endpoint("https://dashscope.aliyuncs.com/compatible-mode/v1",
+                             "DASHSCOPE_API_BASE", "DASHSCOPE_API_KEY"),
+    "proxy/siliconflow": Endpoint("https://api.siliconflow.cn/v1", "SILICONFLOW_API_BASE",
+                                  "SILICONFLOW_API_KEY"),
+}
+#: Azure's endpoint and key come from these when the config does not set them (as in DB-GPT).
+AZURE = Endpoint("", "AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_KEY")
+
+#: most texts per embeddings request, by provider (the `batch_size` key overrides it).
+EMBED_BATCH_LIMIT: dict[str, int] = {"proxy/openai": 2048, "proxy/tongyi": 10,
+                                     "proxy/siliconflow": 32, "proxy/deepseek": 64}
+
+#: errors worth another try: rate limits, server errors, lost connections and timeouts.
+RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, RETRYABLE)
+
+
+class OpenAIProvider(Provider):
+    """A model behind an OpenAI-compatible HTTP API."""
+
+    def check_hardware(self) -> None:
+        require_api_key(self.model, self._endpoint())
+
+    def hardware(self) -> str:
+        return f"api {urlsplit(self._base_url()).netloc}"
+
+    def load(self) -> None:
+        self.retry = RetryPolicy.of(self.model)
+        self.client = self._client()
+
+    def _client(self) -> openai.OpenAI:
+        common: dict[str, Any] = {"api_key": require_api_key(self.model, self._endpoint()),
+                                  "timeout": timeout_s(self.model), "max_retries": 0}
+        proxy = self.model.options.get("http_proxy")
+        if proxy:
+            import httpx
+            common["http_client"] = httpx.Client(proxy=proxy)
+        if self._is_azure():
+            return openai.AzureOpenAI(
+                azure_endpoint=self._base_url(), api_version=self.model.options.get("api_version"),
+                azure_deployment=self.model.options.get("api_azure_deployment"), **common)
+        return openai.OpenAI(base_url=self._base_url(), **common)
+
+    def _is_azure(self) -> bool:
+        return self.model.options.get("api_type") == "azure"
+
+    def _endpoint(self) -> Endpoint:
+        return AZURE if self._is_azure() else ENDPOINTS[self.model.provider]
+
+    def _base_url(self) -> str:
+        if self.model.kind == "embedding" and self.model.api_url:
+            # DB-GPT's api_url is the full embeddings URL; the SDK wants the base.
+            return self.model.api_url.rstrip("/").removesuffix("/embeddings")
+        return base_url(self.model, self._endpoint())
+
+    # chat
+
+    def stream_chat(self, request: ChatRequest) -> Iterator[ChatChunk]:
+        kwargs = self.chat_kwargs(request)
+        stream = self.retry.stream(lambda: self.client.chat.completions.create(**kwargs), _retryable)
+        return read_ahead(self._chunks(stream), request.job_id)
+
+    def chat_kwargs(self, request: ChatRequest) -> dict[str, Any]:
+        """The create() arguments: every sampling parameter the request sets, 0 included."""
+        params = request.params
+        kwargs: dict[str, Any] = {
+            "model": self.model.upstream_name,
+            "messages": [m.model_dump() for m in request.messages],
+            "stream": True,
+        }
+        if self.model.options.get("stream_usage", True):
+            kwargs["stream_options"] = {"include_usage": True}
+        optional = {"temperature": params.temperature, "top_p": params.top_p,
+                    "max_tokens": params.max_tokens, "seed": params.seed, "stop": params.stop or None}
+        kwargs.update({key: value for key, value in optional.items() if value is not None})
+        thinking = self._thinking()
+        if thinking is not None:
+            kwargs["extra_body"] = {"thinking": {"type": "enabled" if thinking else "disabled"}}
+        return kwargs
+
+    def _thinking(self) -> bool | None:
+        """DeepSeek's thinking switch: None leaves the model's default."""
+        if self.model.provider != "proxy/deepseek":
+            return None
+        value = self.model.options.get("thinking_enabled")
+        return None if value is None else bool(value)
+
+    def _chunks(self, stream: Iterator[Any]) -> Iterator[ChatChunk]:
+        finish_reason, usage = "stop", None
+        keep_reasoning = self._thinking() is not False
+        for chunk in stream:
+            if chunk.usage is not None:
+                usage = Usage(prompt_tokens=chunk.usage.prompt_tokens,
+                              completion_tokens=chunk.usage.completion_tokens,
+                              total_tokens=chunk.usage.total_tokens)
+            if not chunk.choices:
+                continue
+            choice = chunk.choices[0]
+            text = choice.delta.content or ""
+            reasoning = (getattr(choice.delta, "reasoning_content", None) or "") if keep_reasoning else ""
+            if text or reasoning:
+                yield ChatChunk(text=text, reasoning=reasoning)
+            if choice.finish_reason:
+                finish_reason = choice.finish_reason
+        yield ChatChunk(finish_reason=finish_reason, usage=usage)
+
+    # embeddings
+
+    def embed(self, texts: list[str], normalize: bool | None) -> Embeddings:
+        limit = int(self.model.options.get("batch_size", EMBED_BATCH_LIMIT[self.model.provider]))
+        vectors: list[list[float]] = []
+        tokens = 0
+        for batch in split(texts, limit):
+            response = self.retry.call(lambda batch=batch: self.client.embeddings.create(
+                model=self.model.upstream_name, input=batch, encoding_format="float"), _retryable)
+            vectors.extend(item.embedding for item in sorted(response.data, key=lambda d: d.index))
+            tokens += response.usage.prompt_tokens if response.usage else 0
+        if normalize is None:  # the API's vectors as they come, unless the config says
+            normalize = bool(self.model.options.get("normalize", False))
+        if normalize:
+            vectors = unit_vectors(vectors)
+        return Embeddings(vectors, Usage(prompt_tokens=tokens, total_tokens=tokens))

@@ -1,0 +1,119 @@
+"""What every API proxy shares: where the endpoint and key come from, timeouts and retries.
+
+Retries follow one rule for every proxy: a 429, a 5xx or a connection error is retried with
+exponential backoff and jitter only until the first chunk of a reply has arrived. After that,
+text has been streamed to the caller and cannot be taken back, so a failure becomes the job's
+`error` event instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import tenacity
+
+from ..config import ModelConfig
+from ..errors import ProviderUnavailable
+
+T = TypeVar("T")
+
+#: seconds an API call may take (connect and each read) when the config does not say.
+DEFAULT_TIMEOUT_S = 60.0
+#: retries after the first try, for 429, 5xx and connection errors.
+DEFAULT_MAX_RETRIES = 3
+#: first backoff in seconds; doubled each retry, with full jitter, capped at 30 s.
+DEFAULT_RETRY_BACKOFF_S = 0.5
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A provider's defaults, as DB-GPT has them: base URL, and the env vars that override it."""
+
+    base_url: str
+    base_env: str
+    key_env: str | None
+
+
+def base_url(model: ModelConfig, endpoint: Endpoint) -> str:
+    """The config's api_base, else the provider's env var, else its public default."""
+    return (model.api_base or os.environ.get(endpoint.base_env) or endpoint.base_url).rstrip("/")
+
+
+def api_key(model: ModelConfig, endpoint: Endpoint) -> str | None:
+    """The config's api_key, else the provider's env var (read in the worker, never sent in a job)."""
+    if model.api_key is not None:
+        return model.api_key.get_secret_value()
+    return os.environ.get(endpoint.key_env) if endpoint.key_env else None
+
+
+def require_api_key(model: ModelConfig, endpoint: Endpoint) -> str:
+    """The API key, or ProviderUnavailable naming where it should come from."""
+    key = api_key(model, endpoint)
+    if not key:
+        where = f"set api_key in the model entry or the environment variable {endpoint.key_env}"
+        raise ProviderUnavailable(f"model '{model.name}' ({model.provider}) has no API key: {where} "
+                                  "(a local server without auth takes any value)", model=model.name)
+    return key
+
+
+def timeout_s(model: ModelConfig) -> float:
+    return float(model.options.get("timeout_s", DEFAULT_TIMEOUT_S))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_retries: int = DEFAULT_MAX_RETRIES
+    backoff_s: float = DEFAULT_RETRY_BACKOFF_S
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> RetryPolicy:
+        options = model.options
+        return cls(max_retries=int(options.get("max_retries", DEFAULT_MAX_RETRIES)),
+                   backoff_s=float(options.get("retry_backoff_s", DEFAULT_RETRY_BACKOFF_S)))
+
+    def retrying(self, retryable: Callable[[BaseException], bool]) -> tenacity.Retrying:
+        return tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.max_retries + 1),
+            wait=tenacity.wait_random_exponential(multiplier=self.backoff_s, max=30),
+            retry=tenacity.retry_if_exception(retryable),
+            reraise=True,
+        )
+
+    def call(self, function: Callable[[], T], retryable: Callable[[BaseException], bool]) -> T:
+        """Call `function`, retrying the errors `retryable` accepts."""
+        return self.retrying(retryable)(function)
+
+    def stream(self, start: Callable[[], Iterator[T]],
+               retryable: Callable[[BaseException], bool]) -> Iterator[T]:
+        """Items of the stream `start()` opens; opening it and its first item are retried, the rest never."""
+        stream: Iterator[T] = iter(())
+        first: object = _NOTHING
+        for attempt in self.retrying(retryable):
+            with attempt:
+                stream = iter(start())
+                first = next(stream, _NOTHING)
+        if first is not _NOTHING:
+            yield first  # type: ignore[misc]
+        yield from stream
+
+
+_NOTHING = object()
+
+
+def split(items: list[T], size: int) -> Iterator[list[T]]:
+    """`items` in slices of at most `size` (a provider's batch limit), in order."""
+    for start in range(0, len(items), max(1, size)):
+        yield items[start:start + size]
+
+
+def unit_vectors(vectors: list[list[float]]) -> list[list[float]]:
+    """Each vector scaled to length 1 (a zero vector stays zero)."""
+    scaled = []
+    for vector in vectors:
+        norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+        scaled.append([x / norm for x in vector])
+    return scaled
