@@ -39,41 +39,55 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-@contextmanager
-def tiny_chat_stack(extra_toml: str = "") -> Iterator[tuple[Path, EmbeddedRedis]]:
-    """(config path, Redis) with one live worker for tiny-noise-chat (one slot, one thread)."""
-    models = ROOT / ".smmf" / "models"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_models.py"), str(models)],
-                   check=True, capture_output=True)
-    work = Path(tempfile.mkdtemp(prefix="smmf-bench-"))
-    with EmbeddedRedis(free_port(), work / "redis", appendonly=False) as server:
-        config_path = work / "bench.toml"
-        config_path.write_text(f"""
+MODELS = ROOT / ".smmf" / "models"
+#: the tiny hf chat model's entry (one slot, one torch thread).
+TINY_CHAT_TOML = f"""
 [[models.llms]]
 name = "{MODEL}"
 provider = "hf"
-path = "{models / 'tiny-noise-chat'}"
+path = "{MODELS / 'tiny-noise-chat'}"
 device = "cpu"
 num_threads = 1
-[queue]
-broker_url = "{server.url}"
-{extra_toml}
-""")
-        worker = start_worker_process(config_path, [MODEL], work / "worker.log")
+"""
+
+
+@contextmanager
+def tiny_chat_stack(extra_toml: str = "") -> Iterator[tuple[Path, EmbeddedRedis]]:
+    """(config path, Redis) with one live worker for tiny-noise-chat (one slot, one thread)."""
+    make_tiny_models()
+    with worker_stack(TINY_CHAT_TOML, [MODEL], extra_toml) as stack:
+        yield stack
+
+
+def make_tiny_models() -> None:
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_models.py"), str(MODELS)],
+                   check=True, capture_output=True)
+
+
+@contextmanager
+def worker_stack(models_toml: str, served: list[str],
+                 extra_toml: str = "") -> Iterator[tuple[Path, EmbeddedRedis]]:
+    """(config path, Redis): a private Redis and one live worker process serving `served`."""
+    work = Path(tempfile.mkdtemp(prefix="smmf-bench-"))
+    with EmbeddedRedis(free_port(), work / "redis", appendonly=False) as server:
+        config_path = work / "bench.toml"
+        config_path.write_text(f"{models_toml}\n[queue]\nbroker_url = \"{server.url}\"\n{extra_toml}\n")
+        worker = start_worker_process(config_path, served, work / "worker.log")
         try:
-            _wait_for_worker(server, worker, work / "worker.log")
+            _wait_for_worker(server, worker, work / "worker.log", served[0])
             yield config_path, server
         finally:
             worker.terminate()
             worker.wait(timeout=15)
 
 
-def _wait_for_worker(server: EmbeddedRedis, worker: subprocess.Popen[bytes], log: Path) -> None:
+def _wait_for_worker(server: EmbeddedRedis, worker: subprocess.Popen[bytes], log: Path,
+                     model: str) -> None:
     import redis
 
     client = redis.Redis.from_url(server.url)
     deadline = time.monotonic() + 120
-    while not registry.replicas(registry.live_workers(client), "llm", MODEL):
+    while not any(w for w in registry.live_workers(client) if w.pid == worker.pid):
         if worker.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the worker did not start; see {log}")
+            raise SystemExit(f"the worker for {model} did not start; see {log}")
         time.sleep(0.2)
