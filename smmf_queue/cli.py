@@ -81,7 +81,7 @@ def models(config: ConfigOption = DEFAULT_CONFIG,
     try:
         workers = registry.live_workers(client)
         broker_is_redis = loaded.queue.broker_url == loaded.queue.redis
-        rows = [_model_row(m, workers, client.llen(keys.queue_name(m.kind, m.name))
+        rows = [_model_row(m, workers, sum(client.llen(lane) for lane in keys.queue_lanes(m.kind, m.name))
                            if broker_is_redis else None) for m in loaded.models]
     except redis.RedisError as exc:
         _fail(f"cannot reach Redis at {loaded.queue.redis}: {exc}")
@@ -145,6 +145,52 @@ def embed(texts: Annotated[list[str], typer.Argument(help="Texts to embed.")],
         console.print_json(json.dumps(result.vectors))
         return
     _print_similarities(name, texts, result.vectors)
+
+
+@app.command("embed-batch")
+def embed_batch(
+        input: Annotated[Path, typer.Option("--input", "-i", help="Texts: .txt (a line each), .jsonl, .csv or .parquet.")],
+        output: Annotated[Path, typer.Option("--output", "-o", help="Vectors: .npy, .jsonl or .parquet (id + vector).")],
+        config: ConfigOption = DEFAULT_CONFIG, model: ModelOption = None,
+        field: Annotated[str, typer.Option("--field", "--column", help="The text's field (.jsonl) or column (.csv, .parquet).")] = "text",
+        id_field: Annotated[str | None, typer.Option("--id-field", "--id-column", help="The id's field or column; default: the text's number from 0.")] = None,
+        resume: Annotated[bool, typer.Option(help="Continue an interrupted run into the same output.")] = False,
+        max_tokens: Annotated[int, typer.Option(help="Token budget of one chunk (estimated: 4 characters a token).")] = 8192,
+        max_texts: Annotated[int, typer.Option(help="Most texts in one chunk.")] = 256,
+        window: Annotated[int, typer.Option(help="Chunks in flight at once.")] = 8,
+        normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Unit-length vectors; default: the model's setting.")] = None,
+) -> None:
+    """Embed a file of texts through the model's queue, in chunks, resumably."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .batchio import InputSpec, count_records, run_embed_batch
+
+    loaded = _load(config)
+    name = model or loaded.default_embedding or (loaded.embeddings[0].name if loaded.embeddings else None)
+    if name is None:
+        _fail(f"{loaded.source} configures no embedding model")
+    spec = _call(lambda: InputSpec(input, field, id_field))
+    total = _call(lambda: count_records(spec))
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[rate]:>8.0f} texts/s"), TimeRemainingColumn())
+    with _client(loaded) as client, Progress(*columns, console=errors) as progress:
+        task = progress.add_task(f"embedding with {name}", total=total, rate=0.0)
+        started = time.perf_counter()
+
+        def advance(count: int) -> None:
+            progress.advance(task, count)
+            elapsed = time.perf_counter() - started
+            progress.update(task, rate=progress.tasks[0].completed / elapsed if elapsed > 0 else 0.0)
+
+        report = _call(lambda: run_embed_batch(
+            client, name, spec, output, resume=resume, normalize=normalize, max_tokens=max_tokens,
+            max_texts=max_texts, window=window, on_progress=advance))
+    console.print(f"{report.embedded} texts embedded into {output} in {report.seconds:.1f} s"
+                  + (f" ({report.resumed_chunks} chunks kept from the interrupted run)" if report.resumed_chunks else ""))
+    if report.failed:
+        console.print(f"[yellow]{report.failed} texts could not be embedded: see "
+                      f"{output.with_name(output.name + '.errors.jsonl')}[/yellow]")
+        raise typer.Exit(code=2)
 
 
 @app.command()

@@ -17,13 +17,14 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import redis.asyncio
 from pydantic import ValidationError
 
 from . import keys, registry
+from .batch import ChunkResult, embed_chunks
 from .config import ModelKind, SmmfConfig, load_config
 from .errors import BrokerUnavailable, JobFailed, JobTimeout, NoLiveWorker, RequestError
 from .hub import StreamHub
@@ -78,16 +79,31 @@ class AsyncClient:
     async def embed(self, model: str, texts: list[str], *, normalize: bool | None = None,
                     timeout: float | None = None, fail_fast: bool | None = None) -> EmbeddingResult:
         """Vectors for `texts`, in input order."""
+        assembler = await self._embedding_job(model, texts, normalize=normalize, timeout=timeout,
+                                              fail_fast=fail_fast)
+        return assembler.embedding_result()
+
+    def embed_batch(self, model: str, texts: Iterable[str], **options: Any) -> AsyncIterator[ChunkResult]:
+        """Embed a corpus of any size in chunks on the batch lane; yields chunks in input order.
+
+        See `smmf_queue.batch.embed_chunks` for the options (token budget, window, resume)."""
+        return embed_chunks(self, model, texts, **options)
+
+    async def _embedding_job(self, model: str, texts: list[str], *, normalize: bool | None,
+                             timeout: float | None, fail_fast: bool | None, job_id: str | None = None,
+                             lane: str = "interactive") -> EventAssembler:
+        """Run one embedding job; the assembler holds its terminal event."""
         self.config.model(model, "embedding")
         try:
-            request = EmbeddingRequest(model=model, texts=list(texts), normalize=normalize)
+            request = EmbeddingRequest(model=model, texts=list(texts), normalize=normalize,
+                                       job_id=job_id or new_job_id(), lane=lane)  # type: ignore[arg-type]
         except ValidationError as exc:
             raise RequestError(f"invalid embedding request: {exc}", model=model) from None
         assembler = EventAssembler(request.job_id, model)
         async for _ in self._run("embedding", request.model_dump(mode="json"), assembler, timeout,
                                  fail_fast):
             pass
-        return assembler.embedding_result()
+        return assembler
 
     async def live_workers(self) -> list[registry.WorkerInfo]:
         """Workers whose heartbeat is current."""
@@ -99,10 +115,13 @@ class AsyncClient:
             await self._redis.set(keys.cancel_flag(job_id), 1, ex=max(1, int(ttl_s)))
 
     async def queue_depth(self, kind: str, model: str) -> int | None:
-        """Jobs waiting in a model's queue; None when the broker is not this Redis."""
+        """Jobs waiting in a model's queue (all lanes); None when the broker is not this Redis."""
         if self.config.queue.broker_url != self.config.queue.redis:
             return None
-        return int(await self._redis.llen(keys.queue_name(kind, model)))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for lane in keys.queue_lanes(kind, model):
+                pipe.llen(lane)
+            return sum(await pipe.execute())
 
     async def ping(self) -> None:
         """Raise if Redis cannot be reached."""
@@ -217,8 +236,9 @@ class AsyncClient:
         """Publish the job. kombu's producer blocks, for one Redis round trip (~0.5 ms): cheaper
         than a hop to a thread and back, and the event loop has nothing to do meanwhile but read."""
         task = keys.CHAT_TASK if kind == "llm" else keys.EMBED_TASK
+        priority = keys.BATCH_PRIORITY if request.get("lane") == "batch" else keys.INTERACTIVE_PRIORITY
         try:
-            send_job(self._celery, task, kind, request, expires_s=timeout)
+            send_job(self._celery, task, kind, request, expires_s=timeout, priority=priority)
         except Exception as exc:  # kombu raises OperationalError and socket errors
             raise BrokerUnavailable(f"cannot enqueue on the broker: {type(exc).__name__}: {exc}",
                                     model=request["model"], job_id=request["job_id"]) from None
@@ -261,6 +281,10 @@ class Client:
     def embed(self, model: str, texts: list[str], **kwargs: Any) -> EmbeddingResult:
         """Vectors for `texts`, in input order."""
         return self._call(self._async.embed(model, texts, **kwargs))
+
+    def embed_batch(self, model: str, texts: Iterable[str], **options: Any) -> Iterator[ChunkResult]:
+        """Embed a corpus of any size in chunks on the batch lane; yields chunks in input order."""
+        return self._iterate(self._async.embed_batch(model, texts, **options))
 
     def replay(self, job_id: str, model: str, from_seq: int = 1) -> Iterator[ChatDelta]:
         """Read a job's stream from `from_seq`, whether it is running or already finished."""

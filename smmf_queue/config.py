@@ -142,6 +142,12 @@ class ModelConfig(BaseModel):
     context_length: int | None = Field(default=None, ge=1)
     verbose: bool = False
     prompt_template: str | None = None
+    #: embedding models with concurrency > 1: merge concurrent jobs into one forward pass.
+    dynamic_batching: bool = True
+    #: how long the first job of a merged pass waits for others, milliseconds.
+    batch_wait_ms: float = Field(default=2.0, ge=0)
+    #: most texts in one merged forward pass.
+    max_batch_texts: int = Field(default=256, ge=1)
 
     @field_validator("provider")
     @classmethod

@@ -64,6 +64,9 @@ class EmbeddingRequest(_Wire):
     texts: list[str] = Field(min_length=1)
     #: scale vectors to unit length; None uses the model's setting.
     normalize: bool | None = None
+    #: "batch" for a chunk of a batch pipeline: it waits behind interactive jobs and is run as
+    #: it is (never merged with other jobs, so a resumed run embeds it bit for bit the same).
+    lane: Literal["interactive", "batch"] = "interactive"
 
 
 class Usage(_Wire):

@@ -27,6 +27,21 @@ def queue_name(kind: str, model: str) -> str:
     return f"{PREFIX}.{kind}.{safe_name(model)}"
 
 
+#: priority lanes of a model's queue on Redis: interactive jobs (chat, `embed`) take lane 0,
+#: batch embedding chunks lane 9, and a worker always takes from the lower lane first.
+INTERACTIVE_PRIORITY = 0
+BATCH_PRIORITY = 9
+PRIORITY_STEPS = [INTERACTIVE_PRIORITY, BATCH_PRIORITY]
+#: kombu's separator between a queue's name and its lane (lane 0 is the plain name).
+LANE_SEPARATOR = ":"
+
+
+def queue_lanes(kind: str, model: str) -> list[str]:
+    """The Redis lists behind one model's queue, highest priority first."""
+    name = queue_name(kind, model)
+    return [name] + [f"{name}{LANE_SEPARATOR}{step}" for step in PRIORITY_STEPS if step]
+
+
 def stream_channel(job_id: str) -> str:
     """Pub/sub channel carrying one job's live events."""
     return f"{PREFIX}:stream:{job_id}"

@@ -22,6 +22,9 @@ WORKER_TTFT = Histogram("smmf_worker_time_to_first_token_seconds",
 TOKENS = Counter("smmf_generated_tokens_total", "Completion tokens generated (rate = tokens/s).",
                  ["model"])
 EMBEDDED = Counter("smmf_embedding_inputs_total", "Texts embedded (rate = inputs/s).", ["model"])
+EMBED_PASSES = Counter("smmf_embedding_passes_total",
+                       "Embedding calls into the engine; fewer than jobs when dynamic batching merges "
+                       "concurrent jobs.", ["model"])
 
 REQUESTS = Counter("smmf_gateway_requests_total", "Gateway requests, by endpoint, model and status.",
                    ["endpoint", "model", "status"])

@@ -2,7 +2,8 @@
 
 JSON only (pickle on a shared broker is remote code execution), late acks with
 reject-on-worker-lost and prefetch 1 (a job whose worker dies goes to another replica), task
-events on (Flower), one queue per model and kind (`keys.queue_name`).
+events on (Flower), one queue per model and kind (`keys.queue_name`). On Redis each queue has
+priority lanes (kombu's priority emulation): interactive jobs overtake waiting batch chunks.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery
             "visibility_timeout": config.queue.visibility_timeout_s,
             "unacked_restore_interval": UNACKED_RESTORE_INTERVAL_S,
             "unacked_restore_throttle": 1,
+            "queue_order_strategy": "priority",
+            "priority_steps": keys.PRIORITY_STEPS,
+            "sep": keys.LANE_SEPARATOR,
         },
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
@@ -63,8 +67,8 @@ PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step"
 
 
 def send_job(app: Celery, task: str, kind: str, request: dict[str, Any], *,
-             expires_s: float | None) -> None:
-    """Put one job on its model's queue; the job id is the Celery task id.
+             expires_s: float | None, priority: int = keys.INTERACTIVE_PRIORITY) -> None:
+    """Put one job on its model's queue, in the lane of `priority`; the job id is the task id.
 
     Flower shows `kwargsrepr`: it names the model and the job's size, never the prompt text.
     """
@@ -73,7 +77,7 @@ def send_job(app: Celery, task: str, kind: str, request: dict[str, Any], *,
     app.send_task(task, kwargs={"request": request}, queue=keys.queue_name(kind, request["model"]),
                   task_id=request["job_id"], expires=expires_s, argsrepr="()",
                   kwargsrepr=f"{{model: {request['model']!r}, {size}}}",
-                  retry_policy=PUBLISH_RETRY_POLICY)
+                  retry_policy=PUBLISH_RETRY_POLICY, priority=priority)
 
 
 def run_flower(config: SmmfConfig) -> None:

@@ -24,6 +24,7 @@ from celery import Celery, Task, signals
 from pydantic import ValidationError
 
 from . import keys, metrics, registry
+from .batching import EmbedBatcher
 from .config import ModelConfig, SmmfConfig
 from .errors import JobFailed
 from .jobs import ChatRequest, ChatResult, EmbeddingRequest, StreamEvent, Usage, pack_vectors
@@ -48,6 +49,7 @@ class WorkerRuntime:
                                   max_attempts=config.worker.max_attempts,
                                   ttl_s=config.queue.result_ttl_s)
         self.providers: dict[tuple[str, str], Provider] = {}
+        self._batchers: dict[str, EmbedBatcher] = {}
         self._slots: dict[tuple[str, str], threading.Semaphore] = {}
         self._running: dict[str, str] = {}
         self._running_lock = threading.Lock()
@@ -76,6 +78,9 @@ class WorkerRuntime:
             log.info("loading %s model %s (%s)", model.kind, model.name, model.provider)
             provider.load()
             self.providers[(model.kind, model.name)] = provider
+            if model.kind == "embedding" and model.dynamic_batching and model.slots > 1:
+                self._batchers[model.name] = EmbedBatcher(provider, max_texts=model.max_batch_texts,
+                                                          wait_s=model.batch_wait_ms / 1000)
             self._slots[(model.kind, model.name)] = threading.Semaphore(model.slots)
 
     def info(self) -> registry.WorkerInfo:
@@ -195,7 +200,12 @@ class WorkerRuntime:
 
     def _embed(self, provider: Provider, request: EmbeddingRequest,
                writer: EventWriter) -> tuple[StreamEvent, dict[str, Any]]:
-        output = provider.embed(request.texts, request.normalize)
+        batcher = self._batchers.get(request.model) if request.lane == "interactive" else None
+        if batcher is not None:
+            output = batcher.embed(request.texts, request.normalize)
+        else:
+            metrics.EMBED_PASSES.labels(request.model).inc()
+            output = provider.embed(request.texts, request.normalize)
         if len(output.vectors) != len(request.texts):
             raise JobFailed(f"provider returned {len(output.vectors)} vectors for "
                             f"{len(request.texts)} texts", model=request.model)

@@ -51,7 +51,7 @@ VLLM_ENGINE_KEYS = frozenset({
 #: kept here, not in the provider modules, so validating a config never imports an engine.
 PROVIDER_KEYS: dict[str, frozenset[str]] = {
     "hf": frozenset({"torch_dtype", "trust_remote_code", "max_new_tokens", "normalize",
-                     "batch_size", "num_threads"}),
+                     "batch_size", "num_threads", "truncate"}),
     "llama.cpp": frozenset({"n_ctx", "n_gpu_layers", "n_threads", "n_batch", "seed", "chat_format",
                             "pooling_type", "normalize"}),
     "vllm": VLLM_ENGINE_KEYS | {"normalize"},

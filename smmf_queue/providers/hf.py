@@ -166,13 +166,24 @@ class HFProvider(Provider):
             normalize = bool(self.model.options.get("normalize", True))
         batch_size = int(self.model.options.get("batch_size", 32))
         if self.sentence_model is not None:
-            tokens = self.sentence_model.tokenizer(texts, truncation=True)["input_ids"]
+            truncate = bool(self.model.options.get("truncate", True))
+            tokens = self.sentence_model.tokenizer(texts, truncation=truncate)["input_ids"]
+            if not truncate:
+                self._refuse_long_texts(tokens, self.sentence_model.max_seq_length)
             vectors = self.sentence_model.encode(texts, batch_size=batch_size,
                                                  normalize_embeddings=normalize,
                                                  convert_to_numpy=True)
             count = sum(len(ids) for ids in tokens)
             return Embeddings(vectors.tolist(), Usage(prompt_tokens=count, total_tokens=count))
         return self._mean_pool(texts, normalize, batch_size)
+
+    @staticmethod
+    def _refuse_long_texts(tokens: list[list[int]], limit: int) -> None:
+        """With `truncate = false`, a text over the model's limit fails its job (not cut silently)."""
+        long = [i for i, ids in enumerate(tokens) if len(ids) > limit]
+        if long:
+            raise ValueError(f"{len(long)} of {len(tokens)} texts are longer than the model's limit of "
+                             f"{limit} tokens, and truncate = false")
 
     def _mean_pool(self, texts: list[str], normalize: bool, batch_size: int) -> Embeddings:
         vectors: list[list[float]] = []

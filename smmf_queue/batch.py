@@ -1,0 +1,179 @@
+"""Batch embedding: a corpus of any size through a model's queue, in chunks, in input order.
+
+Texts are read lazily (a generator of millions is never held in memory) and cut into chunks by
+a token budget and a count. Each chunk is one job on the model's batch lane, so interactive jobs
+overtake it; `window` chunks are in flight at once. A chunk's job id is `<run_id>-<index>`: a
+resumed run that sends a chunk again finds its result in the job's event log, or the worker
+sees the job finished and does not run it twice.
+
+A chunk that fails is split in half and each half tried again, down to single texts; a text
+that cannot be embedded is reported in `ChunkResult.failures` (its row is NaN), never dropped.
+Timeouts and an unreachable broker are retried as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import BrokerUnavailable, JobFailed, JobTimeout
+from .jobs import StreamEvent, new_job_id
+
+if TYPE_CHECKING:
+    from .client import AsyncClient
+
+#: a chunk's budget is checked against this estimate: about 4 characters per token for English
+#: with BPE/WordPiece tokenizers (the worker's tokenizer is not available to the client).
+CHARS_PER_TOKEN = 4
+#: errors that no split or retry can fix: the whole run stops with them.
+FATAL_ERRORS = frozenset({"AuthenticationError", "PermissionDeniedError", "NotFoundError",
+                          "WrongWorker", "InvalidRequest", "Cancelled"})
+#: tries of a chunk that timed out or could not be sent, and the first wait between them, s.
+TRANSIENT_TRIES = 4
+TRANSIENT_BACKOFF_S = 0.5
+
+
+def estimate_tokens(text: str) -> int:
+    return len(text) // CHARS_PER_TOKEN + 1
+
+
+@dataclass
+class Chunk:
+    index: int
+    #: position of its first text in the input
+    start: int
+    texts: list[str]
+
+
+@dataclass
+class ChunkResult:
+    """The vectors of one chunk; rows of texts that failed are NaN and listed in `failures`."""
+
+    index: int
+    start: int
+    vectors: np.ndarray  # float32, one row per text of the chunk
+    #: offset in the chunk → (error type, message)
+    failures: dict[int, tuple[str, str]] = field(default_factory=dict)
+    tokens: int = 0
+
+    @property
+    def count(self) -> int:
+        return int(self.vectors.shape[0])
+
+
+def plan_chunks(texts: Iterable[str], *, max_tokens: int, max_texts: int) -> Iterator[Chunk]:
+    """Cut `texts` into chunks of at most `max_texts` texts and about `max_tokens` tokens."""
+    index = start = 0
+    chunk: list[str] = []
+    budget = 0
+    for text in texts:
+        cost = estimate_tokens(text)
+        if chunk and (len(chunk) >= max_texts or budget + cost > max_tokens):
+            yield Chunk(index, start, chunk)
+            index, start, chunk, budget = index + 1, start + len(chunk), [], 0
+        chunk.append(text)
+        budget += cost
+    if chunk:
+        yield Chunk(index, start, chunk)
+
+
+async def embed_chunks(client: AsyncClient, model: str, texts: Iterable[str], *,
+                       normalize: bool | None = None, max_tokens: int = 8192, max_texts: int = 256,
+                       window: int = 8, run_id: str | None = None,
+                       skip: Callable[[int], bool] | None = None) -> AsyncIterator[ChunkResult]:
+    """Chunks of `texts` embedded by `model`, yielded in input order.
+
+    `run_id` names the run's jobs (give the same one to resume); `skip(index)` leaves out chunks
+    that a resumed run has committed already. At most `window` chunks are in flight.
+    """
+    client.config.model(model, "embedding")
+    run = _ChunkRunner(client, model, normalize, run_id or new_job_id())
+    in_flight: deque[asyncio.Task[ChunkResult]] = deque()
+    try:
+        for chunk in plan_chunks(texts, max_tokens=max_tokens, max_texts=max_texts):
+            if skip is not None and skip(chunk.index):
+                continue
+            in_flight.append(asyncio.create_task(run.chunk(chunk)))
+            while len(in_flight) >= max(1, window):
+                yield await in_flight.popleft()
+        while in_flight:
+            yield await in_flight.popleft()
+    finally:
+        for task in in_flight:
+            task.cancel()
+
+
+class _ChunkRunner:
+    def __init__(self, client: AsyncClient, model: str, normalize: bool | None, run_id: str):
+        self.client = client
+        self.model = model
+        self.normalize = normalize
+        self.run_id = run_id
+
+    async def chunk(self, chunk: Chunk) -> ChunkResult:
+        vectors, failures, tokens = await self._embed(chunk.texts, f"{self.run_id}-{chunk.index}")
+        return ChunkResult(chunk.index, chunk.start, vectors, failures, tokens)
+
+    async def _embed(self, texts: list[str],
+                     job_id: str) -> tuple[np.ndarray, dict[int, tuple[str, str]], int]:
+        try:
+            end = await self._end_event(texts, job_id)
+        except JobFailed as exc:
+            if exc.error_type in FATAL_ERRORS:
+                raise
+            if len(texts) == 1:
+                return np.full((1, 0), np.nan, dtype=np.float32), {0: (exc.error_type, exc.message)}, 0
+            middle = len(texts) // 2  # too big for the worker, or a bad text inside: split
+            left = await self._embed(texts[:middle], f"{job_id}.0")
+            right = await self._embed(texts[middle:], f"{job_id}.1")
+            return _join(left, right, middle)
+        rows = np.frombuffer(base64.b64decode(end.vectors_b64 or ""), dtype="<f4")
+        return rows.reshape(len(texts), end.dims or 0), {}, end.usage.prompt_tokens if end.usage else 0
+
+    async def _end_event(self, texts: list[str], job_id: str) -> StreamEvent:
+        """The job's `end` event: from its log if a previous run finished it, else by running it."""
+        for attempt in itertools.count():
+            retry_id = job_id if attempt == 0 else f"{job_id}~{attempt}"
+            finished = await self._finished(retry_id)
+            if finished is not None:
+                return finished
+            try:
+                assembler = await self.client._embedding_job(
+                    self.model, texts, normalize=self.normalize, timeout=None, fail_fast=False,
+                    job_id=retry_id, lane="batch")
+            except (JobTimeout, BrokerUnavailable):
+                if attempt + 1 >= TRANSIENT_TRIES:
+                    raise
+                await asyncio.sleep(TRANSIENT_BACKOFF_S * 2 ** attempt)
+                continue
+            assert assembler.terminal is not None
+            return assembler.terminal
+        raise AssertionError("unreachable")
+
+    async def _finished(self, job_id: str) -> StreamEvent | None:
+        events = await self.client._replay(job_id, 1)
+        if events and events[-1].type == "end":
+            return events[-1]
+        if events and events[-1].type == "error":
+            raise JobFailed(events[-1].error_message or "job failed",
+                            error_type=events[-1].error_type or "JobFailed", model=self.model,
+                            job_id=job_id)
+        return None
+
+
+def _join(left: tuple[np.ndarray, dict[int, tuple[str, str]], int],
+          right: tuple[np.ndarray, dict[int, tuple[str, str]], int],
+          offset: int) -> tuple[np.ndarray, dict[int, tuple[str, str]], int]:
+    """Two halves' results as one; failed rows become NaN rows of the other half's width."""
+    dims = max(left[0].shape[1], right[0].shape[1])
+    halves = [part if part.shape[1] == dims else np.full((part.shape[0], dims), np.nan, np.float32)
+              for part in (left[0], right[0])]
+    failures = {**left[1], **{offset + i: failure for i, failure in right[1].items()}}
+    return np.vstack(halves), failures, left[2] + right[2]
