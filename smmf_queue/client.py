@@ -34,6 +34,7 @@ from .jobs import (
     ChatResult,
     EmbeddingRequest,
     EmbeddingResult,
+    Lane,
     StreamEvent,
     new_job_id,
 )
@@ -91,12 +92,12 @@ class AsyncClient:
 
     async def _embedding_job(self, model: str, texts: list[str], *, normalize: bool | None,
                              timeout: float | None, fail_fast: bool | None, job_id: str | None = None,
-                             lane: str = "interactive") -> EventAssembler:
+                             lane: Lane = "interactive") -> EventAssembler:
         """Run one embedding job; the assembler holds its terminal event."""
         self.config.model(model, "embedding")
         try:
             request = EmbeddingRequest(model=model, texts=list(texts), normalize=normalize,
-                                       job_id=job_id or new_job_id(), lane=lane)  # type: ignore[arg-type]
+                                       job_id=job_id or new_job_id(), lane=lane)
         except ValidationError as exc:
             raise RequestError(f"invalid embedding request: {exc}", model=model) from None
         assembler = EventAssembler(request.job_id, model)

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 WIRE_VERSION = 1
 
 EventType = Literal["delta", "end", "error", "restart"]
+#: where an embedding job waits: "batch" chunks wait behind "interactive" jobs.
+Lane = Literal["interactive", "batch"]
 
 
 class _Wire(BaseModel):
@@ -66,7 +68,7 @@ class EmbeddingRequest(_Wire):
     normalize: bool | None = None
     #: "batch" for a chunk of a batch pipeline: it waits behind interactive jobs and is run as
     #: it is (never merged with other jobs, so a resumed run embeds it bit for bit the same).
-    lane: Literal["interactive", "batch"] = "interactive"
+    lane: Lane = "interactive"
 
 
 class Usage(_Wire):
