@@ -32,8 +32,10 @@ def queue_name(kind: str, model: str) -> str:
 INTERACTIVE_PRIORITY = 0
 BATCH_PRIORITY = 9
 PRIORITY_STEPS = [INTERACTIVE_PRIORITY, BATCH_PRIORITY]
-#: kombu's separator between a queue's name and its lane (lane 0 is the plain name).
-LANE_SEPARATOR = ":"
+#: kombu's separator between a queue's name and its lane (lane 0 is the plain name). It is
+#: kombu's default, and must stay so: kombu also uses it in its exchange binding table, which
+#: every kombu client of the broker reads.
+LANE_SEPARATOR = "\x06\x16"
 
 
 def queue_lanes(kind: str, model: str) -> list[str]:

@@ -47,7 +47,6 @@ def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery
             "unacked_restore_throttle": 1,
             "queue_order_strategy": "priority",
             "priority_steps": keys.PRIORITY_STEPS,
-            "sep": keys.LANE_SEPARATOR,
         },
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,

@@ -158,18 +158,20 @@ def read_ahead(chunks: Iterator[ChatChunk], name: str) -> Iterator[ChatChunk]:
 
 
 def _merge(batch: list[object]) -> Iterator[ChatChunk]:
+    """One chunk for the text of a batch; text that came before an error or the end goes first."""
     text: list[str] = []
     reasoning: list[str] = []
     for item in batch:
+        if isinstance(item, ChatChunk) and item.finish_reason is None:
+            text.append(item.text)
+            reasoning.append(item.reasoning)
+            continue
+        if any(text) or any(reasoning):
+            yield ChatChunk(text="".join(text), reasoning="".join(reasoning))
+        text, reasoning = [], []
         if isinstance(item, _Raised):
             raise item.error
         assert isinstance(item, ChatChunk)
-        text.append(item.text)
-        reasoning.append(item.reasoning)
-        if item.finish_reason is not None:
-            if any(text) or any(reasoning):
-                yield ChatChunk(text="".join(text), reasoning="".join(reasoning))
-            text, reasoning = [], []
-            yield ChatChunk(finish_reason=item.finish_reason, usage=item.usage)
+        yield ChatChunk(finish_reason=item.finish_reason, usage=item.usage)
     if any(text) or any(reasoning):
         yield ChatChunk(text="".join(text), reasoning="".join(reasoning))

@@ -1,0 +1,50 @@
+"""read_ahead: the helper that reads a blocking provider stream in a thread and merges what is ready."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from smmf_queue.providers.base import ChatChunk, read_ahead
+
+
+def test_text_that_came_before_an_error_is_delivered_first() -> None:
+    # Given a source that yields text and then fails, both ready before the reader wakes
+    def source() -> Iterator[ChatChunk]:
+        yield ChatChunk(text="par")
+        yield ChatChunk(text="tial")
+        raise ConnectionError("dropped")
+
+    received: list[str] = []
+    # Then the text arrives, then the error
+    with pytest.raises(ConnectionError):
+        for chunk in read_ahead(source(), "t"):
+            received.append(chunk.text)
+    assert "".join(received) == "partial"
+
+
+def test_the_final_chunk_stays_separate_and_closing_stops_the_source() -> None:
+    stopped = threading.Event()
+
+    def source() -> Iterator[ChatChunk]:
+        try:
+            yield ChatChunk(text="a")
+            yield ChatChunk(text="b")
+            yield ChatChunk(finish_reason="stop")
+            while True:
+                yield ChatChunk(text="never read")
+        finally:
+            stopped.set()
+
+    stream = read_ahead(source(), "t")
+    chunks = []
+    for chunk in stream:
+        chunks.append(chunk)
+        if chunk.finish_reason:
+            break
+    stream.close()
+    assert "".join(c.text for c in chunks) == "ab"
+    assert chunks[-1] == ChatChunk(finish_reason="stop")
+    assert stopped.wait(5)
