@@ -194,7 +194,7 @@ class BatchParts:
         total = sum(chunk["count"] for chunk in chunks)
         dims = next((self._part(c).shape[1] for c in chunks if self._part(c).shape[1]), 0)
         failed = 0
-        with _open_writer(self.output, total, dims) as write, self.errors_path.open("w") as errors:
+        with _OutputWriter(self.output, total, dims) as write, self.errors_path.open("w") as errors:
             for chunk in chunks:
                 vectors = self._part(chunk)
                 if vectors.shape[1] != dims:  # every text of the chunk failed
@@ -232,7 +232,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
 Writer = Callable[[int, list[str], np.ndarray, set[int]], None]
 
 
-class _open_writer:  # noqa: N801 (used as a context manager, like open())
+class _OutputWriter:
     """A writer of output rows by format; the file appears whole at the end (write, then rename)."""
 
     def __init__(self, output: Path, total: int, dims: int):
