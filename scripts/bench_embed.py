@@ -5,7 +5,7 @@ Starts its own Redis and a worker process for all-MiniLM-L6-v2 (the real model),
   1. in-process: SentenceTransformer.encode on N short texts (the limit on this machine),
      measured before and after the queued runs (the baseline is their mean);
   2. the same texts through `embed-batch`'s pipeline (run_embed_batch, .npy output), 1 worker;
-  3. the same with a second worker process;
+  3. the same with two worker processes, each on one torch thread (two cores);
   4. many small concurrent `embed` calls (one text each) against a model with 8 slots, with
      dynamic batching on and off.
 Prints texts/s and the ratios to the in-process baseline.
@@ -37,7 +37,8 @@ provider = "hf"
 path = "{MODEL_PATH}"
 device = "cpu"
 {extra}
-""" for name, extra in [("minilm", ""), ("minilm-dynamic", "concurrency = 8"),
+""" for name, extra in [("minilm", ""), ("minilm-1-thread", "num_threads = 1"),
+                        ("minilm-dynamic", "concurrency = 8"),
                         ("minilm-no-dynamic", "concurrency = 8\ndynamic_batching = false")])
 
 
@@ -58,9 +59,9 @@ def in_process(texts: list[str]) -> float:
     return len(texts) / (time.perf_counter() - start)
 
 
-def through_queue(client: Client, source: Path, work: Path) -> float:
+def through_queue(client: Client, model: str, source: Path, work: Path) -> float:
     output = work / "vectors.npy"
-    report = run_embed_batch(client, "minilm", InputSpec(source), output)
+    report = run_embed_batch(client, model, InputSpec(source), output)
     return report.embedded / report.seconds
 
 
@@ -91,18 +92,21 @@ def main() -> None:
     print(f"{args.n} short texts, all-MiniLM-L6-v2 on the CPU, {os.cpu_count()} cores")
     before = in_process(texts)
     print(f"in-process SentenceTransformer.encode (before)   {before:8.0f} texts/s")
-    with worker_stack(MODELS_TOML, ["minilm", "minilm-dynamic", "minilm-no-dynamic"]) as (config, _):
-        with Client(config) as client:
-            one_worker = through_queue(client, source, work)
-            print(f"embed-batch, 1 worker                           {one_worker:8.0f} texts/s")
-            second = start_worker_process(config, ["minilm"], work / "worker2.log")
-            try:
-                time.sleep(20)  # the second worker loads the model
-                two_workers = through_queue(client, source, work)
-                print(f"embed-batch, 2 workers                          {two_workers:8.0f} texts/s")
-            finally:
-                second.terminate()
-                second.wait(timeout=15)
+    with worker_stack(MODELS_TOML, ["minilm"]) as (config, _), Client(config) as client:
+        one_worker = through_queue(client, "minilm", source, work)
+        print(f"embed-batch, 1 worker (torch on 2 threads)      {one_worker:8.0f} texts/s")
+    # Two workers on one 2-core host: each on one torch thread, or they oversubscribe the cores.
+    with worker_stack(MODELS_TOML, ["minilm-1-thread"]) as (config, _), Client(config) as client:
+        second = start_worker_process(config, ["minilm-1-thread"], work / "worker2.log")
+        try:
+            while sum(1 for w in client.live_workers() if w.pid == second.pid) == 0:
+                time.sleep(0.5)
+            two_workers = through_queue(client, "minilm-1-thread", source, work)
+            print(f"embed-batch, 2 workers (1 torch thread each)    {two_workers:8.0f} texts/s")
+        finally:
+            second.terminate()
+            second.wait(timeout=15)
+    with worker_stack(MODELS_TOML, ["minilm-dynamic", "minilm-no-dynamic"]) as (config, _):
         small = texts[:args.small]
         dynamic = asyncio.run(small_calls(config, "minilm-dynamic", small))
         print(f"{args.small} concurrent 1-text embed calls, dynamic batching on   {dynamic:8.0f} texts/s")

@@ -8,12 +8,12 @@ a quarter of the size of JSON floats).
 from __future__ import annotations
 
 import base64
-import sys
 import time
 import uuid
-from array import array
+from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 #: wire version of requests and events; bump on an incompatible change.
@@ -135,20 +135,16 @@ class EmbeddingResult(BaseModel):
     worker: str | None = None
 
 
-def pack_vectors(vectors: list[list[float]]) -> tuple[str, int]:
-    """Vectors → (base64 of float32 rows, width)."""
-    dims = len(vectors[0]) if vectors else 0
-    flat = array("f", (x for row in vectors for x in row))
-    if sys.byteorder != "little":
-        flat.byteswap()
-    return base64.b64encode(flat.tobytes()).decode("ascii"), dims
+def pack_vectors(vectors: Sequence[Sequence[float]] | np.ndarray) -> tuple[str, int]:
+    """Vectors (rows of floats, or a 2-D array) → (base64 of little-endian float32 rows, width)."""
+    rows = np.asarray(vectors, dtype="<f4")
+    dims = int(rows.shape[1]) if rows.ndim == 2 else 0
+    return base64.b64encode(rows.tobytes()).decode("ascii"), dims
 
 
 def unpack_vectors(data: str, dims: int) -> list[list[float]]:
-    """The inverse of pack_vectors."""
-    flat = array("f")
-    flat.frombytes(base64.b64decode(data))
-    if sys.byteorder != "little":
-        flat.byteswap()
-    values = flat.tolist()
-    return [values[i:i + dims] for i in range(0, len(values), dims)] if dims else []
+    """The inverse of pack_vectors, as lists of floats."""
+    if not dims:
+        return []
+    rows: list[list[float]] = np.frombuffer(base64.b64decode(data), dtype="<f4").reshape(-1, dims).tolist()
+    return rows

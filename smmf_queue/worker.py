@@ -213,8 +213,13 @@ class WorkerRuntime:
         packed, dims = pack_vectors(output.vectors)
         event = writer.next_event("end", finish_reason="stop", usage=output.usage,
                                   worker=self.worker_id, vectors_b64=packed, dims=dims)
-        return event, {"job_id": writer.job_id, "model": request.model, "vectors_b64": packed,
-                       "dims": dims, "usage": output.usage.model_dump(), "worker": self.worker_id}
+        result = {"job_id": writer.job_id, "model": request.model, "dims": dims,
+                  "usage": output.usage.model_dump(), "worker": self.worker_id}
+        if request.lane == "interactive":
+            # A batch chunk's vectors are read from its event log (also when a run resumes);
+            # storing them again in the result backend would only cost a large write.
+            result["vectors_b64"] = packed
+        return event, result
 
     def _fail(self, writer: EventWriter, owner: str, exc: JobFailed) -> None:
         event = writer.next_event("error", error_type=exc.error_type, error_message=exc.message,

@@ -13,6 +13,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..config import ModelConfig
 from ..errors import JobFailed, SmmfError
 from ..jobs import ChatRequest, Usage
@@ -31,7 +33,8 @@ class ChatChunk:
 
 @dataclass
 class Embeddings:
-    vectors: list[list[float]]
+    #: one row per text: lists of floats, or a 2-D numpy array (packed without copying to lists)
+    vectors: list[list[float]] | np.ndarray
     usage: Usage = field(default_factory=Usage)
 
 

@@ -174,7 +174,7 @@ class HFProvider(Provider):
                                                  normalize_embeddings=normalize,
                                                  convert_to_numpy=True)
             count = sum(len(ids) for ids in tokens)
-            return Embeddings(vectors.tolist(), Usage(prompt_tokens=count, total_tokens=count))
+            return Embeddings(vectors, Usage(prompt_tokens=count, total_tokens=count))
         return self._mean_pool(texts, normalize, batch_size)
 
     @staticmethod
