@@ -6,8 +6,8 @@
     client.embed("all-MiniLM-L6-v2", ["a", "b"]).vectors
 
 A job goes: validate against the config → (fail fast if asked and no worker is alive) →
-subscribe to the job's channel and wait for Redis to confirm → enqueue on the model's queue →
-read events in `seq` order, filling gaps from the job's event log.
+subscribe to the job's channel → enqueue on the model's queue → wait for Redis to confirm the
+subscription → read events in `seq` order, filling gaps from the job's event log.
 """
 
 from __future__ import annotations
@@ -155,11 +155,15 @@ class AsyncClient:
         if self.config.queue.fail_fast if fail_fast is None else fail_fast:
             await self._require_worker(kind, model)
         try:
-            inbox = await self._hub.subscribe(job_id)
-        except (OSError, redis.RedisError, asyncio.TimeoutError) as exc:
+            inbox = await self._hub.open(job_id)
+        except (OSError, redis.RedisError) as exc:
             raise BrokerUnavailable(f"cannot reach Redis: {exc}", model=model) from None
         try:
             await self._send(kind, request, timeout)
+            try:
+                await self._hub.confirmed(job_id)
+            except (OSError, redis.RedisError, asyncio.TimeoutError) as exc:
+                raise BrokerUnavailable(f"cannot reach Redis: {exc}", model=model) from None
             deadline = time.monotonic() + timeout
             async for event in self._events(inbox, assembler, deadline):
                 delta = assembler.apply(event)

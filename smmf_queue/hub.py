@@ -2,8 +2,11 @@
 
 A gateway holding hundreds of streams must not open a Redis connection per request. The hub
 keeps one subscription connection and a reader task that routes each message to its job's
-queue. `subscribe` returns only once Redis has confirmed the subscription, so a producer that
-enqueues afterwards cannot miss the first event.
+queue. `subscribe` returns once Redis has confirmed the subscription. A producer may instead
+`open` the subscription (the SUBSCRIBE is written), enqueue, then await `confirmed`: the
+job cannot publish before Redis has read a SUBSCRIBE sent ahead of it (the worker first has to
+receive and start the job), and should an event ever slip by, the reader fills the gap from the
+job's event log. This saves the producer a round trip before its job is on the queue.
 """
 
 from __future__ import annotations
@@ -36,22 +39,33 @@ class StreamHub:
 
     async def subscribe(self, job_id: str) -> asyncio.Queue[bytes]:
         """A queue that receives the raw events of `job_id`, once the subscription is confirmed."""
+        inbox = await self.open(job_id)
+        await self.confirmed(job_id)
+        return inbox
+
+    async def open(self, job_id: str) -> asyncio.Queue[bytes]:
+        """Send the SUBSCRIBE for `job_id` and return its queue, without waiting for Redis's answer."""
         channel = keys.stream_channel(job_id).encode()
         inbox: asyncio.Queue[bytes] = asyncio.Queue()
-        confirmed = asyncio.get_running_loop().create_future()
         self._inboxes[channel] = inbox
-        self._confirmed[channel] = confirmed
+        self._confirmed[channel] = asyncio.get_running_loop().create_future()
         async with self._lock:
             await self._pubsub.subscribe(channel)
             self._has_channels.set()
             if self._reader is None or self._reader.done():
                 self._reader = asyncio.create_task(self._read(), name="smmf-stream-hub")
+        return inbox
+
+    async def confirmed(self, job_id: str) -> None:
+        """Wait until Redis has confirmed the subscription that `open` sent."""
+        confirmed = self._confirmed.get(keys.stream_channel(job_id).encode())
+        if confirmed is None:  # already confirmed (and forgotten)
+            return
         try:
             await asyncio.wait_for(confirmed, SUBSCRIBE_TIMEOUT_S)
         except BaseException:
             await self.unsubscribe(job_id)
             raise
-        return inbox
 
     async def unsubscribe(self, job_id: str) -> None:
         channel = keys.stream_channel(job_id).encode()
