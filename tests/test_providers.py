@@ -12,12 +12,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import llama_cpp
 import openai
 import pytest
 
 from smmf_queue import Client, JobFailed
 from smmf_queue.embedded import EmbeddedRedis
+from smmf_queue.standalone import start_process
 
 from .conftest import MODELS, ROOT, StartWorker, free_port, wait_until
 from .fake_upstream import FakeUpstream, chat_chunk
@@ -394,3 +396,42 @@ def test_embedding_requests_are_retried(providers: Client, upstream: FakeUpstrea
     result = providers.embed("tongyi-embed", ["hello"], normalize=True)
     assert result.vectors == [pytest.approx([0.6, 0.8])]
     assert len(upstream.requests) == 2
+
+
+def test_gateway_streams_deepseek_reasoning_as_reasoning_content(
+        providers: Client, providers_config: Path, upstream: FakeUpstream,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Given the gateway in front of the DeepSeek model (upstream: the fake)
+    port = free_port()
+    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    gateway = start_process("gateway", providers_config, log, "--port", str(port))
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def answers() -> bool:
+            assert gateway.poll() is None, log.read_text()
+            try:
+                return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(answers, 60, "the gateway")
+        oai = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        reply = [chat_chunk(reasoning="Think."), chat_chunk(reasoning=" Done."), chat_chunk("4"),
+                 chat_chunk(finish="stop")]
+        # When a client streams a reply, and asks for a whole one
+        upstream.reset()
+        upstream.sse(reply)
+        chunks = list(oai.chat.completions.create(model="deepseek-r1", messages=HELLO,  # type: ignore[arg-type]
+                                                  stream=True))
+        upstream.sse(reply)
+        whole = oai.chat.completions.create(model="deepseek-r1", messages=HELLO)  # type: ignore[arg-type]
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=15)
+    # Then the reasoning travels as `reasoning_content`, apart from the answer, both ways
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == "Think. Done."
+    assert "".join(d.content or "" for d in deltas) == "4"
+    assert (whole.choices[0].message.model_extra or {}).get("reasoning_content") == "Think. Done."
+    assert whole.choices[0].message.content == "4"
