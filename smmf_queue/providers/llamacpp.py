@@ -77,12 +77,13 @@ class LlamaCppProvider(Provider):
         params = request.params
         optional = {"temperature": params.temperature, "top_p": params.top_p,
                     "max_tokens": params.max_tokens, "seed": params.seed}
-        kwargs = {key: value for key, value in optional.items() if value is not None}
-        messages = [m.model_dump() for m in request.messages]
+        kwargs: dict[str, Any] = {key: value for key, value in optional.items() if value is not None}
+        messages: Any = [m.model_dump() for m in request.messages]
         finish_reason, completion = "stop", 0
         with self._lock:
-            stream = self.llm.create_chat_completion(messages=messages, stream=True,
-                                                     stop=params.stop, **kwargs)
+            # Streamed, it returns an iterator of chunk dicts (its type hints cover both modes).
+            stream: Any = self.llm.create_chat_completion(messages=messages, stream=True,
+                                                          stop=params.stop, **kwargs)
             try:
                 for chunk in stream:
                     choice = chunk["choices"][0]
@@ -93,7 +94,7 @@ class LlamaCppProvider(Provider):
                     if choice.get("finish_reason"):
                         finish_reason = choice["finish_reason"]
             finally:
-                stream.close()  # type: ignore[union-attr]
+                stream.close()
             # The context now holds the prompt and every generated token but the last one sampled
             # (llama.cpp evaluates a token only to sample the next).
             prompt = max(0, self.llm.n_tokens - max(0, completion - 1))

@@ -8,6 +8,7 @@ Ollama's names: `max_tokens` → `num_predict`, `context_length` → `num_ctx`.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -81,8 +82,8 @@ class OllamaProvider(Provider):
         vectors: list[list[float]] = []
         tokens = 0
         for batch in split(texts, limit):
-            response = self.retry.call(lambda batch=batch: self.client.embed(
-                model=self.model.upstream_name, input=batch, truncate=True), _retryable)
+            response = self.retry.call(partial(self.client.embed, model=self.model.upstream_name,
+                                               input=batch, truncate=True), _retryable)
             vectors.extend(list(vector) for vector in response.embeddings)
             tokens += response.prompt_eval_count or 0
         if normalize is None:  # the API's vectors as they come, unless the config says

@@ -9,6 +9,7 @@ They differ only in their defaults (`ENDPOINTS`) and their embedding batch limit
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -146,8 +147,8 @@ class OpenAIProvider(Provider):
         vectors: list[list[float]] = []
         tokens = 0
         for batch in split(texts, limit):
-            response = self.retry.call(lambda batch=batch: self.client.embeddings.create(
-                model=self.model.upstream_name, input=batch, encoding_format="float"), _retryable)
+            response = self.retry.call(partial(self.client.embeddings.create, model=self.model.upstream_name,
+                                               input=batch, encoding_format="float"), _retryable)
             vectors.extend(item.embedding for item in sorted(response.data, key=lambda d: d.index))
             tokens += response.usage.prompt_tokens if response.usage else 0
         if normalize is None:  # the API's vectors as they come, unless the config says
