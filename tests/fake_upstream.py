@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -36,6 +37,8 @@ class Reply:
     content_type: str = "application/json"
     #: stop after this many streamed lines without finishing the body (a dropped connection)
     cut_after: int | None = None
+    #: seconds to wait before answering (a slow upstream)
+    delay_s: float = 0.0
 
 
 class FakeUpstream:
@@ -74,8 +77,9 @@ class FakeUpstream:
             self.requests.clear()
             self._replies.clear()
 
-    def reply(self, status: int = 200, json_body: Any = None) -> None:
-        self._queue(Reply(status=status, json_body=json_body if json_body is not None else {}))
+    def reply(self, status: int = 200, json_body: Any = None, delay_s: float = 0.0) -> None:
+        self._queue(Reply(status=status, json_body=json_body if json_body is not None else {},
+                          delay_s=delay_s))
 
     def sse(self, events: list[dict[str, Any]], cut_after: int | None = None) -> None:
         lines = [f"data: {json.dumps(event)}\n\n" for event in events] + ["data: [DONE]\n\n"]
@@ -101,6 +105,7 @@ class FakeUpstream:
 
     @staticmethod
     def _answer(handler: BaseHTTPRequestHandler, reply: Reply) -> None:
+        time.sleep(reply.delay_s)
         if reply.json_body is not None:
             data = json.dumps(reply.json_body).encode()
             handler.send_response(reply.status)

@@ -29,7 +29,7 @@ UPSTREAM_KEY = "sk-upstream-key-5150"
 WRONG_KEY = "sk-wrong-key-4242"
 AZURE_KEY = "azure-secret-777"
 PROXIES = ["gguf-proxy", "gguf-proxy-wrong-key", "azure-chat", "deepseek-r1", "ollama-chat",
-           "flaky-chat", "gguf-proxy-embed", "tongyi-embed", "ollama-embed"]
+           "flaky-chat", "slow-chat", "gguf-proxy-embed", "tongyi-embed", "ollama-embed"]
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +137,16 @@ backend = "Qwen/Qwen2.5-7B-Instruct"
 api_base = "{fake}/v1"
 api_key = "sk-siliconflow"
 max_retries = 3
+retry_backoff_s = 0.01
+concurrency = 2
+
+[[models.llms]]
+name = "slow-chat"
+provider = "proxy/openai"
+api_base = "{fake}/v1"
+api_key = "sk-slow"
+timeout_s = 0.5
+max_retries = 1
 retry_backoff_s = 0.01
 concurrency = 2
 
@@ -386,6 +396,20 @@ def test_a_failure_after_the_first_token_is_an_error_not_a_retry(
             deltas.append(delta)
     assert "".join(d.text for d in deltas) == "partial"
     assert len(upstream.requests) == 1
+
+
+def test_the_configured_timeout_applies_and_a_timeout_is_retried(
+        providers: Client, upstream: FakeUpstream) -> None:
+    # Given an upstream slower than the model's timeout_s (0.5 s), twice
+    upstream.reset()
+    upstream.reply(json_body={}, delay_s=1.5)
+    upstream.reply(json_body={}, delay_s=1.5)
+    # Then each try times out (a late answer would fail differently: its body is no stream),
+    # and the job fails with the timeout after the first try and max_retries = 1
+    with pytest.raises(JobFailed) as failure:
+        providers.chat("slow-chat", HELLO)
+    assert failure.value.error_type == "APITimeoutError", failure.value.message
+    assert len(upstream.requests) == 2
 
 
 def test_embedding_requests_are_retried(providers: Client, upstream: FakeUpstream) -> None:
