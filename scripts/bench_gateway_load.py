@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import httpx
+from bench_gateway import run_clients
 from benchkit import MESSAGES, free_port, worker_stack
 
 from smmf_queue import AsyncClient
@@ -79,16 +80,8 @@ max_retries = 0
 
 async def load(one_chat: Callable[[], Awaitable[float]], n: int, clients: int) -> tuple[float, float]:
     """(chats per second, first-token p50 in ms) of n chats, `clients` at a time."""
-    ttfts: list[float] = []
-    pending = iter(range(n))
-
-    async def client() -> None:
-        for _ in pending:
-            ttfts.append(await one_chat())
-
-    start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return n / (time.perf_counter() - start), sorted(ttfts)[len(ttfts) // 2] * 1000
+    ttfts, rate = await run_clients(one_chat, n, clients)
+    return rate, sorted(ttfts)[len(ttfts) // 2] * 1000
 
 
 def streamed_post(http: httpx.AsyncClient, path: str, model: str) -> Callable[[], Awaitable[float]]:

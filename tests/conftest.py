@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import redis
 from smmf_queue import Client, load_config, registry
 from smmf_queue.config import SmmfConfig
 from smmf_queue.embedded import EmbeddedRedis
-from smmf_queue.standalone import start_worker_process
+from smmf_queue.standalone import start_process, start_worker_process
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / ".smmf" / "models"
@@ -153,6 +154,22 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.1)
+
+
+def start_service(command: str, config: Path, log: Path, health_url: str,
+                  *args: str) -> subprocess.Popen[bytes]:
+    """`smmf-queue <command>` (gateway, flower) in a child process, once `health_url` answers 200."""
+    process = start_process(command, config, log, *args)
+
+    def answers() -> bool:
+        assert process.poll() is None, log.read_text()
+        try:
+            return urllib.request.urlopen(health_url, timeout=1).status == 200
+        except OSError:
+            return False
+
+    wait_until(answers, 60, f"smmf-queue {command}")
+    return process
 
 
 StartWorker = Callable[..., WorkerProcess]

@@ -10,9 +10,8 @@ import pytest
 
 from smmf_queue import Client
 from smmf_queue.config import SmmfConfig
-from smmf_queue.standalone import start_process
 
-from .conftest import CHAT, FLOWER_AUTH, WorkerProcess, wait_until
+from .conftest import CHAT, FLOWER_AUTH, WorkerProcess, start_service, wait_until
 
 SECRET_PROMPT = "my private prompt 7f3a"
 
@@ -21,17 +20,8 @@ SECRET_PROMPT = "my private prompt 7f3a"
 def flower_url(config: SmmfConfig, config_path: Path, chat_worker: WorkerProcess,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("flower") / "flower.log"
-    process = start_process("flower", config_path, log)
     url = f"http://127.0.0.1:{config.flower.port}"
-
-    def answers() -> bool:
-        assert process.poll() is None, log.read_text()
-        try:
-            return httpx.get(f"{url}/healthcheck", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(answers, 60, "Flower")
+    process = start_service("flower", config_path, log, f"{url}/healthcheck")
     yield url
     process.terminate()
     process.wait(timeout=15)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import math
-import urllib.request
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,9 +12,17 @@ import httpx
 import openai
 import pytest
 
-from smmf_queue.standalone import start_process
-
-from .conftest import CHAT, EMBED, GATEWAY_KEY, IDLE, SPARE, WorkerProcess, free_port, wait_until
+from .conftest import (
+    CHAT,
+    EMBED,
+    GATEWAY_KEY,
+    IDLE,
+    SPARE,
+    WorkerProcess,
+    free_port,
+    start_service,
+    wait_until,
+)
 
 HELLO = [{"role": "user", "content": "hello there"}]
 
@@ -25,17 +32,8 @@ def gateway_url(config_path: Path, chat_worker: WorkerProcess, embed_worker: Wor
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    process = start_process("gateway", config_path, log, "--port", str(port))
     url = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        assert process.poll() is None, log.read_text()
-        try:
-            return urllib.request.urlopen(f"{url}/healthz", timeout=1).status == 200
-        except OSError:
-            return False
-
-    wait_until(answers, 60, "the gateway")
+    process = start_service("gateway", config_path, log, f"{url}/healthz", "--port", str(port))
     yield url
     process.terminate()
     process.wait(timeout=15)

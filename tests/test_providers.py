@@ -12,16 +12,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import llama_cpp
 import openai
 import pytest
 
 from smmf_queue import Client, JobFailed
 from smmf_queue.embedded import EmbeddedRedis
-from smmf_queue.standalone import start_process
 
-from .conftest import MODELS, ROOT, StartWorker, free_port, wait_until
+from .conftest import MODELS, ROOT, StartWorker, free_port, start_service, wait_until
 from .fake_upstream import FakeUpstream, chat_chunk
 
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -428,18 +426,9 @@ def test_gateway_streams_deepseek_reasoning_as_reasoning_content(
     # Given the gateway in front of the DeepSeek model (upstream: the fake)
     port = free_port()
     log = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    gateway = start_process("gateway", providers_config, log, "--port", str(port))
+    base = f"http://127.0.0.1:{port}"
+    gateway = start_service("gateway", providers_config, log, f"{base}/healthz", "--port", str(port))
     try:
-        base = f"http://127.0.0.1:{port}"
-
-        def answers() -> bool:
-            assert gateway.poll() is None, log.read_text()
-            try:
-                return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(answers, 60, "the gateway")
         oai = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         reply = [chat_chunk(reasoning="Think."), chat_chunk(reasoning=" Done."), chat_chunk("4"),
                  chat_chunk(finish="stop")]
