@@ -110,7 +110,8 @@ class BatchParts:
         done = self.committed()
         chunks = [done[i] for i in sorted(done)]
         total = sum(chunk["count"] for chunk in chunks)
-        dims = next((self._part(c).shape[1] for c in chunks if self._part(c).shape[1]), 0)
+        dims = next((width for width in (self._part(c, header_only=True).shape[1] for c in chunks)
+                     if width), 0)
         failed = 0
         with OutputWriter(self.output, total, dims) as write, self.errors_path.open("w") as errors:
             for chunk in chunks:
@@ -128,8 +129,9 @@ class BatchParts:
         shutil.rmtree(self.folder)
         return total - failed, failed
 
-    def _part(self, chunk: dict[str, Any]) -> np.ndarray:
-        return np.load(self.folder / _part_name(chunk["index"]))
+    def _part(self, chunk: dict[str, Any], header_only: bool = False) -> np.ndarray:
+        """A committed chunk's vectors; `header_only` maps the file instead of reading it."""
+        return np.load(self.folder / _part_name(chunk["index"]), mmap_mode="r" if header_only else None)
 
 
 def _part_name(index: int) -> str:

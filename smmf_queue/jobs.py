@@ -11,7 +11,7 @@ import base64
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -46,6 +46,14 @@ class SamplingParams(_Wire):
     max_tokens: int | None = Field(default=None, ge=1)
     stop: list[str] = Field(default_factory=list, max_length=16)
     seed: int | None = None
+
+    def given(self, **rename: str) -> dict[str, Any]:
+        """The parameters the request sets (0 included; no stop list when empty), for an engine
+        or API: `rename` maps our names to its own, e.g. max_tokens="num_predict" for Ollama."""
+        values = self.model_dump(exclude_none=True)
+        if not values.get("stop"):
+            values.pop("stop", None)
+        return {rename.get(name, name): value for name, value in values.items()}
 
 
 class ChatRequest(_Wire):

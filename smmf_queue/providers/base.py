@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import ModelConfig
-from ..errors import JobFailed, SmmfError
+from ..errors import JobFailed, ProviderUnavailable, SmmfError
 from ..jobs import ChatRequest, Usage
 from ..streaming import drain
 
@@ -47,6 +47,12 @@ class Provider(abc.ABC):
     def check_hardware(self) -> None:
         """Raise ProviderUnavailable when this host cannot serve the model (before consuming)."""
 
+    def refuse_if_missing(self, missing: list[str]) -> None:
+        """Raise ProviderUnavailable naming everything this host lacks, if anything."""
+        if missing:
+            raise ProviderUnavailable(f"model '{self.model.name}' ({self.model.provider}) cannot run "
+                                      "here: " + "; ".join(missing), model=self.model.name)
+
     def hardware(self) -> str:
         """A short description of what this provider runs on, for the registry."""
         return "cpu"
@@ -63,6 +69,12 @@ class Provider(abc.ABC):
     def embed(self, texts: list[str], normalize: bool | None) -> Embeddings:
         """Vectors for `texts`, in input order."""
         raise JobFailed(f"model '{self.model.name}' does not embed", model=self.model.name)
+
+    def wants_unit_vectors(self, requested: bool | None, default: bool) -> bool:
+        """The request's `normalize`, else the model entry's, else the provider's default."""
+        if requested is not None:
+            return requested
+        return bool(self.model.options.get("normalize", default))
 
 
 @contextlib.contextmanager

@@ -162,8 +162,7 @@ class HFProvider(Provider):
         return kwargs
 
     def embed(self, texts: list[str], normalize: bool | None) -> Embeddings:
-        if normalize is None:
-            normalize = bool(self.model.options.get("normalize", True))
+        normalize = self.wants_unit_vectors(normalize, default=True)
         batch_size = int(self.model.options.get("batch_size", 32))
         if self.sentence_model is not None:
             truncate = bool(self.model.options.get("truncate", True))

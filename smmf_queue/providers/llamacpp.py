@@ -74,16 +74,12 @@ class LlamaCppProvider(Provider):
         return read_ahead(self._generate(request), request.job_id)
 
     def _generate(self, request: ChatRequest) -> Iterator[ChatChunk]:
-        params = request.params
-        optional = {"temperature": params.temperature, "top_p": params.top_p,
-                    "max_tokens": params.max_tokens, "seed": params.seed}
-        kwargs: dict[str, Any] = {key: value for key, value in optional.items() if value is not None}
+        kwargs: dict[str, Any] = request.params.given()
         messages: Any = [m.model_dump() for m in request.messages]
         finish_reason, completion = "stop", 0
         with self._lock:
             # Streamed, it returns an iterator of chunk dicts (its type hints cover both modes).
-            stream: Any = self.llm.create_chat_completion(messages=messages, stream=True,
-                                                          stop=params.stop, **kwargs)
+            stream: Any = self.llm.create_chat_completion(messages=messages, stream=True, **kwargs)
             try:
                 for chunk in stream:
                     choice = chunk["choices"][0]
@@ -102,8 +98,7 @@ class LlamaCppProvider(Provider):
             prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion))
 
     def embed(self, texts: list[str], normalize: bool | None) -> Embeddings:
-        if normalize is None:
-            normalize = bool(self.model.options.get("normalize", True))
+        normalize = self.wants_unit_vectors(normalize, default=True)
         with self._lock:
             vectors, tokens = self.llm.embed(texts, normalize=normalize, truncate=True,
                                              return_count=True)

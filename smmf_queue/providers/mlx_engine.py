@@ -13,7 +13,6 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import ProviderUnavailable
 from ..jobs import ChatRequest, Usage
 from .base import ChatChunk, Provider, StopFilter, read_ahead
 
@@ -38,10 +37,7 @@ class MLXProvider(Provider):
     """A model run by mlx-lm in the worker process (one generation at a time)."""
 
     def check_hardware(self) -> None:
-        missing = missing_for_mlx(self.model.kind)
-        if missing:
-            raise ProviderUnavailable(f"model '{self.model.name}' (mlx) cannot run here: "
-                                      + "; ".join(missing), model=self.model.name)
+        self.refuse_if_missing(missing_for_mlx(self.model.kind))
 
     def hardware(self) -> str:
         return f"apple silicon ({platform.machine()})"

@@ -17,7 +17,7 @@ import ollama
 
 from ..jobs import ChatRequest, Usage
 from .base import ChatChunk, Embeddings, Provider, read_ahead
-from .remote import Endpoint, RetryPolicy, base_url, split, timeout_s, unit_vectors
+from .remote import Endpoint, RetryPolicy, base_url, embed_in_batches, timeout_s
 
 ENDPOINT = Endpoint("http://localhost:11434", "OLLAMA_API_BASE", None)
 #: texts per /api/embed request when the config does not set `batch_size`.
@@ -47,11 +47,10 @@ class OllamaProvider(Provider):
 
     def options(self, request: ChatRequest) -> dict[str, Any]:
         """Ollama's `options` for the request: what it sets, 0 included, in Ollama's names."""
-        params = request.params
-        options = {"temperature": params.temperature, "top_p": params.top_p,
-                   "num_predict": params.max_tokens, "seed": params.seed,
-                   "stop": params.stop or None, "num_ctx": self.model.context_length}
-        return {key: value for key, value in options.items() if value is not None}
+        options = request.params.given(max_tokens="num_predict")
+        if self.model.context_length:
+            options["num_ctx"] = self.model.context_length
+        return options
 
     def stream_chat(self, request: ChatRequest) -> Iterator[ChatChunk]:
         messages = [m.model_dump() for m in request.messages]
@@ -78,16 +77,12 @@ class OllamaProvider(Provider):
         yield ChatChunk(finish_reason=finish_reason, usage=usage)
 
     def embed(self, texts: list[str], normalize: bool | None) -> Embeddings:
+        """The API's vectors as they come (/api/embed's are unit length), unless asked to normalize."""
         limit = int(self.model.options.get("batch_size", EMBED_BATCH_LIMIT))
-        vectors: list[list[float]] = []
-        tokens = 0
-        for batch in split(texts, limit):
-            response = self.retry.call(partial(self.client.embed, model=self.model.upstream_name,
-                                               input=batch, truncate=True), _retryable)
-            vectors.extend(list(vector) for vector in response.embeddings)
-            tokens += response.prompt_eval_count or 0
-        if normalize is None:  # the API's vectors as they come, unless the config says
-            normalize = bool(self.model.options.get("normalize", False))
-        if normalize:
-            vectors = unit_vectors(vectors)
-        return Embeddings(vectors, Usage(prompt_tokens=tokens, total_tokens=tokens))
+        return embed_in_batches(texts, limit, self._embed_batch,
+                                normalize=self.wants_unit_vectors(normalize, default=False))
+
+    def _embed_batch(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        response = self.retry.call(partial(self.client.embed, model=self.model.upstream_name,
+                                           input=texts, truncate=True), _retryable)
+        return [list(vector) for vector in response.embeddings], response.prompt_eval_count or 0

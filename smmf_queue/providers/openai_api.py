@@ -17,15 +17,7 @@ import openai
 
 from ..jobs import ChatRequest, Usage
 from .base import ChatChunk, Embeddings, Provider, read_ahead
-from .remote import (
-    Endpoint,
-    RetryPolicy,
-    base_url,
-    require_api_key,
-    split,
-    timeout_s,
-    unit_vectors,
-)
+from .remote import Endpoint, RetryPolicy, base_url, embed_in_batches, require_api_key, timeout_s
 
 #: provider → DB-GPT's default base URL and env vars for it and the key.
 ENDPOINTS: dict[str, Endpoint] = {
@@ -98,7 +90,6 @@ class OpenAIProvider(Provider):
 
     def chat_kwargs(self, request: ChatRequest) -> dict[str, Any]:
         """The create() arguments: every sampling parameter the request sets, 0 included."""
-        params = request.params
         kwargs: dict[str, Any] = {
             "model": self.model.upstream_name,
             "messages": [m.model_dump() for m in request.messages],
@@ -106,9 +97,7 @@ class OpenAIProvider(Provider):
         }
         if self.model.options.get("stream_usage", True):
             kwargs["stream_options"] = {"include_usage": True}
-        optional = {"temperature": params.temperature, "top_p": params.top_p,
-                    "max_tokens": params.max_tokens, "seed": params.seed, "stop": params.stop or None}
-        kwargs.update({key: value for key, value in optional.items() if value is not None})
+        kwargs.update(request.params.given())
         thinking = self._thinking()
         if thinking is not None:
             kwargs["extra_body"] = {"thinking": {"type": "enabled" if thinking else "disabled"}}
@@ -143,16 +132,13 @@ class OpenAIProvider(Provider):
     # embeddings
 
     def embed(self, texts: list[str], normalize: bool | None) -> Embeddings:
+        """The API's vectors as they come (OpenAI's are unit length), unless asked to normalize."""
         limit = int(self.model.options.get("batch_size", EMBED_BATCH_LIMIT[self.model.provider]))
-        vectors: list[list[float]] = []
-        tokens = 0
-        for batch in split(texts, limit):
-            response = self.retry.call(partial(self.client.embeddings.create, model=self.model.upstream_name,
-                                               input=batch, encoding_format="float"), _retryable)
-            vectors.extend(item.embedding for item in sorted(response.data, key=lambda d: d.index))
-            tokens += response.usage.prompt_tokens if response.usage else 0
-        if normalize is None:  # the API's vectors as they come, unless the config says
-            normalize = bool(self.model.options.get("normalize", False))
-        if normalize:
-            vectors = unit_vectors(vectors)
-        return Embeddings(vectors, Usage(prompt_tokens=tokens, total_tokens=tokens))
+        return embed_in_batches(texts, limit, self._embed_batch,
+                                normalize=self.wants_unit_vectors(normalize, default=False))
+
+    def _embed_batch(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        response = self.retry.call(partial(self.client.embeddings.create, model=self.model.upstream_name,
+                                           input=texts, encoding_format="float"), _retryable)
+        vectors = [item.embedding for item in sorted(response.data, key=lambda d: d.index)]
+        return vectors, response.usage.prompt_tokens if response.usage else 0

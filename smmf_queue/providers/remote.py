@@ -18,6 +18,8 @@ import tenacity
 
 from ..config import ModelConfig
 from ..errors import ProviderUnavailable
+from ..jobs import Usage
+from .base import Embeddings
 
 T = TypeVar("T")
 
@@ -117,3 +119,19 @@ def unit_vectors(vectors: list[list[float]]) -> list[list[float]]:
         norm = math.sqrt(sum(x * x for x in vector)) or 1.0
         scaled.append([x / norm for x in vector])
     return scaled
+
+
+def embed_in_batches(texts: list[str], limit: int,
+                     request: Callable[[list[str]], tuple[list[list[float]], int]], *,
+                     normalize: bool) -> Embeddings:
+    """Embeddings of `texts` from `request` (vectors and tokens of one API call), called on
+    slices of at most `limit` texts (the provider's batch limit) and put back in order."""
+    vectors: list[list[float]] = []
+    tokens = 0
+    for batch in split(texts, limit):
+        batch_vectors, batch_tokens = request(batch)
+        vectors.extend(batch_vectors)
+        tokens += batch_tokens
+    if normalize:
+        vectors = unit_vectors(vectors)
+    return Embeddings(vectors, Usage(prompt_tokens=tokens, total_tokens=tokens))

@@ -20,7 +20,6 @@ from concurrent.futures import Future
 from typing import Any
 
 from ..config import ModelConfig
-from ..errors import ProviderUnavailable
 from ..jobs import ChatRequest, Usage
 from ..streaming import drain
 from . import VLLM_ENGINE_KEYS
@@ -62,10 +61,7 @@ class VLLMProvider(Provider):
     """A model run by vLLM's AsyncLLMEngine on NVIDIA GPUs."""
 
     def check_hardware(self) -> None:
-        missing = missing_for_vllm()
-        if missing:
-            raise ProviderUnavailable(f"model '{self.model.name}' (vllm) cannot run here: "
-                                      + "; ".join(missing), model=self.model.name)
+        self.refuse_if_missing(missing_for_vllm())
 
     def hardware(self) -> str:
         import torch
@@ -95,11 +91,7 @@ class VLLMProvider(Provider):
 
     def sampling_params(self, request: ChatRequest) -> dict[str, Any]:
         """SamplingParams arguments: every parameter the request sets, temperature 0 included."""
-        params = request.params
-        optional = {"temperature": params.temperature, "top_p": params.top_p,
-                    "max_tokens": params.max_tokens, "seed": params.seed,
-                    "stop": params.stop or None}
-        return {key: value for key, value in optional.items() if value is not None}
+        return request.params.given()
 
     def stream_chat(self, request: ChatRequest) -> Iterator[ChatChunk]:
         from vllm import SamplingParams
