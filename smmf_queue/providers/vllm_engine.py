@@ -136,7 +136,7 @@ class VLLMProvider(Provider):
         results = self._on_loop(self._encode_all(texts)).result()
         vectors = [_embedding_of(output) for output in results]
         tokens = sum(len(output.prompt_token_ids) for output in results)
-        if normalize:
+        if self.wants_unit_vectors(normalize, default=False):
             vectors = unit_vectors(vectors)
         return Embeddings(vectors, Usage(prompt_tokens=tokens, total_tokens=tokens))
 
