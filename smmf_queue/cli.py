@@ -18,7 +18,7 @@ from rich.table import Table
 
 from . import keys, registry
 from .client import Client
-from .config import DEFAULT_CONFIG, ModelConfig, SmmfConfig, load_config
+from .config import DEFAULT_CONFIG, ModelConfig, ModelKind, SmmfConfig, load_config
 from .errors import SmmfError
 
 app = typer.Typer(help="Many LLM and embedding models behind one interface, on per-model queues.",
@@ -33,6 +33,14 @@ ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Model na
 def _fail(message: str) -> NoReturn:
     errors.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=1)
+
+
+def _model_name(loaded: SmmfConfig, model: str | None, kind: ModelKind) -> str:
+    """The model a command was asked for, else the config's default of `kind` (or exit)."""
+    name = model or loaded.default_model(kind)
+    if name is None:
+        _fail(f"{loaded.source} configures no {'LLM' if kind == 'llm' else 'embedding model'}")
+    return name
 
 
 def _load(path: Path) -> SmmfConfig:
@@ -119,9 +127,7 @@ def chat(prompt: Annotated[str, typer.Argument(help="What to say.")],
          seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None) -> None:
     """Stream a reply in the terminal."""
     loaded = _load(config)
-    name = model or loaded.default_llm or (loaded.llms[0].name if loaded.llms else None)
-    if name is None:
-        _fail(f"{loaded.source} configures no LLM")
+    name = _model_name(loaded, model, "llm")
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}]
     params = {k: v for k, v in {"temperature": temperature, "max_tokens": max_tokens,
@@ -136,9 +142,7 @@ def embed(texts: Annotated[list[str], typer.Argument(help="Texts to embed.")],
           as_json: Annotated[bool, typer.Option("--json", help="Print the vectors as JSON.")] = False) -> None:
     """Print vectors, or with several texts their cosine similarities."""
     loaded = _load(config)
-    name = model or loaded.default_embedding or (loaded.embeddings[0].name if loaded.embeddings else None)
-    if name is None:
-        _fail(f"{loaded.source} configures no embedding model")
+    name = _model_name(loaded, model, "embedding")
     with _client(loaded) as client:
         result = _call(lambda: client.embed(name, texts))
     if as_json:
@@ -167,9 +171,7 @@ def embed_batch(
     from .batchrun import run_embed_batch
 
     loaded = _load(config)
-    name = model or loaded.default_embedding or (loaded.embeddings[0].name if loaded.embeddings else None)
-    if name is None:
-        _fail(f"{loaded.source} configures no embedding model")
+    name = _model_name(loaded, model, "embedding")
     spec = _call(lambda: InputSpec(input, field, id_field))
     total = _call(lambda: count_records(spec))
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -247,14 +249,14 @@ def up(config: ConfigOption = DEFAULT_CONFIG,
 def _demo(config: SmmfConfig) -> None:
     """One streamed chat and one embedding similarity, through the queues."""
     with _client(config) as client:
-        if config.llms:
-            llm = config.default_llm or config.llms[0].name
+        llm = config.default_model("llm")
+        if llm is not None:
             prompt = "Say hello to the queue."
             console.print(f"\n[bold]chat[/bold] {llm} <- {prompt!r}")
             _stream(client, llm, [{"role": "user", "content": prompt}],
                     {"temperature": 0.7, "max_tokens": 32, "seed": 7})
-        if config.embeddings:
-            name = config.default_embedding or config.embeddings[0].name
+        name = config.default_model("embedding")
+        if name is not None:
             texts = ["A worker pulls jobs from its model's queue.",
                      "Each model has its own queue that workers consume.",
                      "The cat sleeps in the afternoon sun."]
@@ -265,9 +267,9 @@ def _demo(config: SmmfConfig) -> None:
 
 def _demo_gateway(url: str, config: SmmfConfig) -> None:
     """One chat through the OpenAI-compatible gateway, as any OpenAI client would send it."""
-    if not config.llms:
+    model = config.default_model("llm")
+    if model is None:
         return
-    model = config.default_llm or config.llms[0].name
     body = json.dumps({"model": model, "max_tokens": 16, "temperature": 0,
                        "messages": [{"role": "user", "content": "Hello, gateway."}]}).encode()
     headers = {"Content-Type": "application/json"}

@@ -196,6 +196,11 @@ class SmmfConfig(BaseModel):
         """Every configured model, LLMs first."""
         return [*self.llms, *self.embeddings]
 
+    def default_model(self, kind: ModelKind) -> str | None:
+        """`default_llm` or `default_embedding`, else the first model of `kind`; None if none."""
+        default = self.default_llm if kind == "llm" else self.default_embedding
+        return default or next((m.name for m in self.models if m.kind == kind), None)
+
     def model(self, name: str, kind: ModelKind | None = None) -> ModelConfig:
         """The model called `name`; with `kind`, one of that kind (else WrongModelKind)."""
         candidates = [m for m in self.models if m.name == name]
