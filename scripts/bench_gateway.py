@@ -34,6 +34,17 @@ def p50(values: list[float]) -> float:
     return sorted(values)[len(values) // 2] * 1000
 
 
+async def wait_healthy(http: httpx.AsyncClient) -> None:
+    """Until the gateway behind `http` answers /healthz with 200."""
+    while True:
+        try:
+            if (await http.get("/healthz")).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.2)
+
+
 async def run_clients(one_chat, n: int, clients: int) -> tuple[list[float], float]:  # type: ignore[no-untyped-def]
     """Run n chats with `clients` at a time; (first-token times, chats per second)."""
     ttfts: list[float] = []
@@ -97,12 +108,7 @@ async def measure(config_path: Path, port: int, n: int,
     http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60,
                              headers={"Authorization": f"Bearer {KEY}"},
                              limits=httpx.Limits(max_connections=64))
-    while True:
-        try:
-            if (await http.get("/healthz")).status_code == 200:
-                break
-        except httpx.HTTPError:
-            await asyncio.sleep(0.2)
+    await wait_healthy(http)
 
     async def through_sdk() -> float:
         start = time.perf_counter()

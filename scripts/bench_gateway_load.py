@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import httpx
-from bench_gateway import run_clients
+from bench_gateway import run_clients, wait_healthy
 from benchkit import MESSAGES, free_port, worker_stack
 
 from smmf_queue import AsyncClient
@@ -103,12 +103,7 @@ async def measure(backend: int, gateway: int, config: str, n: int, clients: int)
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     direct = httpx.AsyncClient(base_url=f"http://127.0.0.1:{backend}", timeout=60, limits=limits)
     through = httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway}", timeout=60, limits=limits)
-    while True:
-        try:
-            if (await through.get("/healthz")).status_code == 200:
-                break
-        except httpx.HTTPError:
-            await asyncio.sleep(0.2)
+    await wait_healthy(through)
     sdk = AsyncClient(config)
 
     async def sdk_chat() -> float:
