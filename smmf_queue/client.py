@@ -6,8 +6,9 @@
     client.embed("all-MiniLM-L6-v2", ["a", "b"]).vectors
 
 A job goes: validate against the config → (fail fast if asked and no worker is alive) →
-subscribe to the job's channel → enqueue on the model's queue → wait for Redis to confirm the
-subscription → read events in `seq` order, filling gaps from the job's event log.
+register with the hub (whose reply channel, named in the request, was subscribed before the
+client's first job) → enqueue on the model's queue → read events in `seq` order, filling gaps
+from the job's event log.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ class AsyncClient:
         self.config.model(model, "embedding")
         try:
             request = EmbeddingRequest(model=model, texts=list(texts), normalize=normalize,
-                                       job_id=job_id or new_job_id(), lane=lane)
+                                       job_id=job_id or new_job_id(), lane=lane,
+                                       reply_to=self._hub.reply_channel)
         except ValidationError as exc:
             raise RequestError(f"invalid embedding request: {exc}", model=model) from None
         assembler = EventAssembler(request.job_id, model)
@@ -144,7 +146,7 @@ class AsyncClient:
         self.config.model(model, "llm")
         try:
             return ChatRequest(model=model, messages=messages, params=params,
-                               job_id=job_id or new_job_id())
+                               job_id=job_id or new_job_id(), reply_to=self._hub.reply_channel)
         except ValidationError as exc:
             raise RequestError(f"invalid chat request: {_first_error(exc)}", model=model) from None
 
@@ -156,14 +158,10 @@ class AsyncClient:
             await self._require_worker(kind, model)
         try:
             inbox = await self._hub.open(job_id)
-        except (OSError, redis.RedisError) as exc:
+        except (OSError, redis.RedisError, asyncio.TimeoutError) as exc:
             raise BrokerUnavailable(f"cannot reach Redis: {exc}", model=model) from None
         try:
             await self._send(kind, request, timeout)
-            try:
-                await self._hub.confirmed(job_id)
-            except (OSError, redis.RedisError, asyncio.TimeoutError) as exc:
-                raise BrokerUnavailable(f"cannot reach Redis: {exc}", model=model) from None
             deadline = time.monotonic() + timeout
             async for event in self._events(inbox, assembler, deadline):
                 delta = assembler.apply(event)

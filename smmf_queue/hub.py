@@ -1,18 +1,22 @@
 """One pub/sub connection per process, shared by every job stream the process reads.
 
-A gateway holding hundreds of streams must not open a Redis connection per request. The hub
-keeps one subscription connection and a reader task that routes each message to its job's
-queue. `subscribe` returns once Redis has confirmed the subscription. A producer may instead
-`open` the subscription (the SUBSCRIBE is written), enqueue, then await `confirmed`: the
-job cannot publish before Redis has read a SUBSCRIBE sent ahead of it (the worker first has to
-receive and start the job), and should an event ever slip by, the reader fills the gap from the
-job's event log. This saves the producer a round trip before its job is on the queue.
+A gateway holding hundreds of streams must not open a Redis connection, nor send a SUBSCRIBE,
+per request. The hub keeps one subscription connection and a reader task that routes each
+message to its job's queue:
+
+- its own jobs (`open`): every request names the hub's reply channel (`reply_to`), and the
+  worker publishes each event there too, prefixed with the job id. The hub subscribes to that
+  channel once, before its first job is enqueued, so a job costs no pub/sub command at all.
+- anyone's job (`subscribe`, for replay): the job's own channel, subscribed per job.
+
+Should an event ever slip by (a reconnect), the reader fills the gap from the job's event log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from typing import Any
 
 import redis
@@ -27,53 +31,68 @@ RECONNECT_DELAY_S = 0.2
 
 
 class StreamHub:
-    """Multiplexes the pub/sub channels of many jobs over one connection."""
+    """Multiplexes the events of many jobs over one pub/sub connection."""
 
     def __init__(self, client: redis.asyncio.Redis):
         self._pubsub = client.pubsub()
-        self._inboxes: dict[bytes, asyncio.Queue[bytes]] = {}
+        #: this hub's reply channel: workers publish `<job id> <event>` on it.
+        self.reply_channel = keys.reply_channel(uuid.uuid4().hex)
+        self._reply_key = self.reply_channel.encode()
+        self._inboxes: dict[str, asyncio.Queue[bytes]] = {}
         self._confirmed: dict[bytes, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._has_channels = asyncio.Event()
         self._lock = asyncio.Lock()
 
-    async def subscribe(self, job_id: str) -> asyncio.Queue[bytes]:
-        """A queue that receives the raw events of `job_id`, once the subscription is confirmed."""
-        inbox = await self.open(job_id)
-        await self.confirmed(job_id)
-        return inbox
-
     async def open(self, job_id: str) -> asyncio.Queue[bytes]:
-        """Send the SUBSCRIBE for `job_id` and return its queue, without waiting for Redis's answer."""
-        channel = keys.stream_channel(job_id).encode()
-        inbox: asyncio.Queue[bytes] = asyncio.Queue()
-        self._inboxes[channel] = inbox
-        self._confirmed[channel] = asyncio.get_running_loop().create_future()
-        async with self._lock:
-            await self._pubsub.subscribe(channel)
-            self._has_channels.set()
-            if self._reader is None or self._reader.done():
-                self._reader = asyncio.create_task(self._read(), name="smmf-stream-hub")
-        return inbox
+        """A queue for the events of one of our own jobs (their requests name `reply_channel`).
 
-    async def confirmed(self, job_id: str) -> None:
-        """Wait until Redis has confirmed the subscription that `open` sent."""
-        confirmed = self._confirmed.get(keys.stream_channel(job_id).encode())
-        if confirmed is None:  # already confirmed (and forgotten)
-            return
+        The first call subscribes to the reply channel and waits for Redis to confirm it; later
+        calls send nothing to Redis."""
+        if self._reply_key not in self._pubsub.channels or self._reply_key in self._confirmed:
+            await self._subscribe(self._reply_key)
+        return self._inbox(job_id)
+
+    async def subscribe(self, job_id: str) -> asyncio.Queue[bytes]:
+        """A queue for the events of any job, from its own channel, once Redis has confirmed."""
+        inbox = self._inbox(job_id)
         try:
-            await asyncio.wait_for(confirmed, SUBSCRIBE_TIMEOUT_S)
+            await self._subscribe(keys.stream_channel(job_id).encode())
         except BaseException:
             await self.unsubscribe(job_id)
             raise
+        return inbox
 
     async def unsubscribe(self, job_id: str) -> None:
+        """Stop routing the job's events (and leave its channel, if `subscribe` joined it)."""
+        self._inboxes.pop(job_id, None)
         channel = keys.stream_channel(job_id).encode()
-        self._inboxes.pop(channel, None)
-        self._confirmed.pop(channel, None)
-        async with self._lock:
-            with contextlib.suppress(Exception):
-                await self._pubsub.unsubscribe(channel)
+        if channel in self._pubsub.channels:
+            self._confirmed.pop(channel, None)
+            async with self._lock:
+                with contextlib.suppress(Exception):
+                    await self._pubsub.unsubscribe(channel)
+
+    def _inbox(self, job_id: str) -> asyncio.Queue[bytes]:
+        inbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self._inboxes[job_id] = inbox
+        return inbox
+
+    async def _subscribe(self, channel: bytes) -> None:
+        """SUBSCRIBE (unless already sent) and wait for Redis's confirmation."""
+        confirmed = self._confirmed.get(channel)
+        if confirmed is None:
+            confirmed = self._confirmed[channel] = asyncio.get_running_loop().create_future()
+            async with self._lock:
+                await self._pubsub.subscribe(channel)
+                self._has_channels.set()
+                if self._reader is None or self._reader.done():
+                    self._reader = asyncio.create_task(self._read(), name="smmf-stream-hub")
+        try:
+            await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT_S)
+        finally:
+            if confirmed.done():
+                self._confirmed.pop(channel, None)
 
     async def _read(self) -> None:
         """Route messages for as long as the process lives; sleep while nothing is subscribed."""
@@ -92,11 +111,16 @@ class StreamHub:
     def _route(self, message: dict[str, Any]) -> None:
         channel = message["channel"]
         if message["type"] == "message":
-            inbox = self._inboxes.get(channel)
+            if channel == self._reply_key:
+                job_id, _, data = message["data"].partition(b" ")
+                inbox = self._inboxes.get(job_id.decode())
+            else:
+                data = message["data"]
+                inbox = self._inboxes.get(keys.job_of_channel(channel.decode()))
             if inbox is not None:
-                inbox.put_nowait(message["data"])
+                inbox.put_nowait(data)
         elif message["type"] == "subscribe":
-            confirmed = self._confirmed.pop(channel, None)
+            confirmed = self._confirmed.get(channel)
             if confirmed is not None and not confirmed.done():
                 confirmed.set_result(None)
 

@@ -28,6 +28,11 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: what a job id may contain: it is the Celery task id, part of Redis keys, and the prefix of
+#: events on a reply channel (ended by a space).
+JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,200}$"
+
+
 def new_job_id() -> str:
     """A fresh job id (also the Celery task id)."""
     return uuid.uuid4().hex
@@ -58,7 +63,9 @@ class SamplingParams(_Wire):
 
 class ChatRequest(_Wire):
     v: int = WIRE_VERSION
-    job_id: str = Field(default_factory=new_job_id)
+    job_id: str = Field(default_factory=new_job_id, pattern=JOB_ID_PATTERN)
+    #: the producer's reply channel: the worker publishes the job's events there too.
+    reply_to: str | None = None
     #: the producer's clock (unix seconds) when it enqueued the job: time in queue.
     submitted_at: float = Field(default_factory=time.time)
     model: str
@@ -68,7 +75,8 @@ class ChatRequest(_Wire):
 
 class EmbeddingRequest(_Wire):
     v: int = WIRE_VERSION
-    job_id: str = Field(default_factory=new_job_id)
+    job_id: str = Field(default_factory=new_job_id, pattern=JOB_ID_PATTERN)
+    reply_to: str | None = None
     submitted_at: float = Field(default_factory=time.time)
     model: str
     texts: list[str] = Field(min_length=1)

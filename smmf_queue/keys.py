@@ -49,6 +49,21 @@ def stream_channel(job_id: str) -> str:
     return f"{PREFIX}:stream:{job_id}"
 
 
+def job_of_channel(channel: str) -> str:
+    """The job id whose `stream_channel` this is."""
+    return channel.removeprefix(f"{PREFIX}:stream:")
+
+
+def reply_channel(producer_id: str) -> str:
+    """Pub/sub channel on which one producer (SDK client, gateway) receives all its jobs' events,
+    each prefixed with its job id and a space."""
+    return f"{PREFIX}:reply:{producer_id}"
+
+
+def is_reply_channel(channel: str) -> bool:
+    return channel.startswith(f"{PREFIX}:reply:")
+
+
 def event_log(job_id: str) -> str:
     """Redis Stream keeping one job's events for replay (capped, with a TTL)."""
     return f"{PREFIX}:events:{job_id}"

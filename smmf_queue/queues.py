@@ -52,7 +52,10 @@ def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery
         worker_redirect_stdouts=False,
         task_default_queue="smmf.default",
         broker_pool_limit=32,
+        worker_consumer="smmf_queue.celery_ext:Consumer",
     )
+    if config.queue.broker_url.startswith("redis://"):
+        app.conf.broker_transport = "smmf_queue.celery_ext:Transport"
     if config.queue.broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
         # On RabbitMQ, quorum queues: replicated, durable, and they survive a node's loss.
         app.conf.task_default_queue_type = "quorum"

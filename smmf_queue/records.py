@@ -59,12 +59,12 @@ redis.call('HSET', KEYS[1], 'lease_until', now_ms + tonumber(ARGV[2]))
 return 1
 """
 
-# KEYS[1] log, KEYS[2] record; ARGV[1..5] as APPEND_LUA_BODY, ARGV[6] owner, ARGV[7] attempt,
-# ARGV[8] final state
+# KEYS[1] log, KEYS[2] record; ARGV[1..7] as APPEND_LUA_BODY, ARGV[8] owner, ARGV[9] attempt,
+# ARGV[10] final state
 _FINISH_LUA = """
-if redis.call('HGET', KEYS[2], 'owner') ~= ARGV[6]
-   or redis.call('HGET', KEYS[2], 'attempt') ~= ARGV[7] then return 0 end
-redis.call('HSET', KEYS[2], 'state', ARGV[8])
+if redis.call('HGET', KEYS[2], 'owner') ~= ARGV[8]
+   or redis.call('HGET', KEYS[2], 'attempt') ~= ARGV[9] then return 0 end
+redis.call('HSET', KEYS[2], 'state', ARGV[10])
 """ + APPEND_LUA_BODY + "return 1"
 
 

@@ -2,8 +2,9 @@
 
 Every event goes out in one Redis round trip that appends it to the job's event log (a capped
 Redis Stream whose entry ids are `<seq>-0`, with a TTL) and publishes it on the job's pub/sub
-channel. Pub/sub gives readers the event at once; the log lets a late or reconnecting reader
-replay from any `seq`. Token bursts are coalesced (`drain`): while one event is on its way,
+channel and, prefixed with the job id, on its producer's reply channel (see hub.py). Pub/sub
+gives readers the event at once; the log lets a late or reconnecting reader replay from any
+`seq`. Token bursts are coalesced (`drain`): while one event is on its way,
 the tokens that arrive meanwhile are merged into the next one, so round trips per second are
 bounded by Redis latency, not by the model's tokens per second.
 """
@@ -20,11 +21,13 @@ from . import keys
 from .jobs import ChatDelta, ChatResult, EmbeddingResult, StreamEvent, Usage, unpack_vectors
 
 #: Lua that appends one event to the log, refreshes its TTL and publishes it; shared with the
-#: fenced terminal write in records.py. KEYS[1] log; ARGV: event json, seq, maxlen, ttl, channel.
+#: fenced terminal write in records.py. KEYS[1] log; ARGV: event json, seq, maxlen, ttl, channel,
+#: reply channel ('' for none), job id.
 APPEND_LUA_BODY = """
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], ARGV[2] .. '-0', 'e', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', ARGV[5], ARGV[1])
+if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7] .. ' ' .. ARGV[1]) end
 """
 #: the same, answering whether the job was cancelled (KEYS[2]): the check costs no round trip.
 _APPEND_LUA = APPEND_LUA_BODY + "return redis.call('EXISTS', KEYS[2])"
@@ -34,9 +37,10 @@ class EventWriter:
     """Writes one attempt's events for one job, numbering them from `last_seq + 1`."""
 
     def __init__(self, client: redis.Redis, job_id: str, attempt: int, *, worker_id: str,
-                 ttl_s: int, max_events: int, last_seq: int = 0):
+                 ttl_s: int, max_events: int, last_seq: int = 0, reply_to: str | None = None):
         self.client = client
         self.job_id = job_id
+        self.reply_to = reply_to or ""
         self.attempt = attempt
         self.worker_id = worker_id
         self.ttl_s = ttl_s
@@ -57,7 +61,7 @@ class EventWriter:
     def log_args(self, event: StreamEvent) -> list[Any]:
         """ARGV for APPEND_LUA_BODY."""
         return [event.encode(), event.seq, self.max_events, self.ttl_s,
-                keys.stream_channel(self.job_id)]
+                keys.stream_channel(self.job_id), self.reply_to, self.job_id]
 
     def delta(self, text: str, reasoning: str = "") -> bool:
         """Write a delta; True when the caller has cancelled the job."""

@@ -36,6 +36,11 @@ from .streaming import EventWriter, last_seq
 
 log = logging.getLogger("smmf_queue.worker")
 
+#: Celery's loggers that write two INFO lines per job (received, succeeded): at hundreds of jobs
+#: a second that is noise and ~3% of the worker's CPU, so they speak only at DEBUG. A failing
+#: job is still logged as an error, and Flower lists every job.
+PER_JOB_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
 
 class WorkerRuntime:
     """The models one worker process serves, and how it runs their jobs."""
@@ -127,7 +132,8 @@ class WorkerRuntime:
         writer = EventWriter(self.redis, job_id, claim.value, worker_id=self.worker_id,
                              ttl_s=self.config.queue.event_ttl_s,
                              max_events=self.config.queue.event_log_max,
-                             last_seq=last_seq(self.redis, job_id) if claim.value > 1 else 0)
+                             last_seq=last_seq(self.redis, job_id) if claim.value > 1 else 0,
+                             reply_to=_reply_channel(payload))
         if claim.outcome == "exhausted":
             self._fail(writer, owner, JobFailed(
                 f"job was delivered {claim.value - 1} times and its worker died each time",
@@ -238,6 +244,13 @@ class WorkerRuntime:
                 self._running.pop(job_id, None)
 
 
+def _reply_channel(payload: dict[str, Any]) -> str | None:
+    """The producer's reply channel, read before the request is validated (a malformed job's
+    error event must reach its producer too); only a reply channel, never any other key."""
+    reply_to = payload.get("reply_to")
+    return reply_to if isinstance(reply_to, str) and keys.is_reply_channel(reply_to) else None
+
+
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     """Bind the chat and embedding tasks of `app` to this process's runtime."""
 
@@ -258,6 +271,9 @@ def run_worker(config: SmmfConfig, model_names: list[str], *, loglevel: str = "I
     """
     runtime = WorkerRuntime(config, model_names)
     runtime.prepare()
+    if logging.getLevelName(loglevel.upper()) != logging.DEBUG:
+        for name in PER_JOB_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     if metrics_port:
         prometheus_client.start_http_server(metrics_port)
     app = make_celery_app(config)

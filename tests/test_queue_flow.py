@@ -132,6 +132,20 @@ def test_request_errors_are_typed(client: Client) -> None:
         client.chat(CHAT, HELLO, temperature=-1)
     with pytest.raises(RequestError):
         client.chat(CHAT, [])
+    with pytest.raises(RequestError, match="job_id"):  # job ids end at a space on reply channels
+        client.chat(CHAT, HELLO, job_id="two words")
+
+
+def test_a_producer_subscribes_once_not_per_job(config: SmmfConfig, redis_client: redis.Redis,
+                                                 chat_worker: WorkerProcess) -> None:
+    def subscribes() -> int:
+        return int(redis_client.info("commandstats").get("cmdstat_subscribe", {}).get("calls", 0))
+
+    before = subscribes()
+    with Client(config) as fresh:
+        replies = [fresh.chat(CHAT, HELLO, max_tokens=3, temperature=0) for _ in range(5)]
+    assert len({r.job_id for r in replies}) == 5 and all(r.text for r in replies)
+    assert subscribes() - before == 1  # the client's reply channel, before its first job
 
 
 def test_provider_failure_becomes_job_failed(client: Client) -> None:

@@ -131,3 +131,31 @@ def test_hub_survives_rapid_subscribe_unsubscribe_cycles(redis_server) -> None: 
         return delivered
 
     assert asyncio.run(cycle()) == 300
+
+
+def test_a_worker_publishes_only_to_reply_channels() -> None:
+    from smmf_queue.worker import _reply_channel
+
+    assert _reply_channel({"reply_to": keys.reply_channel("abc")}) == "smmf:reply:abc"
+    for other in (keys.stream_channel("someone-else"), "/0.celeryev/task.multi", 42, None):
+        assert _reply_channel({"reply_to": other}) is None
+
+
+def test_events_reach_the_reply_channel_prefixed_with_the_job_id(redis_client: redis.Redis) -> None:
+    reply, own = keys.reply_channel("test-reply"), keys.stream_channel("job-r")
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(reply, own)
+    for _ in range(2):
+        assert pubsub.get_message(timeout=5)["type"] == "subscribe"  # type: ignore[index]
+    writer = EventWriter(redis_client, "job-r", 1, worker_id="w", ttl_s=60, max_events=100,
+                         reply_to=reply)
+    writer.delta("hi")
+    got = {}
+    for _ in range(2):
+        message = pubsub.get_message(timeout=5)
+        assert message is not None
+        got[message["channel"]] = message["data"]
+    pubsub.close()
+    event = got[own.encode()]
+    assert got[reply.encode()] == b"job-r " + event
+    assert StreamEvent.model_validate_json(event).text == "hi"

@@ -1,0 +1,56 @@
+"""Our two subclasses of Celery's and kombu's parts (smmf_queue/celery_ext.py) change cost, not
+behaviour: kombu keeps one redis client per channel, and every task event still arrives."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import redis
+from kombu import Connection
+
+from smmf_queue import Client
+
+from .conftest import EMBED, WorkerProcess
+
+
+def test_a_channel_keeps_one_redis_client_until_its_pool_is_replaced(redis_server) -> None:  # type: ignore[no-untyped-def]
+    with Connection(redis_server.url, transport="smmf_queue.celery_ext:Transport") as conn:
+        channel = conn.default_channel
+        first = channel._create_client()
+        assert channel._create_client() is first
+        with channel.conn_or_acquire() as client:
+            assert client is first and client.ping()
+        channel._disconnect_pools()  # what kombu does after a fork or a lost connection
+        assert channel._create_client() is not first
+
+
+def task_events(data: bytes) -> list[dict[str, Any]]:
+    """The task events inside one message of Celery's event fanout on Redis."""
+    envelope = json.loads(data)
+    body = json.loads(base64.b64decode(envelope["body"]))
+    events = body if isinstance(body, list) else [body]
+    return [e for e in events if str(e.get("type", "")).startswith("task-")]
+
+
+def test_every_task_event_arrives_in_fewer_messages_than_jobs(
+        client: Client, embed_worker: WorkerProcess, redis_client: redis.Redis) -> None:
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.psubscribe("*celeryev*")
+    pubsub.get_message(timeout=5)  # the confirmation (returns None): events from here on count
+    ids = [client.embed(EMBED, [f"text {i}"]).job_id for i in range(10)]
+    wanted = {"task-received", "task-started", "task-succeeded"}
+    seen: dict[str, set[str]] = {}
+    messages = 0
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not all(wanted <= seen.get(i, set()) for i in ids):
+        message = pubsub.get_message(timeout=1)
+        events = task_events(message["data"]) if message else []
+        messages += bool(events)
+        for event in events:
+            seen.setdefault(event["uuid"], set()).add(event["type"])
+    pubsub.close()
+    assert all(wanted <= seen.get(i, set()) for i in ids), seen
+    assert messages <= len(ids)  # Celery alone sends two or more per job
