@@ -152,16 +152,39 @@ class AsyncClient:
 
     async def _run(self, kind: ModelKind, request: dict[str, Any], assembler: EventAssembler,
                    timeout: float | None, fail_fast: bool | None) -> AsyncIterator[ChatDelta]:
-        model, job_id = request["model"], request["job_id"]
+        """Enqueue one job and yield its deltas (the last one says why it ended)."""
         timeout = timeout or self.config.queue.job_timeout_s
-        if self.config.queue.fail_fast if fail_fast is None else fail_fast:
-            await self._require_worker(kind, model)
+        if self._wants_fail_fast(fail_fast):
+            await self._require_worker(kind, request["model"])
+        await self._start_hub(request["model"])
+        inbox = self._submit(kind, request, timeout)
+        async for delta in self._follow(kind, request, inbox, assembler, timeout):
+            yield delta
+
+    async def _start_hub(self, model: str) -> None:
+        """Subscribe the hub's reply channel (once): before any job is enqueued."""
         try:
-            inbox = await self._hub.open(job_id)
+            await self._hub.start()
         except (OSError, redis.RedisError, asyncio.TimeoutError) as exc:
             raise BrokerUnavailable(f"cannot reach Redis: {exc}", model=model) from None
+
+    def _submit(self, kind: ModelKind, request: dict[str, Any], timeout: float) -> asyncio.Queue[bytes]:
+        """Open the job's inbox on the hub (started) and enqueue the job. Blocks for one Redis
+        round trip (kombu's producer), which is cheaper than a hop to a thread and back; safe to
+        call from any thread."""
+        inbox = self._hub.open(request["job_id"])
         try:
-            await self._send(kind, request, timeout)
+            self._send(kind, request, timeout)
+        except BaseException:
+            self._hub.close(request["job_id"])
+            raise
+        return inbox
+
+    async def _follow(self, kind: ModelKind, request: dict[str, Any], inbox: asyncio.Queue[bytes],
+                      assembler: EventAssembler, timeout: float) -> AsyncIterator[ChatDelta]:
+        """The submitted job's deltas until its terminal event; leaving early cancels the job."""
+        model, job_id = request["model"], request["job_id"]
+        try:
             deadline = time.monotonic() + timeout
             async for event in self._events(inbox, assembler, deadline):
                 delta = assembler.apply(event)
@@ -170,7 +193,7 @@ class AsyncClient:
                 if assembler.terminal is not None:
                     break
         finally:
-            await self._hub.unsubscribe(job_id)
+            self._hub.close(job_id)
             if assembler.terminal is None:  # the caller left or timed out: stop the job
                 await self._cancel(job_id, timeout)
         terminal = assembler.terminal
@@ -235,9 +258,7 @@ class AsyncClient:
         finally:
             await self._hub.unsubscribe(job_id)
 
-    async def _send(self, kind: str, request: dict[str, Any], timeout: float) -> None:
-        """Publish the job. kombu's producer blocks, for one Redis round trip (~0.5 ms): cheaper
-        than a hop to a thread and back, and the event loop has nothing to do meanwhile but read."""
+    def _send(self, kind: str, request: dict[str, Any], timeout: float) -> None:
         task = keys.CHAT_TASK if kind == "llm" else keys.EMBED_TASK
         priority = keys.BATCH_PRIORITY if request.get("lane") == "batch" else keys.INTERACTIVE_PRIORITY
         try:
@@ -246,10 +267,18 @@ class AsyncClient:
             raise BrokerUnavailable(f"cannot enqueue on the broker: {type(exc).__name__}: {exc}",
                                     model=request["model"], job_id=request["job_id"]) from None
 
-    async def _require_worker(self, kind: str, model: str) -> None:
+    def _wants_fail_fast(self, fail_fast: bool | None) -> bool:
+        return self.config.queue.fail_fast if fail_fast is None else fail_fast
+
+    def _known_live(self, kind: str, model: str) -> bool:
+        """Whether the liveness cache (no I/O) already shows a replica of the model."""
         workers = self._liveness.fresh()
-        if workers is None or not registry.replicas(workers, kind, model):
-            workers = self._liveness.store(await registry.alive_workers(self._redis))
+        return workers is not None and bool(registry.replicas(workers, kind, model))
+
+    async def _require_worker(self, kind: str, model: str) -> None:
+        if self._known_live(kind, model):
+            return
+        workers = self._liveness.store(await registry.alive_workers(self._redis))
         if not registry.replicas(workers, kind, model):
             raise NoLiveWorker(f"no live worker serves {kind} model '{model}' "
                                f"(start one: smmf-queue worker --model {model})", model=model)
@@ -276,10 +305,24 @@ class Client:
         """Run a chat job and return the whole reply."""
         return self._call(self._async.chat(model, messages, **kwargs))
 
-    def stream_chat(self, model: str, messages: list[dict[str, Any]],
-                    **kwargs: Any) -> Iterator[ChatDelta]:
-        """Yield the reply's deltas as the worker produces them."""
-        return self._iterate(self._async.stream_chat(model, messages, **kwargs))
+    def stream_chat(self, model: str, messages: list[dict[str, Any]], *,
+                    timeout: float | None = None, fail_fast: bool | None = None,
+                    job_id: str | None = None, **params: Any) -> Iterator[ChatDelta]:
+        """Yield the reply's deltas as the worker produces them; leaving early cancels the job.
+
+        The job is enqueued from the calling thread, so it is on its queue without first waiting
+        for the client's loop thread to wake up; its events are read on that loop."""
+        client = self._async
+        request = client._chat_request(model, messages, params, job_id)
+        payload = request.model_dump(mode="json")
+        timeout = timeout or client.config.queue.job_timeout_s
+        if client._wants_fail_fast(fail_fast) and not client._known_live("llm", model):
+            self._call(client._require_worker("llm", model))
+        if not client._hub.started:
+            self._call(client._start_hub(model))
+        inbox = client._submit("llm", payload, timeout)
+        assembler = EventAssembler(request.job_id, model)
+        yield from self._iterate(client._follow("llm", payload, inbox, assembler, timeout))
 
     def embed(self, model: str, texts: list[str], **kwargs: Any) -> EmbeddingResult:
         """Vectors for `texts`, in input order."""

@@ -4,9 +4,10 @@ A gateway holding hundreds of streams must not open a Redis connection, nor send
 per request. The hub keeps one subscription connection and a reader task that routes each
 message to its job's queue:
 
-- its own jobs (`open`): every request names the hub's reply channel (`reply_to`), and the
-  worker publishes each event there too, prefixed with the job id. The hub subscribes to that
-  channel once, before its first job is enqueued, so a job costs no pub/sub command at all.
+- its own jobs (`open`, after `start`): every request names the hub's reply channel
+  (`reply_to`), and the worker publishes each event there too, prefixed with the job id. The
+  hub subscribes to that channel once (`start`), before its first job is enqueued, so a job
+  costs no pub/sub command at all.
 - anyone's job (`subscribe`, for replay): the job's own channel, subscribed per job.
 
 Should an event ever slip by (a reconnect), the reader fills the gap from the job's event log.
@@ -44,14 +45,25 @@ class StreamHub:
         self._has_channels = asyncio.Event()
         self._lock = asyncio.Lock()
 
-    async def open(self, job_id: str) -> asyncio.Queue[bytes]:
+    @property
+    def started(self) -> bool:
+        """Whether Redis has confirmed the reply channel (see `start`)."""
+        return self._reply_key in self._pubsub.channels and self._reply_key not in self._confirmed
+
+    async def start(self) -> None:
+        """Subscribe to the reply channel and wait for Redis to confirm it; at once after that."""
+        if not self.started:
+            await self._subscribe(self._reply_key)
+
+    def open(self, job_id: str) -> asyncio.Queue[bytes]:
         """A queue for the events of one of our own jobs (their requests name `reply_channel`).
 
-        The first call subscribes to the reply channel and waits for Redis to confirm it; later
-        calls send nothing to Redis."""
-        if self._reply_key not in self._pubsub.channels or self._reply_key in self._confirmed:
-            await self._subscribe(self._reply_key)
+        Sends nothing to Redis, and may be called from any thread; `start` must have returned."""
         return self._inbox(job_id)
+
+    def close(self, job_id: str) -> None:
+        """Stop routing the events of one of our own jobs."""
+        self._inboxes.pop(job_id, None)
 
     async def subscribe(self, job_id: str) -> asyncio.Queue[bytes]:
         """A queue for the events of any job, from its own channel, once Redis has confirmed."""
@@ -64,14 +76,13 @@ class StreamHub:
         return inbox
 
     async def unsubscribe(self, job_id: str) -> None:
-        """Stop routing the job's events (and leave its channel, if `subscribe` joined it)."""
-        self._inboxes.pop(job_id, None)
+        """Stop routing the job's events and leave its channel (see `subscribe`)."""
+        self.close(job_id)
         channel = keys.stream_channel(job_id).encode()
-        if channel in self._pubsub.channels:
-            self._confirmed.pop(channel, None)
-            async with self._lock:
-                with contextlib.suppress(Exception):
-                    await self._pubsub.unsubscribe(channel)
+        self._confirmed.pop(channel, None)
+        async with self._lock:
+            with contextlib.suppress(Exception):
+                await self._pubsub.unsubscribe(channel)
 
     def _inbox(self, job_id: str) -> asyncio.Queue[bytes]:
         inbox: asyncio.Queue[bytes] = asyncio.Queue()

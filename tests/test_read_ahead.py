@@ -48,3 +48,22 @@ def test_the_final_chunk_stays_separate_and_closing_stops_the_source() -> None:
     assert "".join(c.text for c in chunks) == "ab"
     assert chunks[-1] == ChatChunk(finish_reason="stop")
     assert stopped.wait(5)
+
+
+def test_the_first_text_is_read_in_the_callers_thread_and_closing_then_stops_the_source() -> None:
+    readers: list[threading.Thread] = []
+    stopped = threading.Event()
+
+    def source() -> Iterator[ChatChunk]:
+        try:
+            for piece in ("", "first", "second"):
+                readers.append(threading.current_thread())
+                yield ChatChunk(text=piece)
+        finally:
+            stopped.set()
+
+    stream = read_ahead(source(), "t")
+    assert [next(stream).text, next(stream).text] == ["", "first"]
+    assert readers == [threading.current_thread()] * 2  # no hop to a helper before the first text
+    stream.close()
+    assert stopped.is_set()

@@ -140,12 +140,23 @@ _SOURCE_DONE = object()
 def read_ahead(chunks: Iterator[ChatChunk], name: str) -> Iterator[ChatChunk]:
     """The chunks of a blocking source (an HTTP stream, an engine's iterator), merged per wake-up.
 
-    A helper thread pulls `chunks` while the job thread writes events, so text that arrives
-    during one Redis round trip goes out in the next event (see streaming.drain) instead of one
-    event per token. The final chunk (finish_reason, usage) is passed on by itself. Closing this
-    generator makes the helper close `chunks` at its next item, which ends an HTTP stream or
-    stops an engine.
+    The job thread reads the source itself until the first text: that piece goes out without a
+    hop between threads. Then a helper thread pulls the rest while the job thread writes
+    events, so text that arrives during one Redis round trip goes out in the next event (see
+    streaming.drain) instead of one event per token. The final chunk (finish_reason, usage) is
+    passed on by itself. Closing this generator closes `chunks` (the helper does so at its next
+    item), which ends an HTTP stream or stops an engine.
     """
+    try:
+        for chunk in chunks:
+            yield chunk
+            if chunk.text or chunk.reasoning or chunk.finish_reason is not None:
+                break
+        else:
+            return
+    except BaseException:
+        _close(chunks)
+        raise
     ready: queue.Queue[object] = queue.Queue()
     closed = threading.Event()
 
@@ -158,10 +169,7 @@ def read_ahead(chunks: Iterator[ChatChunk], name: str) -> Iterator[ChatChunk]:
         except BaseException as exc:  # handed to the job thread, which raises it
             ready.put(_Raised(exc))
         finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    close()
+            _close(chunks)
             ready.put(_SOURCE_DONE)
 
     threading.Thread(target=pump, name=f"read-ahead-{name}", daemon=True).start()
@@ -170,6 +178,13 @@ def read_ahead(chunks: Iterator[ChatChunk], name: str) -> Iterator[ChatChunk]:
             yield from _merge(batch)
     finally:
         closed.set()
+
+
+def _close(chunks: Iterator[ChatChunk]) -> None:
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            close()
 
 
 def _merge(batch: list[object]) -> Iterator[ChatChunk]:
