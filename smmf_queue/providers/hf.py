@@ -25,7 +25,17 @@ from transformers import (
 from ..errors import ProviderUnavailable
 from ..jobs import ChatRequest, Usage
 from ..streaming import drain
-from .base import ChatChunk, Embeddings, Provider, StopFilter
+from .base import ChatChunk, Embeddings, Provider, StopFilter, hand_over
+
+
+class _HandOverStreamer(TextIteratorStreamer):
+    """transformers' streamer for a job thread: after queueing text it yields the CPU, so the
+    job thread publishes it now instead of after the next token (see base.hand_over)."""
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        super().on_finalized_text(text, stream_end)
+        hand_over()
+
 
 #: tokens generated when neither the request nor the config says.
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -104,7 +114,7 @@ class HFProvider(Provider):
             raise ValueError(f"prompt of {prompt_tokens} tokens does not fit the model's context "
                              f"length of {self._context_length()} tokens")
         stop_now = threading.Event()
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = _HandOverStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = self._generation_kwargs(request, stop_now)
         output: dict[str, Any] = {}
 
