@@ -15,6 +15,7 @@ the worker's CPU per job went to two things, both fixed here without changing wh
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
@@ -63,3 +64,9 @@ class Consumer(CeleryConsumer):
     def _flush_due_events(self) -> None:
         self._event_flush_due = False
         self._flush_events()
+
+    def shutdown(self) -> None:
+        """Publish what the timer had not yet, before Celery closes the event dispatcher."""
+        with contextlib.suppress(Exception):
+            self._flush_events()
+        super().shutdown()

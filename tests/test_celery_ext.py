@@ -13,7 +13,7 @@ from kombu import Connection
 
 from smmf_queue import Client
 
-from .conftest import EMBED, WorkerProcess
+from .conftest import EMBED, SPARE, StartWorker, WorkerProcess
 
 
 def test_a_channel_keeps_one_redis_client_until_its_pool_is_replaced(redis_server) -> None:  # type: ignore[no-untyped-def]
@@ -35,22 +35,45 @@ def task_events(data: bytes) -> list[dict[str, Any]]:
     return [e for e in events if str(e.get("type", "")).startswith("task-")]
 
 
-def test_every_task_event_arrives_in_fewer_messages_than_jobs(
-        client: Client, embed_worker: WorkerProcess, redis_client: redis.Redis) -> None:
+WANTED = {"task-received", "task-started", "task-succeeded"}
+
+
+def event_capture(redis_client: redis.Redis) -> redis.client.PubSub:
     pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
     pubsub.psubscribe("*celeryev*")
     pubsub.get_message(timeout=5)  # the confirmation (returns None): events from here on count
-    ids = [client.embed(EMBED, [f"text {i}"]).job_id for i in range(10)]
-    wanted = {"task-received", "task-started", "task-succeeded"}
+    return pubsub
+
+
+def collect(pubsub: redis.client.PubSub, ids: list[str]) -> tuple[dict[str, set[str]], int]:
+    """The task event types seen per job id (until all of WANTED or 15 s), and the messages."""
     seen: dict[str, set[str]] = {}
     messages = 0
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and not all(wanted <= seen.get(i, set()) for i in ids):
+    while time.monotonic() < deadline and not all(WANTED <= seen.get(i, set()) for i in ids):
         message = pubsub.get_message(timeout=1)
         events = task_events(message["data"]) if message else []
         messages += bool(events)
         for event in events:
             seen.setdefault(event["uuid"], set()).add(event["type"])
     pubsub.close()
-    assert all(wanted <= seen.get(i, set()) for i in ids), seen
+    return seen, messages
+
+
+def test_every_task_event_arrives_in_fewer_messages_than_jobs(
+        client: Client, embed_worker: WorkerProcess, redis_client: redis.Redis) -> None:
+    pubsub = event_capture(redis_client)
+    ids = [client.embed(EMBED, [f"text {i}"]).job_id for i in range(10)]
+    seen, messages = collect(pubsub, ids)
+    assert all(WANTED <= seen.get(i, set()) for i in ids), seen
     assert messages <= len(ids)  # Celery alone sends two or more per job
+
+
+def test_a_worker_stopping_right_after_a_job_still_publishes_its_events(
+        client: Client, start_worker: StartWorker, redis_client: redis.Redis) -> None:
+    spare = start_worker(SPARE)
+    pubsub = event_capture(redis_client)
+    job = client.chat(SPARE, [{"role": "user", "content": "hi"}], max_tokens=2).job_id
+    spare.stop()  # warm shutdown, within the 0.1 s the events may wait in the worker
+    seen, _ = collect(pubsub, [job])
+    assert WANTED <= seen.get(job, set()), seen
