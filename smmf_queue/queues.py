@@ -80,7 +80,7 @@ def send_job(app: Celery, task: str, kind: str, request: dict[str, Any], *,
     """
     size = (f"{len(request['messages'])} messages" if "messages" in request
             else f"{len(request['texts'])} texts")
-    declare = [] if app.conf.broker_url.startswith(("redis://", "rediss://")) else None
+    declare: list[Any] | None = [] if app.conf.broker_url.startswith(("redis://", "rediss://")) else None
     app.send_task(task, kwargs={"request": request}, queue=keys.queue_name(kind, request["model"]),
                   task_id=request["job_id"], expires=expires_s, argsrepr="()",
                   kwargsrepr=f"{{model: {request['model']!r}, {size}}}",
