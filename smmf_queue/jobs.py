@@ -28,9 +28,9 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-#: what a job id may contain: it is the Celery task id, part of Redis keys, and the prefix of
-#: events on a reply channel (ended by a space).
-JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,200}$"
+#: what a job id may contain (printable ASCII, no space): it is the Celery task id, part of
+#: Redis keys, and the prefix of events on a reply channel, ended by a space.
+JOB_ID_PATTERN = r"^[!-~]{1,200}$"
 
 
 def new_job_id() -> str:

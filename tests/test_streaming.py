@@ -159,3 +159,13 @@ def test_events_reach_the_reply_channel_prefixed_with_the_job_id(redis_client: r
     event = got[own.encode()]
     assert got[reply.encode()] == b"job-r " + event
     assert StreamEvent.model_validate_json(event).text == "hi"
+
+
+def test_job_ids_of_batch_chunks_splits_and_retries_are_valid_on_the_wire() -> None:
+    from smmf_queue.jobs import EmbeddingRequest, new_job_id
+
+    run = new_job_id()
+    for job_id in (f"{run}-12", f"{run}-12.0.1", f"{run}-12~2", f"{run}-12.1~1"):  # see batch.py
+        assert EmbeddingRequest(model="m", texts=["x"], job_id=job_id).job_id == job_id
+    with pytest.raises(ValueError):
+        EmbeddingRequest(model="m", texts=["x"], job_id="has a space")
