@@ -4,9 +4,9 @@ Every event goes out in one Redis round trip that appends it to the job's event 
 Redis Stream whose entry ids are `<seq>-0`, with a TTL) and publishes it on the job's pub/sub
 channel and, prefixed with the job id, on its producer's reply channel (see hub.py). Pub/sub
 gives readers the event at once; the log lets a late or reconnecting reader replay from any
-`seq`. Token bursts are coalesced (`drain`): while one event is on its way,
-the tokens that arrive meanwhile are merged into the next one, so round trips per second are
-bounded by Redis latency, not by the model's tokens per second.
+`seq`. Token bursts are coalesced (`drain`): while one event is on its way, the tokens that
+arrive meanwhile are merged into the next one, so round trips per second are bounded by Redis
+latency, not by the model's tokens per second.
 """
 
 from __future__ import annotations
