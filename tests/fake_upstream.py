@@ -25,6 +25,8 @@ class Recorded:
     path: str  # with the query string
     headers: dict[str, str]
     body: Any
+    #: the client's port: two requests with the same one came over the same TCP connection
+    client_port: int = 0
 
 
 @dataclass
@@ -58,7 +60,7 @@ class FakeUpstream:
                 raw = self.rfile.read(length) if length else b""
                 body = json.loads(raw) if raw else None
                 fake._record(Recorded("POST", self.path, {k.lower(): v for k, v in self.headers.items()},
-                                      body))
+                                      body, self.client_address[1]))
                 fake._answer(self, fake._next_reply())
 
             def log_message(self, format: str, *args: Any) -> None:

@@ -396,6 +396,18 @@ def test_a_failure_after_the_first_token_is_an_error_not_a_retry(
     assert len(upstream.requests) == 1
 
 
+def test_streamed_chats_reuse_the_upstream_connection(providers: Client,
+                                                     upstream: FakeUpstream) -> None:
+    # The openai SDK's own stream stops reading at [DONE], so httpx drops the connection
+    # (openai/openai-python#3440); the provider reads each body to its end instead.
+    upstream.reset()
+    for word in ("one", "two"):
+        upstream.sse([chat_chunk(word), chat_chunk(finish="stop")])
+    texts = ["".join(d.text for d in providers.stream_chat("flaky-chat", HELLO)) for _ in range(2)]
+    assert texts == ["one", "two"]
+    assert upstream.requests[0].client_port == upstream.requests[1].client_port
+
+
 def test_the_configured_timeout_applies_and_a_timeout_is_retried(
         providers: Client, upstream: FakeUpstream) -> None:
     # Given an upstream slower than the model's timeout_s (0.5 s), twice
