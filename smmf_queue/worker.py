@@ -182,18 +182,20 @@ class WorkerRuntime:
         finish_reason, usage = "stop", Usage()
         started = time.perf_counter()
         chunks = provider.stream_chat(request)
+        close = getattr(chunks, "close", lambda: None)
         for chunk in chunks:
             if chunk.finish_reason is not None:
+                # The reply is complete: end the job now, not when the provider has read the
+                # rest of its source (an HTTP body's end, which a server may hold open).
                 finish_reason, usage = chunk.finish_reason, chunk.usage or Usage()
-                continue
+                close()
+                break
             if not text:
                 metrics.WORKER_TTFT.labels(request.model).observe(time.perf_counter() - started)
             text.append(chunk.text)
             reasoning.append(chunk.reasoning)
             if writer.delta(chunk.text, chunk.reasoning):
-                close = getattr(chunks, "close", None)
-                if close is not None:
-                    close()  # the provider stops generating (hf: its stopping criterion fires)
+                close()  # the provider stops generating (hf: its stopping criterion fires)
                 raise JobFailed("cancelled by the caller", error_type="Cancelled",
                                 model=request.model, job_id=writer.job_id)
         metrics.TOKENS.labels(request.model).inc(usage.completion_tokens)

@@ -41,6 +41,8 @@ class Reply:
     cut_after: int | None = None
     #: seconds to wait before answering (a slow upstream)
     delay_s: float = 0.0
+    #: keep the body open after the last line until this is set (a server that holds the stream)
+    hold: threading.Event | None = None
 
 
 class FakeUpstream:
@@ -83,9 +85,11 @@ class FakeUpstream:
         self._queue(Reply(status=status, json_body=json_body if json_body is not None else {},
                           delay_s=delay_s))
 
-    def sse(self, events: list[dict[str, Any]], cut_after: int | None = None) -> None:
+    def sse(self, events: list[dict[str, Any]], cut_after: int | None = None,
+            hold: threading.Event | None = None) -> None:
         lines = [f"data: {json.dumps(event)}\n\n" for event in events] + ["data: [DONE]\n\n"]
-        self._queue(Reply(lines=lines, content_type="text/event-stream", cut_after=cut_after))
+        self._queue(Reply(lines=lines, content_type="text/event-stream", cut_after=cut_after,
+                          hold=hold))
 
     def ndjson(self, objects: list[dict[str, Any]]) -> None:
         self._queue(Reply(lines=[json.dumps(o) + "\n" for o in objects],
@@ -129,6 +133,8 @@ class FakeUpstream:
             data = line.encode()
             handler.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             handler.wfile.flush()
+        if reply.hold is not None:
+            reply.hold.wait(30)
         handler.wfile.write(b"0\r\n\r\n")
 
 

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -406,6 +407,20 @@ def test_streamed_chats_reuse_the_upstream_connection(providers: Client,
     texts = ["".join(d.text for d in providers.stream_chat("flaky-chat", HELLO)) for _ in range(2)]
     assert texts == ["one", "two"]
     assert upstream.requests[0].client_port == upstream.requests[1].client_port
+
+
+def test_a_reply_ends_at_done_even_if_the_server_holds_the_body_open(
+        providers: Client, upstream: FakeUpstream) -> None:
+    upstream.reset()
+    held = threading.Event()
+    upstream.sse([chat_chunk("all"), chat_chunk(" here"), chat_chunk(finish="stop")], hold=held)
+    try:
+        # The job ends while the fake still holds the body (waiting for it would time out)
+        reply = providers.chat("flaky-chat", HELLO, timeout=20)
+        assert (reply.text, reply.finish_reason) == ("all here", "stop")
+        assert not held.is_set()
+    finally:
+        held.set()
 
 
 def test_the_configured_timeout_applies_and_a_timeout_is_retried(

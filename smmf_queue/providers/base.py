@@ -146,7 +146,8 @@ def read_ahead(chunks: Iterator[ChatChunk], name: str) -> Iterator[ChatChunk]:
     events, so text that arrives during one Redis round trip goes out in the next event (see
     streaming.drain) instead of one event per token. The final chunk (finish_reason, usage) is
     passed on by itself. Closing this generator closes `chunks` (the helper does so at its next
-    item), which ends an HTTP stream or stops an engine.
+    item), which ends an HTTP stream or stops an engine; once the final chunk is passed on, the
+    helper lets the source run out instead (an HTTP body read to its end keeps its connection).
     """
     try:
         for chunk in chunks:
@@ -166,8 +167,8 @@ def read_ahead(chunks: Iterator[ChatChunk], name: str) -> Iterator[ChatChunk]:
             for chunk in chunks:
                 ready.put(chunk)
                 hand_over()
-                if closed.is_set():
-                    break
+                if closed.is_set() and chunk.finish_reason is None:
+                    break  # the caller left early; after the final chunk, the source runs out
         except BaseException as exc:  # handed to the job thread, which raises it
             ready.put(_Raised(exc))
         finally:

@@ -44,6 +44,10 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, RETRYABLE)
 
 
+#: what `_stream_chunks` yields for `[DONE]`.
+_DONE: dict[str, Any] = {}
+
+
 def _error_message(error: object) -> str:
     """The message of an error object sent inside a stream."""
     message = error.get("message") if isinstance(error, dict) else None
@@ -109,7 +113,8 @@ class OpenAIProvider(Provider):
             try:
                 for event in httpx2.EventSource(http):
                     if event.data.startswith("[DONE]"):
-                        continue  # read on to the end of the body: the connection is kept
+                        yield _DONE  # the reply is complete; reading on to the end of the
+                        continue     # body (in read_ahead's thread) keeps the connection
                     chunk = event.json()
                     if isinstance(chunk, dict) and chunk.get("error"):
                         raise openai.APIError(_error_message(chunk["error"]), request=http.request,
@@ -144,9 +149,15 @@ class OpenAIProvider(Provider):
         return None if value is None else bool(value)
 
     def _chunks(self, stream: Iterator[dict[str, Any]]) -> Iterator[ChatChunk]:
-        finish_reason, usage = "stop", None
+        """Our chunks; the final one as soon as `[DONE]` arrives (or the stream ends without it)."""
+        finish_reason, usage, finished = "stop", None, False
         keep_reasoning = self._thinking() is not False
         for chunk in stream:
+            if chunk is _DONE:
+                if not finished:
+                    finished = True
+                    yield ChatChunk(finish_reason=finish_reason, usage=usage)
+                continue
             if chunk.get("usage"):
                 counts = chunk["usage"]
                 usage = Usage(prompt_tokens=counts.get("prompt_tokens") or 0,
@@ -162,7 +173,8 @@ class OpenAIProvider(Provider):
                 yield ChatChunk(text=text, reasoning=reasoning)
             if choice.get("finish_reason"):
                 finish_reason = choice["finish_reason"]
-        yield ChatChunk(finish_reason=finish_reason, usage=usage)
+        if not finished:
+            yield ChatChunk(finish_reason=finish_reason, usage=usage)
 
     # embeddings
 
