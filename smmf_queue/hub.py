@@ -59,7 +59,9 @@ class StreamHub:
         """A queue for the events of one of our own jobs (their requests name `reply_channel`).
 
         Sends nothing to Redis, and may be called from any thread; `start` must have returned."""
-        return self._inbox(job_id)
+        inbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self._inboxes[job_id] = inbox
+        return inbox
 
     def close(self, job_id: str) -> None:
         """Stop routing the events of one of our own jobs."""
@@ -67,7 +69,7 @@ class StreamHub:
 
     async def subscribe(self, job_id: str) -> asyncio.Queue[bytes]:
         """A queue for the events of any job, from its own channel, once Redis has confirmed."""
-        inbox = self._inbox(job_id)
+        inbox = self.open(job_id)
         try:
             await self._subscribe(keys.stream_channel(job_id).encode())
         except BaseException:
@@ -83,11 +85,6 @@ class StreamHub:
         async with self._lock:
             with contextlib.suppress(Exception):
                 await self._pubsub.unsubscribe(channel)
-
-    def _inbox(self, job_id: str) -> asyncio.Queue[bytes]:
-        inbox: asyncio.Queue[bytes] = asyncio.Queue()
-        self._inboxes[job_id] = inbox
-        return inbox
 
     async def _subscribe(self, channel: bytes) -> None:
         """SUBSCRIBE (unless already sent) and wait for Redis's confirmation."""
