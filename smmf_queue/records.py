@@ -17,11 +17,12 @@ the terminal event, in the same script, so a stale worker can never end a stream
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import redis
 
 from . import keys
+from .errors import SmmfError
 from .jobs import StreamEvent
 from .streaming import APPEND_LUA_BODY, EventWriter
 
@@ -75,6 +76,16 @@ class Claim:
     value: int
 
 
+class ClaimRefused(SmmfError):
+    """A job started ahead of its claim (see PendingClaim) turned out not to be this delivery's
+    first attempt to run: nothing was published, and the worker handles `claim` the ordinary way.
+    Never reaches a caller."""
+
+    def __init__(self, claim: Claim):
+        super().__init__(f"claim came back {claim.outcome} (attempt {claim.value})")
+        self.claim = claim
+
+
 class JobRecords:
     """Claims, renews and finishes job records for one worker."""
 
@@ -88,9 +99,17 @@ class JobRecords:
         self._finish = client.register_script(_FINISH_LUA)
 
     def claim(self, job_id: str, owner: str) -> Claim:
-        outcome, value = self._claim(keys=[keys.job_record(job_id), keys.cancel_flag(job_id)],
-                                     args=[owner, self.lease_ms, self.max_attempts, self.ttl_s])
-        return Claim(outcome.decode(), int(value))
+        script_keys, args = self._claim_argv(job_id, owner)
+        return _decode_claim(self._claim(keys=script_keys, args=args))
+
+    def send_claim(self, job_id: str, owner: str) -> PendingClaim:
+        """Send the claim and return at once; its answer is read later (see PendingClaim)."""
+        return PendingClaim(self, job_id, owner)
+
+    def _claim_argv(self, job_id: str, owner: str) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of _CLAIM_LUA."""
+        return ([keys.job_record(job_id), keys.cancel_flag(job_id)],
+                [owner, self.lease_ms, self.max_attempts, self.ttl_s])
 
     def renew(self, leases: dict[str, str]) -> None:
         """Extend the leases of running jobs (job id → owner) in one round trip."""
@@ -107,3 +126,64 @@ class JobRecords:
         done = self._finish(keys=[keys.event_log(writer.job_id), keys.job_record(writer.job_id)],
                             args=[*writer.log_args(event), owner, writer.attempt, state])
         return bool(done)
+
+
+class PendingClaim:
+    """A claim on its way to Redis while the worker starts the model: `result()` reads the answer.
+
+    Claiming first and then starting the model put a whole Redis round trip (0.75 ms on this
+    machine, BENCHMARKS.md) before the first token; sent ahead, it overlaps the model's work.
+    The worker reads the answer before it publishes anything. Should reading fail (a broken
+    connection; NOSCRIPT after a Redis restart), the same owner claims again the ordinary way.
+    """
+
+    def __init__(self, records: JobRecords, job_id: str, owner: str):
+        self._records, self._job_id, self._owner = records, job_id, owner
+        self._claim: Claim | None = None
+        self._pool = records.client.connection_pool
+        script_keys, args = records._claim_argv(job_id, owner)
+        self._connection: Any = self._pool.get_connection()
+        try:  # what redis-py's Script does, minus waiting for the answer
+            self._connection.send_command("EVALSHA", records._claim.sha, len(script_keys),
+                                          *script_keys, *args)
+        except (OSError, redis.RedisError):
+            self._release(broken=True)
+
+    def confirm(self) -> None:
+        """Raise ClaimRefused unless this delivery claimed the job's first attempt."""
+        claim = self.result()
+        if (claim.outcome, claim.value) != ("claimed", 1):
+            raise ClaimRefused(claim)
+
+    def release(self) -> None:
+        """Give the connection back if the answer was never read (the job stopped before)."""
+        if self._connection is not None:
+            self._release(broken=True)  # an unread reply is on it
+
+    def result(self) -> Claim:
+        """Redis's answer (read once; later calls return the same claim)."""
+        if self._claim is None:
+            self._claim = self._read()
+        return self._claim
+
+    def _read(self) -> Claim:
+        if self._connection is not None:
+            try:
+                return _decode_claim(self._connection.read_response())
+            except (OSError, redis.RedisError):
+                self._release(broken=True)
+            finally:
+                if self._connection is not None:
+                    self._release()
+        return self._records.claim(self._job_id, self._owner)
+
+    def _release(self, broken: bool = False) -> None:
+        connection, self._connection = self._connection, None
+        if broken:
+            connection.disconnect()
+        self._pool.release(connection)
+
+
+def _decode_claim(reply: list[Any]) -> Claim:
+    outcome, value = reply
+    return Claim(outcome.decode(), int(value))

@@ -12,7 +12,7 @@ latency, not by the model's tokens per second.
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
@@ -37,7 +37,8 @@ class EventWriter:
     """Writes one attempt's events for one job, numbering them from `last_seq + 1`."""
 
     def __init__(self, client: redis.Redis, job_id: str, attempt: int, *, worker_id: str,
-                 ttl_s: int, max_events: int, last_seq: int = 0, reply_to: str | None = None):
+                 ttl_s: int, max_events: int, last_seq: int = 0, reply_to: str | None = None,
+                 before_first_write: Callable[[], None] | None = None):
         self.client = client
         self.job_id = job_id
         self.reply_to = reply_to or ""
@@ -46,6 +47,8 @@ class EventWriter:
         self.ttl_s = ttl_s
         self.max_events = max_events
         self.seq = last_seq
+        #: called once, before anything is written: it may raise to stop the job unpublished.
+        self._before_first_write = before_first_write
         self._append = client.register_script(_APPEND_LUA)
 
     def next_event(self, type_: str, **fields: Any) -> StreamEvent:
@@ -59,7 +62,10 @@ class EventWriter:
                                  args=self.log_args(event)))
 
     def log_args(self, event: StreamEvent) -> list[Any]:
-        """ARGV for APPEND_LUA_BODY."""
+        """ARGV for APPEND_LUA_BODY; every write, terminal ones too, asks for them first."""
+        check, self._before_first_write = self._before_first_write, None
+        if check is not None:
+            check()
         return [event.encode(), event.seq, self.max_events, self.ttl_s,
                 keys.stream_channel(self.job_id), self.reply_to, self.job_id]
 

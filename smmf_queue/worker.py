@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import prometheus_client
@@ -31,7 +31,7 @@ from .jobs import ChatRequest, ChatResult, EmbeddingRequest, StreamEvent, Usage,
 from .providers import load_provider
 from .providers.base import Provider, provider_errors
 from .queues import make_celery_app
-from .records import JobRecords
+from .records import Claim, ClaimRefused, JobRecords
 from .streaming import EventWriter, last_seq
 
 log = logging.getLogger("smmf_queue.worker")
@@ -119,27 +119,60 @@ class WorkerRuntime:
                 log.warning("heartbeat failed: %s", exc)
 
     def execute(self, task: Task, kind: str, payload: dict[str, Any]) -> dict[str, Any] | None:
-        """Run one delivery of a job: claim it, run it if ours, finish it with its terminal event."""
+        """Run one delivery of a job: claim it, run it if ours, finish it with its terminal event.
+
+        The first delivery of a chat starts the model while its claim is on the way
+        (records.PendingClaim) and reads the answer before it publishes anything; should the
+        claim say anything but "first attempt" (cancelled, done, another replica's), the
+        delivery goes on as if it had claimed first. Everything else claims first: a redelivery
+        (a job that killed its worker must be counted before it runs again) and embeddings (a
+        resumed batch sends finished chunks again, and must not embed them twice).
+        """
         job_id = str(task.request.id)
         owner = f"{self.worker_id}/{uuid.uuid4().hex[:8]}"
-        claim = self.records.claim(job_id, owner)
+        if kind == "llm" and _first_delivery(task):
+            pending = self.records.send_claim(job_id, owner)
+            try:
+                return self._run(kind, payload, owner,
+                                 self._writer(job_id, payload, 1, before_first_write=pending.confirm))
+            except ClaimRefused as refused:
+                claim = refused.claim
+            finally:
+                pending.release()
+        else:
+            claim = self.records.claim(job_id, owner)
+        return self._run_claimed(task, kind, payload, owner, claim)
+
+    def _run_claimed(self, task: Task, kind: str, payload: dict[str, Any], owner: str,
+                     claim: Claim) -> dict[str, Any] | None:
+        job_id = str(task.request.id)
         if claim.outcome in ("finished", "cancelled"):
             log.info("job %s is %s; not running it", job_id, claim.outcome)
             return None
         if claim.outcome == "busy":
             # Another replica holds a live lease: check back when it would have expired.
             raise task.retry(countdown=claim.value / 1000 + 1, max_retries=None)
-        writer = EventWriter(self.redis, job_id, claim.value, worker_id=self.worker_id,
-                             ttl_s=self.config.queue.event_ttl_s,
-                             max_events=self.config.queue.event_log_max,
-                             last_seq=last_seq(self.redis, job_id) if claim.value > 1 else 0,
-                             reply_to=_reply_channel(payload))
+        writer = self._writer(job_id, payload, claim.value,
+                              last_seq=last_seq(self.redis, job_id) if claim.value > 1 else 0)
         if claim.outcome == "exhausted":
             self._fail(writer, owner, JobFailed(
                 f"job was delivered {claim.value - 1} times and its worker died each time",
                 error_type="WorkerLost", job_id=job_id))
         if claim.value > 1:
             writer.restart()
+        return self._run(kind, payload, owner, writer)
+
+    def _writer(self, job_id: str, payload: dict[str, Any], attempt: int, *, last_seq: int = 0,
+                before_first_write: Callable[[], None] | None = None) -> EventWriter:
+        return EventWriter(self.redis, job_id, attempt, worker_id=self.worker_id,
+                           ttl_s=self.config.queue.event_ttl_s,
+                           max_events=self.config.queue.event_log_max, last_seq=last_seq,
+                           reply_to=_reply_channel(payload), before_first_write=before_first_write)
+
+    def _run(self, kind: str, payload: dict[str, Any], owner: str,
+             writer: EventWriter) -> dict[str, Any] | None:
+        """Run the job and finish it with its terminal event, if `owner` still holds it."""
+        job_id = writer.job_id
         model_name = str(payload.get("model", "?"))
         with self._running_job(job_id, owner), metrics.IN_FLIGHT.labels(model_name, kind).track_inprogress():
             try:
@@ -182,22 +215,23 @@ class WorkerRuntime:
         finish_reason, usage = "stop", Usage()
         started = time.perf_counter()
         chunks = provider.stream_chat(request)
-        close = getattr(chunks, "close", lambda: None)
-        for chunk in chunks:
-            if chunk.finish_reason is not None:
-                # The reply is complete: end the job now, not when the provider has read the
-                # rest of its source (an HTTP body's end, which a server may hold open).
-                finish_reason, usage = chunk.finish_reason, chunk.usage or Usage()
-                close()
-                break
-            if not text:
-                metrics.WORKER_TTFT.labels(request.model).observe(time.perf_counter() - started)
-            text.append(chunk.text)
-            reasoning.append(chunk.reasoning)
-            if writer.delta(chunk.text, chunk.reasoning):
-                close()  # the provider stops generating (hf: its stopping criterion fires)
-                raise JobFailed("cancelled by the caller", error_type="Cancelled",
-                                model=request.model, job_id=writer.job_id)
+        try:
+            for chunk in chunks:
+                if chunk.finish_reason is not None:
+                    finish_reason, usage = chunk.finish_reason, chunk.usage or Usage()
+                    break
+                if not text:
+                    metrics.WORKER_TTFT.labels(request.model).observe(time.perf_counter() - started)
+                text.append(chunk.text)
+                reasoning.append(chunk.reasoning)
+                if writer.delta(chunk.text, chunk.reasoning):
+                    raise JobFailed("cancelled by the caller", error_type="Cancelled",
+                                    model=request.model, job_id=writer.job_id)
+        finally:
+            # The provider stops now (hf: its stopping criterion fires), also at the final chunk:
+            # the job ends then, not when the rest of its source was read (an HTTP body's end,
+            # which a server may hold open).
+            getattr(chunks, "close", lambda: None)()
         metrics.TOKENS.labels(request.model).inc(usage.completion_tokens)
         event = writer.next_event("end", finish_reason=finish_reason, usage=usage,
                                   worker=self.worker_id)
@@ -244,6 +278,13 @@ class WorkerRuntime:
         finally:
             with self._running_lock:
                 self._running.pop(job_id, None)
+
+
+def _first_delivery(task: Task) -> bool:
+    """Neither a message given back by a dead worker (the broker marks it redelivered) nor a
+    retry of one that found the job busy."""
+    delivery_info = task.request.delivery_info or {}
+    return not delivery_info.get("redelivered") and not task.request.retries
 
 
 def _reply_channel(payload: dict[str, Any]) -> str | None:

@@ -11,7 +11,16 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Producer
 
-from smmf_queue import Client, JobFailed, NoLiveWorker, RequestError, UnknownModel, WrongModelKind, keys
+from smmf_queue import (
+    Client,
+    JobFailed,
+    JobTimeout,
+    NoLiveWorker,
+    RequestError,
+    UnknownModel,
+    WrongModelKind,
+    keys,
+)
 from smmf_queue.config import SmmfConfig
 from smmf_queue.jobs import StreamEvent
 from smmf_queue.streaming import decode_log
@@ -146,6 +155,22 @@ def test_a_producer_subscribes_once_not_per_job(config: SmmfConfig, redis_client
         replies = [fresh.chat(CHAT, HELLO, max_tokens=3, temperature=0) for _ in range(5)]
     assert len({r.job_id for r in replies}) == 5 and all(r.text for r in replies)
     assert subscribes() - before == 1  # the client's reply channel, before its first job
+
+
+def test_a_job_cancelled_while_queued_publishes_nothing(client: Client,
+                                                      redis_client: redis.Redis) -> None:
+    # Given a job whose caller cancelled it before a worker took it (a worker starts the model
+    # while the job's claim is on its way, and must read the answer before publishing)
+    job_id = "cancelled-while-queued"
+    redis_client.set(keys.cancel_flag(job_id), 1, ex=60)
+    # When it is enqueued and the worker takes it
+    with pytest.raises(JobTimeout):
+        list(client.stream_chat(CHAT, HELLO, max_tokens=40, temperature=0, job_id=job_id, timeout=3))
+    # Then the worker took it off the queue but published nothing of it
+    assert sum(redis_client.llen(lane) for lane in keys.queue_lanes("llm", CHAT)) == 0
+    assert logged_events(redis_client, job_id) == []
+    # and keeps serving
+    assert client.chat(CHAT, HELLO, max_tokens=3).usage.completion_tokens == 3
 
 
 def test_provider_failure_becomes_job_failed(client: Client) -> None:

@@ -11,7 +11,7 @@ import redis
 from smmf_queue import keys
 from smmf_queue.jobs import StreamEvent, pack_vectors, unpack_vectors
 from smmf_queue.providers.base import StopFilter
-from smmf_queue.records import JobRecords
+from smmf_queue.records import Claim, ClaimRefused, JobRecords
 from smmf_queue.streaming import EventAssembler, EventWriter, decode_log, drain, last_seq
 
 
@@ -108,6 +108,47 @@ def test_a_job_that_keeps_killing_workers_is_exhausted(records: JobRecords) -> N
         assert records.claim(job, owner).outcome == "claimed"
         time.sleep(0.35)
     assert records.claim(job, "C").outcome == "exhausted"
+
+
+def test_a_claim_sent_ahead_answers_as_a_claim_does(records: JobRecords) -> None:
+    first = records.send_claim("ahead-1", "A")
+    assert first.result() == Claim("claimed", 1)
+    first.confirm()  # the first attempt: the worker may publish
+    second = records.send_claim("ahead-1", "B")
+    assert second.result().outcome == "busy"
+    with pytest.raises(ClaimRefused) as refused:
+        second.confirm()
+    assert refused.value.claim.outcome == "busy"
+
+
+def test_a_claim_sent_ahead_survives_a_script_flush_and_gives_its_connection_back(
+        redis_server) -> None:  # type: ignore[no-untyped-def]
+    client = redis.Redis.from_url(redis_server.url, client_name="ahead")
+    records = JobRecords(client, lease_s=30, max_attempts=2, ttl_s=60)
+    for i in range(20):
+        if i % 5 == 0:
+            client.script_flush()  # as after a Redis restart: EVALSHA answers NOSCRIPT
+        assert records.send_claim(f"ahead-2-{i}", "A").result() == Claim("claimed", 1)
+        records.send_claim(f"ahead-3-{i}", "A").release()  # the job stopped before reading it
+    assert [c["name"] for c in client.client_list()].count("ahead") == 1
+
+
+def test_a_writer_asks_before_its_first_write_only(redis_client: redis.Redis) -> None:
+    asked = []
+    writer = EventWriter(redis_client, "gate-1", 1, worker_id="w", ttl_s=60, max_events=100,
+                         before_first_write=lambda: asked.append(True))
+    writer.delta("a")
+    writer.delta("b")
+    assert asked == [True]
+
+    def refuse() -> None:
+        raise ClaimRefused(Claim("cancelled", 0))
+
+    refused = EventWriter(redis_client, "gate-2", 1, worker_id="w", ttl_s=60, max_events=100,
+                          before_first_write=refuse)
+    with pytest.raises(ClaimRefused):
+        refused.delta("a")
+    assert redis_client.xlen(keys.event_log("gate-2")) == 0
 
 
 def test_hub_survives_rapid_subscribe_unsubscribe_cycles(redis_server) -> None:  # type: ignore[no-untyped-def]
