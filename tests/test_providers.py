@@ -28,7 +28,8 @@ UPSTREAM_KEY = "sk-upstream-key-5150"
 WRONG_KEY = "sk-wrong-key-4242"
 AZURE_KEY = "azure-secret-777"
 PROXIES = ["gguf-proxy", "gguf-proxy-wrong-key", "azure-chat", "deepseek-r1", "ollama-chat",
-           "flaky-chat", "slow-chat", "gguf-proxy-embed", "tongyi-embed", "ollama-embed"]
+           "flaky-chat", "slow-chat", "gguf-proxy-embed", "tongyi-embed", "ollama-embed",
+           "proxied-chat", "proxied-ollama"]
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +149,22 @@ timeout_s = 0.5
 max_retries = 1
 retry_backoff_s = 0.01
 concurrency = 2
+
+[[models.llms]]
+name = "proxied-chat"
+provider = "proxy/openai"
+api_base = "http://upstream.invalid/v1"
+api_key = "sk-proxied"
+http_proxy = "{fake}"
+timeout_s = 0.5
+max_retries = 0
+
+[[models.llms]]
+name = "proxied-ollama"
+provider = "proxy/ollama"
+backend = "qwen2.5:0.5b"
+api_base = "http://upstream.invalid"
+http_proxy = "{fake}"
 
 [[models.embeddings]]
 name = "gguf-embed"
@@ -329,6 +346,27 @@ def test_ollama_native_chat_sends_every_option(providers: Client, upstream: Fake
     assert request.body["model"] == "qwen2.5:0.5b" and request.body["stream"] is True
     assert request.body["options"] == {"temperature": 0, "top_p": 0.9, "num_predict": 2, "seed": 3,
                                        "stop": ["###"], "num_ctx": 4096}
+
+
+def test_http_proxy_carries_the_requests(providers: Client, upstream: FakeUpstream) -> None:
+    # Given models whose api_base cannot be reached directly, with the fake as their http_proxy:
+    # an HTTP proxy receives each request with the full upstream URL as its target
+    upstream.reset()
+    upstream.sse([chat_chunk("via"), chat_chunk(" proxy"), chat_chunk(finish="stop")])
+    base = {"model": "qwen2.5:0.5b", "created_at": "2026-11-25T00:00:00Z"}
+    upstream.ndjson([{**base, "message": {"role": "assistant", "content": "ollama"}, "done": False},
+                     {**base, "message": {"role": "assistant", "content": ""}, "done": True,
+                      "done_reason": "stop", "prompt_eval_count": 3, "eval_count": 1}])
+    streamed = "".join(d.text for d in providers.stream_chat("proxied-chat", HELLO))
+    ollama_reply = providers.chat("proxied-ollama", HELLO)
+    assert (streamed, ollama_reply.text) == ("via proxy", "ollama")
+    assert [r.path for r in upstream.requests] == ["http://upstream.invalid/v1/chat/completions",
+                                                   "http://upstream.invalid/api/chat"]
+    # and errors through the proxy keep the SDK's types (its HTTP client is the proxy's)
+    upstream.reply(json_body={}, delay_s=1.5)
+    with pytest.raises(JobFailed) as failure:
+        providers.chat("proxied-chat", HELLO)
+    assert failure.value.error_type == "APITimeoutError", failure.value.message
 
 
 def test_ollama_embeddings_split_into_batches_in_order(providers: Client, upstream: FakeUpstream) -> None:

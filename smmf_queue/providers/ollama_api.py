@@ -38,7 +38,9 @@ class OllamaProvider(Provider):
 
     def load(self) -> None:
         self.retry = RetryPolicy.of(self.model)
-        self.client = ollama.Client(host=self._host(), timeout=timeout_s(self.model))
+        # ollama.Client passes further keywords on to its httpx client: http_proxy reaches it.
+        self.client = ollama.Client(host=self._host(), timeout=timeout_s(self.model),
+                                    proxy=self.model.options.get("http_proxy"))
 
     def _host(self) -> str:
         if self.model.kind == "embedding" and self.model.api_url:

@@ -71,9 +71,8 @@ class OpenAIProvider(Provider):
         common: dict[str, Any] = {"api_key": require_api_key(self.model, self._endpoint()),
                                   "timeout": timeout_s(self.model), "max_retries": 0}
         proxy = self.model.options.get("http_proxy")
-        if proxy:
-            import httpx
-            common["http_client"] = httpx.Client(proxy=proxy)
+        if proxy:  # the SDK's own HTTP client (httpx2), so its errors and streaming are unchanged
+            common["http_client"] = httpx2.Client(proxy=proxy)
         if self._is_azure():
             return openai.AzureOpenAI(
                 azure_endpoint=self._base_url(), api_version=self.model.options.get("api_version"),
