@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from typing import Any, TypeVar
 
+import redis
 import redis.asyncio
 from pydantic import ValidationError
 
@@ -28,7 +29,7 @@ from . import keys, registry
 from .batch import ChunkResult, embed_chunks
 from .config import ModelKind, SmmfConfig, load_config
 from .errors import BrokerUnavailable, JobFailed, JobTimeout, NoLiveWorker, RequestError
-from .hub import StreamHub
+from .hub import StreamHub, ThreadHub
 from .jobs import (
     ChatDelta,
     ChatRequest,
@@ -142,11 +143,12 @@ class AsyncClient:
         await self.aclose()
 
     def _chat_request(self, model: str, messages: list[dict[str, Any]], params: dict[str, Any],
-                      job_id: str | None) -> ChatRequest:
+                      job_id: str | None, reply_to: str | None = None) -> ChatRequest:
         self.config.model(model, "llm")
         try:
             return ChatRequest(model=model, messages=messages, params=params,
-                               job_id=job_id or new_job_id(), reply_to=self._hub.reply_channel)
+                               job_id=job_id or new_job_id(),
+                               reply_to=reply_to or self._hub.reply_channel)
         except ValidationError as exc:
             raise RequestError(f"invalid chat request: {_first_error(exc)}", model=model) from None
 
@@ -183,7 +185,7 @@ class AsyncClient:
     async def _follow(self, kind: ModelKind, request: dict[str, Any], inbox: asyncio.Queue[bytes],
                       assembler: EventAssembler, timeout: float) -> AsyncIterator[ChatDelta]:
         """The submitted job's deltas until its terminal event; leaving early cancels the job."""
-        model, job_id = request["model"], request["job_id"]
+        job_id = request["job_id"]
         try:
             deadline = time.monotonic() + timeout
             async for event in self._events(inbox, assembler, deadline):
@@ -196,12 +198,8 @@ class AsyncClient:
             self._hub.close(job_id)
             if assembler.terminal is None:  # the caller left or timed out: stop the job
                 await self._cancel(job_id, timeout)
-        terminal = assembler.terminal
-        if terminal is not None and terminal.type == "error":
-            raise JobFailed(terminal.error_message or "job failed",
-                            error_type=terminal.error_type or "JobFailed", model=model, job_id=job_id)
-        if terminal is not None and kind == "llm":
-            yield ChatDelta(finish_reason=terminal.finish_reason, usage=terminal.usage)
+        for delta in _ending(kind, assembler):
+            yield delta
 
     async def _events(self, inbox: asyncio.Queue[bytes], assembler: EventAssembler,
                       deadline: float) -> AsyncIterator[StreamEvent]:
@@ -284,6 +282,17 @@ class AsyncClient:
                                f"(start one: smmf-queue worker --model {model})", model=model)
 
 
+def _ending(kind: ModelKind, assembler: EventAssembler) -> Iterator[ChatDelta]:
+    """After a job's terminal event: JobFailed for an error; a chat's last delta says why it ended."""
+    terminal = assembler.terminal
+    if terminal is not None and terminal.type == "error":
+        raise JobFailed(terminal.error_message or "job failed",
+                        error_type=terminal.error_type or "JobFailed", model=assembler.model,
+                        job_id=assembler.job_id)
+    if terminal is not None and kind == "llm":
+        yield ChatDelta(finish_reason=terminal.finish_reason, usage=terminal.usage)
+
+
 def _first_error(exc: ValidationError) -> str:
     error = exc.errors()[0]
     where = ".".join(str(p) for p in error["loc"])
@@ -291,7 +300,11 @@ def _first_error(exc: ValidationError) -> str:
 
 
 class Client:
-    """The blocking twin of AsyncClient: same methods, run on a private event loop thread."""
+    """The blocking twin of AsyncClient: same methods, run on a private event loop thread.
+
+    Except `stream_chat`, whose first token matters most: the calling thread enqueues the job
+    and reads its events itself (hub.ThreadHub), without a hop to the loop thread and back.
+    """
 
     def __init__(self, config: str | os.PathLike[str] | SmmfConfig | None = None):
         self._loop = asyncio.new_event_loop()
@@ -300,6 +313,8 @@ class Client:
         self._thread.start()
         self._async = self._call(_make_async_client(config))
         self.config = self._async.config
+        self._redis = redis.Redis.from_url(self.config.queue.redis)
+        self._hub = ThreadHub(self._redis)
 
     def chat(self, model: str, messages: list[dict[str, Any]], **kwargs: Any) -> ChatResult:
         """Run a chat job and return the whole reply."""
@@ -308,21 +323,22 @@ class Client:
     def stream_chat(self, model: str, messages: list[dict[str, Any]], *,
                     timeout: float | None = None, fail_fast: bool | None = None,
                     job_id: str | None = None, **params: Any) -> Iterator[ChatDelta]:
-        """Yield the reply's deltas as the worker produces them; leaving early cancels the job.
-
-        The job is enqueued from the calling thread, so it is on its queue without first waiting
-        for the client's loop thread to wake up; its events are read on that loop."""
+        """Yield the reply's deltas as the worker produces them; leaving early cancels the job."""
         client = self._async
-        request = client._chat_request(model, messages, params, job_id)
+        request = client._chat_request(model, messages, params, job_id,
+                                       reply_to=self._hub.reply_channel)
         payload = request.model_dump(mode="json")
         timeout = timeout or client.config.queue.job_timeout_s
         if client._wants_fail_fast(fail_fast) and not client._known_live("llm", model):
             self._call(client._require_worker("llm", model))
-        if not client._hub.started:
-            self._call(client._start_hub(model))
-        inbox = client._submit("llm", payload, timeout)
-        assembler = EventAssembler(request.job_id, model)
-        yield from self._iterate(client._follow("llm", payload, inbox, assembler, timeout))
+        self._start_hub(model)
+        self._hub.open(request.job_id)
+        try:
+            client._send("llm", payload, timeout)
+        except BaseException:
+            self._hub.close(request.job_id)
+            raise
+        yield from self._follow(EventAssembler(request.job_id, model), timeout)
 
     def embed(self, model: str, texts: list[str], **kwargs: Any) -> EmbeddingResult:
         """Vectors for `texts`, in input order."""
@@ -342,6 +358,8 @@ class Client:
     def close(self) -> None:
         if self._loop.is_closed():
             return
+        self._hub.shutdown()
+        self._redis.close()
         self._call(self._async.aclose())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
@@ -352,6 +370,55 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _start_hub(self, model: str) -> None:
+        """Subscribe the hub's reply channel (once): before any job is enqueued."""
+        try:
+            self._hub.start()
+        except (OSError, redis.RedisError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"cannot reach Redis: {exc}", model=model) from None
+
+    def _follow(self, assembler: EventAssembler, timeout: float) -> Iterator[ChatDelta]:
+        """AsyncClient._follow, read on this thread: deltas until the terminal event; leaving
+        early cancels the job."""
+        job_id = assembler.job_id
+        try:
+            for event in self._events(assembler, time.monotonic() + timeout):
+                delta = assembler.apply(event)
+                if delta is not None:
+                    yield delta
+        finally:
+            self._hub.close(job_id)
+            if assembler.terminal is None:  # the caller left or timed out: stop the job
+                with contextlib.suppress(OSError, redis.RedisError):
+                    self._redis.set(keys.cancel_flag(job_id), 1, ex=max(1, int(timeout)))
+        yield from _ending("llm", assembler)
+
+    def _events(self, assembler: EventAssembler, deadline: float) -> Iterator[StreamEvent]:
+        """AsyncClient._events, read on this thread: events in seq order, gaps from the log."""
+        while assembler.terminal is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise JobTimeout(f"no result within the timeout for job {assembler.job_id}",
+                                 model=assembler.model, job_id=assembler.job_id)
+            raw = self._hub.get(assembler.job_id, min(remaining, QUIET_CHECK_S))
+            if raw is None:  # quiet: a lost message, or a slow job; ask the log
+                yield from self._replay(assembler.job_id, assembler.want)
+                continue
+            event = StreamEvent.model_validate_json(raw)
+            if event.seq > assembler.want:
+                yield from self._replay(assembler.job_id, assembler.want, event.seq - 1)
+            if event.seq == assembler.want:
+                yield event
+
+    def _replay(self, job_id: str, first: int, last: int | None = None) -> list[StreamEvent]:
+        """Logged events first..last; none while Redis is unreachable (the reader asks again)."""
+        try:
+            entries = self._redis.xrange(keys.event_log(job_id), f"{first}-0",
+                                         f"{last}-0" if last is not None else "+")
+        except (OSError, redis.RedisError):
+            return []
+        return decode_log(entries)
 
     def _call(self, coro: Awaitable[T]) -> T:
         return asyncio.run_coroutine_threadsafe(_await(coro), self._loop).result()

@@ -11,12 +11,18 @@ message to its job's queue:
 - anyone's job (`subscribe`, for replay): the job's own channel, subscribed per job.
 
 Should an event ever slip by (a reconnect), the reader fills the gap from the job's event log.
+
+`ThreadHub` is its twin for the blocking `Client`: there, the thread that waits for an event
+reads the socket itself, instead of waiting for an event loop thread to hand it over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import threading
+import time
 import uuid
 from typing import Any
 
@@ -120,8 +126,8 @@ class StreamHub:
         channel = message["channel"]
         if message["type"] == "message":
             if channel == self._reply_key:
-                job_id, _, data = message["data"].partition(b" ")
-                inbox = self._inboxes.get(job_id.decode())
+                job_id, data = _split_reply(message["data"])
+                inbox = self._inboxes.get(job_id)
             else:
                 data = message["data"]
                 inbox = self._inboxes.get(keys.job_of_channel(channel.decode()))
@@ -139,3 +145,94 @@ class StreamHub:
                 await self._reader
         with contextlib.suppress(Exception):
             await self._pubsub.aclose()
+
+
+class ThreadHub:
+    """StreamHub for threads: whichever thread waits for an event reads the socket itself.
+
+    The blocking Client first read events on its event loop thread, and every event cost one
+    more wake-up, from that thread to the caller's (0.4 ms p50 here, BENCHMARKS.md). Here a
+    waiting thread that finds nobody reading takes the socket, reads one message, routes it to
+    its job's inbox and wakes the other waiters; one of them reads next if its own inbox is
+    still empty.
+    """
+
+    def __init__(self, client: redis.Redis):
+        self._pubsub = client.pubsub()
+        #: this hub's reply channel: workers publish `<job id> <event>` on it.
+        self.reply_channel = keys.reply_channel(uuid.uuid4().hex)
+        self._inboxes: dict[str, collections.deque[bytes]] = {}
+        self._changed = threading.Condition()
+        self._reading = False
+        self._started = False
+
+    def start(self) -> None:
+        """Subscribe to the reply channel and wait for Redis to confirm it; at once after that."""
+        with self._changed:
+            if self._started:
+                return
+            self._pubsub.subscribe(self.reply_channel)
+            deadline = time.monotonic() + SUBSCRIBE_TIMEOUT_S
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("Redis did not confirm the reply channel's subscription")
+                message = self._pubsub.get_message(timeout=remaining)
+                if message is not None and message["type"] == "subscribe":
+                    break
+            self._started = True
+
+    def open(self, job_id: str) -> None:
+        """Route the events of one of our own jobs (their requests name `reply_channel`)."""
+        with self._changed:
+            self._inboxes[job_id] = collections.deque()
+
+    def close(self, job_id: str) -> None:
+        with self._changed:
+            self._inboxes.pop(job_id, None)
+
+    def get(self, job_id: str, timeout: float) -> bytes | None:
+        """The job's next event, or None when none came within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            inbox = self._inboxes[job_id]
+            while not inbox:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                if self._reading:
+                    self._changed.wait(remaining)
+                else:
+                    self._read_one(remaining)
+            return inbox.popleft()
+
+    def _read_one(self, timeout: float) -> None:
+        """Read one message without holding the lock, route it, wake the other waiters."""
+        message = None
+        self._reading = True
+        self._changed.release()
+        try:
+            message = self._pubsub.get_message(timeout=timeout)
+        except (OSError, redis.RedisError):
+            # Redis went away: redis-py reconnects and re-subscribes on the next read; events
+            # published meanwhile are replayed from the log by the readers (client.Client).
+            time.sleep(min(timeout, RECONNECT_DELAY_S))
+        finally:
+            self._changed.acquire()
+            self._reading = False
+        if message is not None and message["type"] == "message":
+            job_id, data = _split_reply(message["data"])
+            inbox = self._inboxes.get(job_id)
+            if inbox is not None:
+                inbox.append(data)
+        self._changed.notify_all()
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(Exception):
+            self._pubsub.close()
+
+
+def _split_reply(data: bytes) -> tuple[str, bytes]:
+    """(job id, event) of a message on a reply channel."""
+    job_id, _, event = data.partition(b" ")
+    return job_id.decode(), event

@@ -173,6 +173,34 @@ def test_a_job_cancelled_while_queued_publishes_nothing(client: Client,
     assert client.chat(CHAT, HELLO, max_tokens=3).usage.completion_tokens == 3
 
 
+def test_threads_streaming_through_one_client_each_get_their_whole_reply(client: Client) -> None:
+    # Given four threads streaming at once through one blocking Client, which read their events
+    # on their own threads (whichever waits reads the shared connection and routes for all)
+    lengths = [5, 15, 25, 35]
+    texts: dict[int, str] = {}
+
+    def reader(max_tokens: int) -> None:
+        texts[max_tokens] = "".join(d.text for d in client.stream_chat(
+            CHAT, HELLO, max_tokens=max_tokens, temperature=0))
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in lengths]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    # Then each got its own reply whole (greedy decoding: the same as a single chat)
+    assert texts == {n: client.chat(CHAT, HELLO, max_tokens=n, temperature=0).text for n in lengths}
+
+
+def test_leaving_a_stream_early_cancels_the_job(client: Client, redis_client: redis.Redis) -> None:
+    job_id = "left-early"
+    for _ in client.stream_chat(CHAT, HELLO, max_tokens=2000, temperature=0, job_id=job_id):
+        break
+    wait_until(lambda: any(e.type == "error" for e in logged_events(redis_client, job_id)), 30,
+               "the worker to stop the job")
+    assert logged_events(redis_client, job_id)[-1].error_type == "Cancelled"
+
+
 def test_provider_failure_becomes_job_failed(client: Client) -> None:
     # The tiny model has 8192 positions: asking for far more makes transformers fail in the worker.
     huge = [{"role": "user", "content": "word " * 9000}]
