@@ -151,7 +151,8 @@ class ThreadHub:
     """StreamHub for threads: whichever thread waits for an event reads the socket itself.
 
     The blocking Client first read events on its event loop thread, and every event cost one
-    more wake-up, from that thread to the caller's (0.4 ms p50 here, BENCHMARKS.md). Here a
+    more wake-up, from that thread to the caller's (first token 1.2–1.7 ms p50 later on this
+    machine, BENCHMARKS.md). Here a
     waiting thread that finds nobody reading takes the socket, reads one message, routes it to
     its job's inbox and wakes the other waiters; one of them reads next if its own inbox is
     still empty.
