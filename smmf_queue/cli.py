@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import time
 import urllib.request
 import warnings
@@ -223,6 +224,7 @@ def up(config: ConfigOption = DEFAULT_CONFIG,
 
     loaded = _load(config)
     stack = Stack(loaded, flower=flower)
+    _stop_on_signals()
     console.print(f"starting {len(loaded.models)} workers for {loaded.source} …")
     started = time.monotonic()
     try:
@@ -244,6 +246,19 @@ def up(config: ConfigOption = DEFAULT_CONFIG,
         console.print("stopping …")
     except SmmfError as exc:
         _fail(exc.message)
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM (docker stop, systemd, kill) both stop the whole stack, children first.
+
+    SIGTERM used to end `up` at once and leave its workers, gateway and Redis running; and a
+    shell that starts `up` as a background job hands it SIGINT ignored, so Ctrl-C did nothing.
+    """
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
 
 
 def _demo(config: SmmfConfig) -> None:
