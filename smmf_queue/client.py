@@ -159,7 +159,8 @@ class AsyncClient:
         if self._wants_fail_fast(fail_fast):
             await self._require_worker(kind, request["model"])
         await self._start_hub(request["model"])
-        inbox = self._submit(kind, request, timeout)
+        inbox = self._hub.open(request["job_id"])
+        self._enqueue(self._hub, kind, request, timeout)
         async for delta in self._follow(kind, request, inbox, assembler, timeout):
             yield delta
 
@@ -170,17 +171,16 @@ class AsyncClient:
         except (OSError, redis.RedisError, asyncio.TimeoutError) as exc:
             raise BrokerUnavailable(f"cannot reach Redis: {exc}", model=model) from None
 
-    def _submit(self, kind: ModelKind, request: dict[str, Any], timeout: float) -> asyncio.Queue[bytes]:
-        """Open the job's inbox on the hub (started) and enqueue the job. Blocks for one Redis
-        round trip (kombu's producer), which is cheaper than a hop to a thread and back; safe to
-        call from any thread."""
-        inbox = self._hub.open(request["job_id"])
+    def _enqueue(self, hub: StreamHub | ThreadHub, kind: ModelKind, request: dict[str, Any],
+                 timeout: float) -> None:
+        """Enqueue a job whose events `hub` already routes (`open`); stop routing them if the
+        broker refuses it. Blocks for one Redis round trip (kombu's producer), which is cheaper
+        than a hop to a thread and back."""
         try:
             self._send(kind, request, timeout)
         except BaseException:
-            self._hub.close(request["job_id"])
+            hub.close(request["job_id"])
             raise
-        return inbox
 
     async def _follow(self, kind: ModelKind, request: dict[str, Any], inbox: asyncio.Queue[bytes],
                       assembler: EventAssembler, timeout: float) -> AsyncIterator[ChatDelta]:
@@ -333,11 +333,7 @@ class Client:
             self._call(client._require_worker("llm", model))
         self._start_hub(model)
         self._hub.open(request.job_id)
-        try:
-            client._send("llm", payload, timeout)
-        except BaseException:
-            self._hub.close(request.job_id)
-            raise
+        client._enqueue(self._hub, "llm", payload, timeout)
         yield from self._follow(EventAssembler(request.job_id, model), timeout)
 
     def embed(self, model: str, texts: list[str], **kwargs: Any) -> EmbeddingResult:

@@ -152,10 +152,9 @@ class ThreadHub:
 
     The blocking Client first read events on its event loop thread, and every event cost one
     more wake-up, from that thread to the caller's (first token 1.2–1.7 ms p50 later on this
-    machine, BENCHMARKS.md). Here a
-    waiting thread that finds nobody reading takes the socket, reads one message, routes it to
-    its job's inbox and wakes the other waiters; one of them reads next if its own inbox is
-    still empty.
+    machine, BENCHMARKS.md). Here a waiting thread that finds nobody reading takes the socket,
+    reads one message, routes it to its job's inbox and wakes the other waiters; one of them
+    reads next if its own inbox is still empty.
     """
 
     def __init__(self, client: redis.Redis):

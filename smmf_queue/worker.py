@@ -29,7 +29,7 @@ from .config import ModelConfig, SmmfConfig
 from .errors import JobFailed
 from .jobs import ChatRequest, ChatResult, EmbeddingRequest, StreamEvent, Usage, pack_vectors
 from .providers import load_provider
-from .providers.base import Provider, provider_errors
+from .providers.base import Provider, close_chunks, provider_errors
 from .queues import make_celery_app
 from .records import Claim, ClaimRefused, JobRecords
 from .streaming import EventWriter, last_seq
@@ -231,7 +231,7 @@ class WorkerRuntime:
             # The provider stops now (hf: its stopping criterion fires), also at the final chunk:
             # the job ends then, not when the rest of its source was read (an HTTP body's end,
             # which a server may hold open).
-            getattr(chunks, "close", lambda: None)()
+            close_chunks(chunks)
         metrics.TOKENS.labels(request.model).inc(usage.completion_tokens)
         event = writer.next_event("end", finish_reason=finish_reason, usage=usage,
                                   worker=self.worker_id)

@@ -157,7 +157,7 @@ def read_ahead(chunks: Iterator[ChatChunk], name: str) -> Iterator[ChatChunk]:
         else:
             return
     except BaseException:
-        _close(chunks)
+        close_chunks(chunks)
         raise
     ready: queue.Queue[object] = queue.Queue()
     closed = threading.Event()
@@ -172,7 +172,7 @@ def read_ahead(chunks: Iterator[ChatChunk], name: str) -> Iterator[ChatChunk]:
         except BaseException as exc:  # handed to the job thread, which raises it
             ready.put(_Raised(exc))
         finally:
-            _close(chunks)
+            close_chunks(chunks)
             ready.put(_SOURCE_DONE)
 
     threading.Thread(target=pump, name=f"read-ahead-{name}", daemon=True).start()
@@ -194,7 +194,9 @@ def hand_over() -> None:
         os.sched_yield()
 
 
-def _close(chunks: Iterator[ChatChunk]) -> None:
+def close_chunks(chunks: Iterator[ChatChunk]) -> None:
+    """Close a provider's chunk iterator, if it can be closed (ends an HTTP stream, stops an
+    engine); an error while closing is not the job's error."""
     close = getattr(chunks, "close", None)
     if close is not None:
         with contextlib.suppress(Exception):
