@@ -4,7 +4,9 @@ Starts its own Redis (the bundled redis-server, free port) and one worker proces
 chat model, then, in one run:
   1. in-process: the hf provider called directly (the baseline);
   2. through the queue: the SDK's stream_chat, same requests, same model;
-  3. a no-op Celery round trip on the same Redis (apply_async + get), for scale.
+  3. a no-op Celery round trip on the same Redis (apply_async + get), for scale;
+  4. a bare Redis round trip through another process (LPUSH, that process's BRPOP and LPUSH,
+     our BRPOP): the two hops through Redis that any queue with a reply adds, with no Celery.
 Prints p50/p99 of time to first token and total time, the added latency and the ratios.
 
     .venv/bin/python scripts/bench_dispatch.py [--n 200] [--max-tokens 16]
@@ -21,12 +23,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import redis
 from benchkit import MESSAGES, MODEL, percentile, tiny_chat_stack
 from celery import Celery
 
 from smmf_queue import Client, load_config
 from smmf_queue.jobs import ChatRequest
 from smmf_queue.providers import load_provider
+
+#: the lists of the bare Redis round trip.
+ECHO_IN, ECHO_OUT = "bench:echo:in", "bench:echo:out"
 
 
 def noop_app(url: str) -> Celery:
@@ -86,12 +92,39 @@ def bench_noop(url: str, n: int) -> list[float]:
     return times
 
 
+def echo(url: str) -> None:
+    """The other process of the bare Redis round trip: hand each item straight back."""
+    client = redis.Redis.from_url(url)
+    while True:
+        _, item = client.brpop([ECHO_IN])
+        if item == b"stop":
+            return
+        client.lpush(ECHO_OUT, item)
+
+
+def bench_bare_redis(url: str, n: int) -> list[float]:
+    client = redis.Redis.from_url(url)
+    times = []
+    for i in range(n + 5):
+        start = time.perf_counter()
+        client.lpush(ECHO_IN, i)
+        client.brpop([ECHO_OUT], timeout=10)
+        if i >= 5:
+            times.append(time.perf_counter() - start)
+    client.lpush(ECHO_IN, "stop")
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--noop-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--echo", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.echo:
+        echo(args.echo)
+        return
     if args.noop_worker:
         noop_app(args.noop_worker).worker_main(["worker", "--pool=solo", "--loglevel=WARNING",
                                                 "--without-gossip", "--without-mingle"])
@@ -106,6 +139,11 @@ def main() -> None:
         finally:
             noop.terminate()
             noop.wait(timeout=15)
+        echoer = subprocess.Popen([sys.executable, __file__, "--echo", server.url])
+        try:
+            bare_times = bench_bare_redis(server.url, args.n)
+        finally:
+            echoer.wait(timeout=15)
 
     local_ttft, local_total = [r[0] for r in runs["local"]], [r[1] for r in runs["local"]]
     queue_ttft, queue_total = [r[0] for r in runs["queue"]], [r[1] for r in runs["queue"]]
@@ -116,14 +154,16 @@ def main() -> None:
     print(summary("in-process provider: total", local_total))
     print(summary("through the queue:   total", queue_total))
     print(summary("no-op Celery round trip", noop_times))
+    print(summary("bare Redis round trip", bare_times))
     added_p50 = (percentile(queue_ttft, 50) - percentile(local_ttft, 50)) * 1000
     added_p99 = (percentile(queue_ttft, 99) - percentile(local_ttft, 99)) * 1000
     print(f"added time to first token: p50 {added_p50:.2f} ms, p99 {added_p99:.2f} ms "
           f"(target: p50 under 3 ms)")
     print(f"ratios (queue / in-process): first token p50 "
           f"{percentile(queue_ttft, 50) / percentile(local_ttft, 50):.2f}x, total p50 "
-          f"{percentile(queue_total, 50) / percentile(local_total, 50):.2f}x; added TTFT / no-op "
-          f"Celery round trip p50 {added_p50 / (percentile(noop_times, 50) * 1000):.2f}x")
+          f"{percentile(queue_total, 50) / percentile(local_total, 50):.2f}x; added TTFT p50 / no-op "
+          f"Celery round trip p50 {added_p50 / (percentile(noop_times, 50) * 1000):.2f}x, / bare "
+          f"Redis round trip p50 {added_p50 / (percentile(bare_times, 50) * 1000):.2f}x")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from .jobs import (
     StreamEvent,
     new_job_id,
 )
-from .queues import make_celery_app, send_job
+from .queues import JobSender, make_celery_app
 from .streaming import EventAssembler, decode_log
 
 T = TypeVar("T")
@@ -57,6 +57,7 @@ class AsyncClient:
         self._redis = redis.asyncio.from_url(self.config.queue.redis)
         self._hub = StreamHub(self._redis)
         self._celery = make_celery_app(self.config, store_results=False)
+        self._sender = JobSender(self._celery)
         self._liveness = registry.LivenessCache()
 
     async def chat(self, model: str, messages: list[dict[str, Any]], *,
@@ -134,6 +135,7 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._hub.aclose()
         await self._redis.aclose()
+        self._sender.close()
         self._celery.close()
 
     async def __aenter__(self) -> AsyncClient:
@@ -260,7 +262,7 @@ class AsyncClient:
         task = keys.CHAT_TASK if kind == "llm" else keys.EMBED_TASK
         priority = keys.BATCH_PRIORITY if request.get("lane") == "batch" else keys.INTERACTIVE_PRIORITY
         try:
-            send_job(self._celery, task, kind, request, expires_s=timeout, priority=priority)
+            self._sender.send(task, kind, request, expires_s=timeout, priority=priority)
         except Exception as exc:  # kombu raises OperationalError and socket errors
             raise BrokerUnavailable(f"cannot enqueue on the broker: {type(exc).__name__}: {exc}",
                                     model=request["model"], job_id=request["job_id"]) from None

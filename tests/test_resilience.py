@@ -44,8 +44,11 @@ def test_a_queued_job_survives_a_redis_restart(tmp_path: Path, tiny_models: Path
         worker = start_worker(CHAT, config=config)
         # Then the job is served and the waiting caller gets its result
         waiting.join(90)
+        # and the client's next job goes out on the producer it kept across the restart
+        after = client.chat(CHAT, hello, max_tokens=2, timeout=60)
         worker.stop()
     server.stop()
+    assert after.usage.completion_tokens == 2
     if streamed:
         assert results and results[0].completion_tokens == 4
     else:
