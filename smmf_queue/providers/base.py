@@ -148,6 +148,9 @@ def read_ahead(chunks: Iterator[ChatChunk], name: str) -> Iterator[ChatChunk]:
     passed on by itself. Closing this generator closes `chunks` (the helper does so at its next
     item), which ends an HTTP stream or stops an engine; once the final chunk is passed on, the
     helper lets the source run out instead (an HTTP body read to its end keeps its connection).
+    The helper does not `hand_over` after each chunk: the first text has gone out already and
+    the rest is merged anyway, while with many streams in one worker every yield passed the
+    GIL around for nothing (single streams no slower without it, BENCHMARKS.md).
     """
     try:
         for chunk in chunks:
@@ -166,7 +169,6 @@ def read_ahead(chunks: Iterator[ChatChunk], name: str) -> Iterator[ChatChunk]:
         try:
             for chunk in chunks:
                 ready.put(chunk)
-                hand_over()
                 if closed.is_set() and chunk.finish_reason is None:
                     break  # the caller left early; after the final chunk, the source runs out
         except BaseException as exc:  # handed to the job thread, which raises it
