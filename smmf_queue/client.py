@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 import redis.asyncio
@@ -41,7 +41,7 @@ from .jobs import (
     new_job_id,
 )
 from .queues import JobSender, make_celery_app
-from .streaming import EventAssembler, decode_log
+from .streaming import EventAssembler, LogEntries, decode_log
 
 T = TypeVar("T")
 
@@ -239,7 +239,7 @@ class AsyncClient:
                                                f"{last}-0" if last is not None else "+")
         except (OSError, redis.RedisError):
             return []
-        return decode_log(entries)
+        return decode_log(cast(LogEntries, entries))
 
     async def replay(self, job_id: str, model: str, from_seq: int = 1) -> AsyncIterator[ChatDelta]:
         """Read a job's stream from `from_seq`, whether it is running or already finished."""
@@ -416,7 +416,7 @@ class Client:
                                          f"{last}-0" if last is not None else "+")
         except (OSError, redis.RedisError):
             return []
-        return decode_log(entries)
+        return decode_log(cast(LogEntries, entries))
 
     def _call(self, coro: Awaitable[T]) -> T:
         return asyncio.run_coroutine_threadsafe(_await(coro), self._loop).result()

@@ -30,7 +30,7 @@ from .providers import PROVIDER_KEYS, known_providers, suggest_provider
 DEFAULT_CONFIG = Path("configs/local.toml")
 
 ModelKind = Literal["llm", "embedding"]
-_SECTION_OF_KIND: dict[str, str] = {"llm": "llms", "embedding": "embeddings"}
+_SECTION_OF_KIND: dict[ModelKind, str] = {"llm": "llms", "embedding": "embeddings"}
 _PLACEHOLDER = re.compile(r"\$\{(env|pkg):([^}:]+)(?::-([^}]*))?\}")
 
 
@@ -265,7 +265,7 @@ def _section(cls: type[_S], raw: dict[str, Any], name: str, source: Path) -> _S:
         raise ConfigError(_describe(exc, source, "", prefix=f"{name}.")) from None
 
 
-def _model_entries(models: dict[str, Any], kind: str, source: Path) -> list[ModelConfig]:
+def _model_entries(models: dict[str, Any], kind: ModelKind, source: Path) -> list[ModelConfig]:
     section = _SECTION_OF_KIND[kind]
     items = models.get(section, [])
     if not isinstance(items, list):

@@ -8,6 +8,7 @@ the TTL: no reaper, no stale entries.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
@@ -61,7 +62,7 @@ async def alive_workers(client: redis.asyncio.Redis) -> list[WorkerInfo]:
     return _decode(await client.mget(names) if names else [])
 
 
-def _decode(values: list[bytes | None]) -> list[WorkerInfo]:
+def _decode(values: Sequence[bytes | str | None]) -> list[WorkerInfo]:
     return [WorkerInfo.model_validate_json(v) for v in values if v is not None]
 
 

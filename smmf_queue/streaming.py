@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -31,6 +31,10 @@ if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7] .. ' ' .. ARGV[1]) 
 """
 #: the same, answering whether the job was cancelled (KEYS[2]): the check costs no round trip.
 _APPEND_LUA = APPEND_LUA_BODY + "return redis.call('EXISTS', KEYS[2])"
+
+
+#: XRANGE/XREVRANGE entries as our clients get them (they never decode responses).
+LogEntries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
 class EventWriter:
@@ -80,11 +84,11 @@ class EventWriter:
 
 def last_seq(client: redis.Redis, job_id: str) -> int:
     """The seq of the newest logged event of a job (0 when none), so a new attempt continues it."""
-    newest = client.xrevrange(keys.event_log(job_id), count=1)
+    newest = cast(LogEntries, client.xrevrange(keys.event_log(job_id), count=1))
     return int(newest[0][0].split(b"-")[0]) if newest else 0
 
 
-def decode_log(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[StreamEvent]:
+def decode_log(entries: LogEntries) -> list[StreamEvent]:
     """Events from XRANGE entries of an event log."""
     return [StreamEvent.model_validate_json(fields[b"e"]) for _, fields in entries]
 

@@ -435,6 +435,14 @@ def test_a_failure_after_the_first_token_is_an_error_not_a_retry(
     assert len(upstream.requests) == 1
 
 
+def test_a_stream_chunk_that_is_not_an_object_fails_the_job_clearly(
+        providers: Client, upstream: FakeUpstream) -> None:
+    upstream.reset()
+    upstream.sse([chat_chunk("ok"), ["not", "a", "chunk"], chat_chunk(finish="stop")])  # type: ignore[list-item]
+    with pytest.raises(JobFailed, match="not a chunk"):
+        list(providers.stream_chat("flaky-chat", HELLO))
+
+
 def test_streamed_chats_reuse_the_upstream_connection(providers: Client,
                                                      upstream: FakeUpstream) -> None:
     # The openai SDK's own stream stops reading at [DONE], so httpx drops the connection

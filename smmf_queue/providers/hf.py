@@ -88,7 +88,8 @@ class HFProvider(Provider):
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self._trust_remote_code())
         self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=self._dtype(),
                                                        trust_remote_code=self._trust_remote_code()
-                                                       ).to(self._device())
+                                                       ).to(self._device())  # type: ignore[arg-type]
+        # (the ignore: transformers types its decorated .to() as taking a model)
         self.lm.eval()
 
     def _load_embedder(self, path: str) -> None:
@@ -108,7 +109,7 @@ class HFProvider(Provider):
         messages = [m.model_dump() for m in request.messages]
         inputs = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        ).to(self._device())
+        ).to(self._device())  # type: ignore[union-attr]  # return_dict=True: a BatchEncoding
         prompt_tokens = int(inputs["input_ids"].shape[-1])
         if prompt_tokens >= self._context_length():
             raise ValueError(f"prompt of {prompt_tokens} tokens does not fit the model's context "

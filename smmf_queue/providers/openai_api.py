@@ -116,7 +116,10 @@ class OpenAIProvider(Provider):
                         yield _DONE  # the reply is complete; reading on to the end of the
                         continue     # body (in read_ahead's thread) keeps the connection
                     chunk = event.json()
-                    if isinstance(chunk, dict) and chunk.get("error"):
+                    if not isinstance(chunk, dict):
+                        raise openai.APIError(f"the stream sent {event.data[:80]!r}, not a chunk",
+                                              request=http.request, body=None)
+                    if chunk.get("error"):
                         raise openai.APIError(_error_message(chunk["error"]), request=http.request,
                                               body=chunk["error"])
                     yield chunk
