@@ -170,13 +170,13 @@ class PendingClaim:
     def _read(self) -> Claim:
         if self._connection is not None:
             try:
-                return _decode_claim(self._connection.read_response())
+                reply = self._connection.read_response()
             except (OSError, redis.RedisError):
                 self._release(broken=True)
-            finally:
-                if self._connection is not None:
-                    self._release()
-        return self._records.claim(self._job_id, self._owner)
+            else:
+                self._release()
+                return _decode_claim(reply)
+        return self._records.claim(self._job_id, self._owner)  # not sent, or its answer lost
 
     def _release(self, broken: bool = False) -> None:
         connection, self._connection = self._connection, None
