@@ -93,12 +93,11 @@ def bench_noop(url: str, n: int) -> list[float]:
 
 
 def echo(url: str) -> None:
-    """The other process of the bare Redis round trip: hand each item straight back."""
+    """The other process of the bare Redis round trip: hand each item straight back (until
+    terminated, like the no-op worker)."""
     client = redis.Redis.from_url(url)
     while True:
         _, item = client.brpop([ECHO_IN])
-        if item == b"stop":
-            return
         client.lpush(ECHO_OUT, item)
 
 
@@ -111,7 +110,6 @@ def bench_bare_redis(url: str, n: int) -> list[float]:
         client.brpop([ECHO_OUT], timeout=10)
         if i >= 5:
             times.append(time.perf_counter() - start)
-    client.lpush(ECHO_IN, "stop")
     return times
 
 
@@ -143,6 +141,7 @@ def main() -> None:
         try:
             bare_times = bench_bare_redis(server.url, args.n)
         finally:
+            echoer.terminate()
             echoer.wait(timeout=15)
 
     local_ttft, local_total = [r[0] for r in runs["local"]], [r[1] for r in runs["local"]]
