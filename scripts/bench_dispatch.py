@@ -9,7 +9,7 @@ chat model, then, in one run:
      our BRPOP): the two hops through Redis that any queue with a reply adds, with no Celery.
 Prints p50/p99 of time to first token and total time, the added latency and the ratios.
 
-    .venv/bin/python scripts/bench_dispatch.py [--n 200] [--max-tokens 16]
+    .venv/bin/python scripts/bench_dispatch.py [--n 200] [--max-tokens 16] [--device cpu]
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
     parser.add_argument("--noop-worker", help=argparse.SUPPRESS)
     parser.add_argument("--echo", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -128,7 +129,7 @@ def main() -> None:
                                                 "--without-gossip", "--without-mingle"])
         return
 
-    with tiny_chat_stack() as (config_path, server):
+    with tiny_chat_stack(device=args.device) as (config_path, server):
         noop = subprocess.Popen([sys.executable, __file__, "--noop-worker", server.url])
         try:
             with Client(config_path) as client:
@@ -146,8 +147,8 @@ def main() -> None:
 
     local_ttft, local_total = [r[0] for r in runs["local"]], [r[1] for r in runs["local"]]
     queue_ttft, queue_total = [r[0] for r in runs["queue"]], [r[1] for r in runs["queue"]]
-    print(f"{args.n} streamed chats of {args.max_tokens} tokens, model {MODEL}, one worker, "
-          f"{os.cpu_count()} cores")
+    print(f"{args.n} streamed chats of {args.max_tokens} tokens, model {MODEL} on "
+          f"{args.device}, one worker, {os.cpu_count()} cores")
     print(summary("in-process provider: first token", local_ttft))
     print(summary("through the queue:   first token", queue_ttft))
     print(summary("in-process provider: total", local_total))

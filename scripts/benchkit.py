@@ -40,22 +40,28 @@ def percentile(values: list[float], q: float) -> float:
 
 
 MODELS = ROOT / ".smmf" / "models"
-#: the tiny hf chat model's entry (one slot, one torch thread).
-TINY_CHAT_TOML = f"""
+
+
+def tiny_chat_toml(device: str = "cpu") -> str:
+    """The tiny hf chat model's entry (one slot, one torch thread) on `device`."""
+    return f"""
 [[models.llms]]
 name = "{MODEL}"
 provider = "hf"
 path = "{MODELS / 'tiny-noise-chat'}"
-device = "cpu"
+device = "{device}"
 num_threads = 1
 """
 
 
+TINY_CHAT_TOML = tiny_chat_toml()
+
+
 @contextmanager
-def tiny_chat_stack(extra_toml: str = "") -> Iterator[tuple[Path, EmbeddedRedis]]:
+def tiny_chat_stack(extra_toml: str = "", device: str = "cpu") -> Iterator[tuple[Path, EmbeddedRedis]]:
     """(config path, Redis) with one live worker for tiny-noise-chat (one slot, one thread)."""
     make_tiny_models()
-    with worker_stack(TINY_CHAT_TOML, [MODEL], extra_toml) as stack:
+    with worker_stack(tiny_chat_toml(device), [MODEL], extra_toml) as stack:
         yield stack
 
 

@@ -111,12 +111,17 @@ def test_embeddings_match_sentence_transformers_in_process(client: Client, confi
     from sentence_transformers import SentenceTransformer
 
     texts = [f"sentence number {i} about {'queues' if i % 2 else 'cats'}" for i in range(37)]
+    texts.append("a text longer than the model's limit " * 40)
     result = client.embed(EMBED, texts)
-    local = SentenceTransformer(config.model(EMBED).path, device="cpu").encode(texts)
+    model = SentenceTransformer(config.model(EMBED).path, device="cpu")
+    local = model.encode(texts)
     assert len(result.vectors) == len(texts)
     for got, want in zip(result.vectors, local.tolist()):
         assert cosine(got, want) > 0.999
-    assert result.usage.prompt_tokens > len(texts)
+    # usage counts the tokens the model was fed: the long text cut at the model's limit
+    fed = [min(len(ids), model.max_seq_length) for ids in model.tokenizer(texts)["input_ids"]]
+    assert max(fed) == model.max_seq_length
+    assert result.usage.prompt_tokens == sum(fed)
 
 
 def test_two_models_never_receive_each_others_jobs(client: Client, chat_worker: WorkerProcess,

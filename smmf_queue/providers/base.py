@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import math
 import os
 import queue
 import threading
@@ -76,6 +77,15 @@ class Provider(abc.ABC):
         if requested is not None:
             return requested
         return bool(self.model.options.get("normalize", default))
+
+
+def unit_vectors(vectors: list[list[float]]) -> list[list[float]]:
+    """Each vector scaled to length 1 (a zero vector stays zero)."""
+    scaled = []
+    for vector in vectors:
+        norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+        scaled.append([x / norm for x in vector])
+    return scaled
 
 
 @contextlib.contextmanager

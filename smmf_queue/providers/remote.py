@@ -8,7 +8,6 @@ text has been streamed to the caller and cannot be taken back, so a failure beco
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import tenacity
 from ..config import ModelConfig
 from ..errors import ProviderUnavailable
 from ..jobs import Usage
-from .base import Embeddings
+from .base import Embeddings, unit_vectors
 
 T = TypeVar("T")
 
@@ -110,15 +109,6 @@ def split(items: list[T], size: int) -> Iterator[list[T]]:
     """`items` in slices of at most `size` (a provider's batch limit), in order."""
     for start in range(0, len(items), max(1, size)):
         yield items[start:start + size]
-
-
-def unit_vectors(vectors: list[list[float]]) -> list[list[float]]:
-    """Each vector scaled to length 1 (a zero vector stays zero)."""
-    scaled = []
-    for vector in vectors:
-        norm = math.sqrt(sum(x * x for x in vector)) or 1.0
-        scaled.append([x / norm for x in vector])
-    return scaled
 
 
 def embed_in_batches(texts: list[str], limit: int,

@@ -23,8 +23,7 @@ from ..config import ModelConfig
 from ..jobs import ChatRequest, Usage
 from ..streaming import drain
 from . import VLLM_ENGINE_KEYS
-from .base import ChatChunk, Embeddings, Provider
-from .remote import unit_vectors
+from .base import ChatChunk, Embeddings, Provider, unit_vectors
 
 _DONE = object()
 

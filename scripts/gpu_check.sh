@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The checks that need an NVIDIA GPU, in one go: the GPU tests (the hf provider on `cuda` through
+# the queue, and the vLLM refusals on a GPU host), then the dispatch and embedding benchmarks with
+# the models on the GPU, and dispatch once more on this host's CPUs. CI has no GPU; run this where
+# one is lent, with smmf-queue and the `hf` extra importable by $PYTHON (default .venv/bin/python).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-.venv/bin/python}
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+"$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'cuda', torch.cuda.is_available())"
+# The benchmarks run even when a test fails (a lent machine's time is short); the tests decide
+# the exit status.
+tests=0
+"$python" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_engines.py || tests=$?
+"$python" scripts/bench_dispatch.py --n "${DISPATCH_N:-200}" --device cuda
+"$python" scripts/bench_dispatch.py --n "${DISPATCH_N:-200}" --device cpu
+"$python" scripts/bench_embed.py --n "${EMBED_N:-20000}" --device cuda
+exit "$tests"
