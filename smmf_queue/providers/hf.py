@@ -62,7 +62,8 @@ class _TokenTally(threading.local):
 
 def _tally_tokens(sentence_model: Any) -> _TokenTally:
     """Count the tokens `encode` feeds the model from its own tokenization, with a hook on the
-    first module: tokenizing the texts a second time to count them took 18% of a GPU worker."""
+    first module: tokenizing the texts a second time to count them took 18% of the embedding
+    time of a worker on a GPU (BENCHMARKS.md)."""
     tally = _TokenTally()
 
     def count(module: torch.nn.Module, args: tuple[dict[str, torch.Tensor], ...]) -> None:
