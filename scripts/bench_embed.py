@@ -132,5 +132,6 @@ def two_cpu_workers(models: str, source: Path, work: Path) -> float:
             second.terminate()
             second.wait(timeout=15)
 
+
 if __name__ == "__main__":
     main()

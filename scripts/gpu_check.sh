@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The checks that need an NVIDIA GPU, in one go: the GPU tests (the hf provider on `cuda` through
-# the queue, and the vLLM refusals on a GPU host), then the dispatch and embedding benchmarks with
-# the models on the GPU, and dispatch once more on this host's CPUs. CI has no GPU; run this where
-# one is lent, with smmf-queue and the `hf` extra importable by $PYTHON (default .venv/bin/python).
+# the queue, the vLLM refusals on a GPU host, the extras' imports), then the dispatch and
+# embedding benchmarks with the models on the GPU, and dispatch once more on this host's CPUs.
+# CI has no GPU; run this where one is lent, with smmf-queue and the `hf` extra importable by
+# $PYTHON (default .venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
@@ -14,7 +15,8 @@ transformers.__version__, 'cuda', torch.cuda.is_available())"
 # The benchmarks run even when a test fails (a lent machine's time is short); the tests decide
 # the exit status.
 tests=0
-"$python" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_engines.py || tests=$?
+"$python" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_engines.py tests/test_extras.py \
+  || tests=$?
 "$python" scripts/bench_dispatch.py --n "${DISPATCH_N:-200}" --device cuda
 "$python" scripts/bench_dispatch.py --n "${DISPATCH_N:-200}" --device cpu
 "$python" scripts/bench_embed.py --n "${EMBED_N:-20000}" --device cuda

@@ -5,6 +5,7 @@ Nothing here talks to the Redis on :6379; every test run starts its own server.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -146,6 +147,11 @@ class WorkerProcess:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:

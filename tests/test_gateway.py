@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import math
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from .conftest import (
     IDLE,
     SPARE,
     WorkerProcess,
+    cosine,
     free_port,
     start_service,
     wait_until,
@@ -117,11 +117,6 @@ def test_errors_are_openai_shaped(oai: openai.OpenAI, gateway_url: str) -> None:
 def test_health_and_readiness(gateway_url: str) -> None:
     assert httpx.get(f"{gateway_url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{gateway_url}/readyz").json() == {"status": "ready"}
-
-
-def cosine(a: list[float], b: list[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b))
-    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
 
 
 def test_client_disconnect_cancels_the_job_on_the_worker(gateway_url: str, redis_client) -> None:  # type: ignore[no-untyped-def]

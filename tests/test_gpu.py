@@ -4,7 +4,6 @@ these on a lent GPU machine."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from smmf_queue.embedded import EmbeddedRedis
 from smmf_queue.jobs import ChatRequest
 from smmf_queue.providers import load_provider
 
-from .conftest import StartWorker, WorkerProcess
+from .conftest import StartWorker, WorkerProcess, cosine
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device is visible to torch (scripts/gpu_check.sh "
@@ -93,8 +92,3 @@ def test_embeddings_on_the_gpu_match_sentence_transformers_on_the_cpu(gpu_client
                                 device="cpu").encode(texts)
     assert len(result.vectors) == len(texts)
     assert min(cosine(got, want) for got, want in zip(result.vectors, local.tolist())) > 0.999
-
-
-def cosine(a: list[float], b: list[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b))
-    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))

@@ -5,7 +5,6 @@ retries against a FAKE upstream (tests/fake_upstream.py) whose received requests
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import pytest
 from smmf_queue import Client, JobFailed
 from smmf_queue.embedded import EmbeddedRedis
 
-from .conftest import MODELS, ROOT, StartWorker, free_port, start_service, wait_until
+from .conftest import MODELS, ROOT, StartWorker, cosine, free_port, start_service, wait_until
 from .fake_upstream import FakeUpstream, chat_chunk
 
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -212,11 +211,6 @@ def providers(providers_config: Path, start_worker: StartWorker) -> Iterator[Cli
     with Client(providers_config) as client:
         client.proxy_worker_log = proxies.log  # type: ignore[attr-defined]
         yield client
-
-
-def cosine(a: list[float], b: list[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b))
-    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
 
 
 # llama.cpp

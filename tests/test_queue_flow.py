@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import pickle
 import threading
 from pathlib import Path
@@ -25,7 +24,7 @@ from smmf_queue.config import SmmfConfig
 from smmf_queue.jobs import StreamEvent
 from smmf_queue.streaming import decode_log
 
-from .conftest import CHAT, EMBED, SPARE, StartWorker, WorkerProcess, wait_until
+from .conftest import CHAT, EMBED, SPARE, StartWorker, WorkerProcess, cosine, wait_until
 
 HELLO = [{"role": "user", "content": "hello there"}]
 
@@ -267,11 +266,6 @@ def test_pickle_message_is_rejected_and_worker_keeps_serving(
     assert client.chat(CHAT, HELLO, max_tokens=3).text is not None
     assert not marker.exists()
     assert not redis_client.exists(keys.job_record("pickled-job"))
-
-
-def cosine(a: list[float], b: list[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b))
-    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
 
 
 def test_job_of_a_killed_worker_is_run_again_by_another_replica(
