@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from smmf_queue import Client, load_config
 from smmf_queue.embedded import EmbeddedRedis
@@ -17,6 +16,7 @@ from smmf_queue.providers import load_provider
 
 from .conftest import StartWorker, WorkerProcess, cosine
 
+torch = pytest.importorskip("torch", reason="the hf extra is not installed")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device is visible to torch (scripts/gpu_check.sh "
                                        "runs these on a GPU machine)")
