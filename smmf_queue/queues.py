@@ -25,7 +25,9 @@ def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery
 
     Workers store results (`store_results`); producers pass False: they read results from the
     job's stream, and a producer with a Redis result backend would subscribe to and unsubscribe
-    from each task's result channel on every send (two extra round trips per job).
+    from each task's result channel on every send (two extra round trips per job). A result
+    holds the reply only: Celery's `result_extended` would store each job's request, prompt
+    included, a second time.
     """
     app = Celery("smmf_queue", broker=config.queue.broker_url,
                  backend=config.queue.results if store_results else None, set_as_current=False)
@@ -40,7 +42,6 @@ def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery
         worker_prefetch_multiplier=1,
         worker_send_task_events=True,
         result_expires=config.queue.result_ttl_s,
-        result_extended=True,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": config.queue.visibility_timeout_s,

@@ -22,6 +22,7 @@ from smmf_queue import (
 )
 from smmf_queue.config import SmmfConfig
 from smmf_queue.jobs import StreamEvent
+from smmf_queue.queues import make_celery_app
 from smmf_queue.streaming import decode_log
 
 from .conftest import CHAT, EMBED, SPARE, StartWorker, WorkerProcess, cosine, wait_until
@@ -47,6 +48,20 @@ def test_streamed_chat_arrives_in_order_with_one_terminal_event(
     assert events[-1].usage is not None and events[-1].usage.completion_tokens == 40
     # and the streamed text equals the whole reply (temperature 0 is deterministic)
     assert "".join(d.text for d in deltas) == result.text != ""
+
+
+def test_the_final_result_is_in_the_result_backend_without_the_prompt(
+        client: Client, config: SmmfConfig, redis_client: redis.Redis) -> None:
+    # Given a finished chat whose prompt is long
+    prompt = [{"role": "user", "content": "a long conversation " * 200}]
+    result = client.chat(CHAT, prompt, max_tokens=8, temperature=0)
+    # Then Celery's result backend holds the same final result
+    stored = make_celery_app(config).AsyncResult(result.job_id).get(timeout=10)
+    assert stored["text"] == result.text and stored["usage"] == result.usage.model_dump()
+    # and no second copy of the request (result_extended would store the task's arguments)
+    raw = b"".join(redis_client.get(key) or b"" for key in redis_client.keys(f"*{result.job_id}*")
+                   if redis_client.type(key) == b"string")
+    assert b"a long conversation" not in raw
 
 
 def test_temperature_zero_reaches_the_model(client: Client) -> None:
