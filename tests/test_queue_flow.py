@@ -56,7 +56,11 @@ def test_the_final_result_is_in_the_result_backend_without_the_prompt(
     prompt = [{"role": "user", "content": "a long conversation " * 200}]
     result = client.chat(CHAT, prompt, max_tokens=8, temperature=0)
     # Then Celery's result backend holds the same final result
-    stored = make_celery_app(config).AsyncResult(result.job_id).get(timeout=10)
+    app = make_celery_app(config)
+    try:
+        stored = app.AsyncResult(result.job_id).get(timeout=10)
+    finally:
+        app.close()
     assert stored["text"] == result.text and stored["usage"] == result.usage.model_dump()
     # and no second copy of the request (result_extended would store the task's arguments)
     raw = b"".join(redis_client.get(key) or b"" for key in redis_client.keys(f"*{result.job_id}*")
