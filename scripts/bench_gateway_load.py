@@ -3,14 +3,14 @@ OpenAI-compatible backend; against that backend called directly, in the same run
 
 The backend is a FAKE of ours (Starlette under uvicorn, one process): it answers every streamed
 chat with the same 16 one-word chunks at once, so the figures measure smmf-queue, not a model.
-Starts its own Redis, the backend, one worker serving a `proxy/openai` model with 64 slots that
-points at the backend, and one gateway process; then, with 64 clients at a time (httpx):
+Starts its own Redis, the backend, one worker (or `--workers` of them) serving a `proxy/openai`
+model with 64 slots that points at the backend, and one gateway process; then, with 64 clients at a time (httpx):
   1. direct: streamed POSTs to the backend (its own limit on this machine, the baseline);
   2. gateway: the same POSTs to the gateway, through the queue, the worker and the backend;
   3. SDK: AsyncClient.stream_chat through the queue (no gateway).
 Prints chats/s and first-token p50 for each and the ratios.
 
-    .venv/bin/python scripts/bench_gateway_load.py [--n 2000] [--clients 64]
+    .venv/bin/python scripts/bench_gateway_load.py [--n 2000] [--clients 64] [--workers 1]
 """
 
 from __future__ import annotations
@@ -118,7 +118,10 @@ async def measure(backend: int, gateway: int, config: str, n: int, clients: int)
              "gateway": streamed_post(through, "/v1/chat/completions", MODEL), "SDK": sdk_chat}
     for chat in paths.values():  # warm-up
         await load(chat, clients * 2, clients)
-    results = {name: await load(chat, n, clients) for name, chat in paths.items()}
+    results = {}
+    for name, chat in paths.items():  # each row as soon as it is measured (a run may be cut short)
+        rate, ttft = results[name] = await load(chat, n, clients)
+        print(f"  {name:<8} {rate:8.1f} chats/s   first token p50 {ttft:8.2f} ms", flush=True)
     await direct.aclose()
     await through.aclose()
     await sdk.aclose()
@@ -129,6 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes for the model")
     parser.add_argument("--backend", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.backend:
@@ -138,9 +142,12 @@ def main() -> None:
     backend_port, gateway_port = free_port(), free_port()
     backend = subprocess.Popen([sys.executable, __file__, "--backend", str(backend_port)])
     try:
-        with worker_stack(models_toml(backend_port), [MODEL], f"[gateway]\nport = {gateway_port}\n") \
-                as (config, _):
+        with worker_stack(models_toml(backend_port), [MODEL], f"[gateway]\nport = {gateway_port}\n",
+                          workers=args.workers) as (config, _):
             gateway = start_process("gateway", config, config.with_name("gateway.log"))
+            print(f"{args.n} streamed chats of 16 chunks per row, {args.clients} clients at a time, "
+                  f"{args.workers} worker process(es), {os.cpu_count()} cores; backend: a fast FAKE "
+                  "(Starlette, one process)", flush=True)
             try:
                 results = asyncio.run(measure(backend_port, gateway_port, str(config), args.n, args.clients))
             finally:
@@ -149,10 +156,6 @@ def main() -> None:
     finally:
         backend.terminate()
         backend.wait(timeout=15)
-    print(f"{args.n} streamed chats of 16 chunks per row, {args.clients} clients at a time, "
-          f"{os.cpu_count()} cores; backend: a fast FAKE (Starlette, one process)")
-    for name, (rate, ttft) in results.items():
-        print(f"  {name:<8} {rate:8.1f} chats/s   first token p50 {ttft:8.2f} ms")
     direct_rate = results["direct"][0]
     print(f"ratios to direct: gateway {results['gateway'][0] / direct_rate:.2f}x, "
           f"SDK {results['SDK'][0] / direct_rate:.2f}x (project target: gateway >= 400 chats/s)")

@@ -71,20 +71,24 @@ def make_tiny_models() -> None:
 
 
 @contextmanager
-def worker_stack(models_toml: str, served: list[str],
-                 extra_toml: str = "") -> Iterator[tuple[Path, EmbeddedRedis]]:
-    """(config path, Redis): a private Redis and one live worker process serving `served`."""
+def worker_stack(models_toml: str, served: list[str], extra_toml: str = "",
+                 workers: int = 1) -> Iterator[tuple[Path, EmbeddedRedis]]:
+    """(config path, Redis): a private Redis and `workers` live worker processes serving `served`."""
     work = Path(tempfile.mkdtemp(prefix="smmf-bench-"))
     with EmbeddedRedis(free_port(), work / "redis", appendonly=False) as server:
         config_path = work / "bench.toml"
         config_path.write_text(f"{models_toml}\n[queue]\nbroker_url = \"{server.url}\"\n{extra_toml}\n")
-        worker = start_worker_process(config_path, served, work / "worker.log")
+        logs = [work / f"worker{i + 1 if i else ''}.log" for i in range(workers)]
+        processes = [start_worker_process(config_path, served, log) for log in logs]
         try:
-            _wait_for_worker(server, worker, work / "worker.log", served[0])
+            for process, log in zip(processes, logs):
+                _wait_for_worker(server, process, log, served[0])
             yield config_path, server
         finally:
-            worker.terminate()
-            worker.wait(timeout=15)
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.wait(timeout=15)
 
 
 def _wait_for_worker(server: EmbeddedRedis, worker: subprocess.Popen[bytes], log: Path,
