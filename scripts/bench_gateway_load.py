@@ -4,7 +4,8 @@ OpenAI-compatible backend; against that backend called directly, in the same run
 The backend is a FAKE of ours (Starlette under uvicorn, one process): it answers every streamed
 chat with the same 16 one-word chunks at once, so the figures measure smmf-queue, not a model.
 Starts its own Redis, the backend, one worker (or `--workers` of them) serving a `proxy/openai`
-model with 64 slots that points at the backend, and one gateway process; then, with 64 clients at a time (httpx):
+model with 64 slots that points at the backend, and one gateway process; then, with 64 clients
+at a time (httpx):
   1. direct: streamed POSTs to the backend (its own limit on this machine, the baseline);
   2. gateway: the same POSTs to the gateway, through the queue, the worker and the backend;
   3. SDK: AsyncClient.stream_chat through the queue (no gateway).

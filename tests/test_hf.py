@@ -55,7 +55,7 @@ def test_embedding_jobs_draw_no_progress_bar_in_a_worker_log(capfd: pytest.Captu
         result = provider.embed(["one text", "and another"], normalize=True)
     finally:
         logger.setLevel(level)
-    # Then the vectors come back and nothing is written to the process's stdout or stderr
+    # Then the vectors come back and no progress bar is written to the process's output
     assert len(result.vectors) == 2
     written = capfd.readouterr()
-    assert "Batches" not in written.err and written.err == "" and written.out == ""
+    assert not any(bar in written.err + written.out for bar in ("Batches", "it/s]"))
