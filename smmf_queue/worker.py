@@ -36,10 +36,12 @@ from .streaming import EventWriter, last_seq
 
 log = logging.getLogger("smmf_queue.worker")
 
-#: Celery's loggers that write two INFO lines per job (received, succeeded): at hundreds of jobs
-#: a second that is noise and ~3% of the worker's CPU, so they speak only at DEBUG. A failing
-#: job is still logged as an error, and Flower lists every job.
-PER_JOB_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+#: Loggers that write INFO lines for every job: Celery's two (received, succeeded), and the HTTP
+#: clients of the API proxies (httpx2 under the openai SDK, httpx under ollama's), one line per
+#: upstream request. At hundreds of jobs a second that is noise (Celery's two lines were ~3% of
+#: the worker's CPU), so they speak only at DEBUG. A failing job is still logged as an error, and
+#: Flower lists every job.
+PER_JOB_LOGGERS = ("celery.worker.strategy", "celery.app.trace", "httpx2", "httpx")
 
 
 class WorkerRuntime:

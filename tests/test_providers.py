@@ -288,6 +288,16 @@ def test_wrong_api_key_fails_the_job_without_leaking_the_key(providers: Client) 
     assert WRONG_KEY not in log and UPSTREAM_KEY not in log
 
 
+def test_a_proxy_worker_logs_no_line_per_upstream_request(providers: Client) -> None:
+    # Given the proxy worker, logging at INFO as `smmf-queue worker` does by default
+    # When it serves a few jobs
+    for _ in range(3):
+        providers.chat("gguf-proxy", HELLO, temperature=0, max_tokens=2)
+    # Then its log holds no line per upstream request (the HTTP clients log each one at INFO)
+    log = providers.proxy_worker_log.read_text()  # type: ignore[attr-defined]
+    assert "HTTP Request:" not in log
+
+
 # wire formats, against the fake
 
 
