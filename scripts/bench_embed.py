@@ -74,6 +74,8 @@ def in_process(texts: list[str], device: str, per_call: int | None = None) -> fl
 def through_queue(client: Client, model: str, source: Path, work: Path) -> float:
     output = work / "vectors.npy"
     report = run_embed_batch(client, model, InputSpec(source), output)
+    if report.failed:  # a run that dropped texts is not comparable with the in-process baseline
+        raise SystemExit(f"embed-batch on {model}: {report.failed} texts failed; see the worker log")
     return report.embedded / report.seconds
 
 
