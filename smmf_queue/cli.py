@@ -225,7 +225,9 @@ def up(config: ConfigOption = DEFAULT_CONFIG,
     loaded = _load(config)
     stack = Stack(loaded, flower=flower)
     _stop_on_signals()
-    console.print(f"starting {len(loaded.models)} workers for {loaded.source} …")
+    for name, reason in stack.skipped.items():
+        console.print(f"[yellow]skipped[/yellow] {name}: {reason}", highlight=False)
+    console.print(f"starting {len(stack.served)} workers for {loaded.source} …")
     started = time.monotonic()
     try:
         with stack:
@@ -266,10 +268,11 @@ def _demo(config: SmmfConfig) -> None:
     with _client(config) as client:
         llm = config.default_model("llm")
         if llm is not None:
-            prompt = "Say hello to the queue."
+            # Questions a 135 M-parameter model answers (the offline default's SmolLM2).
+            prompt = "What is the capital of France? Answer in one sentence."
             console.print(f"\n[bold]chat[/bold] {llm} <- {prompt!r}")
             _stream(client, llm, [{"role": "user", "content": prompt}],
-                    {"temperature": 0.7, "max_tokens": 32, "seed": 7})
+                    {"temperature": 0, "max_tokens": 48})
         name = config.default_model("embedding")
         if name is not None:
             texts = ["A worker pulls jobs from its model's queue.",
@@ -285,15 +288,16 @@ def _demo_gateway(url: str, config: SmmfConfig) -> None:
     model = config.default_model("llm")
     if model is None:
         return
-    body = json.dumps({"model": model, "max_tokens": 16, "temperature": 0,
-                       "messages": [{"role": "user", "content": "Hello, gateway."}]}).encode()
+    prompt = "What is the capital of Japan?"
+    body = json.dumps({"model": model, "max_tokens": 48, "temperature": 0,
+                       "messages": [{"role": "user", "content": prompt}]}).encode()
     headers = {"Content-Type": "application/json"}
     if config.gateway.api_keys:
         headers["Authorization"] = f"Bearer {config.gateway.api_keys[0].get_secret_value()}"
     request = urllib.request.Request(f"{url}/v1/chat/completions", body, headers)
     with urllib.request.urlopen(request, timeout=60) as response:
         reply = json.load(response)
-    console.print(f"\n[bold]POST {url}/v1/chat/completions[/bold] ({model})")
+    console.print(f"\n[bold]POST {url}/v1/chat/completions[/bold] ({model}) <- {prompt!r}")
     console.out(reply["choices"][0]["message"]["content"], highlight=False)
     console.print(f"[dim](finish_reason {reply['choices'][0]['finish_reason']}, "
                   f"usage {reply['usage']})[/dim]", highlight=False)

@@ -1,8 +1,10 @@
 """Standalone mode: one machine runs the embedded Redis, one worker process per model and the
 gateway.
 
-`Stack` starts them, waits until every model has a live worker and the gateway answers, and
-stops them all on exit.
+`Stack` starts them, waits until every model it started has a live worker and the gateway
+answers, and stops them all on exit. A model whose provider's extra is not installed here is
+skipped, with the reason in `skipped` (the offline default serves SmolLM2 through llama.cpp only
+where the `llamacpp` extra is installed); `smmf-queue worker --model` still refuses it loudly.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from pathlib import Path
 import redis
 
 from . import registry
-from .config import SmmfConfig
+from .config import ModelConfig, SmmfConfig
 from .embedded import EmbeddedRedis
 from .errors import SmmfError
+from .providers import missing_extra
 
 #: seconds to wait for every worker to load its model and report live.
 READY_TIMEOUT_S = 300.0
@@ -36,7 +39,19 @@ class Stack:
         self.flower: subprocess.Popen[bytes] | None = None
         self.redis: EmbeddedRedis | None = None
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        #: model name → why no worker is started for it here.
+        self.skipped: dict[str, str] = {}
+        for model in config.models:
+            extra = missing_extra(model.provider)
+            if extra is not None:
+                self.skipped[model.name] = (f"provider '{model.provider}' needs the '{extra}' extra: "
+                                            f"pip install 'smmf-queue[{extra}]'")
         self.gateway: subprocess.Popen[bytes] | None = None
+
+    @property
+    def served(self) -> list[ModelConfig]:
+        """The models this stack starts a worker for."""
+        return [model for model in self.config.models if model.name not in self.skipped]
 
     @property
     def gateway_url(self) -> str:
@@ -48,7 +63,7 @@ class Stack:
                                                self.config.queue.embedded_redis_dir)
             self.redis.start()
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for model in self.config.models:
+        for model in self.served:
             self.workers[model.name] = start_worker_process(self.config.source, [model.name],
                                                             self.log_dir / f"{_file_safe(model.name)}.log")
         self.gateway = start_process("gateway", self.config.source, self.log_dir / "gateway.log")
@@ -56,13 +71,12 @@ class Stack:
             self.flower = start_process("flower", self.config.source, self.log_dir / "flower.log")
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        """Block until every configured model has a live worker; raise if a worker dies first."""
+        """Block until every started worker is live; raise if a worker dies first."""
         client = redis.Redis.from_url(self.config.queue.redis)
         deadline = time.monotonic() + timeout_s
         while True:
             workers = registry.live_workers(client)
-            missing = [m.name for m in self.config.models
-                       if not registry.replicas(workers, m.kind, m.name)]
+            missing = [m.name for m in self.served if not registry.replicas(workers, m.kind, m.name)]
             if not missing and self._gateway_answers():
                 return
             for label, process, log in self._children():

@@ -58,6 +58,14 @@ def tiny_models() -> Path:
     return MODELS
 
 
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The offline default's real chat model as a transformers folder, made once from its GGUF."""
+    subprocess.run([sys.executable, "-m", "smmf_queue.offline_models", str(MODELS)],
+                   check=True, capture_output=True)
+    return MODELS / "SmolLM2-135M-Instruct"
+
+
 def write_config(path: Path, redis_url: str, models: Path, extra: str = "") -> Path:
     path.write_text(f"""
 [models]

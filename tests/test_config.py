@@ -156,4 +156,6 @@ def test_model_lookup_errors(tmp_path: Path) -> None:
 def test_shipped_default_config_loads() -> None:
     config = load_config(ROOT / "configs" / "local.toml")
     assert config.queue.embedded_redis
-    assert {m.name for m in config.models} == {"tiny-noise-chat", "all-MiniLM-L6-v2"}
+    assert {m.name for m in config.models} == {"SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct-gguf",
+                                               "all-MiniLM-L6-v2"}
+    assert Path(config.model("SmolLM2-135M-Instruct-gguf").path or "").is_file()

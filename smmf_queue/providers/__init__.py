@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 from ..errors import ProviderUnavailable
@@ -33,6 +34,11 @@ PROVIDERS: dict[str, str] = {
 EXTRAS: dict[str, str] = {"hf": "hf", "llama.cpp": "llamacpp", "vllm": "vllm", "mlx": "mlx",
                           "proxy/openai": "proxy", "proxy/deepseek": "proxy", "proxy/tongyi": "proxy",
                           "proxy/siliconflow": "proxy", "proxy/ollama": "proxy"}
+#: what each extra installs, by import name (found without importing any of it).
+EXTRA_MODULES: dict[str, tuple[str, ...]] = {
+    "hf": ("torch", "transformers", "sentence_transformers"), "llamacpp": ("llama_cpp",),
+    "vllm": ("vllm",), "mlx": ("mlx_lm",), "proxy": ("openai", "httpx2", "ollama", "tenacity"),
+}
 
 #: keys every API proxy understands: seconds per call, retries of 429/5xx/connection errors
 #: before the first token and their first backoff in seconds, texts per embeddings request.
@@ -73,6 +79,15 @@ def suggest_provider(name: str) -> str:
     """A "did you mean" hint for a misspelt provider, or "" when nothing is close."""
     close = difflib.get_close_matches(name, known_providers(), n=1)
     return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def missing_extra(provider: str) -> str | None:
+    """The pip extra that `provider` needs and this environment lacks, or None; asked without
+    importing torch or an engine, so `up` can skip such a model instead of failing on it."""
+    extra = EXTRAS[provider]
+    if all(importlib.util.find_spec(module) for module in EXTRA_MODULES[extra]):
+        return None
+    return extra
 
 
 def load_provider(model: ModelConfig) -> Provider:
