@@ -1,7 +1,8 @@
 """What the queue adds: streamed chats through smmf-queue against the same provider in-process.
 
-Starts its own Redis (the bundled redis-server, free port) and one worker process for the tiny
-chat model, then, in one run:
+Starts its own Redis (the bundled redis-server, free port) and one worker process for a chat
+model (the tiny random-weight one, or with `--model SmolLM2-135M-Instruct` the offline default's
+real model), then, in one run:
   1. in-process: the hf provider called directly (the baseline);
   2. through the queue: the SDK's stream_chat, same requests, same model;
   3. a no-op Celery round trip on the same Redis (apply_async + get), for scale;
@@ -10,6 +11,7 @@ chat model, then, in one run:
 Prints p50/p99 of time to first token and total time, the added latency and the ratios.
 
     .venv/bin/python scripts/bench_dispatch.py [--n 200] [--max-tokens 16] [--device cpu]
+        [--model tiny-noise-chat | SmolLM2-135M-Instruct]
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from benchkit import MESSAGES, MODEL, percentile, tiny_chat_stack
+from benchkit import MESSAGES, MODEL, REAL_MODEL, chat_stack, percentile
 from celery import Celery
 
 from smmf_queue import Client, load_config
@@ -64,17 +66,17 @@ def timed(chunks: Iterator[Any]) -> tuple[float, float]:
     return (first or end) - start, end - start
 
 
-def bench_chats(config_path: Path, client: Client, n: int,
+def bench_chats(config_path: Path, client: Client, model: str, n: int,
                 max_tokens: int) -> dict[str, list[tuple[float, float]]]:
     """Alternate in-process and queued chats, so both see the same machine state."""
-    provider = load_provider(load_config(config_path).model(MODEL))
+    provider = load_provider(load_config(config_path).model(model))
     provider.load()
     params = {"max_tokens": max_tokens, "temperature": 0}
     runs: dict[str, list[tuple[float, float]]] = {"local": [], "queue": []}
     for i in range(n + 5):
-        request = ChatRequest(model=MODEL, messages=MESSAGES, params=params)
+        request = ChatRequest(model=model, messages=MESSAGES, params=params)
         local = timed(provider.stream_chat(request))
-        queued = timed(client.stream_chat(MODEL, MESSAGES, **params))
+        queued = timed(client.stream_chat(model, MESSAGES, **params))
         if i >= 5:  # warm-up
             runs["local"].append(local)
             runs["queue"].append(queued)
@@ -118,6 +120,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
+    parser.add_argument("--model", default=MODEL, choices=[MODEL, REAL_MODEL],
+                        help="the chat model (hf, one slot, one torch thread)")
     parser.add_argument("--noop-worker", help=argparse.SUPPRESS)
     parser.add_argument("--echo", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -129,11 +133,11 @@ def main() -> None:
                                                 "--without-gossip", "--without-mingle"])
         return
 
-    with tiny_chat_stack(device=args.device) as (config_path, server):
+    with chat_stack(device=args.device, model=args.model) as (config_path, server):
         noop = subprocess.Popen([sys.executable, __file__, "--noop-worker", server.url])
         try:
             with Client(config_path) as client:
-                runs = bench_chats(config_path, client, args.n, args.max_tokens)
+                runs = bench_chats(config_path, client, args.model, args.n, args.max_tokens)
             noop_times = bench_noop(server.url, args.n)
         finally:
             noop.terminate()
@@ -147,7 +151,7 @@ def main() -> None:
 
     local_ttft, local_total = [r[0] for r in runs["local"]], [r[1] for r in runs["local"]]
     queue_ttft, queue_total = [r[0] for r in runs["queue"]], [r[1] for r in runs["queue"]]
-    print(f"{args.n} streamed chats of {args.max_tokens} tokens, model {MODEL} on "
+    print(f"{args.n} streamed chats of {args.max_tokens} tokens, model {args.model} on "
           f"{args.device}, one worker, {os.cpu_count()} cores")
     print(summary("in-process provider: first token", local_ttft))
     print(summary("through the queue:   first token", queue_ttft))

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
-from benchkit import MESSAGES, MODEL, free_port, tiny_chat_stack
+from benchkit import MESSAGES, MODEL, chat_stack, free_port
 
 from smmf_queue import AsyncClient, load_config
 from smmf_queue.jobs import ChatRequest
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args()
     gateway_port = free_port()
-    with tiny_chat_stack(f'[gateway]\nport = {gateway_port}\napi_keys = ["{KEY}"]') as (config_path, _):
+    with chat_stack(f'[gateway]\nport = {gateway_port}\napi_keys = ["{KEY}"]') as (config_path, _):
         gateway = start_process("gateway", config_path, config_path.with_name("gateway.log"))
         try:
             results = asyncio.run(measure(config_path, gateway_port, args.n, args.max_tokens))

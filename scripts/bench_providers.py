@@ -1,16 +1,17 @@
 """Each provider that runs here, through the queue against the same provider in-process.
 
-Starts its own Redis, llama-cpp-python's OpenAI-compatible server on the tiny GGUF (the
-upstream of proxy/openai) and one worker process serving the three models below; then, per
-model, alternates N streamed chats called in-process (the provider object in this process,
-the baseline) with N through the SDK, in the same run:
-  - hf            tiny-noise-chat (transformers, random weights)
-  - llama.cpp     tiny-noise-chat.gguf
-  - proxy/openai  tiny-noise-chat.gguf behind llama_cpp.server
+Starts its own Redis, llama-cpp-python's OpenAI-compatible server on a GGUF (the upstream of
+proxy/openai) and one worker process serving the three models below; then, per model,
+alternates N streamed chats called in-process (the provider object in this process, the
+baseline) with N through the SDK, in the same run:
+  - hf            tiny-noise-chat (transformers, random weights), or with `--real` the offline
+                  default's SmolLM2-135M-Instruct (its transformers folder)
+  - llama.cpp     tiny-noise-chat.gguf, or with `--real` SmolLM2-135M-Instruct.Q4_1.gguf
+  - proxy/openai  the same GGUF behind llama_cpp.server
 Prints time to first token (p50) and tokens/s (completion tokens / total time, median) for
 both, and the ratios.
 
-    .venv/bin/python scripts/bench_providers.py [--n 50] [--max-tokens 64]
+    .venv/bin/python scripts/bench_providers.py [--n 50] [--max-tokens 64] [--real]
 """
 
 from __future__ import annotations
@@ -29,28 +30,31 @@ from typing import Any
 import openai
 from benchkit import (
     MESSAGES,
+    MODEL,
     MODELS,
+    REAL_MODEL,
     ROOT,
-    TINY_CHAT_TOML,
+    chat_toml,
     free_port,
-    make_tiny_models,
+    make_models,
     percentile,
     worker_stack,
 )
 
 from smmf_queue import Client, load_config
 from smmf_queue.jobs import ChatRequest
+from smmf_queue.offline_models import smollm2_gguf
 from smmf_queue.providers import load_provider
 
-GGUF = MODELS / "tiny-noise-chat.gguf"
+TINY_GGUF = MODELS / "tiny-noise-chat.gguf"
 KEY = "sk-bench"
 
 
 @contextmanager
-def llama_server() -> Iterator[str]:
-    """llama_cpp.server on the tiny GGUF; yields its /v1 URL."""
+def llama_server(gguf: Path) -> Iterator[str]:
+    """llama_cpp.server on `gguf`; yields its /v1 URL."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(GGUF),
+    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
                                "--host", "127.0.0.1", "--port", str(port), "--api_key", KEY,
                                "--model_alias", "tiny-gguf", "--n_threads", "1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -71,12 +75,12 @@ def llama_server() -> Iterator[str]:
         server.wait(timeout=10)
 
 
-def models_toml(upstream: str) -> str:
-    return TINY_CHAT_TOML + f"""
+def models_toml(hf_model: str, gguf: Path, upstream: str) -> str:
+    return chat_toml(hf_model) + f"""
 [[models.llms]]
 name = "gguf-chat"
 provider = "llama.cpp"
-path = "{GGUF}"
+path = "{gguf}"
 n_threads = 1
 
 [[models.llms]]
@@ -139,14 +143,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=50)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--real", action="store_true",
+                        help="SmolLM2-135M-Instruct instead of the tiny random-weight models")
     args = parser.parse_args()
-    make_tiny_models()
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_gguf.py"), str(GGUF)],
+    make_models()
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_gguf.py"), str(TINY_GGUF)],
                    check=True, capture_output=True)
-    served = ["tiny-noise-chat", "gguf-chat", "gguf-proxy"]
+    hf_model, gguf = (REAL_MODEL, smollm2_gguf()) if args.real else (MODEL, TINY_GGUF)
+    served = [hf_model, "gguf-chat", "gguf-proxy"]
     print(f"{args.n} streamed chats of up to {args.max_tokens} tokens per model, temperature 0, "
-          f"{os.cpu_count()} cores; in-process = the provider called in this process")
-    with llama_server() as upstream, worker_stack(models_toml(upstream), served) as (config_path, _), \
+          f"{os.cpu_count()} cores; in-process = the provider called in this process; "
+          f"GGUF {gguf.name}")
+    with llama_server(gguf) as upstream, \
+            worker_stack(models_toml(hf_model, gguf, upstream), served) as (config_path, _), \
             Client(config_path) as client:
         proxy_tokens = upstream_tokens(upstream, args.max_tokens)
         for model in served:

@@ -1,4 +1,5 @@
-"""What the benchmarks share: a private Redis and one worker for the tiny chat model.
+"""What the benchmarks share: a private Redis and one worker for a local chat model (the tiny
+random-weight one, or the offline default's real SmolLM2-135M-Instruct).
 
 The stack is started the way a user starts it (real processes, real Redis on a free port), so
 the figures include every hop.
@@ -22,9 +23,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from smmf_queue import registry  # noqa: E402
 from smmf_queue.embedded import EmbeddedRedis  # noqa: E402
+from smmf_queue.offline_models import HF_FOLDER, make_smollm2_folder  # noqa: E402
 from smmf_queue.standalone import start_worker_process  # noqa: E402
 
 MODEL = "tiny-noise-chat"
+#: the offline default's real chat model, through hf (what `--model` may name instead).
+REAL_MODEL = HF_FOLDER
 MESSAGES = [{"role": "user", "content": "Say something about queues."}]
 
 
@@ -42,32 +46,33 @@ def percentile(values: list[float], q: float) -> float:
 MODELS = ROOT / ".smmf" / "models"
 
 
-def tiny_chat_toml(device: str = "cpu") -> str:
-    """The tiny hf chat model's entry (one slot, one torch thread) on `device`."""
+def chat_toml(model: str = MODEL, device: str = "cpu") -> str:
+    """An hf chat model's entry (one slot, one torch thread) on `device`: `model` is MODEL or
+    REAL_MODEL, named as its folder under MODELS."""
     return f"""
 [[models.llms]]
-name = "{MODEL}"
+name = "{model}"
 provider = "hf"
-path = "{MODELS / 'tiny-noise-chat'}"
+path = "{MODELS / model}"
 device = "{device}"
 num_threads = 1
 """
 
 
-TINY_CHAT_TOML = tiny_chat_toml()
-
-
 @contextmanager
-def tiny_chat_stack(extra_toml: str = "", device: str = "cpu") -> Iterator[tuple[Path, EmbeddedRedis]]:
-    """(config path, Redis) with one live worker for tiny-noise-chat (one slot, one thread)."""
-    make_tiny_models()
-    with worker_stack(tiny_chat_toml(device), [MODEL], extra_toml) as stack:
+def chat_stack(extra_toml: str = "", device: str = "cpu",
+               model: str = MODEL) -> Iterator[tuple[Path, EmbeddedRedis]]:
+    """(config path, Redis) with one live worker for `model` (one slot, one thread)."""
+    make_models()
+    with worker_stack(chat_toml(model, device), [model], extra_toml) as stack:
         yield stack
 
 
-def make_tiny_models() -> None:
+def make_models() -> None:
+    """The tiny random-weight chat model, and SmolLM2's transformers folder (each made once)."""
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_models.py"), str(MODELS)],
                    check=True, capture_output=True)
+    make_smollm2_folder(MODELS)
 
 
 @contextmanager

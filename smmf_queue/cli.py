@@ -15,6 +15,7 @@ from typing import Annotated, Any, NoReturn
 import redis
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import keys, registry
@@ -226,7 +227,7 @@ def up(config: ConfigOption = DEFAULT_CONFIG,
     stack = Stack(loaded, flower=flower)
     _stop_on_signals()
     for name, reason in stack.skipped.items():
-        console.print(f"[yellow]skipped[/yellow] {name}: {reason}", highlight=False)
+        console.print(f"[yellow]skipped[/yellow] {escape(f'{name}: {reason}')}", highlight=False)
     console.print(f"starting {len(stack.served)} workers for {loaded.source} …")
     started = time.monotonic()
     try:

