@@ -145,20 +145,17 @@ class _ChunkRunner:
             if finished is not None:
                 return finished
             try:
-                assembler = await self.client._embedding_job(
-                    self.model, texts, normalize=self.normalize, timeout=None, fail_fast=False,
+                return await self.client.embedding_job(
+                    self.model, texts, normalize=self.normalize, fail_fast=False,
                     job_id=retry_id, lane="batch")
             except (JobTimeout, BrokerUnavailable):
                 if attempt + 1 >= TRANSIENT_TRIES:
                     raise
                 await asyncio.sleep(TRANSIENT_BACKOFF_S * 2 ** attempt)
-                continue
-            assert assembler.terminal is not None
-            return assembler.terminal
         raise AssertionError("unreachable")
 
     async def _finished(self, job_id: str) -> StreamEvent | None:
-        events = await self.client._replay(job_id, 1)
+        events = await self.client.logged_events(job_id)
         if events and events[-1].type == "end":
             return events[-1]
         if events and events[-1].type == "error":

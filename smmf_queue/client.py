@@ -8,7 +8,8 @@
 A job goes: validate against the config → (fail fast if asked and no worker is alive) →
 register with the hub (whose reply channel, named in the request, was subscribed before the
 client's first job) → enqueue on the model's queue → read events in `seq` order, filling gaps
-from the job's event log.
+from the job's event log. `_BaseClient` holds what both clients do without waiting (validate,
+enqueue) and `streaming.JobReader` every decision of reading; the twins only wait, each its way.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import asyncio
 import contextlib
 import os
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from typing import Any, TypeVar, cast
 
@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from . import keys, registry
 from .batch import ChunkResult, embed_chunks
 from .config import ModelKind, SmmfConfig, load_config
-from .errors import BrokerUnavailable, JobFailed, JobTimeout, NoLiveWorker, RequestError
+from .errors import BrokerUnavailable, NoLiveWorker, RequestError
 from .hub import StreamHub, ThreadHub
 from .jobs import (
     ChatDelta,
@@ -41,51 +41,127 @@ from .jobs import (
     new_job_id,
 )
 from .queues import JobSender, make_celery_app
-from .streaming import EventAssembler, LogEntries, decode_log
+from .streaming import JobReader, LogEntries, LogRange, decode_log, embedding_result
 
 T = TypeVar("T")
 
-#: seconds without an event after which the reader checks the job's log (a lost pub/sub message).
-QUIET_CHECK_S = 2.0
 
-
-class AsyncClient:
-    """Submits chat and embedding jobs to the queues that a config describes."""
+class _BaseClient:
+    """What `Client` and `AsyncClient` share: validating requests against the config, the
+    liveness cache, and enqueueing (one blocking Redis round trip through kombu's producer,
+    cheaper than a hop to another thread and back)."""
 
     def __init__(self, config: str | os.PathLike[str] | SmmfConfig | None = None):
         self.config = config if isinstance(config, SmmfConfig) else load_config(config)
-        self._redis = redis.asyncio.from_url(self.config.queue.redis)
-        self._hub = StreamHub(self._redis)
         self._celery = make_celery_app(self.config, store_results=False)
         self._sender = JobSender(self._celery)
         self._liveness = registry.LivenessCache()
+
+    def _chat_request(self, model: str, messages: list[dict[str, Any]], params: dict[str, Any],
+                      job_id: str | None, reply_to: str) -> ChatRequest:
+        self.config.model(model, "llm")
+        try:
+            return ChatRequest(model=model, messages=messages, params=params,
+                               job_id=job_id or new_job_id(), reply_to=reply_to)
+        except ValidationError as exc:
+            raise RequestError(f"invalid chat request: {_first_error(exc)}", model=model) from None
+
+    def _embedding_request(self, model: str, texts: list[str], normalize: bool | None,
+                           job_id: str | None, lane: Lane, reply_to: str) -> EmbeddingRequest:
+        self.config.model(model, "embedding")
+        try:
+            return EmbeddingRequest(model=model, texts=list(texts), normalize=normalize,
+                                    job_id=job_id or new_job_id(), lane=lane, reply_to=reply_to)
+        except ValidationError as exc:
+            raise RequestError(f"invalid embedding request: {exc}", model=model) from None
+
+    def _timeout(self, timeout: float | None) -> float:
+        return timeout or self.config.queue.job_timeout_s
+
+    def _needs_liveness_check(self, kind: str, model: str, fail_fast: bool | None) -> bool:
+        """Whether to ask Redis for live workers first: fail-fast asked (by the call or the
+        config) and the liveness cache (no I/O) does not already show a replica."""
+        wanted = self.config.queue.fail_fast if fail_fast is None else fail_fast
+        if not wanted:
+            return False
+        workers = self._liveness.fresh()
+        return workers is None or not registry.replicas(workers, kind, model)
+
+    def _check_live(self, workers: list[registry.WorkerInfo], kind: str, model: str) -> None:
+        """Raise NoLiveWorker unless `workers` (just read) has a replica of the model."""
+        self._liveness.store(workers)
+        if not registry.replicas(workers, kind, model):
+            raise NoLiveWorker(f"no live worker serves {kind} model '{model}' "
+                               f"(start one: smmf-queue worker --model {model})", model=model)
+
+    def _enqueue(self, hub: StreamHub | ThreadHub, kind: ModelKind, request: dict[str, Any],
+                 timeout: float) -> None:
+        """Enqueue a job whose events `hub` already routes (`open`); stop routing them if the
+        broker refuses it."""
+        task = keys.CHAT_TASK if kind == "llm" else keys.EMBED_TASK
+        priority = keys.BATCH_PRIORITY if request.get("lane") == "batch" else keys.INTERACTIVE_PRIORITY
+        try:
+            self._sender.send(task, kind, request, expires_s=timeout, priority=priority)
+        except Exception as exc:  # kombu raises OperationalError and socket errors
+            hub.close(request["job_id"])
+            raise BrokerUnavailable(f"cannot enqueue on the broker: {type(exc).__name__}: {exc}",
+                                    model=request["model"], job_id=request["job_id"]) from None
+        except BaseException:
+            hub.close(request["job_id"])
+            raise
+
+    def _close_sender(self) -> None:
+        self._sender.close()
+        self._celery.close()
+
+
+class AsyncClient(_BaseClient):
+    """Submits chat and embedding jobs to the queues that a config describes."""
+
+    def __init__(self, config: str | os.PathLike[str] | SmmfConfig | None = None):
+        super().__init__(config)
+        self._redis = redis.asyncio.from_url(self.config.queue.redis)
+        self._hub = StreamHub(self._redis)
 
     async def chat(self, model: str, messages: list[dict[str, Any]], *,
                    timeout: float | None = None, fail_fast: bool | None = None,
                    job_id: str | None = None, **params: Any) -> ChatResult:
         """Run a chat job and return the whole reply."""
-        request = self._chat_request(model, messages, params, job_id)
-        assembler = EventAssembler(request.job_id, model)
-        async for _ in self._run("llm", request.model_dump(mode="json"), assembler, timeout, fail_fast):
+        request = self._chat_request(model, messages, params, job_id, self._hub.reply_channel)
+        reader = JobReader(request.job_id, model, self._timeout(timeout))
+        async for _ in self._run("llm", request.model_dump(mode="json"), reader, fail_fast):
             pass
-        return assembler.chat_result()
+        return reader.assembler.chat_result()
 
     async def stream_chat(self, model: str, messages: list[dict[str, Any]], *,
                           timeout: float | None = None, fail_fast: bool | None = None,
                           job_id: str | None = None, **params: Any) -> AsyncIterator[ChatDelta]:
         """Yield the reply's deltas as the worker produces them; leaving early cancels the job."""
-        request = self._chat_request(model, messages, params, job_id)
-        assembler = EventAssembler(request.job_id, model)
-        async for delta in self._run("llm", request.model_dump(mode="json"), assembler, timeout,
-                                     fail_fast):
+        request = self._chat_request(model, messages, params, job_id, self._hub.reply_channel)
+        reader = JobReader(request.job_id, model, self._timeout(timeout))
+        async for delta in self._run("llm", request.model_dump(mode="json"), reader, fail_fast):
             yield delta
 
     async def embed(self, model: str, texts: list[str], *, normalize: bool | None = None,
                     timeout: float | None = None, fail_fast: bool | None = None) -> EmbeddingResult:
         """Vectors for `texts`, in input order."""
-        assembler = await self._embedding_job(model, texts, normalize=normalize, timeout=timeout,
-                                              fail_fast=fail_fast)
-        return assembler.embedding_result()
+        job_id = new_job_id()
+        end = await self.embedding_job(model, texts, normalize=normalize, timeout=timeout,
+                                       fail_fast=fail_fast, job_id=job_id)
+        return embedding_result(job_id, model, end)
+
+    async def embedding_job(self, model: str, texts: list[str], *, normalize: bool | None = None,
+                            timeout: float | None = None, fail_fast: bool | None = None,
+                            job_id: str | None = None, lane: Lane = "interactive") -> StreamEvent:
+        """Run one embedding job and return its `end` event, the vectors still packed as they
+        crossed the wire (what a batch pipeline writes out as it is); JobFailed on an error."""
+        request = self._embedding_request(model, texts, normalize, job_id, lane,
+                                          self._hub.reply_channel)
+        reader = JobReader(request.job_id, model, self._timeout(timeout))
+        async for _ in self._run("embedding", request.model_dump(mode="json"), reader, fail_fast):
+            pass
+        assert reader.assembler.terminal is not None  # _run ends at the terminal event
+        return reader.assembler.terminal
 
     def embed_batch(self, model: str, texts: Iterable[str], **options: Any) -> AsyncIterator[ChunkResult]:
         """Embed a corpus of any size in chunks on the batch lane; yields chunks in input order.
@@ -93,31 +169,30 @@ class AsyncClient:
         See `smmf_queue.batch.embed_chunks` for the options (token budget, window, resume)."""
         return embed_chunks(self, model, texts, **options)
 
-    async def _embedding_job(self, model: str, texts: list[str], *, normalize: bool | None,
-                             timeout: float | None, fail_fast: bool | None, job_id: str | None = None,
-                             lane: Lane = "interactive") -> EventAssembler:
-        """Run one embedding job; the assembler holds its terminal event."""
-        self.config.model(model, "embedding")
+    async def logged_events(self, job_id: str, first: int = 1, last: int | None = None) -> list[StreamEvent]:
+        """A job's events `first`..`last` as its log holds them; none once the log expired or
+        while Redis is unreachable (a reader asks again)."""
         try:
-            request = EmbeddingRequest(model=model, texts=list(texts), normalize=normalize,
-                                       job_id=job_id or new_job_id(), lane=lane,
-                                       reply_to=self._hub.reply_channel)
-        except ValidationError as exc:
-            raise RequestError(f"invalid embedding request: {exc}", model=model) from None
-        assembler = EventAssembler(request.job_id, model)
-        async for _ in self._run("embedding", request.model_dump(mode="json"), assembler, timeout,
-                                 fail_fast):
-            pass
-        return assembler
+            entries = await self._redis.xrange(keys.event_log(job_id), *_log_bounds((first, last)))
+        except (OSError, redis.RedisError):
+            return []
+        return decode_log(cast(LogEntries, entries))
+
+    async def replay(self, job_id: str, model: str, from_seq: int = 1) -> AsyncIterator[ChatDelta]:
+        """Read a job's stream from `from_seq`, whether it is running or already finished."""
+        reader = JobReader(job_id, model, self.config.queue.job_timeout_s, from_seq=from_seq)
+        inbox = await self._hub.subscribe(job_id)
+        try:
+            for delta in reader.apply(await self.logged_events(job_id)):
+                yield delta
+            async for delta in self._read(reader, inbox):
+                yield delta
+        finally:
+            await self._hub.unsubscribe(job_id)
 
     async def live_workers(self) -> list[registry.WorkerInfo]:
         """Workers whose heartbeat is current."""
         return await registry.alive_workers(self._redis)
-
-    async def _cancel(self, job_id: str, ttl_s: float) -> None:
-        """Flag the job as cancelled: a worker checks it when it claims and with every event."""
-        with contextlib.suppress(OSError, redis.RedisError):
-            await self._redis.set(keys.cancel_flag(job_id), 1, ex=max(1, int(ttl_s)))
 
     async def queue_depth(self, kind: str, model: str) -> int | None:
         """Jobs waiting in a model's queue (all lanes); None when the broker is not this Redis."""
@@ -135,8 +210,7 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._hub.aclose()
         await self._redis.aclose()
-        self._sender.close()
-        self._celery.close()
+        self._close_sender()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -144,155 +218,53 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def _chat_request(self, model: str, messages: list[dict[str, Any]], params: dict[str, Any],
-                      job_id: str | None, reply_to: str | None = None) -> ChatRequest:
-        self.config.model(model, "llm")
-        try:
-            return ChatRequest(model=model, messages=messages, params=params,
-                               job_id=job_id or new_job_id(),
-                               reply_to=reply_to or self._hub.reply_channel)
-        except ValidationError as exc:
-            raise RequestError(f"invalid chat request: {_first_error(exc)}", model=model) from None
-
-    async def _run(self, kind: ModelKind, request: dict[str, Any], assembler: EventAssembler,
-                   timeout: float | None, fail_fast: bool | None) -> AsyncIterator[ChatDelta]:
-        """Enqueue one job and yield its deltas (the last one says why it ended)."""
-        timeout = timeout or self.config.queue.job_timeout_s
-        if self._wants_fail_fast(fail_fast):
-            await self._require_worker(kind, request["model"])
-        await self._start_hub(request["model"])
-        inbox = self._hub.open(request["job_id"])
-        self._enqueue(self._hub, kind, request, timeout)
-        async for delta in self._follow(kind, request, inbox, assembler, timeout):
-            yield delta
-
-    async def _start_hub(self, model: str) -> None:
-        """Subscribe the hub's reply channel (once): before any job is enqueued."""
+    async def _run(self, kind: ModelKind, request: dict[str, Any], reader: JobReader,
+                   fail_fast: bool | None) -> AsyncIterator[ChatDelta]:
+        """Enqueue one job and yield its deltas until its terminal event (the last one says why
+        it ended); leaving early cancels the job."""
+        if self._needs_liveness_check(kind, request["model"], fail_fast):
+            self._check_live(await registry.alive_workers(self._redis), kind, request["model"])
         try:
             await self._hub.start()
         except (OSError, redis.RedisError, asyncio.TimeoutError) as exc:
-            raise BrokerUnavailable(f"cannot reach Redis: {exc}", model=model) from None
-
-    def _enqueue(self, hub: StreamHub | ThreadHub, kind: ModelKind, request: dict[str, Any],
-                 timeout: float) -> None:
-        """Enqueue a job whose events `hub` already routes (`open`); stop routing them if the
-        broker refuses it. Blocks for one Redis round trip (kombu's producer), which is cheaper
-        than a hop to a thread and back."""
+            raise BrokerUnavailable(f"cannot reach Redis: {exc}", model=request["model"]) from None
+        inbox = self._hub.open(reader.job_id)
+        self._enqueue(self._hub, kind, request, reader.timeout_s)
         try:
-            self._send(kind, request, timeout)
-        except BaseException:
-            hub.close(request["job_id"])
-            raise
-
-    async def _follow(self, kind: ModelKind, request: dict[str, Any], inbox: asyncio.Queue[bytes],
-                      assembler: EventAssembler, timeout: float) -> AsyncIterator[ChatDelta]:
-        """The submitted job's deltas until its terminal event; leaving early cancels the job."""
-        job_id = request["job_id"]
-        try:
-            deadline = time.monotonic() + timeout
-            async for event in self._events(inbox, assembler, deadline):
-                delta = assembler.apply(event)
-                if delta is not None:
-                    yield delta
-                if assembler.terminal is not None:
-                    break
+            async for delta in self._read(reader, inbox):
+                yield delta
         finally:
-            self._hub.close(job_id)
-            if assembler.terminal is None:  # the caller left or timed out: stop the job
-                await self._cancel(job_id, timeout)
-        for delta in _ending(kind, assembler):
+            self._hub.close(reader.job_id)
+            if not reader.done:  # the caller left or timed out: stop the job
+                with contextlib.suppress(OSError, redis.RedisError):
+                    await self._redis.set(keys.cancel_flag(reader.job_id), 1,
+                                          ex=max(1, int(reader.timeout_s)))
+        for delta in reader.ending(kind):
             yield delta
 
-    async def _events(self, inbox: asyncio.Queue[bytes], assembler: EventAssembler,
-                      deadline: float) -> AsyncIterator[StreamEvent]:
-        """Events in seq order: live ones from the inbox, missing ones from the log.
-
-        The consumer applies each event before asking for the next, so `assembler.want` is
-        always the next seq needed.
-        """
-        while assembler.terminal is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise JobTimeout(f"no result within the timeout for job {assembler.job_id}",
-                                 model=assembler.model, job_id=assembler.job_id)
-            try:
-                if inbox.empty():
-                    async with asyncio.timeout(min(remaining, QUIET_CHECK_S)):
-                        raw = await inbox.get()
-                else:
-                    raw = inbox.get_nowait()
-            except TimeoutError:  # quiet: a lost message, or a slow job; ask the log
-                for event in await self._replay(assembler.job_id, assembler.want):
-                    yield event
-                continue
-            event = StreamEvent.model_validate_json(raw)
-            if event.seq > assembler.want:
-                for missing in await self._replay(assembler.job_id, assembler.want, event.seq - 1):
-                    yield missing
-            if event.seq == assembler.want:
-                yield event
-
-    async def _replay(self, job_id: str, first: int, last: int | None = None) -> list[StreamEvent]:
-        """Logged events first..last; none while Redis is unreachable (the reader asks again)."""
-        try:
-            entries = await self._redis.xrange(keys.event_log(job_id), f"{first}-0",
-                                               f"{last}-0" if last is not None else "+")
-        except (OSError, redis.RedisError):
-            return []
-        return decode_log(cast(LogEntries, entries))
-
-    async def replay(self, job_id: str, model: str, from_seq: int = 1) -> AsyncIterator[ChatDelta]:
-        """Read a job's stream from `from_seq`, whether it is running or already finished."""
-        assembler = EventAssembler(job_id, model)
-        inbox = await self._hub.subscribe(job_id)
-        try:
-            for event in await self._replay(job_id, 1):
-                delta = assembler.apply(event)
-                if delta is not None and event.seq >= from_seq:
-                    yield delta
-            deadline = time.monotonic() + self.config.queue.job_timeout_s
-            async for event in self._events(inbox, assembler, deadline):
-                delta = assembler.apply(event)
-                if delta is not None and event.seq >= from_seq:
-                    yield delta
-        finally:
-            await self._hub.unsubscribe(job_id)
-
-    def _send(self, kind: str, request: dict[str, Any], timeout: float) -> None:
-        task = keys.CHAT_TASK if kind == "llm" else keys.EMBED_TASK
-        priority = keys.BATCH_PRIORITY if request.get("lane") == "batch" else keys.INTERACTIVE_PRIORITY
-        try:
-            self._sender.send(task, kind, request, expires_s=timeout, priority=priority)
-        except Exception as exc:  # kombu raises OperationalError and socket errors
-            raise BrokerUnavailable(f"cannot enqueue on the broker: {type(exc).__name__}: {exc}",
-                                    model=request["model"], job_id=request["job_id"]) from None
-
-    def _wants_fail_fast(self, fail_fast: bool | None) -> bool:
-        return self.config.queue.fail_fast if fail_fast is None else fail_fast
-
-    def _known_live(self, kind: str, model: str) -> bool:
-        """Whether the liveness cache (no I/O) already shows a replica of the model."""
-        workers = self._liveness.fresh()
-        return workers is not None and bool(registry.replicas(workers, kind, model))
-
-    async def _require_worker(self, kind: str, model: str) -> None:
-        if self._known_live(kind, model):
-            return
-        workers = self._liveness.store(await registry.alive_workers(self._redis))
-        if not registry.replicas(workers, kind, model):
-            raise NoLiveWorker(f"no live worker serves {kind} model '{model}' "
-                               f"(start one: smmf-queue worker --model {model})", model=model)
+    async def _read(self, reader: JobReader, inbox: asyncio.Queue[bytes]) -> AsyncIterator[ChatDelta]:
+        """The job's deltas until its terminal event: live ones from `inbox`, gaps from the log."""
+        while not reader.done:
+            gap = reader.take(await _next(inbox, reader.wait_s()))
+            for delta in reader.apply(await self.logged_events(reader.job_id, *gap) if gap else []):
+                yield delta
 
 
-def _ending(kind: ModelKind, assembler: EventAssembler) -> Iterator[ChatDelta]:
-    """After a job's terminal event: JobFailed for an error; a chat's last delta says why it ended."""
-    terminal = assembler.terminal
-    if terminal is not None and terminal.type == "error":
-        raise JobFailed(terminal.error_message or "job failed",
-                        error_type=terminal.error_type or "JobFailed", model=assembler.model,
-                        job_id=assembler.job_id)
-    if terminal is not None and kind == "llm":
-        yield ChatDelta(finish_reason=terminal.finish_reason, usage=terminal.usage)
+async def _next(inbox: asyncio.Queue[bytes], timeout: float) -> bytes | None:
+    """The next live event, or None when none came within `timeout` seconds."""
+    if not inbox.empty():
+        return inbox.get_nowait()
+    try:
+        async with asyncio.timeout(timeout):
+            return await inbox.get()
+    except TimeoutError:
+        return None
+
+
+def _log_bounds(gap: LogRange) -> tuple[str, str]:
+    """XRANGE bounds of a range of seqs (entry ids are `<seq>-0`)."""
+    first, last = gap
+    return f"{first}-0", f"{last}-0" if last is not None else "+"
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -301,7 +273,7 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {error['msg']}"
 
 
-class Client:
+class Client(_BaseClient):
     """The blocking twin of AsyncClient: same methods, run on a private event loop thread.
 
     Except `stream_chat`, whose first token matters most: the calling thread enqueues the job
@@ -309,12 +281,12 @@ class Client:
     """
 
     def __init__(self, config: str | os.PathLike[str] | SmmfConfig | None = None):
+        super().__init__(config)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="smmf-client",
                                         daemon=True)
         self._thread.start()
-        self._async = self._call(_make_async_client(config))
-        self.config = self._async.config
+        self._async = self._call(_make_async_client(self.config))
         self._redis = redis.Redis.from_url(self.config.queue.redis)
         self._hub = ThreadHub(self._redis)
 
@@ -326,17 +298,25 @@ class Client:
                     timeout: float | None = None, fail_fast: bool | None = None,
                     job_id: str | None = None, **params: Any) -> Iterator[ChatDelta]:
         """Yield the reply's deltas as the worker produces them; leaving early cancels the job."""
-        client = self._async
-        request = client._chat_request(model, messages, params, job_id,
-                                       reply_to=self._hub.reply_channel)
-        payload = request.model_dump(mode="json")
-        timeout = timeout or client.config.queue.job_timeout_s
-        if client._wants_fail_fast(fail_fast) and not client._known_live("llm", model):
-            self._call(client._require_worker("llm", model))
-        self._start_hub(model)
+        request = self._chat_request(model, messages, params, job_id, self._hub.reply_channel)
+        reader = JobReader(request.job_id, model, self._timeout(timeout))
+        if self._needs_liveness_check("llm", model, fail_fast):
+            self._check_live(self.live_workers(), "llm", model)
+        try:
+            self._hub.start()
+        except (OSError, redis.RedisError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"cannot reach Redis: {exc}", model=model) from None
         self._hub.open(request.job_id)
-        client._enqueue(self._hub, "llm", payload, timeout)
-        yield from self._follow(EventAssembler(request.job_id, model), timeout)
+        self._enqueue(self._hub, "llm", request.model_dump(mode="json"), reader.timeout_s)
+        try:
+            yield from self._read(reader)
+        finally:
+            self._hub.close(request.job_id)
+            if not reader.done:  # the caller left or timed out: stop the job
+                with contextlib.suppress(OSError, redis.RedisError):
+                    self._redis.set(keys.cancel_flag(request.job_id), 1,
+                                    ex=max(1, int(reader.timeout_s)))
+        yield from reader.ending("llm")
 
     def embed(self, model: str, texts: list[str], **kwargs: Any) -> EmbeddingResult:
         """Vectors for `texts`, in input order."""
@@ -358,6 +338,7 @@ class Client:
             return
         self._hub.shutdown()
         self._redis.close()
+        self._close_sender()
         self._call(self._async.aclose())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
@@ -369,51 +350,16 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _start_hub(self, model: str) -> None:
-        """Subscribe the hub's reply channel (once): before any job is enqueued."""
-        try:
-            self._hub.start()
-        except (OSError, redis.RedisError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"cannot reach Redis: {exc}", model=model) from None
+    def _read(self, reader: JobReader) -> Iterator[ChatDelta]:
+        """AsyncClient._read on this thread: live events from the hub, gaps from the log."""
+        while not reader.done:
+            gap = reader.take(self._hub.get(reader.job_id, reader.wait_s()))
+            yield from reader.apply(self._logged_events(reader.job_id, *gap) if gap else [])
 
-    def _follow(self, assembler: EventAssembler, timeout: float) -> Iterator[ChatDelta]:
-        """AsyncClient._follow, read on this thread: deltas until the terminal event; leaving
-        early cancels the job."""
-        job_id = assembler.job_id
+    def _logged_events(self, job_id: str, first: int, last: int | None) -> list[StreamEvent]:
+        """AsyncClient.logged_events on this thread."""
         try:
-            for event in self._events(assembler, time.monotonic() + timeout):
-                delta = assembler.apply(event)
-                if delta is not None:
-                    yield delta
-        finally:
-            self._hub.close(job_id)
-            if assembler.terminal is None:  # the caller left or timed out: stop the job
-                with contextlib.suppress(OSError, redis.RedisError):
-                    self._redis.set(keys.cancel_flag(job_id), 1, ex=max(1, int(timeout)))
-        yield from _ending("llm", assembler)
-
-    def _events(self, assembler: EventAssembler, deadline: float) -> Iterator[StreamEvent]:
-        """AsyncClient._events, read on this thread: events in seq order, gaps from the log."""
-        while assembler.terminal is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise JobTimeout(f"no result within the timeout for job {assembler.job_id}",
-                                 model=assembler.model, job_id=assembler.job_id)
-            raw = self._hub.get(assembler.job_id, min(remaining, QUIET_CHECK_S))
-            if raw is None:  # quiet: a lost message, or a slow job; ask the log
-                yield from self._replay(assembler.job_id, assembler.want)
-                continue
-            event = StreamEvent.model_validate_json(raw)
-            if event.seq > assembler.want:
-                yield from self._replay(assembler.job_id, assembler.want, event.seq - 1)
-            if event.seq == assembler.want:
-                yield event
-
-    def _replay(self, job_id: str, first: int, last: int | None = None) -> list[StreamEvent]:
-        """Logged events first..last; none while Redis is unreachable (the reader asks again)."""
-        try:
-            entries = self._redis.xrange(keys.event_log(job_id), f"{first}-0",
-                                         f"{last}-0" if last is not None else "+")
+            entries = self._redis.xrange(keys.event_log(job_id), *_log_bounds((first, last)))
         except (OSError, redis.RedisError):
             return []
         return decode_log(cast(LogEntries, entries))

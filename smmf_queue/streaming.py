@@ -1,91 +1,32 @@
-"""A job's event stream: how workers write it and how readers put it back together.
+"""A job's event stream as readers see it, and how they put it back together.
 
-Every event goes out in one Redis round trip that appends it to the job's event log (a capped
-Redis Stream whose entry ids are `<seq>-0`, with a TTL) and publishes it on the job's pub/sub
-channel and, prefixed with the job id, on its producer's reply channel (see hub.py). Pub/sub
-gives readers the event at once; the log lets a late or reconnecting reader replay from any
-`seq`. Token bursts are coalesced (`drain`): while one event is on its way, the tokens that
-arrive meanwhile are merged into the next one, so round trips per second are bounded by Redis
-latency, not by the model's tokens per second.
+A worker writes every event in one Redis round trip (attempt.py, lua.APPEND) that appends it to
+the job's event log (a capped Redis Stream whose entry ids are `<seq>-0`, with a TTL) and
+publishes it on the job's pub/sub channel and, prefixed with the job id, on its producer's reply
+channel (see hub.py). Pub/sub gives readers the event at once; the log lets a late or
+reconnecting reader replay from any `seq`. Token bursts are coalesced at the source (`drain`):
+while one event is on its way, the tokens that arrive meanwhile are merged into the next one,
+so round trips per second are bounded by Redis latency, not by the model's tokens per second.
 """
 
 from __future__ import annotations
 
 import queue
-from collections.abc import Callable, Iterator
-from typing import Any, cast
+import time
+from collections.abc import Iterator
+from typing import Any
 
-import redis
-
-from . import keys
+from .config import ModelKind
+from .errors import JobFailed, JobTimeout
 from .jobs import ChatDelta, ChatResult, EmbeddingResult, StreamEvent, Usage, unpack_vectors
 
-#: Lua that appends one event to the log, refreshes its TTL and publishes it; shared with the
-#: fenced terminal write in records.py. KEYS[1] log; ARGV: event json, seq, maxlen, ttl, channel,
-#: reply channel ('' for none), job id.
-APPEND_LUA_BODY = """
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], ARGV[2] .. '-0', 'e', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('PUBLISH', ARGV[5], ARGV[1])
-if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7] .. ' ' .. ARGV[1]) end
-"""
-#: the same, answering whether the job was cancelled (KEYS[2]): the check costs no round trip.
-_APPEND_LUA = APPEND_LUA_BODY + "return redis.call('EXISTS', KEYS[2])"
-
+#: seconds without an event after which a reader checks the job's log (a lost pub/sub message).
+QUIET_CHECK_S = 2.0
+#: seqs to read from a job's log, first to last; last None: to the end of the log.
+LogRange = tuple[int, int | None]
 
 #: XRANGE/XREVRANGE entries as our clients get them (they never decode responses).
 LogEntries = list[tuple[bytes, dict[bytes, bytes]]]
-
-
-class EventWriter:
-    """Writes one attempt's events for one job, numbering them from `last_seq + 1`."""
-
-    def __init__(self, client: redis.Redis, job_id: str, attempt: int, *, worker_id: str,
-                 ttl_s: int, max_events: int, last_seq: int = 0, reply_to: str | None = None,
-                 before_first_write: Callable[[], None] | None = None):
-        self.client = client
-        self.job_id = job_id
-        self.reply_to = reply_to or ""
-        self.attempt = attempt
-        self.worker_id = worker_id
-        self.ttl_s = ttl_s
-        self.max_events = max_events
-        self.seq = last_seq
-        #: called once, before anything is written: it may raise to stop the job unpublished.
-        self._before_first_write = before_first_write
-        self._append = client.register_script(_APPEND_LUA)
-
-    def next_event(self, type_: str, **fields: Any) -> StreamEvent:
-        """Build the next event in order (not yet written)."""
-        self.seq += 1
-        return StreamEvent(seq=self.seq, attempt=self.attempt, type=type_, **fields)  # type: ignore[arg-type]
-
-    def write(self, event: StreamEvent) -> bool:
-        """Append and publish one event; True when the caller has cancelled the job."""
-        return bool(self._append(keys=[keys.event_log(self.job_id), keys.cancel_flag(self.job_id)],
-                                 args=self.log_args(event)))
-
-    def log_args(self, event: StreamEvent) -> list[Any]:
-        """ARGV for APPEND_LUA_BODY; every write, terminal ones too, asks for them first."""
-        check, self._before_first_write = self._before_first_write, None
-        if check is not None:
-            check()
-        return [event.encode(), event.seq, self.max_events, self.ttl_s,
-                keys.stream_channel(self.job_id), self.reply_to, self.job_id]
-
-    def delta(self, text: str, reasoning: str = "") -> bool:
-        """Write a delta; True when the caller has cancelled the job."""
-        return self.write(self.next_event("delta", text=text, reasoning=reasoning))
-
-    def restart(self) -> None:
-        """Tell readers that a new attempt begins and the text so far is void."""
-        self.write(self.next_event("restart", worker=self.worker_id))
-
-
-def last_seq(client: redis.Redis, job_id: str) -> int:
-    """The seq of the newest logged event of a job (0 when none), so a new attempt continues it."""
-    newest = cast(LogEntries, client.xrevrange(keys.event_log(job_id), count=1))
-    return int(newest[0][0].split(b"-")[0]) if newest else 0
 
 
 def decode_log(entries: LogEntries) -> list[StreamEvent]:
@@ -155,13 +96,94 @@ class EventAssembler:
                           reasoning="".join(self.reasoning), finish_reason=end.finish_reason,
                           usage=end.usage or Usage(), worker=end.worker)
 
-    def embedding_result(self) -> EmbeddingResult:
-        end = self._end()
-        vectors = unpack_vectors(end.vectors_b64 or "", end.dims or 0)
-        return EmbeddingResult(job_id=self.job_id, model=self.model, vectors=vectors,
-                               usage=end.usage or Usage(), worker=end.worker)
-
     def _end(self) -> StreamEvent:
         if self.terminal is None or self.terminal.type != "end":
             raise ValueError("the job has not ended successfully")
         return self.terminal
+
+
+def embedding_result(job_id: str, model: str, end: StreamEvent) -> EmbeddingResult:
+    """An embedding job's result from its `end` event (the vectors cross the wire packed)."""
+    return EmbeddingResult(job_id=job_id, model=model,
+                           vectors=unpack_vectors(end.vectors_b64 or "", end.dims or 0),
+                           usage=end.usage or Usage(), worker=end.worker)
+
+
+class JobReader:
+    """Follows one job's stream for a client: which events to apply, which to read from the log,
+    when to give up. Pure (it does no I/O), so `Client` and `AsyncClient` follow a job the same
+    way and differ only in how they wait:
+
+        reader = JobReader(job_id, model, timeout_s)
+        while not reader.done:
+            gap = reader.take(<the next live event within reader.wait_s(), or None>)
+            for delta in reader.apply(<the logged events in gap> if gap else []):
+                ...                                  # what the caller sees
+        reader.ending("llm")                         # JobFailed, or the last delta
+
+    A live event ahead of the one wanted means pub/sub lost some (a reconnect): they are read
+    from the log first. Nothing live for QUIET_CHECK_S means a lost message or a slow job: the
+    log is asked. Only deltas from `from_seq` on are returned (a replay from a given point).
+    """
+
+    def __init__(self, job_id: str, model: str, timeout_s: float, *, from_seq: int = 1):
+        self.assembler = EventAssembler(job_id, model)
+        self.from_seq = from_seq
+        #: seconds the caller gives the job (also how long its cancel flag lives if it leaves).
+        self.timeout_s = timeout_s
+        self._deadline = time.monotonic() + timeout_s
+        self._live: StreamEvent | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.assembler.job_id
+
+    @property
+    def done(self) -> bool:
+        """Whether the job's terminal event was applied."""
+        return self.assembler.terminal is not None
+
+    def wait_s(self) -> float:
+        """How long to wait for the next live event; JobTimeout once the job's time is up."""
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise JobTimeout(f"no result within the timeout for job {self.job_id}",
+                             model=self.assembler.model, job_id=self.job_id)
+        return min(remaining, QUIET_CHECK_S)
+
+    def take(self, raw: bytes | None) -> LogRange | None:
+        """Take a live event (None: none came within `wait_s`); the log range to read first."""
+        want = self.assembler.want
+        if raw is None:
+            self._live = None
+            return want, None
+        self._live = StreamEvent.model_validate_json(raw)
+        return (want, self._live.seq - 1) if self._live.seq > want else None
+
+    def apply(self, logged: list[StreamEvent]) -> list[ChatDelta]:
+        """Apply the events read from the log, then the live one taken (if it is next); return
+        what the caller should see. Nothing is applied after the terminal event."""
+        live, self._live = self._live, None
+        deltas = []
+        for event in logged:
+            if self.done:
+                break
+            deltas.extend(self._apply(event))
+        if live is not None and not self.done and live.seq == self.assembler.want:
+            deltas.extend(self._apply(live))
+        return deltas
+
+    def _apply(self, event: StreamEvent) -> list[ChatDelta]:
+        delta = self.assembler.apply(event)
+        return [delta] if delta is not None and event.seq >= self.from_seq else []
+
+    def ending(self, kind: ModelKind) -> list[ChatDelta]:
+        """After the terminal event: JobFailed for an error; a chat's last delta says why it ended."""
+        terminal = self.assembler.terminal
+        if terminal is not None and terminal.type == "error":
+            raise JobFailed(terminal.error_message or "job failed",
+                            error_type=terminal.error_type or "JobFailed", model=self.assembler.model,
+                            job_id=self.job_id)
+        if terminal is not None and kind == "llm":
+            return [ChatDelta(finish_reason=terminal.finish_reason, usage=terminal.usage)]
+        return []

@@ -1,4 +1,5 @@
-"""The pieces of a stream: stop filtering, coalescing, ordering, fencing of stale attempts."""
+"""The pieces of a stream and of a job's life on a worker: stop filtering, coalescing, ordering,
+claims, leases and the fencing of stale attempts."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import pytest
 import redis
 
 from smmf_queue import keys
+from smmf_queue.attempt import Attempt, Claim, ClaimRefused, Deliveries, LeaseBusy, PendingClaim
+from smmf_queue.errors import JobFailed, JobTimeout
 from smmf_queue.jobs import StreamEvent, pack_vectors, unpack_vectors
 from smmf_queue.providers.base import StopFilter
-from smmf_queue.records import Claim, ClaimRefused, JobRecords
-from smmf_queue.streaming import EventAssembler, EventWriter, decode_log, drain, last_seq
+from smmf_queue.streaming import EventAssembler, JobReader, decode_log, drain
 
 
 def test_stop_filter_cuts_at_a_stop_split_across_pieces() -> None:
@@ -61,6 +63,41 @@ def test_assembler_restart_voids_earlier_text_and_ignores_stale_attempts() -> No
         assembler.apply(event(9))
 
 
+def test_a_reader_fills_a_gap_from_the_log_before_the_live_event() -> None:
+    reader = JobReader("j", "m", timeout_s=60)
+    # Given live event 3 arrives while 1 and 2 were lost by pub/sub
+    assert reader.take(event(3, text="c").encode().encode()) == (1, 2)
+    # When the log's 1 and 2 are applied, then all three come out in order
+    deltas = reader.apply([event(1, text="a"), event(2, text="b")])
+    assert [d.text for d in deltas] == ["a", "b", "c"]
+    # And a duplicate live copy changes nothing; a quiet spell asks the log from the next seq
+    assert reader.take(event(2, text="b").encode().encode()) is None and reader.apply([]) == []
+    assert reader.take(None) == (4, None)
+    reader.apply([StreamEvent(seq=4, attempt=1, type="error", error_type="Boom", error_message="x")])
+    assert reader.done
+    with pytest.raises(JobFailed, match="x"):
+        reader.ending("llm")
+
+
+def test_a_reader_replaying_from_a_seq_returns_only_the_deltas_from_there() -> None:
+    reader = JobReader("j", "m", timeout_s=60, from_seq=3)
+    deltas = reader.apply([event(i, text=str(i)) for i in (1, 2, 3)]
+                          + [StreamEvent(seq=4, attempt=1, type="end", finish_reason="stop"),
+                             event(5, text="after the end")])
+    assert [d.text for d in deltas] == ["3"]
+    assert reader.done and reader.assembler.chat_result().text == "123"
+    [last] = reader.ending("llm")
+    assert last.finish_reason == "stop"
+
+
+def test_a_reader_gives_up_when_the_job_s_time_is_up() -> None:
+    reader = JobReader("j", "m", timeout_s=0.05)
+    assert 0 < reader.wait_s() <= 0.05
+    time.sleep(0.06)
+    with pytest.raises(JobTimeout):
+        reader.wait_s()
+
+
 def test_vectors_survive_the_wire_exactly() -> None:
     vectors = [[0.1, -2.5, 3.25], [1e-8, 0.0, 7.0]]
     packed, dims = pack_vectors(vectors)
@@ -75,46 +112,98 @@ def test_safe_queue_names() -> None:
 
 
 @pytest.fixture
-def records(redis_client: redis.Redis) -> JobRecords:
-    return JobRecords(redis_client, lease_s=0.3, max_attempts=2, ttl_s=60)
+def deliveries(redis_client: redis.Redis) -> Deliveries:
+    return Deliveries(redis_client, "w", lease_s=0.3, max_attempts=2, record_ttl_s=60,
+                      event_ttl_s=60, max_events=100)
 
 
-def writer(client: redis.Redis, job_id: str, attempt: int) -> EventWriter:
-    return EventWriter(client, job_id, attempt, worker_id="w", ttl_s=60, max_events=100,
-                       last_seq=last_seq(client, job_id))
+def attempt_of(deliveries: Deliveries, job_id: str, owner: str, number: int) -> Attempt:
+    return Attempt(deliveries, job_id, owner, number, None, last_seq=deliveries.last_seq(job_id))
 
 
 def test_a_live_lease_blocks_a_second_delivery_and_only_the_owner_finishes(
-        records: JobRecords, redis_client: redis.Redis) -> None:
+        deliveries: Deliveries, redis_client: redis.Redis) -> None:
     job = "fence-1"
-    assert records.claim(job, "A").outcome == "claimed"
-    busy = records.claim(job, "B")
+    assert deliveries.claim(job, "A").outcome == "claimed"
+    busy = deliveries.claim(job, "B")
     assert busy.outcome == "busy" and 0 < busy.value <= 300
     time.sleep(0.35)  # A's lease expires (A died)
-    second = records.claim(job, "B")
+    second = deliveries.claim(job, "B")
     assert (second.outcome, second.value) == ("claimed", 2)
     # A, back from the dead, cannot end the stream; B can, once
-    stale = writer(redis_client, job, 1)
-    assert not records.finish(stale, "A", stale.next_event("end"))
-    current = writer(redis_client, job, 2)
-    assert records.finish(current, "B", current.next_event("end"))
-    assert records.claim(job, "C").outcome == "finished"
+    stale = attempt_of(deliveries, job, "A", 1)
+    assert not stale.finish(stale.next_event("end"))
+    current = attempt_of(deliveries, job, "B", 2)
+    assert current.finish(current.next_event("end"))
+    assert deliveries.claim(job, "C").outcome == "finished"
     assert [e.type for e in decode_log(redis_client.xrange(keys.event_log(job)))] == ["end"]
 
 
-def test_a_job_that_keeps_killing_workers_is_exhausted(records: JobRecords) -> None:
+def test_a_job_that_keeps_killing_workers_is_exhausted(deliveries: Deliveries) -> None:
     job = "fence-2"
     for owner in ("A", "B"):
-        assert records.claim(job, owner).outcome == "claimed"
+        assert deliveries.claim(job, owner).outcome == "claimed"
         time.sleep(0.35)
-    assert records.claim(job, "C").outcome == "exhausted"
+    assert deliveries.claim(job, "C").outcome == "exhausted"
 
 
-def test_a_claim_sent_ahead_answers_as_a_claim_does(records: JobRecords) -> None:
-    first = records.send_claim("ahead-1", "A")
+def test_a_delivery_runs_its_work_once_and_a_second_one_finds_it_busy_then_finished(
+        deliveries: Deliveries) -> None:
+    # Given a job whose first delivery is running
+    seen: list[int] = []
+
+    def work(attempt: Attempt) -> str:
+        seen.append(attempt.number)
+        # When a second delivery of it arrives meanwhile, then it runs nothing and waits
+        with pytest.raises(LeaseBusy) as busy:
+            deliveries.run("run-1", None, lambda _: "twice")
+        assert 0 < busy.value.retry_in_s <= 1.3
+        assert attempt.finish(attempt.next_event("end"))
+        return "done"
+
+    assert deliveries.run("run-1", None, work, ahead=True) == "done"
+    # And a delivery after the finish runs nothing at all
+    assert deliveries.run("run-1", None, lambda _: "again") is None
+    assert seen == [1]
+
+
+def test_a_delivery_started_ahead_of_a_refused_claim_publishes_nothing_and_restarts(
+        deliveries: Deliveries, redis_client: redis.Redis) -> None:
+    # Given a job claimed by a worker that died (its lease expired)
+    assert deliveries.claim("ahead-0", "dead").outcome == "claimed"
+    time.sleep(0.35)
+    numbers: list[int] = []
+
+    def work(attempt: Attempt) -> None:
+        numbers.append(attempt.number)
+        attempt.delta("text")  # the first write reads the claim sent ahead
+        attempt.finish(attempt.next_event("end"))
+
+    # When a delivery that took itself for the first starts the job ahead of its claim
+    deliveries.run("ahead-0", None, work, ahead=True)
+    # Then the optimistic start wrote nothing, and the job ran again as attempt 2, restarting
+    assert numbers == [1, 2]
+    events = decode_log(redis_client.xrange(keys.event_log("ahead-0")))
+    assert [(e.type, e.attempt) for e in events] == [("restart", 2), ("delta", 2), ("end", 2)]
+
+
+def test_an_exhausted_job_ends_in_a_worker_lost_error(deliveries: Deliveries,
+                                                    redis_client: redis.Redis) -> None:
+    for owner in ("A", "B"):
+        deliveries.claim("lost-1", owner)
+        time.sleep(0.35)
+    with pytest.raises(JobFailed) as failed:
+        deliveries.run("lost-1", None, lambda _: pytest.fail("ran an exhausted job"))
+    assert failed.value.error_type == "WorkerLost"
+    [end] = decode_log(redis_client.xrange(keys.event_log("lost-1")))
+    assert (end.type, end.error_type) == ("error", "WorkerLost")
+
+
+def test_a_claim_sent_ahead_answers_as_a_claim_does(deliveries: Deliveries) -> None:
+    first = PendingClaim(deliveries, "ahead-1", "A")
     assert first.result() == Claim("claimed", 1)
     first.confirm()  # the first attempt: the worker may publish
-    second = records.send_claim("ahead-1", "B")
+    second = PendingClaim(deliveries, "ahead-1", "B")
     assert second.result().outcome == "busy"
     with pytest.raises(ClaimRefused) as refused:
         second.confirm()
@@ -124,28 +213,28 @@ def test_a_claim_sent_ahead_answers_as_a_claim_does(records: JobRecords) -> None
 def test_a_claim_sent_ahead_survives_a_script_flush_and_gives_its_connection_back(
         redis_server) -> None:  # type: ignore[no-untyped-def]
     client = redis.Redis.from_url(redis_server.url, client_name="ahead")
-    records = JobRecords(client, lease_s=30, max_attempts=2, ttl_s=60)
+    deliveries = Deliveries(client, "w", lease_s=30, max_attempts=2, record_ttl_s=60,
+                            event_ttl_s=60, max_events=100)
     for i in range(20):
         if i % 5 == 0:
             client.script_flush()  # as after a Redis restart: EVALSHA answers NOSCRIPT
-        assert records.send_claim(f"ahead-2-{i}", "A").result() == Claim("claimed", 1)
-        records.send_claim(f"ahead-3-{i}", "A").release()  # the job stopped before reading it
+        assert PendingClaim(deliveries, f"ahead-2-{i}", "A").result() == Claim("claimed", 1)
+        PendingClaim(deliveries, f"ahead-3-{i}", "A").release()  # the job stopped before reading it
     assert [c["name"] for c in client.client_list()].count("ahead") == 1
 
 
-def test_a_writer_asks_before_its_first_write_only(redis_client: redis.Redis) -> None:
+def test_an_attempt_passes_its_gate_before_its_first_write_only(deliveries: Deliveries,
+                                                               redis_client: redis.Redis) -> None:
     asked = []
-    writer = EventWriter(redis_client, "gate-1", 1, worker_id="w", ttl_s=60, max_events=100,
-                         before_first_write=lambda: asked.append(True))
-    writer.delta("a")
-    writer.delta("b")
+    attempt = Attempt(deliveries, "gate-1", "w", 1, None, gate=lambda: asked.append(True))
+    attempt.delta("a")
+    attempt.delta("b")
     assert asked == [True]
 
     def refuse() -> None:
         raise ClaimRefused(Claim("cancelled", 0))
 
-    refused = EventWriter(redis_client, "gate-2", 1, worker_id="w", ttl_s=60, max_events=100,
-                          before_first_write=refuse)
+    refused = Attempt(deliveries, "gate-2", "w", 1, None, gate=refuse)
     with pytest.raises(ClaimRefused):
         refused.delta("a")
     assert redis_client.xlen(keys.event_log("gate-2")) == 0
@@ -188,9 +277,9 @@ def test_events_reach_the_reply_channel_prefixed_with_the_job_id(redis_client: r
     pubsub.subscribe(reply, own)
     for _ in range(2):
         assert pubsub.get_message(timeout=5)["type"] == "subscribe"  # type: ignore[index]
-    writer = EventWriter(redis_client, "job-r", 1, worker_id="w", ttl_s=60, max_events=100,
-                         reply_to=reply)
-    writer.delta("hi")
+    deliveries = Deliveries(redis_client, "w", lease_s=30, max_attempts=2, record_ttl_s=60,
+                            event_ttl_s=60, max_events=100)
+    Attempt(deliveries, "job-r", "w", 1, reply).delta("hi")
     got = {}
     for _ in range(2):
         message = pubsub.get_message(timeout=5)

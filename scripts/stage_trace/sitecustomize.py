@@ -42,7 +42,7 @@ def _install(folder: str) -> None:
 
     import kombu.transport.redis as kombu_redis
 
-    from smmf_queue import client, streaming, worker
+    from smmf_queue import attempt, client, worker
 
     # client: the call, the send, the first text handed to the caller
     stream_chat = client.Client.stream_chat
@@ -63,10 +63,10 @@ def _install(folder: str) -> None:
     around(worker.WorkerRuntime, "execute", before=lambda _, task, *rest: mark("5_execute", task.request.id))
     around(worker.WorkerRuntime, "_resolve", after=lambda _, kind, payload, job_id: mark("6_resolved", job_id))
 
-    def first_text(writer: Any, *rest: Any) -> None:
-        if writer.seq == 0:
-            mark("7_first_text", writer.job_id)
-    around(streaming.EventWriter, "delta", before=first_text)
+    def first_text(attempt_: Any, *rest: Any) -> None:
+        if attempt_.seq == 0:
+            mark("7_first_text", attempt_.job_id)
+    around(attempt.Attempt, "delta", before=first_text)
 
 
 if os.environ.get("SMMF_TRACE"):

@@ -1,0 +1,291 @@
+"""A job's life on a worker: one delivery claims the job's record, writes its events, keeps its
+lease and finishes it, fenced. The worker only says what to run (`Deliveries.run`).
+
+The Celery message is only the wake-up. Redis may deliver a message twice (a crashed worker's
+unacknowledged job comes back; so does a long one after the visibility timeout, celery #5935),
+so each delivery first claims the job's record by an atomic compare-and-set (lua.CLAIM):
+
+    (none) ──claim──> RUNNING(owner, attempt, lease) ──finish──> DONE | FAILED
+      │                   │ lease expired: the next delivery claims it again, attempt + 1
+      │                   └ attempt > max_attempts: EXHAUSTED, then FAILED (WorkerLost)
+      └ cancelled by its caller before it ran: nothing runs
+
+A delivery that finds another owner's live lease runs nothing and checks back when that lease
+would expire (`LeaseBusy`). The heartbeat renews the leases of running jobs. Only the current
+owner and attempt may finish the job, and finishing also writes the terminal event, in the same
+script, so a stale worker can never end a stream.
+
+Every event goes out in one round trip that appends it to the job's event log and publishes it
+(lua.APPEND). A new attempt continues the log's numbering and starts with a `restart` event, so
+readers drop the text of the attempt before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, NoReturn, TypeVar, cast
+
+import redis
+
+from . import keys, lua
+from .errors import JobFailed, SmmfError
+from .jobs import StreamEvent
+
+log = logging.getLogger("smmf_queue.attempt")
+
+R = TypeVar("R")
+ClaimOutcome = Literal["claimed", "busy", "finished", "exhausted", "cancelled"]
+
+
+@dataclass(frozen=True)
+class Claim:
+    outcome: ClaimOutcome
+    #: the attempt number when claimed or exhausted; ms until the other lease ends when busy.
+    value: int
+
+
+class LeaseBusy(SmmfError):
+    """Raised when another replica holds a live lease on the job: the delivery runs nothing and
+    should come back in `retry_in_s` (the worker's task retries). Never reaches a caller."""
+
+    def __init__(self, job_id: str, retry_in_s: float):
+        super().__init__(f"job {job_id} is running elsewhere; check back in {retry_in_s:.1f}s",
+                         job_id=job_id)
+        self.retry_in_s = retry_in_s
+
+
+class ClaimRefused(SmmfError):
+    """Raised when a job started ahead of its claim (see PendingClaim) turns out not to be this
+    delivery's first attempt: nothing was published, and the delivery goes on the ordinary way
+    with `claim`. Never leaves `Deliveries.run`."""
+
+    def __init__(self, claim: Claim):
+        super().__init__(f"claim came back {claim.outcome} (attempt {claim.value})")
+        self.claim = claim
+
+
+class Deliveries:
+    """How one worker takes deliveries of jobs: claims, leases, events and fenced finishes."""
+
+    def __init__(self, client: redis.Redis, worker_id: str, *, lease_s: float, max_attempts: int,
+                 record_ttl_s: int, event_ttl_s: int, max_events: int):
+        self.client = client
+        self.worker_id = worker_id
+        self.lease_ms = int(lease_s * 1000)
+        self.max_attempts = max_attempts
+        self.record_ttl_s = record_ttl_s
+        #: seconds an event log lives after its last event, and the events it keeps.
+        self.event_ttl_s = event_ttl_s
+        self.max_events = max_events
+        self._claim = client.register_script(lua.CLAIM)
+        self._renew = client.register_script(lua.RENEW)
+        self._append = client.register_script(lua.APPEND)
+        self._finish = client.register_script(lua.FINISH)
+        self._running: dict[str, str] = {}  # job id → owner, for lease renewal
+        self._running_lock = threading.Lock()
+
+    def run(self, job_id: str, reply_to: str | None, work: Callable[[Attempt], R], *,
+            ahead: bool = False) -> R | None:
+        """One delivery of a job: claim it, and if it is ours run `work` on its attempt.
+
+        None when there is nothing to run (finished, cancelled); LeaseBusy when another replica
+        holds it. With `ahead` (a chat's first delivery) the claim is sent and `work` starts at
+        once; the answer is read before the first event is written, and should it say anything
+        but "first attempt" the delivery goes on as if it had claimed first. Everything else
+        claims first: a redelivery (a job that killed its worker must be counted before it runs
+        again) and embeddings (a resumed batch sends finished chunks again).
+        """
+        owner = f"{self.worker_id}/{uuid.uuid4().hex[:8]}"
+        with self._holding(job_id, owner):
+            if ahead:
+                pending = PendingClaim(self, job_id, owner)
+                try:
+                    return work(Attempt(self, job_id, owner, 1, reply_to, gate=pending.confirm))
+                except ClaimRefused as refused:
+                    claim = refused.claim
+                finally:
+                    pending.release()
+            else:
+                claim = self.claim(job_id, owner)
+            return self._run_claimed(job_id, owner, claim, reply_to, work)
+
+    def _run_claimed(self, job_id: str, owner: str, claim: Claim, reply_to: str | None,
+                     work: Callable[[Attempt], R]) -> R | None:
+        if claim.outcome in ("finished", "cancelled"):
+            log.info("job %s is %s; not running it", job_id, claim.outcome)
+            return None
+        if claim.outcome == "busy":
+            raise LeaseBusy(job_id, claim.value / 1000 + 1)
+        attempt = Attempt(self, job_id, owner, claim.value, reply_to,
+                          last_seq=self.last_seq(job_id) if claim.value > 1 else 0)
+        if claim.outcome == "exhausted":
+            attempt.fail(JobFailed(f"job was delivered {claim.value - 1} times and its worker died "
+                                   "each time", error_type="WorkerLost", job_id=job_id))
+        if claim.value > 1:
+            attempt.restart()
+        return work(attempt)
+
+    def claim(self, job_id: str, owner: str) -> Claim:
+        return _decode_claim(self._claim(keys=self._claim_keys(job_id), args=self._claim_args(owner)))
+
+    def _claim_keys(self, job_id: str) -> list[str]:
+        return [keys.job_record(job_id), keys.cancel_flag(job_id)]
+
+    def _claim_args(self, owner: str) -> list[Any]:
+        return [owner, self.lease_ms, self.max_attempts, self.record_ttl_s]
+
+    def renew_leases(self) -> None:
+        """Extend the leases of this worker's running jobs, in one round trip."""
+        with self._running_lock:
+            leases = dict(self._running)
+        if not leases:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for job_id, owner in leases.items():
+            self._renew(keys=[keys.job_record(job_id)], args=[owner, self.lease_ms], client=pipe)
+        pipe.execute()
+
+    @property
+    def in_flight(self) -> int:
+        with self._running_lock:
+            return len(self._running)
+
+    def last_seq(self, job_id: str) -> int:
+        """The seq of the newest logged event of a job (0 when none), so a new attempt continues it."""
+        newest = cast(list[tuple[bytes, Any]], self.client.xrevrange(keys.event_log(job_id), count=1))
+        return int(newest[0][0].split(b"-")[0]) if newest else 0
+
+    @contextlib.contextmanager
+    def _holding(self, job_id: str, owner: str) -> Iterator[None]:
+        """Count the job as running here (its lease renewed by the heartbeat) while it runs."""
+        with self._running_lock:
+            self._running[job_id] = owner
+        try:
+            yield
+        finally:
+            with self._running_lock:
+                self._running.pop(job_id, None)
+
+
+class Attempt:
+    """One attempt at one job on this worker: writes its events, numbered from `last_seq + 1`,
+    and finishes it if its owner still holds the record."""
+
+    def __init__(self, deliveries: Deliveries, job_id: str, owner: str, number: int,
+                 reply_to: str | None, *, last_seq: int = 0, gate: Callable[[], None] | None = None):
+        self._deliveries = deliveries
+        self.job_id = job_id
+        self.owner = owner
+        self.number = number
+        self.reply_to = reply_to or ""
+        self.seq = last_seq
+        #: called once, before anything is written: raises ClaimRefused to stop the job unpublished.
+        self._gate = gate
+
+    def next_event(self, type_: str, **fields: Any) -> StreamEvent:
+        """Build the next event in order (not yet written)."""
+        self.seq += 1
+        return StreamEvent(seq=self.seq, attempt=self.number, type=type_, **fields)  # type: ignore[arg-type]
+
+    def write(self, event: StreamEvent) -> bool:
+        """Append and publish one event; True when the caller has cancelled the job."""
+        return bool(self._deliveries._append(
+            keys=[keys.event_log(self.job_id), keys.cancel_flag(self.job_id)],
+            args=self._log_args(event)))
+
+    def delta(self, text: str, reasoning: str = "") -> bool:
+        """Write a delta; True when the caller has cancelled the job."""
+        return self.write(self.next_event("delta", text=text, reasoning=reasoning))
+
+    def restart(self) -> None:
+        """Tell readers that a new attempt begins and the text so far is void."""
+        self.write(self.next_event("restart", worker=self._deliveries.worker_id))
+
+    def finish(self, event: StreamEvent) -> bool:
+        """Mark the job DONE or FAILED and write its terminal event, if this attempt still owns it."""
+        state = "DONE" if event.type == "end" else "FAILED"
+        return bool(self._deliveries._finish(
+            keys=[keys.event_log(self.job_id), keys.job_record(self.job_id)],
+            args=[*self._log_args(event), self.owner, self.number, state]))
+
+    def fail(self, exc: JobFailed) -> NoReturn:
+        """End the job with an `error` event (fenced like any finish), then raise `exc`."""
+        self.finish(self.next_event("error", error_type=exc.error_type, error_message=exc.message,
+                                    worker=self._deliveries.worker_id))
+        raise exc
+
+    def _log_args(self, event: StreamEvent) -> list[Any]:
+        """ARGV of lua._APPEND_BODY; every write, terminal ones too, passes the gate first."""
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate()
+        deliveries = self._deliveries
+        return [event.encode(), event.seq, deliveries.max_events, deliveries.event_ttl_s,
+                keys.stream_channel(self.job_id), self.reply_to, self.job_id]
+
+
+class PendingClaim:
+    """A claim on its way to Redis while the worker starts the model: `result()` reads the answer.
+
+    Claiming first and then starting the model put a whole Redis round trip (0.75 ms on this
+    machine) before the first token; sent ahead, it overlaps the model's work (first token
+    0.4–0.5 ms p50 sooner, BENCHMARKS.md).
+    The worker reads the answer before it publishes anything. Should reading fail (a broken
+    connection; NOSCRIPT after a Redis restart), the same owner claims again the ordinary way.
+    """
+
+    def __init__(self, deliveries: Deliveries, job_id: str, owner: str):
+        self._deliveries, self._job_id, self._owner = deliveries, job_id, owner
+        self._claim: Claim | None = None
+        self._pool = deliveries.client.connection_pool
+        script_keys = deliveries._claim_keys(job_id)
+        self._connection: Any = self._pool.get_connection()
+        try:  # what redis-py's Script does, minus waiting for the answer
+            self._connection.send_command("EVALSHA", deliveries._claim.sha, len(script_keys),
+                                          *script_keys, *deliveries._claim_args(owner))
+        except (OSError, redis.RedisError):
+            self._release(broken=True)
+
+    def confirm(self) -> None:
+        """Raise ClaimRefused unless this delivery claimed the job's first attempt."""
+        claim = self.result()
+        if (claim.outcome, claim.value) != ("claimed", 1):
+            raise ClaimRefused(claim)
+
+    def release(self) -> None:
+        """Give the connection back if the answer was never read (the job stopped before)."""
+        if self._connection is not None:
+            self._release(broken=True)  # an unread reply is on it
+
+    def result(self) -> Claim:
+        """Redis's answer (read once; later calls return the same claim)."""
+        if self._claim is None:
+            self._claim = self._read()
+        return self._claim
+
+    def _read(self) -> Claim:
+        if self._connection is not None:
+            try:
+                reply = self._connection.read_response()
+            except (OSError, redis.RedisError):
+                self._release(broken=True)
+            else:
+                self._release()
+                return _decode_claim(reply)
+        return self._deliveries.claim(self._job_id, self._owner)  # not sent, or its answer lost
+
+    def _release(self, broken: bool = False) -> None:
+        connection, self._connection = self._connection, None
+        if broken:
+            connection.disconnect()
+        self._pool.release(connection)
+
+
+def _decode_claim(reply: list[Any]) -> Claim:
+    outcome, value = reply
+    return Claim(outcome.decode(), int(value))
