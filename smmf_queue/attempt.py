@@ -131,13 +131,14 @@ class Deliveries:
         return work(attempt)
 
     def claim(self, job_id: str, owner: str) -> Claim:
-        return _decode_claim(self._claim(keys=self._claim_keys(job_id), args=self._claim_args(owner)))
+        return _decode_claim(self._claim(keys=self._claim_keys(job_id),
+                                         args=self._claim_args(job_id, owner)))
 
     def _claim_keys(self, job_id: str) -> list[str]:
-        return [keys.job_record(job_id), keys.cancel_flag(job_id)]
+        return [keys.job_record(job_id), keys.cancel_flag(job_id), keys.LEASES]
 
-    def _claim_args(self, owner: str) -> list[Any]:
-        return [owner, self.lease_ms, self.max_attempts, self.record_ttl_s]
+    def _claim_args(self, job_id: str, owner: str) -> list[Any]:
+        return [owner, self.lease_ms, self.max_attempts, self.record_ttl_s, job_id]
 
     def renew_leases(self) -> None:
         """Extend the leases of this worker's running jobs, in one round trip."""
@@ -147,7 +148,8 @@ class Deliveries:
             return
         pipe = self.client.pipeline(transaction=False)
         for job_id, owner in leases.items():
-            self._renew(keys=[keys.job_record(job_id)], args=[owner, self.lease_ms], client=pipe)
+            self._renew(keys=[keys.job_record(job_id), keys.LEASES], args=[owner, self.lease_ms, job_id],
+                        client=pipe)
         pipe.execute()
 
     @property
@@ -210,7 +212,7 @@ class Attempt:
         """Mark the job DONE or FAILED and write its terminal event, if this attempt still owns it."""
         state = "DONE" if event.type == "end" else "FAILED"
         return bool(self._deliveries._finish(
-            keys=[keys.event_log(self.job_id), keys.job_record(self.job_id)],
+            keys=[keys.event_log(self.job_id), keys.job_record(self.job_id), keys.LEASES],
             args=[*self._log_args(event), self.owner, self.number, state]))
 
     def fail(self, exc: JobFailed) -> NoReturn:
@@ -247,7 +249,7 @@ class PendingClaim:
         self._connection: Any = self._pool.get_connection()
         try:  # what redis-py's Script does, minus waiting for the answer
             self._connection.send_command("EVALSHA", deliveries._claim.sha, len(script_keys),
-                                          *script_keys, *deliveries._claim_args(owner))
+                                          *script_keys, *deliveries._claim_args(job_id, owner))
         except (OSError, redis.RedisError):
             self._release(broken=True)
 

@@ -222,12 +222,13 @@ class AsyncClient(_BaseClient):
                    fail_fast: bool | None) -> AsyncIterator[ChatDelta]:
         """Enqueue one job and yield its deltas until its terminal event (the last one says why
         it ended); leaving early cancels the job."""
-        if self._needs_liveness_check(kind, request["model"], fail_fast):
-            self._check_live(await registry.alive_workers(self._redis), kind, request["model"])
+        model = request["model"]
         try:
+            if self._needs_liveness_check(kind, model, fail_fast):
+                self._check_live(await registry.alive_workers(self._redis), kind, model)
             await self._hub.start()
         except (OSError, redis.RedisError, asyncio.TimeoutError) as exc:
-            raise BrokerUnavailable(f"cannot reach Redis: {exc}", model=request["model"]) from None
+            raise _unreachable(exc, model) from None
         inbox = self._hub.open(reader.job_id)
         self._enqueue(self._hub, kind, request, reader.timeout_s)
         try:
@@ -259,6 +260,10 @@ async def _next(inbox: asyncio.Queue[bytes], timeout: float) -> bytes | None:
             return await inbox.get()
     except TimeoutError:
         return None
+
+
+def _unreachable(exc: BaseException, model: str) -> BrokerUnavailable:
+    return BrokerUnavailable(f"cannot reach Redis: {type(exc).__name__}: {exc}", model=model)
 
 
 def _log_bounds(gap: LogRange) -> tuple[str, str]:
@@ -300,12 +305,12 @@ class Client(_BaseClient):
         """Yield the reply's deltas as the worker produces them; leaving early cancels the job."""
         request = self._chat_request(model, messages, params, job_id, self._hub.reply_channel)
         reader = JobReader(request.job_id, model, self._timeout(timeout))
-        if self._needs_liveness_check("llm", model, fail_fast):
-            self._check_live(self.live_workers(), "llm", model)
         try:
+            if self._needs_liveness_check("llm", model, fail_fast):
+                self._check_live(registry.live_workers(self._redis), "llm", model)
             self._hub.start()
         except (OSError, redis.RedisError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"cannot reach Redis: {exc}", model=model) from None
+            raise _unreachable(exc, model) from None
         self._hub.open(request.job_id)
         self._enqueue(self._hub, "llm", request.model_dump(mode="json"), reader.timeout_s)
         try:

@@ -63,8 +63,10 @@ class QueueSettings(_Strict):
     event_log_max: int = Field(default=10_000, gt=0)
     #: how long results stay in the result backend, seconds.
     result_ttl_s: int = Field(default=3600, gt=0)
-    #: seconds before Redis re-delivers an unacknowledged job (kombu's visibility_timeout).
-    visibility_timeout_s: int = Field(default=120, gt=0)
+    #: seconds before kombu re-delivers an unacknowledged job on Redis (its visibility_timeout).
+    #: A dead worker's claimed jobs come back sooner, when their lease expires (reaper.py); this
+    #: is the fallback, and a job running longer than it is delivered again (and found busy).
+    visibility_timeout_s: int = Field(default=3600, gt=0)
     #: default for callers: fail at once with NoLiveWorker instead of waiting in the queue.
     fail_fast: bool = False
 
@@ -92,8 +94,9 @@ class WorkerSettings(_Strict):
     heartbeat_ttl_s: float = Field(default=6.0, gt=0)
     #: deliveries of one job before it is failed as a worker killer.
     max_attempts: int = Field(default=3, ge=1)
-    #: seconds a running job's lease lasts without renewal (renewed with each heartbeat).
-    lease_s: float = Field(default=30.0, gt=0)
+    #: seconds a running job's lease lasts without renewal (renewed with each heartbeat); a job
+    #: whose worker died goes back on its queue once it expires (reaper.py).
+    lease_s: float = Field(default=10.0, gt=0)
 
 
 class GatewaySettings(_Strict):

@@ -37,6 +37,8 @@ from .errors import (
 )
 from .jobs import new_job_id, pack_vectors
 
+#: seconds a client should wait before sending again a request answered 503.
+RETRY_AFTER_S = 2
 #: SmmfError class → (HTTP status, OpenAI error type, code); the first match wins.
 _STATUS: list[tuple[type[SmmfError], int, str, str | None]] = [
     (UnknownModel, 404, "invalid_request_error", "model_not_found"),
@@ -117,6 +119,12 @@ def create_app(config: SmmfConfig) -> FastAPI:
     async def smmf_error(request: Request, exc: SmmfError) -> JSONResponse:
         status, kind, code = _classify(exc)
         return _error(status, exc.message, kind, code)
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
+        """Redis unreachable where a route reads it directly (models, metrics): a 503 too."""
+        return _error(503, f"cannot reach Redis: {type(exc).__name__}: {exc}", "service_unavailable",
+                      "broker_unavailable")
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -306,8 +314,11 @@ def _classify(exc: SmmfError) -> tuple[int, str, str | None]:
 
 def _error(status: int, message: str, kind: str, code: str | None,
            param: str | None = None) -> JSONResponse:
+    """An OpenAI-shaped error; a 503 (Redis, or every worker of the model, down) also says when
+    to try again, as clients and load balancers expect."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status)
+                        status_code=status, headers=headers)
 
 
 def serve(config: SmmfConfig, host: str | None = None, port: int | None = None) -> None:

@@ -97,13 +97,22 @@ class StreamHub:
         confirmed = self._confirmed.get(channel)
         if confirmed is None:
             confirmed = self._confirmed[channel] = asyncio.get_running_loop().create_future()
-            async with self._lock:
-                await self._pubsub.subscribe(channel)
-                self._has_channels.set()
-                if self._reader is None or self._reader.done():
-                    self._reader = asyncio.create_task(self._read(), name="smmf-stream-hub")
+            try:
+                async with self._lock:
+                    await self._pubsub.subscribe(channel)
+            except BaseException:
+                # Not sent (Redis down): the next call sends it again. A future left waiting
+                # here made every later call wait for a confirmation that could never come.
+                self._confirmed.pop(channel, None)
+                raise
+            self._has_channels.set()
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.create_task(self._read(), name="smmf-stream-hub")
         try:
             await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT_S)
+        except TimeoutError:
+            raise TimeoutError(f"Redis did not confirm the subscription within "
+                               f"{SUBSCRIBE_TIMEOUT_S:.0f} s") from None
         finally:
             if confirmed.done():
                 self._confirmed.pop(channel, None)

@@ -74,6 +74,13 @@ def job_record(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 
 
+#: Sorted set of running jobs (job id → lease end, ms of Redis's clock): the reaper reads the
+#: expired ones from it instead of scanning every job record.
+LEASES = f"{PREFIX}:leases"
+#: Lock that lets one reaper act at a time (redis-py's Lock).
+REAPER_LOCK = f"{PREFIX}:reaper"
+
+
 def cancel_flag(job_id: str) -> str:
     """Key set by a caller that no longer wants a job's result (e.g. its HTTP client left)."""
     return f"{PREFIX}:cancel:{job_id}"

@@ -4,12 +4,15 @@ Each runs atomically on Redis, which is what makes a job's life safe when the br
 twice: a claim, a lease renewal and a fenced finish are each one compare-and-set. `attempt.py`
 runs them (see its state diagram); nothing else writes a job record or an event log.
 Times come from Redis's own clock (`TIME`), so workers on other hosts agree on every lease.
+(REAP reads job records by a key prefix it is given: fine on one Redis, which is what kombu
+supports; a Redis Cluster would need the keys declared.)
 """
 
 from __future__ import annotations
 
-#: Claim a job's record for one delivery.
-#: KEYS[1] record, KEYS[2] cancel flag; ARGV: owner, lease_ms, max_attempts, record_ttl_s.
+#: Claim a job's record for one delivery, and index its lease (keys.LEASES) for the reaper.
+#: KEYS[1] record, KEYS[2] cancel flag, KEYS[3] lease index; ARGV: owner, lease_ms,
+#: max_attempts, record_ttl_s, job id.
 #: Answers {outcome, value}: 'claimed' or 'exhausted' with the attempt number, 'busy' with the
 #: ms until the other owner's lease ends, 'finished' or 'cancelled' with 0.
 CLAIM = """
@@ -25,22 +28,26 @@ if state == 'RUNNING' then
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'lease_until', now_ms + tonumber(ARGV[2]))
+local lease_until = now_ms + tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'lease_until', lease_until)
 if attempt > tonumber(ARGV[3]) then
   redis.call('HSET', KEYS[1], 'state', 'EXHAUSTED')
   return {'exhausted', attempt}
 end
 redis.call('HSET', KEYS[1], 'state', 'RUNNING')
+redis.call('ZADD', KEYS[3], lease_until, ARGV[5])
 return {'claimed', attempt}
 """
 
 #: Extend a running job's lease, if `owner` still holds it (answers 1, else 0).
-#: KEYS[1] record; ARGV: owner, lease_ms.
+#: KEYS[1] record, KEYS[2] lease index; ARGV: owner, lease_ms, job id.
 RENEW = """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1]
+   or redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' then return 0 end
 local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-redis.call('HSET', KEYS[1], 'lease_until', now_ms + tonumber(ARGV[2]))
+local lease_until = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'lease_until', lease_until)
+redis.call('ZADD', KEYS[2], lease_until, ARGV[3])
 return 1
 """
 
@@ -62,11 +69,36 @@ if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7] .. ' ' .. ARGV[1]) 
 APPEND = _APPEND_BODY + "return redis.call('EXISTS', KEYS[2])"
 
 #: Mark the job DONE or FAILED and write its terminal event, only if `owner` and `attempt` still
-#: hold the record (answers 1, else 0): a stale worker can never end a stream.
-#: KEYS[1] log, KEYS[2] record; ARGV[1..7] as _APPEND_BODY, ARGV[8] owner, ARGV[9] attempt,
-#: ARGV[10] final state.
+#: hold the record (answers 1, else 0): a stale worker can never end a stream. The job leaves
+#: the lease index.
+#: KEYS[1] log, KEYS[2] record, KEYS[3] lease index; ARGV[1..7] as _APPEND_BODY (ARGV[7] is the
+#: job id), ARGV[8] owner, ARGV[9] attempt, ARGV[10] final state.
 FINISH = """
 if redis.call('HGET', KEYS[2], 'owner') ~= ARGV[8]
    or redis.call('HGET', KEYS[2], 'attempt') ~= ARGV[9] then return 0 end
 redis.call('HSET', KEYS[2], 'state', ARGV[10])
+redis.call('ZREM', KEYS[3], ARGV[7])
 """ + _APPEND_BODY + "return 1"
+
+#: The jobs whose lease expired while they were RUNNING (their worker died, or stopped renewing):
+#: taken out of the lease index and returned, so that the reaper hands each back to its queue
+#: once. Index entries of finished jobs are dropped; those of renewed leases get their new end.
+#: KEYS[1] lease index; ARGV: record key prefix, most jobs to take.
+REAP = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[2]))
+local lost = {}
+for _, job in ipairs(due) do
+  local record = ARGV[1] .. job
+  local state = redis.call('HGET', record, 'state')
+  local lease = tonumber(redis.call('HGET', record, 'lease_until') or '0')
+  if state == 'RUNNING' and lease > now_ms then
+    redis.call('ZADD', KEYS[1], lease, job)
+  else
+    redis.call('ZREM', KEYS[1], job)
+    if state == 'RUNNING' then table.insert(lost, job) end
+  end
+end
+return lost
+"""

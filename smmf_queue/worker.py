@@ -3,7 +3,8 @@
 `run_worker` checks that every model can run on this host before it consumes anything, loads
 them, and starts a Celery worker on a thread pool (a model is loaded once per process; prefork
 would copy it) sized by the models' `concurrency`, consuming only `smmf.<kind>.<model>` queues.
-A heartbeat thread keeps the worker's registry entry alive and renews the leases of its jobs.
+A heartbeat thread keeps the worker's registry entry alive, renews the leases of its jobs and
+hands back jobs whose worker died (reaper.py).
 A delivery's claim, events, lease and fenced finish live in `attempt.py`; this module says what
 a chat and an embedding job run.
 """
@@ -33,6 +34,7 @@ from .jobs import ChatRequest, ChatResult, EmbeddingRequest, StreamEvent, Usage,
 from .providers import load_provider
 from .providers.base import Provider, close_chunks, provider_errors
 from .queues import make_celery_app
+from .reaper import Reaper
 
 log = logging.getLogger("smmf_queue.worker")
 
@@ -99,22 +101,29 @@ class WorkerRuntime:
                     for m in self.models],
             in_flight=self.deliveries.in_flight, started_at=self._started_at, beat_at=time.time())
 
-    def start_heartbeat(self) -> None:
+    def start_heartbeat(self, reaper: Reaper) -> None:
         registry.beat(self.redis, self.info(), self.config.worker.heartbeat_ttl_s)
-        threading.Thread(target=self._heartbeat_loop, name="smmf-heartbeat", daemon=True).start()
+        threading.Thread(target=self._heartbeat_loop, args=(reaper,), name="smmf-heartbeat",
+                         daemon=True).start()
 
     def stop_heartbeat(self) -> None:
         self._stop.set()
         with contextlib.suppress(redis.RedisError):
             registry.forget(self.redis, self.worker_id)
 
-    def _heartbeat_loop(self) -> None:
+    def _heartbeat_loop(self, reaper: Reaper) -> None:
         while not self._stop.wait(self.config.worker.heartbeat_interval_s):
             try:
                 registry.beat(self.redis, self.info(), self.config.worker.heartbeat_ttl_s)
                 self.deliveries.renew_leases()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
+                continue
+            try:
+                reaper.reap()
+            except Exception:  # the heartbeat must outlive any failure of a reap pass
+                log.exception("reaper pass failed")
+        reaper.close()
 
     def execute(self, task: Task, kind: str, payload: dict[str, Any]) -> dict[str, Any] | None:
         """Run one delivery of a job (Celery's side of it: the id, whether it was delivered
@@ -260,7 +269,8 @@ def run_worker(config: SmmfConfig, model_names: list[str], *, loglevel: str = "I
         prometheus_client.start_http_server(metrics_port)
     app = make_celery_app(config)
     register_tasks(app, runtime)
-    signals.worker_ready.connect(lambda **_: runtime.start_heartbeat(), weak=False)
+    signals.worker_ready.connect(lambda **_: runtime.start_heartbeat(Reaper(runtime.redis, app)),
+                                 weak=False)
     signals.worker_shutdown.connect(lambda **_: runtime.stop_heartbeat(), weak=False)
     app.worker_main([
         "worker", "--pool=threads", f"--concurrency={runtime.pool_size}",

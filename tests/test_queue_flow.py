@@ -285,32 +285,3 @@ def test_pickle_message_is_rejected_and_worker_keeps_serving(
     assert client.chat(CHAT, HELLO, max_tokens=3).text is not None
     assert not marker.exists()
     assert not redis_client.exists(keys.job_record("pickled-job"))
-
-
-def test_job_of_a_killed_worker_is_run_again_by_another_replica(
-        client: Client, start_worker: StartWorker, redis_client: redis.Redis) -> None:
-    # Given a long job running on a worker
-    first = start_worker(SPARE)
-    deltas = []
-    started = threading.Event()
-
-    def reader() -> None:
-        for delta in client.stream_chat(SPARE, HELLO, max_tokens=2000, temperature=0):
-            deltas.append(delta)
-            started.set()
-
-    thread = threading.Thread(target=reader)
-    thread.start()
-    assert started.wait(30)
-    # When that worker is killed mid-reply and another replica starts
-    first.kill()
-    second = start_worker(SPARE)
-    thread.join(90)
-    # Then the reader is told the reply restarts, and gets it whole from the new replica
-    restarts = [i for i, d in enumerate(deltas) if d.restart]
-    assert len(restarts) == 1
-    after = "".join(d.text for d in deltas[restarts[0] + 1:])
-    again = client.chat(SPARE, HELLO, max_tokens=2000, temperature=0)
-    assert after == again.text
-    assert again.worker == second.worker_id
-    second.stop()

@@ -1,0 +1,203 @@
+"""The long fault runs behind RELIABILITY.md; each prints its figures as it measures them.
+
+    .venv/bin/python scripts/faults.py kills [--n 100] [--lease 2] [--heartbeat 0.5] [--seed 1]
+    .venv/bin/python scripts/faults.py redis [--n 3]
+
+`kills`: a private Redis (AOF on), three worker processes for the tiny random-weight chat model,
+kombu's visibility timeout at an hour (out of reach). N times: stream a long reply (temperature
+0, so every attempt writes the same text), SIGKILL the worker that holds it after a random
+number of deltas, start a replacement. Reports how long after the kill the reader was told the
+reply restarts (the job running again on a live replica) and when it ended; checks every job
+ended exactly once with the whole reply (its event log holds one terminal event; the text after
+the restart equals an undisturbed run's), and counts lost jobs.
+
+`redis`: a private Redis (AOF on), one worker and one SDK client in use. N times each: SIGKILL
+Redis, then a clean stop (SIGTERM); one second later it starts again on the same port with the
+same data folder. Reports how long after the start the same client's next chat (through the
+worker, which lived through it too) succeeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+from benchkit import MODEL, chat_toml, free_port, make_models, percentile
+
+from smmf_queue import BrokerUnavailable, Client, JobTimeout, keys, registry
+from smmf_queue.embedded import EmbeddedRedis
+from smmf_queue.standalone import start_worker_process
+from smmf_queue.streaming import decode_log
+
+QUESTION = [{"role": "user", "content": "tell me about queues"}]
+REPLY_TOKENS = 3000
+
+
+def kills(n: int, lease_s: float, heartbeat_s: float, seed: int) -> None:
+    rng = random.Random(seed)
+    work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
+    with EmbeddedRedis(free_port(), work / "redis") as server:
+        config = work / "faults.toml"
+        config.write_text(chat_toml(MODEL) + f"""
+[queue]
+broker_url = "{server.url}"
+visibility_timeout_s = 3600
+job_timeout_s = 120
+
+[worker]
+heartbeat_interval_s = {heartbeat_s}
+heartbeat_ttl_s = {heartbeat_s * 3}
+lease_s = {lease_s}
+""")
+        client_redis = redis.Redis.from_url(server.url)
+        workers: dict[int, subprocess.Popen[bytes]] = {}
+
+        def spawn() -> None:
+            process = start_worker_process(config, [MODEL], work / f"worker-{len(workers)}.log")
+            workers[process.pid] = process
+
+        for _ in range(3):
+            spawn()
+        _wait_live(client_redis, 3)
+        with Client(config) as client:
+            reference = client.chat(MODEL, QUESTION, max_tokens=REPLY_TOKENS, temperature=0).text
+            print(f"{n} SIGKILLs of the worker holding a streamed reply ({len(reference)} chars); "
+                  f"lease_s {lease_s}, heartbeat {heartbeat_s} s, visibility timeout 3600 s, "
+                  f"seed {seed}, {os.cpu_count()} cores", flush=True)
+            back: list[float] = []
+            ended: list[float] = []
+            lost = wrong = doubled = 0
+            for i in range(n):
+                _wait_live(client_redis, 2)
+                outcome = _one_kill(client, client_redis, workers, rng.randint(1, 40), f"kill-{seed}-{i}")
+                spawn()
+                if outcome is None:
+                    lost += 1
+                    print(f"  {i + 1}: LOST", flush=True)
+                    continue
+                text, restart_s, end_s, terminals = outcome
+                back.append(restart_s)
+                ended.append(end_s)
+                wrong += text != reference
+                doubled += terminals != 1
+                if (i + 1) % 10 == 0:
+                    print(f"  {i + 1} kills: back on a replica p50 {percentile(back, 50):.2f} s, "
+                          f"max {max(back):.2f} s", flush=True)
+        for process in workers.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in workers.values():
+            process.wait(timeout=30)
+    print(f"lost {lost} / {n}; wrong replies {wrong} / {n}; jobs not ended exactly once {doubled} / {n}")
+    if back:
+        print(f"kill -> reply restarts on a replica: p50 {percentile(back, 50):.2f} s, "
+              f"p99 {percentile(back, 99):.2f} s, max {max(back):.2f} s (n={len(back)})")
+        print(f"kill -> reply ends:                  p50 {percentile(ended, 50):.2f} s, "
+              f"p99 {percentile(ended, 99):.2f} s, max {max(ended):.2f} s")
+
+
+def _one_kill(client: Client, client_redis: redis.Redis, workers: dict[int, subprocess.Popen[bytes]],
+              after: int, job_id: str) -> tuple[str, float, float, int] | None:
+    """Stream a reply, SIGKILL its worker after `after` deltas; (text after the restart, seconds
+    from the kill to the restart and to the end, terminal events logged), or None if lost."""
+    killed_at: list[float] = []
+    restart_at: list[float] = []
+    pieces: list[str] = []
+    count = 0
+    try:
+        for delta in client.stream_chat(MODEL, QUESTION, max_tokens=REPLY_TOKENS, temperature=0,
+                                        job_id=job_id):
+            count += 1
+            if delta.restart:
+                restart_at.append(time.monotonic())
+                pieces = []
+            pieces.append(delta.text)
+            if count == after and not killed_at:
+                owner = client_redis.hget(keys.job_record(job_id), "owner") or b""
+                pid = int(owner.decode().split("/")[0].split("-")[-2])
+                workers[pid].send_signal(signal.SIGKILL)
+                workers[pid].wait()
+                killed_at.append(time.monotonic())
+    except JobTimeout:
+        return None
+    ended = time.monotonic()
+    if not killed_at or not restart_at:  # the reply ended before the kill: count it as not a kill
+        raise SystemExit(f"job {job_id} ended after {count} deltas, before its kill; "
+                         "use a longer reply")
+    events = decode_log(client_redis.xrange(keys.event_log(job_id)))  # type: ignore[arg-type]
+    terminals = sum(1 for e in events if e.terminal)
+    return ("".join(pieces), restart_at[0] - killed_at[0], ended - killed_at[0], terminals)
+
+
+def redis_restarts(n: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
+    server = EmbeddedRedis(free_port(), work / "redis")
+    server.start()
+    config = work / "faults.toml"
+    config.write_text(chat_toml(MODEL) + f'\n[queue]\nbroker_url = "{server.url}"\n')
+    worker = start_worker_process(config, [MODEL], work / "worker.log")
+    try:
+        _wait_live(redis.Redis.from_url(server.url), 1)
+        with Client(config) as client:
+            client.chat(MODEL, QUESTION, max_tokens=4)
+            print(f"Redis stopped {n} times by SIGKILL and {n} times by SIGTERM, started again 1 s "
+                  f"later (AOF on); one worker and one client live through it; {os.cpu_count()} cores",
+                  flush=True)
+            for how in ["SIGKILL"] * n + ["SIGTERM"] * n:
+                assert server.process is not None
+                server.process.send_signal(signal.SIGKILL if how == "SIGKILL" else signal.SIGTERM)
+                server.process.wait()
+                time.sleep(1)
+                server.start()
+                started = time.monotonic()
+                while True:
+                    try:
+                        client.chat(MODEL, QUESTION, max_tokens=4, timeout=10)
+                        break
+                    except (BrokerUnavailable, JobTimeout):
+                        if time.monotonic() - started > 60:
+                            raise SystemExit(f"no reply 60 s after Redis came back ({how})") from None
+                        time.sleep(0.1)
+                print(f"  {how}: the client's chat served again {time.monotonic() - started:.2f} s "
+                      f"after Redis was back", flush=True)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        server.stop()
+
+
+def _wait_live(client: redis.Redis, count: int) -> None:
+    deadline = time.monotonic() + 120
+    while len(registry.live_workers(client)) < count:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"fewer than {count} live workers after 120 s")
+        time.sleep(0.2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    kill = commands.add_parser("kills", help="SIGKILL the worker holding a job, N times")
+    kill.add_argument("--n", type=int, default=100)
+    kill.add_argument("--lease", type=float, default=2.0, help="worker.lease_s")
+    kill.add_argument("--heartbeat", type=float, default=0.5, help="worker.heartbeat_interval_s")
+    kill.add_argument("--seed", type=int, default=1)
+    outage = commands.add_parser("redis", help="kill and stop Redis under a live client")
+    outage.add_argument("--n", type=int, default=3)
+    args = parser.parse_args()
+    make_models()
+    if args.command == "kills":
+        kills(args.n, args.lease, args.heartbeat, args.seed)
+    else:
+        redis_restarts(args.n)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Fault: Redis killed with SIGKILL, then started again on the same port with its AOF.
+
+Clients, the gateway and workers that lived through the outage must serve again without a
+restart of their own; while Redis is down, calls fail with BrokerUnavailable (SDK) or 503 with
+Retry-After (gateway), never hang or answer 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from smmf_queue import AsyncClient, BrokerUnavailable, Client
+from smmf_queue.embedded import EmbeddedRedis
+
+from ..conftest import CHAT, GATEWAY_KEY, StartWorker, free_port, start_service, write_config
+
+T = TypeVar("T")
+HELLO = [{"role": "user", "content": "hi"}]
+#: seconds a test gives a client to serve again once Redis is back (the promise is 10 s).
+RECOVERY_BOUND_S = 30.0
+
+
+@pytest.fixture
+def outage(tmp_path: Path, tiny_models: Path, start_worker: StartWorker) -> Iterator[tuple[EmbeddedRedis, Path]]:
+    """A private Redis with a live worker for CHAT; the test kills and restarts the Redis."""
+    server = EmbeddedRedis(free_port(), tmp_path / "redis")
+    server.start()
+    config = write_config(tmp_path / "outage.toml", server.url, tiny_models)
+    worker = start_worker(CHAT, config=config)
+    yield server, config
+    worker.stop()
+    server.stop()
+
+
+def kill(server: EmbeddedRedis) -> None:
+    assert server.process is not None
+    server.process.kill()
+    server.process.wait()
+
+
+def eventually(call: Callable[[], T]) -> T:
+    """`call` once it stops raising BrokerUnavailable (bounded: RECOVERY_BOUND_S)."""
+    deadline = time.monotonic() + RECOVERY_BOUND_S
+    while True:
+        try:
+            return call()
+        except BrokerUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_clients_that_met_redis_down_serve_again_once_it_is_back(
+        outage: tuple[EmbeddedRedis, Path]) -> None:
+    server, config = outage
+    with Client(config) as used, Client(config) as fresh:
+        # Given one client in use and one made but not used yet
+        assert used.chat(CHAT, HELLO, max_tokens=2).text is not None
+        # When Redis dies, both fail with a clear BrokerUnavailable, streamed or not
+        kill(server)
+        for call in (lambda: fresh.chat(CHAT, HELLO, max_tokens=2, timeout=20),
+                     lambda: list(used.stream_chat(CHAT, HELLO, max_tokens=2, timeout=20))):
+            with pytest.raises(BrokerUnavailable) as down:
+                call()
+            assert "Redis" in down.value.message and not down.value.message.endswith(": ")
+        # Then, once Redis is back on its port with its data, both serve again
+        server.start()
+        assert eventually(lambda: fresh.chat(CHAT, HELLO, max_tokens=2, timeout=20)).usage.completion_tokens == 2
+        assert eventually(lambda: list(fresh.stream_chat(CHAT, HELLO, max_tokens=2, timeout=20)))[-1].usage
+        assert eventually(lambda: used.chat(CHAT, HELLO, max_tokens=2, timeout=20)).usage.completion_tokens == 2
+
+
+def test_an_async_client_first_used_while_redis_is_down_serves_once_it_is_back(
+        outage: tuple[EmbeddedRedis, Path]) -> None:
+    server, config = outage
+
+    async def scenario() -> int:
+        async with AsyncClient(config) as client:
+            kill(server)
+            with pytest.raises(BrokerUnavailable):
+                await client.chat(CHAT, HELLO, max_tokens=2, timeout=20)
+            server.start()
+            deadline = time.monotonic() + RECOVERY_BOUND_S
+            while True:
+                try:
+                    return (await client.chat(CHAT, HELLO, max_tokens=2, timeout=20)).usage.completion_tokens
+                except BrokerUnavailable:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+
+    assert asyncio.run(scenario()) == 2
+
+
+def test_the_gateway_answers_503_with_retry_after_while_redis_is_down(
+        outage: tuple[EmbeddedRedis, Path], tmp_path: Path) -> None:
+    server, config = outage
+    port = free_port()
+    gateway = start_service("gateway", config, tmp_path / "gateway.log",
+                            f"http://127.0.0.1:{port}/healthz", "--port", str(port))
+    try:
+        def post(stream: bool = False) -> tuple[int, dict[str, str], dict[str, object]]:
+            body = json.dumps({"model": CHAT, "messages": HELLO, "max_tokens": 2,
+                               "stream": stream}).encode()
+            return send(urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/chat/completions", body,
+                {"Content-Type": "application/json", "Authorization": f"Bearer {GATEWAY_KEY}"}))
+
+        def get(path: str) -> tuple[int, dict[str, str], dict[str, object]]:
+            return send(urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                               headers={"Authorization": f"Bearer {GATEWAY_KEY}"}))
+
+        def send(request: urllib.request.Request) -> tuple[int, dict[str, str], dict[str, object]]:
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    return response.status, _lower(response.headers.items()), json.load(response)
+            except urllib.error.HTTPError as error:
+                return error.code, _lower(error.headers.items()), json.load(error)
+
+        assert post()[0] == 200
+        # When Redis dies, the gateway answers 503 with Retry-After, OpenAI-shaped, whether the
+        # request streams or not, and so do the routes that read Redis themselves
+        kill(server)
+        time.sleep(1.5)  # past the liveness cache: the request itself meets Redis down
+        for answer in (post(), post(stream=True), get("/v1/models")):
+            status, headers, body = answer
+            assert status == 503, body
+            assert int(headers["retry-after"]) >= 1
+            assert body["error"]["code"] == "broker_unavailable"  # type: ignore[index]
+        # Then, once Redis is back, it serves again without a restart of its own
+        server.start()
+        deadline = time.monotonic() + RECOVERY_BOUND_S
+        while (status := post()[0]) != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert status == 200
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=15)
+
+
+def _lower(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    return {name.lower(): value for name, value in headers}
