@@ -39,6 +39,8 @@ from .jobs import StreamEvent
 log = logging.getLogger("smmf_queue.attempt")
 
 R = TypeVar("R")
+#: the error type of a job that was delivered more than `max_attempts` times.
+WORKER_LOST = "WorkerLost"
 ClaimOutcome = Literal["claimed", "busy", "finished", "exhausted", "cancelled"]
 
 
@@ -125,7 +127,7 @@ class Deliveries:
                           last_seq=self.last_seq(job_id) if claim.value > 1 else 0)
         if claim.outcome == "exhausted":
             attempt.fail(JobFailed(f"job was delivered {claim.value - 1} times and its worker died "
-                                   "each time", error_type="WorkerLost", job_id=job_id))
+                                   "each time", error_type=WORKER_LOST, job_id=job_id))
         if claim.value > 1:
             attempt.restart()
         return work(attempt)

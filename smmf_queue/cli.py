@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -9,6 +10,7 @@ import signal
 import time
 import urllib.request
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -18,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import keys, registry
+from . import dead_letters, keys, registry
 from .client import Client
 from .config import DEFAULT_CONFIG, ModelConfig, ModelKind, SmmfConfig, load_config
 from .errors import SmmfError
@@ -87,14 +89,12 @@ def models(config: ConfigOption = DEFAULT_CONFIG,
            as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False) -> None:
     """List configured models, their live workers and queue depth."""
     loaded = _load(config)
-    client = redis.Redis.from_url(loaded.queue.redis, socket_connect_timeout=2)
-    try:
+    client = _redis(loaded)
+    with _redis_errors(loaded):
         workers = registry.live_workers(client)
         broker_is_redis = loaded.queue.broker_url == loaded.queue.redis
         rows = [_model_row(m, workers, sum(client.llen(lane) for lane in keys.queue_lanes(m.kind, m.name))
                            if broker_is_redis else None) for m in loaded.models]
-    except redis.RedisError as exc:
-        _fail(f"cannot reach Redis at {loaded.queue.redis}: {exc}")
     if as_json:
         console.print_json(json.dumps(rows))
         return
@@ -118,6 +118,93 @@ def _model_row(model: ModelConfig, workers: list[registry.WorkerInfo],
             "queue": keys.queue_name(model.kind, model.name), "live_workers": len(serving),
             "in_flight": sum(w.in_flight for w in serving), "queued": depth,
             "workers": [f"{w.worker_id} [{w.hardware}]" for w in serving]}
+
+
+jobs_app = typer.Typer(help="Dead letters: jobs that kept killing their workers.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _redis(loaded: SmmfConfig) -> redis.Redis:
+    return redis.Redis.from_url(loaded.queue.redis, socket_connect_timeout=2)
+
+
+@jobs_app.command("list")
+def jobs_list(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False,
+              limit: Annotated[int, typer.Option(help="Most letters to list, newest first.")] = 100) -> None:
+    """List dead letters (no prompt text: sizes only)."""
+    loaded = _load(config)
+    with _redis_errors(loaded):
+        rows = [dead_letters.summary(letter) for letter in dead_letters.listed(_redis(loaded), limit)]
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table("job", "model", "size", "attempts", "error", "failed at")
+    for row in rows:
+        table.add_row(row["job_id"], row["model"], row["size"], str(row["attempts"]),
+                      f"{row['error_type']}: {row['error_message']}",
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["failed_at"])))
+    console.print(table if rows else "no dead letters")
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: Annotated[str, typer.Argument(help="The job's id.")],
+              config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """Print one dead letter as JSON, its request (prompt included) too."""
+    loaded = _load(config)
+    with _redis_errors(loaded):
+        letter = dead_letters.get(_redis(loaded), job_id)
+    if letter is None:
+        _fail(f"no dead letter for job {job_id}")
+    console.print_json(letter.model_dump_json())
+
+
+@jobs_app.command("requeue")
+def jobs_requeue(job_ids: Annotated[list[str], typer.Argument(help="Jobs to send again.")],
+                 config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """Send dead jobs again under their own ids, as new jobs (their letters are dropped)."""
+    from .queues import JobSender, make_celery_app
+
+    loaded = _load(config)
+    client = _redis(loaded)
+    with _redis_errors(loaded):
+        letters = [dead_letters.get(client, job_id) for job_id in job_ids]
+    missing = [job_id for job_id, letter in zip(job_ids, letters) if letter is None]
+    if missing:
+        _fail(f"no dead letter for job {', '.join(missing)}")
+    sender = JobSender(make_celery_app(loaded, store_results=False))
+    try:
+        for letter in filter(None, letters):
+            with _redis_errors(loaded):
+                dead_letters.requeue(client, sender, letter)
+            console.print(f"requeued {letter.job_id} on {keys.queue_name(letter.kind, letter.model)}",
+                          highlight=False)
+    finally:
+        sender.close()
+
+
+@jobs_app.command("purge")
+def jobs_purge(job_ids: Annotated[list[str] | None, typer.Argument(help="Jobs to drop.")] = None,
+               config: ConfigOption = DEFAULT_CONFIG,
+               purge_all: Annotated[bool, typer.Option("--all", help="Drop every dead letter.")] = False) -> None:
+    """Drop dead letters: the ones named, or --all."""
+    if purge_all == bool(job_ids):
+        _fail("name the jobs to drop, or give --all (not both)")
+    loaded = _load(config)
+    client = _redis(loaded)
+    with _redis_errors(loaded):
+        targets = job_ids or [letter.job_id for letter in dead_letters.listed(client, limit=1_000_000)]
+        dropped = dead_letters.forget(client, list(targets))
+    console.print(f"dropped {dropped} dead letters")
+
+
+@contextlib.contextmanager
+def _redis_errors(loaded: SmmfConfig) -> Iterator[None]:
+    """Exit with a one-line reason when Redis cannot be reached."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        _fail(f"cannot reach Redis at {loaded.queue.redis}: {exc}")
 
 
 @app.command()

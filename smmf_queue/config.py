@@ -69,6 +69,8 @@ class QueueSettings(_Strict):
     visibility_timeout_s: int = Field(default=3600, gt=0)
     #: default for callers: fail at once with NoLiveWorker instead of waiting in the queue.
     fail_fast: bool = False
+    #: how long a dead letter (a job that kept killing its workers) is kept, seconds.
+    dead_letter_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
 
     @property
     def redis(self) -> str:

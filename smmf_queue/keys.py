@@ -81,6 +81,15 @@ LEASES = f"{PREFIX}:leases"
 REAPER_LOCK = f"{PREFIX}:reaper"
 
 
+#: Sorted set of dead letters (job id → unix time it was given up), newest last.
+DEAD_LETTERS = f"{PREFIX}:dead"
+
+
+def dead_letter(job_id: str) -> str:
+    """JSON of one dead letter (see dead_letters.py)."""
+    return f"{PREFIX}:dead:{job_id}"
+
+
 def cancel_flag(job_id: str) -> str:
     """Key set by a caller that no longer wants a job's result (e.g. its HTTP client left)."""
     return f"{PREFIX}:cancel:{job_id}"

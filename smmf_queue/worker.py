@@ -25,8 +25,8 @@ import redis
 from celery import Celery, Task, signals
 from pydantic import ValidationError
 
-from . import keys, metrics, registry
-from .attempt import Attempt, Deliveries, LeaseBusy
+from . import dead_letters, keys, metrics, registry
+from .attempt import WORKER_LOST, Attempt, Deliveries, LeaseBusy
 from .batching import EmbedBatcher
 from .config import ModelConfig, SmmfConfig
 from .errors import JobFailed
@@ -128,12 +128,26 @@ class WorkerRuntime:
     def execute(self, task: Task, kind: str, payload: dict[str, Any]) -> dict[str, Any] | None:
         """Run one delivery of a job (Celery's side of it: the id, whether it was delivered
         before, and a retry when another replica holds the job)."""
+        job_id = str(task.request.id)
         try:
-            return self.deliveries.run(str(task.request.id), _reply_channel(payload),
+            return self.deliveries.run(job_id, _reply_channel(payload),
                                        lambda attempt: self._run(kind, payload, attempt),
                                        ahead=kind == "llm" and _first_delivery(task))
         except LeaseBusy as busy:
             raise task.retry(countdown=busy.retry_in_s, max_retries=None) from None
+        except JobFailed as exc:
+            if exc.error_type == WORKER_LOST:
+                self._dead_letter(job_id, kind, payload, exc)
+            raise
+
+    def _dead_letter(self, job_id: str, kind: str, payload: dict[str, Any], exc: JobFailed) -> None:
+        """Keep a job that kept killing its workers, for an operator (`smmf-queue jobs`)."""
+        letter = dead_letters.DeadLetter(
+            job_id=job_id, kind=kind, model=str(payload.get("model", "?")), request=payload,
+            attempts=self.config.worker.max_attempts, error_type=exc.error_type,
+            error_message=exc.message, failed_at=time.time())
+        dead_letters.keep(self.redis, letter, self.config.queue.dead_letter_ttl_s)
+        log.error("job %s of model %s is a dead letter: %s", job_id, letter.model, exc.message)
 
     def _run(self, kind: str, payload: dict[str, Any], attempt: Attempt) -> dict[str, Any] | None:
         """Run the job and finish it with its terminal event, if this attempt still holds it."""

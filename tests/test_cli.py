@@ -18,7 +18,7 @@ runner = CliRunner()
 
 
 def test_help_on_every_command() -> None:
-    for command in ("up", "worker", "models", "chat", "embed", "config"):
+    for command in ("up", "worker", "models", "chat", "embed", "config", "jobs"):
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0, result.output
         assert "Usage" in result.output
