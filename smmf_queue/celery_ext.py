@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from celery import signals
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.transport import redis as kombu_redis
 from vine import promise
@@ -64,6 +65,12 @@ class Consumer(CeleryConsumer):
     def _flush_due_events(self) -> None:
         self._event_flush_due = False
         self._flush_events()
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        """Celery logs and acknowledges an undecodable message; it also tells `task_rejected`'s
+        receivers, as it does for the other messages it refuses (the worker keeps a dead letter)."""
+        super().on_decode_error(message, exc)
+        signals.task_rejected.send(sender=self, message=message, exc=exc)
 
     def shutdown(self) -> None:
         """Publish what the timer had not yet, before Celery closes the event dispatcher."""

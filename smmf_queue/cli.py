@@ -139,9 +139,9 @@ def jobs_list(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False
     if as_json:
         console.print_json(json.dumps(rows))
         return
-    table = Table("job", "model", "size", "attempts", "error", "failed at")
+    table = Table("job", "queue", "size", "attempts", "error", "failed at")
     for row in rows:
-        table.add_row(row["job_id"], row["model"], row["size"], str(row["attempts"]),
+        table.add_row(row["job_id"], row["queue"], row["size"], str(row["attempts"]),
                       f"{row['error_type']}: {row['error_message']}",
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["failed_at"])))
     console.print(table if rows else "no dead letters")
@@ -176,9 +176,11 @@ def jobs_requeue(job_ids: Annotated[list[str], typer.Argument(help="Jobs to send
     try:
         for letter in filter(None, letters):
             with _redis_errors(loaded):
-                dead_letters.requeue(client, sender, letter)
-            console.print(f"requeued {letter.job_id} on {keys.queue_name(letter.kind, letter.model)}",
-                          highlight=False)
+                try:
+                    dead_letters.requeue(client, sender, letter)
+                except ValueError as exc:
+                    _fail(str(exc))
+            console.print(f"requeued {letter.job_id} on {letter.queue}", highlight=False)
     finally:
         sender.close()
 

@@ -2,8 +2,11 @@
 send them again, or drop them (`smmf-queue jobs`).
 
 A job becomes one when it kept killing its workers (delivered more than `worker.max_attempts`
-times: `WorkerLost`). Its caller got the error at once; the letter is for whoever runs the
-queue. Each is a hash (`keys.dead_letter`) with a TTL, listed by time in a sorted set
+times: `WorkerLost`), when its message can never run as sent (a request that does not validate,
+one on another model's queue: `InvalidRequest`, `WrongWorker`), or when Celery refused the
+message before any task (undecodable, no task headers, an unknown task: `Rejected`; such a
+letter keeps the message's headers and size, not its body). Its caller, if any, got the error at
+once; the letter is for whoever runs the queue. Each is a hash (`keys.dead_letter`) with a TTL, listed by time in a sorted set
 (`keys.DEAD_LETTERS`). Letters hold the request, prompt included, like the queue itself did: the
 command's list shows sizes only, `show` shows the request.
 """
@@ -26,7 +29,10 @@ class DeadLetter(BaseModel):
 
     job_id: str
     kind: str
+    #: the model the request names ("?" when it names none).
     model: str
+    #: the queue the message was taken from.
+    queue: str
     #: the job's request as it was enqueued (the Celery message's kwargs).
     request: dict[str, Any]
     attempts: int
@@ -38,9 +44,12 @@ class DeadLetter(BaseModel):
     @property
     def size(self) -> str:
         """How big the job is, without its content (what a listing may show)."""
-        if "messages" in self.request:
-            return f"{len(self.request['messages'])} messages"
-        return f"{len(self.request.get('texts', []))} texts"
+        for part in ("messages", "texts"):
+            if isinstance(self.request.get(part), list):
+                return f"{len(self.request[part])} {part}"
+        if "body_bytes" in self.request:
+            return f"{self.request['body_bytes']} bytes"
+        return "malformed"
 
 
 def keep(client: redis.Redis, letter: DeadLetter, ttl_s: int) -> None:
@@ -86,7 +95,11 @@ def fresh_start(client: redis.Redis, job_id: str) -> None:
 
 def requeue(client: redis.Redis, sender: JobSender, letter: DeadLetter) -> None:
     """Send a dead job again under its own id, as a new job (first attempt, empty event log);
-    its letter is dropped once it is on its queue. No expiry: it waits for a worker."""
+    its letter is dropped once it is on its queue. No expiry: it waits for a worker. Only a
+    job that kept killing its workers can be sent again: the others would fail the same way."""
+    if letter.error_type != "WorkerLost":
+        raise ValueError(f"job {letter.job_id} failed with {letter.error_type}: sending it again "
+                         "would fail the same way")
     fresh_start(client, letter.job_id)
     lane = letter.request.get("lane")
     sender.send(keys.CHAT_TASK if letter.kind == "llm" else keys.EMBED_TASK, letter.kind,

@@ -45,6 +45,12 @@ log = logging.getLogger("smmf_queue.worker")
 #: Flower lists every job.
 PER_JOB_LOGGERS = ("celery.worker.strategy", "celery.app.trace", "httpx2", "httpx")
 
+#: error types of jobs that can never run as sent: a request that does not validate, one for a
+#: model this worker does not serve (a message put on the wrong queue), and a message Celery
+#: refused before any task. With WORKER_LOST they become dead letters (dead_letters.py).
+INVALID_REQUEST, WRONG_WORKER, REJECTED = "InvalidRequest", "WrongWorker", "Rejected"
+DEAD_ON = frozenset({WORKER_LOST, INVALID_REQUEST, WRONG_WORKER})
+
 
 class WorkerRuntime:
     """The models one worker process serves, and how it runs their jobs."""
@@ -136,18 +142,36 @@ class WorkerRuntime:
         except LeaseBusy as busy:
             raise task.retry(countdown=busy.retry_in_s, max_retries=None) from None
         except JobFailed as exc:
-            if exc.error_type == WORKER_LOST:
-                self._dead_letter(job_id, kind, payload, exc)
+            if exc.error_type in DEAD_ON:
+                attempts = self.config.worker.max_attempts if exc.error_type == WORKER_LOST else 1
+                model = str(payload.get("model", "?"))
+                queue = (task.request.delivery_info or {}).get("routing_key") or keys.queue_name(kind, model)
+                self._keep_dead(dead_letters.DeadLetter(
+                    job_id=job_id, kind=kind, model=model, queue=queue, request=payload,
+                    attempts=attempts, error_type=exc.error_type, error_message=exc.message,
+                    failed_at=time.time()))
             raise
 
-    def _dead_letter(self, job_id: str, kind: str, payload: dict[str, Any], exc: JobFailed) -> None:
-        """Keep a job that kept killing its workers, for an operator (`smmf-queue jobs`)."""
-        letter = dead_letters.DeadLetter(
-            job_id=job_id, kind=kind, model=str(payload.get("model", "?")), request=payload,
-            attempts=self.config.worker.max_attempts, error_type=exc.error_type,
-            error_message=exc.message, failed_at=time.time())
-        dead_letters.keep(self.redis, letter, self.config.queue.dead_letter_ttl_s)
-        log.error("job %s of model %s is a dead letter: %s", job_id, letter.model, exc.message)
+    def dead_letter_message(self, message: Any, reason: str) -> None:
+        """Keep a message that Celery refused before it reached a task (undecodable, no task
+        headers, an unknown task): its headers and size, not its body."""
+        headers = message.headers or {}
+        queue = str((message.delivery_info or {}).get("routing_key") or "?")
+        kind = queue.removeprefix(f"{keys.PREFIX}.").partition(".")[0] or "?"
+        self._keep_dead(dead_letters.DeadLetter(
+            job_id=str(headers.get("id") or f"rejected-{uuid.uuid4().hex}"), kind=kind, model="?",
+            queue=queue, request={"headers": {k: str(v)[:200] for k, v in headers.items()},
+                                  "body_bytes": len(message.body or b"")},
+            attempts=0, error_type=REJECTED, error_message=reason[:500], failed_at=time.time()))
+
+    def _keep_dead(self, letter: dead_letters.DeadLetter) -> None:
+        try:
+            dead_letters.keep(self.redis, letter, self.config.queue.dead_letter_ttl_s)
+        except redis.RedisError as exc:
+            log.error("job %s: could not keep its dead letter: %s", letter.job_id, exc)
+            return
+        log.error("job %s of model %s is a dead letter: %s: %s", letter.job_id, letter.model,
+                  letter.error_type, letter.error_message)
 
     def _run(self, kind: str, payload: dict[str, Any], attempt: Attempt) -> dict[str, Any] | None:
         """Run the job and finish it with its terminal event, if this attempt still holds it."""
@@ -180,11 +204,11 @@ class WorkerRuntime:
             request = (ChatRequest if kind == "llm" else EmbeddingRequest).model_validate(payload)
         except ValidationError as exc:
             raise JobFailed(f"malformed job message: {exc.errors()[0]['msg']}",
-                            error_type="InvalidRequest", job_id=job_id) from None
+                            error_type=INVALID_REQUEST, job_id=job_id) from None
         provider = self.providers.get((kind, request.model))
         if provider is None:
             raise JobFailed(f"this worker does not serve {kind} model '{request.model}'",
-                            error_type="WrongWorker", model=request.model, job_id=job_id)
+                            error_type=WRONG_WORKER, model=request.model, job_id=job_id)
         return provider.model, provider, request
 
     def _chat(self, provider: Provider, request: ChatRequest,
@@ -260,12 +284,30 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     """Bind the chat and embedding tasks of `app` to this process's runtime."""
 
     @app.task(name=keys.CHAT_TASK, bind=True)
-    def chat(task: Task, request: dict[str, Any]) -> dict[str, Any] | None:
-        return runtime.execute(task, "llm", request)
+    def chat(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
+        return runtime.execute(task, "llm", _payload(args, kwargs))
 
     @app.task(name=keys.EMBED_TASK, bind=True)
-    def embed(task: Task, request: dict[str, Any]) -> dict[str, Any] | None:
-        return runtime.execute(task, "embedding", request)
+    def embed(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
+        return runtime.execute(task, "embedding", _payload(args, kwargs))
+
+    def rejected(message: Any, exc: BaseException | None = None, **_: Any) -> None:
+        runtime.dead_letter_message(message, f"{type(exc).__name__}: {exc}" if exc else
+                                    "not a task message of this worker")
+
+    def unknown(message: Any, name: str, exc: BaseException, **_: Any) -> None:
+        runtime.dead_letter_message(message, f"unknown task {name!r}")
+
+    signals.task_rejected.connect(rejected, weak=False)
+    signals.task_unknown.connect(unknown, weak=False)
+
+
+def _payload(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The request that a well-formed message carries as its one argument; anything else stands
+    for itself in a form the request's validation refuses (so it fails and is dead-lettered)."""
+    if not args and list(kwargs) == ["request"] and isinstance(kwargs["request"], dict):
+        return kwargs["request"]
+    return {"malformed": repr((args, kwargs))[:1000]}
 
 
 def run_worker(config: SmmfConfig, model_names: list[str], *, loglevel: str = "INFO",

@@ -1,0 +1,111 @@
+"""Fault: hostile messages put straight onto a model's queue, bypassing the SDK's validation.
+
+None may run, none may stop the worker, a good job sent after each one is served, and each
+one that can never run as sent is kept as a dead letter with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection, Exchange, Producer
+
+from smmf_queue import Client, dead_letters, keys
+from smmf_queue.config import SmmfConfig
+
+from ..conftest import StartWorker, WorkerProcess, wait_until, write_config
+
+MODEL = "tiny-chat-hostile"
+HELLO = [{"role": "user", "content": "hi"}]
+QUEUE = keys.queue_name("llm", MODEL)
+
+
+def good_request(job_id: str, **changes: Any) -> dict[str, Any]:
+    return {"v": 1, "job_id": job_id, "model": MODEL, "messages": HELLO,
+            "params": {"max_tokens": 2}, **changes}
+
+
+#: name → the error type of its dead letter (None: an ordinary job failure, e.g. a prompt over
+#: the model's context, which its caller is told and which is no dead letter).
+DEAD_AS: dict[str, str | None] = {
+    "malformed JSON": "Rejected", "unknown task name": "Rejected", "no task headers": "Rejected",
+    "request not an object": "InvalidRequest", "positional arguments": "InvalidRequest",
+    "request missing fields": "InvalidRequest", "another model's request": "WrongWorker",
+    "10 MB body": None,
+}
+#: name → (body, content type, headers): each put on the queue as it is.
+HOSTILE: dict[str, tuple[bytes, str, dict[str, Any]]] = {
+    "malformed JSON": (b'[[], {"request": ', "application/json",
+                       {"task": keys.CHAT_TASK, "id": "hostile-json", "lang": "py"}),
+    "unknown task name": (json.dumps([[], {"request": good_request("hostile-task")}, {}]).encode(),
+                          "application/json", {"task": "smmf.no_such_task", "id": "hostile-task", "lang": "py"}),
+    "no task headers": (json.dumps([[], {"request": good_request("hostile-headers")}, {}]).encode(),
+                        "application/json", {}),
+    "request not an object": (json.dumps([[], {"request": "rm -rf /"}, {}]).encode(), "application/json",
+                              {"task": keys.CHAT_TASK, "id": "hostile-shape", "lang": "py"}),
+    "positional arguments": (json.dumps([[1, 2, 3], {}, {}]).encode(), "application/json",
+                             {"task": keys.CHAT_TASK, "id": "hostile-args", "lang": "py"}),
+    "request missing fields": (json.dumps([[], {"request": {"model": MODEL}}, {}]).encode(),
+                               "application/json", {"task": keys.CHAT_TASK, "id": "hostile-fields", "lang": "py"}),
+    "another model's request": (json.dumps([[], {"request": good_request("hostile-model", model="other")}, {}]).encode(),
+                                "application/json", {"task": keys.CHAT_TASK, "id": "hostile-model", "lang": "py"}),
+    "10 MB body": (json.dumps([[], {"request": good_request(
+        "hostile-big", messages=[{"role": "user", "content": "x" * 10_000_000}])}, {}]).encode(),
+        "application/json", {"task": keys.CHAT_TASK, "id": "hostile-big", "lang": "py"}),
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_setup(tmp_path_factory: pytest.TempPathFactory, redis_server: Any, tiny_models: Path,
+                  start_worker: StartWorker) -> tuple[Path, WorkerProcess]:
+    path = write_config(tmp_path_factory.mktemp("hostile") / "hostile.toml", redis_server.url,
+                        tiny_models, extra=f"""
+[[models.llms]]
+name = "{MODEL}"
+provider = "hf"
+path = "{tiny_models / 'tiny-noise-chat'}"
+device = "cpu"
+context_length = 4096
+""")
+    return path, start_worker(MODEL, config=path)
+
+
+def put(config: SmmfConfig, body: bytes, content_type: str, headers: dict[str, Any]) -> None:
+    with Connection(config.queue.broker_url) as connection:
+        producer = Producer(connection, exchange=Exchange(QUEUE, type="direct"), routing_key=QUEUE)
+        producer.publish(body, serializer=None, content_type=content_type, content_encoding="utf-8",
+                         headers=headers, declare=[])
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_a_hostile_message_never_runs_nor_stops_the_worker(
+        name: str, hostile_setup: tuple[Path, WorkerProcess], redis_client: redis.Redis) -> None:
+    from smmf_queue import load_config
+
+    path, worker = hostile_setup
+    config = load_config(path)
+    body, content_type, headers = HOSTILE[name]
+    # Given a hostile message on the model's queue
+    put(config, body, content_type, headers)
+    wait_until(lambda: redis_client.llen(QUEUE) == 0, 30, "the worker to take the message")
+    # When a good job follows, then the worker serves it: it is alive and was not stopped
+    with Client(path) as client:
+        assert client.chat(MODEL, HELLO, max_tokens=2, timeout=60).usage.completion_tokens == 2
+    assert worker.process.poll() is None
+    # And the hostile message ran no model: no job ended DONE under its id
+    job_id = headers.get("id")
+    if job_id:
+        assert redis_client.hget(keys.job_record(job_id), "state") != b"DONE"
+    # and it is a dead letter with the reason, or (a job that failed as such) none
+    letters = [letter for letter in dead_letters.listed(redis_client, 1000)
+               if letter.job_id == job_id or (not job_id and not letter.request.get("headers"))]
+    expected = DEAD_AS[name]
+    assert [letter.error_type for letter in letters] == ([expected] if expected else [])
+    if letters:
+        assert letters[0].error_message and letters[0].queue == QUEUE
+
+
