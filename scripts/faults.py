@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/faults.py kills [--n 100] [--lease 2] [--heartbeat 0.5] [--seed 1]
     .venv/bin/python scripts/faults.py redis [--n 3]
+    .venv/bin/python scripts/faults.py rolling [--rounds 2] [--clients 4] [--grace 1]
 
 `kills`: a private Redis (AOF on), three worker processes for the tiny random-weight chat model,
 kombu's visibility timeout at an hour (out of reach). N times: stream a long reply (temperature
@@ -15,6 +16,11 @@ the restart equals an undisturbed run's), and counts lost jobs.
 Redis, then a clean stop (SIGTERM); one second later it starts again on the same port with the
 same data folder. Reports how long after the start the same client's next chat (through the
 worker, which lived through it too) succeeds.
+
+`rolling`: two workers of one model under steady load (client threads streaming chats back to
+back); each worker in turn gets SIGTERM (`shutdown_grace_s` short, so jobs still running are
+handed back) and a replacement starts; `--rounds` times over. Counts jobs sent, ended, failed
+and restarted.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import random
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -173,6 +180,64 @@ def redis_restarts(n: int) -> None:
         server.stop()
 
 
+def rolling(rounds: int, clients: int, grace_s: float) -> None:
+    work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
+    with EmbeddedRedis(free_port(), work / "redis") as server:
+        config = work / "faults.toml"
+        config.write_text(chat_toml(MODEL) + f"""
+[queue]
+broker_url = "{server.url}"
+job_timeout_s = 120
+
+[worker]
+shutdown_grace_s = {grace_s}
+heartbeat_interval_s = 0.5
+""")
+        probe = redis.Redis.from_url(server.url)
+        workers = [start_worker_process(config, [MODEL], work / f"worker-{i}.log") for i in range(2)]
+        _wait_live(probe, 2)
+        counts = {"sent": 0, "ended": 0, "failed": 0, "restarted": 0}
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def load() -> None:
+            with Client(config) as client:
+                while not stop.is_set():
+                    with lock:
+                        counts["sent"] += 1
+                    try:
+                        deltas = list(client.stream_chat(MODEL, QUESTION, max_tokens=400, temperature=0))
+                        outcome = "restarted" if any(d.restart for d in deltas) else "ended"
+                    except Exception as exc:  # counted, and shown: the run is about failures
+                        print(f"  failed: {type(exc).__name__}: {exc}", flush=True)
+                        outcome = "failed"
+                    with lock:
+                        counts[outcome] += 1
+
+        threads = [threading.Thread(target=load) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        print(f"rolling restarts: 2 workers, {clients} clients streaming 400-token chats back to "
+              f"back, shutdown_grace_s {grace_s}, {rounds} rounds; {os.cpu_count()} cores", flush=True)
+        for round_ in range(rounds):
+            for i in range(2):
+                time.sleep(2)
+                workers[i].send_signal(signal.SIGTERM)
+                code = workers[i].wait(timeout=60)
+                workers[i] = start_worker_process(config, [MODEL], work / f"worker-{round_}-{i}.log")
+                _wait_live(probe, 2)
+                print(f"  round {round_ + 1}, worker {i + 1}: stopped (exit {code}) and replaced; "
+                      f"{counts}", flush=True)
+        stop.set()
+        for thread in threads:
+            thread.join(180)
+        for process in workers:
+            process.terminate()
+            process.wait(timeout=30)
+    print(f"jobs sent {counts['sent']}: ended {counts['ended'] + counts['restarted']} "
+          f"({counts['restarted']} of them restarted on another worker), failed {counts['failed']}")
+
+
 def _wait_live(client: redis.Redis, count: int) -> None:
     deadline = time.monotonic() + 120
     while len(registry.live_workers(client)) < count:
@@ -191,12 +256,18 @@ def main() -> None:
     kill.add_argument("--seed", type=int, default=1)
     outage = commands.add_parser("redis", help="kill and stop Redis under a live client")
     outage.add_argument("--n", type=int, default=3)
+    restarts = commands.add_parser("rolling", help="restart every worker under steady load")
+    restarts.add_argument("--rounds", type=int, default=2)
+    restarts.add_argument("--clients", type=int, default=4)
+    restarts.add_argument("--grace", type=float, default=1.0, help="worker.shutdown_grace_s")
     args = parser.parse_args()
     make_models()
     if args.command == "kills":
         kills(args.n, args.lease, args.heartbeat, args.seed)
-    else:
+    elif args.command == "redis":
         redis_restarts(args.n)
+    else:
+        rolling(args.rounds, args.clients, args.grace)
 
 
 if __name__ == "__main__":

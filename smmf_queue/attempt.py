@@ -86,6 +86,7 @@ class Deliveries:
         self.max_events = max_events
         self._claim = client.register_script(lua.CLAIM)
         self._renew = client.register_script(lua.RENEW)
+        self._release = client.register_script(lua.RELEASE)
         self._append = client.register_script(lua.APPEND)
         self._finish = client.register_script(lua.FINISH)
         self._running: dict[str, str] = {}  # job id → owner, for lease renewal
@@ -153,6 +154,16 @@ class Deliveries:
             self._renew(keys=[keys.job_record(job_id), keys.LEASES], args=[owner, self.lease_ms, job_id],
                         client=pipe)
         pipe.execute()
+
+    def release_leases(self) -> int:
+        """Give up the leases of this worker's running jobs at once (it is stopping before they
+        ended): the reaper of a live worker hands them back on its next pass. How many."""
+        with self._running_lock:
+            leases = dict(self._running)
+        pipe = self.client.pipeline(transaction=False)
+        for job_id, owner in leases.items():
+            self._release(keys=[keys.job_record(job_id), keys.LEASES], args=[owner, job_id], client=pipe)
+        return sum(pipe.execute()) if leases else 0
 
     @property
     def in_flight(self) -> int:

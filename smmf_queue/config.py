@@ -99,6 +99,9 @@ class WorkerSettings(_Strict):
     #: seconds a running job's lease lasts without renewal (renewed with each heartbeat); a job
     #: whose worker died goes back on its queue once it expires (reaper.py).
     lease_s: float = Field(default=10.0, gt=0)
+    #: seconds a stopping worker (SIGTERM) lets its running jobs finish; then it gives up their
+    #: leases, so that another worker runs them again at once, and exits.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
 
 
 class GatewaySettings(_Strict):

@@ -39,11 +39,13 @@ redis.call('ZADD', KEYS[3], lease_until, ARGV[5])
 return {'claimed', attempt}
 """
 
-#: Extend a running job's lease, if `owner` still holds it (answers 1, else 0).
+#: Extend a running job's lease, if `owner` still holds it and has not given it up (RELEASE)
+#: (answers 1, else 0).
 #: KEYS[1] record, KEYS[2] lease index; ARGV: owner, lease_ms, job id.
 RENEW = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1]
-   or redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' then return 0 end
+   or redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING'
+   or redis.call('HGET', KEYS[1], 'lease_until') == '0' then return 0 end
 local now = redis.call('TIME')
 local lease_until = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'lease_until', lease_until)
@@ -79,6 +81,18 @@ if redis.call('HGET', KEYS[2], 'owner') ~= ARGV[8]
 redis.call('HSET', KEYS[2], 'state', ARGV[10])
 redis.call('ZREM', KEYS[3], ARGV[7])
 """ + _APPEND_BODY + "return 1"
+
+#: Give up a running job's lease at once, if `owner` still holds it (answers 1, else 0): a worker
+#: that stops before its job ended, so that the reaper hands the job back on its next pass
+#: instead of when the lease would have run out.
+#: KEYS[1] record, KEYS[2] lease index; ARGV: owner, job id.
+RELEASE = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1]
+   or redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' then return 0 end
+redis.call('HSET', KEYS[1], 'lease_until', 0)
+redis.call('ZADD', KEYS[2], 0, ARGV[2])
+return 1
+"""
 
 #: The jobs whose lease expired while they were RUNNING (their worker died, or stopped renewing):
 #: taken out of the lease index and returned, so that the reaper hands each back to its queue

@@ -112,6 +112,28 @@ class WorkerRuntime:
         threading.Thread(target=self._heartbeat_loop, args=(reaper,), name="smmf-heartbeat",
                          daemon=True).start()
 
+    def stop_within_grace(self) -> None:
+        """On SIGTERM, Celery stops taking jobs and waits for the running ones with no limit.
+        After `worker.shutdown_grace_s`, give up the leases of those still running (the reaper
+        of a live worker hands them back on its next pass, and their streams restart there) and
+        end the process: a rolling restart neither waits for a long job nor loses it."""
+        def expire() -> None:
+            if self._stop.wait(self.config.worker.shutdown_grace_s) or not self.deliveries.in_flight:
+                return
+            self._stop.set()  # no more heartbeats
+            try:
+                released = self.deliveries.release_leases()
+            except redis.RedisError as exc:
+                log.error("could not give up the leases of running jobs (%s); they come back when "
+                          "their leases expire", exc)
+                released = 0
+            log.warning("stopping after %.0f s of grace: %d running jobs handed back",
+                        self.config.worker.shutdown_grace_s, released)
+            logging.shutdown()
+            os._exit(0)
+
+        threading.Thread(target=expire, name="smmf-shutdown-grace", daemon=True).start()
+
     def stop_heartbeat(self) -> None:
         self._stop.set()
         with contextlib.suppress(redis.RedisError):
@@ -327,6 +349,7 @@ def run_worker(config: SmmfConfig, model_names: list[str], *, loglevel: str = "I
     register_tasks(app, runtime)
     signals.worker_ready.connect(lambda **_: runtime.start_heartbeat(Reaper(runtime.redis, app)),
                                  weak=False)
+    signals.worker_shutting_down.connect(lambda **_: runtime.stop_within_grace(), weak=False)
     signals.worker_shutdown.connect(lambda **_: runtime.stop_heartbeat(), weak=False)
     app.worker_main([
         "worker", "--pool=threads", f"--concurrency={runtime.pool_size}",

@@ -1,0 +1,90 @@
+"""Fault: a worker stopped with SIGTERM (a rolling restart) while it runs a job.
+
+A job that ends within `worker.shutdown_grace_s` ends there; one still running after it is
+handed back at once and runs again on another worker, not after its lease (set here beyond the
+job's own timeout) or kombu's visibility timeout.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+import redis
+
+from smmf_queue import ChatDelta, Client, keys
+from smmf_queue.embedded import EmbeddedRedis
+
+from ..conftest import StartWorker, WorkerProcess, write_config
+
+MODEL = "tiny-chat-rolling"
+QUESTION = [{"role": "user", "content": "hello"}]
+
+
+def config_with(tmp_path: Path, redis_server: EmbeddedRedis, tiny_models: Path, grace_s: float) -> Path:
+    path = write_config(tmp_path / "rolling.toml", redis_server.url, tiny_models, extra=f"""
+[[models.llms]]
+name = "{MODEL}"
+provider = "hf"
+path = "{tiny_models / 'tiny-noise-chat'}"
+device = "cpu"
+""")
+    text = path.read_text().replace("visibility_timeout_s = 4", "visibility_timeout_s = 300")
+    path.write_text(text.replace("lease_s = 3", f"lease_s = 100\nshutdown_grace_s = {grace_s}"))
+    return path
+
+
+def stream_and_stop_its_worker(config: Path, workers: list[WorkerProcess],
+                               redis_client: redis.Redis, job_id: str) -> tuple[list[ChatDelta], WorkerProcess]:
+    """Stream a long reply; SIGTERM the worker holding it after the first delta."""
+    deltas: list[ChatDelta] = []
+    started = threading.Event()
+    with Client(config) as client:
+        def read() -> None:
+            for delta in client.stream_chat(MODEL, QUESTION, max_tokens=3000, temperature=0,
+                                            job_id=job_id, timeout=60):
+                deltas.append(delta)
+                started.set()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert started.wait(30)
+        owner = (redis_client.hget(keys.job_record(job_id), "owner") or b"").decode()
+        [holder] = [w for w in workers if owner.startswith(w.worker_id)]
+        holder.process.send_signal(signal.SIGTERM)
+        reader.join(90)
+        assert not reader.is_alive()
+    return deltas, holder
+
+
+@pytest.mark.parametrize("grace_s", [30.0], ids=["long-grace"])
+def test_a_job_that_ends_within_the_grace_ends_on_the_stopping_worker(
+        tmp_path: Path, redis_server: EmbeddedRedis, tiny_models: Path, start_worker: StartWorker,
+        redis_client: redis.Redis, grace_s: float) -> None:
+    config = config_with(tmp_path, redis_server, tiny_models, grace_s)
+    worker = start_worker(MODEL, config=config)
+    deltas, holder = stream_and_stop_its_worker(config, [worker], redis_client, "rolling-1")
+    assert holder is worker
+    assert not any(d.restart for d in deltas) and deltas[-1].finish_reason in ("stop", "length")
+    assert worker.process.wait(timeout=30) == 0
+
+
+def test_a_job_still_running_after_the_grace_is_handed_back_at_once(
+        tmp_path: Path, redis_server: EmbeddedRedis, tiny_models: Path, start_worker: StartWorker,
+        redis_client: redis.Redis) -> None:
+    # Given two workers of a model with a 100 s lease, and a long reply on one of them
+    config = config_with(tmp_path, redis_server, tiny_models, grace_s=0.3)
+    workers = [start_worker(MODEL, config=config), start_worker(MODEL, config=config)]
+    # When the worker holding it gets SIGTERM (grace 0.3 s)
+    deltas, holder = stream_and_stop_its_worker(config, workers, redis_client, "rolling-2")
+    # Then it stops, and the reply restarts once on the other worker and ends, long before the
+    # lease would have run out (the reader's timeout is 60 s)
+    assert holder.process.wait(timeout=30) == 0
+    assert sum(1 for d in deltas if d.restart) == 1
+    assert deltas[-1].finish_reason in ("stop", "length")
+    [other] = [w for w in workers if w is not holder]
+    assert (redis_client.hget(keys.job_record("rolling-2"), "owner") or b"").decode().startswith(
+        other.worker_id)
+    other.stop()
