@@ -327,8 +327,8 @@ def _describe(exc: ValidationError, source: Path, where: str, prefix: str = "") 
             message = "required key is missing"
         else:
             message = f"expected: {message} (got {error['input']!r})"
-        prefix = f"{where}: " if where else ""
-        lines.append(f"{source}: {prefix}key '{key}': {message}")
+        entry = f"{where}: " if where else ""
+        lines.append(f"{source}: {entry}key '{key}': {message}")
     return "\n".join(lines)
 
 

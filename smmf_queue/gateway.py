@@ -106,6 +106,7 @@ def create_app(config: SmmfConfig) -> FastAPI:
     fail_fast = not config.gateway.wait_for_worker
 
     app.add_middleware(_Guard, keys={k.get_secret_value() for k in config.gateway.api_keys},
+                       models={m.name for m in config.models},
                        max_body_bytes=config.gateway.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
@@ -202,11 +203,14 @@ class _Guard:
     """API keys and the body-size limit for `/v1/`, and the request counter.
 
     Pure ASGI: Starlette's `@app.middleware("http")` passes every streamed response through a
-    task and a memory stream, which cost the gateway about 1 ms per request."""
+    task and a memory stream, which cost the gateway about 1 ms per request. The counter's
+    labels are bounded, whatever clients send: the route's template (not the raw path) and a
+    configured model's name (anything else counts as "unknown")."""
 
-    def __init__(self, app: ASGIApp, keys: set[str], max_body_bytes: int):
+    def __init__(self, app: ASGIApp, keys: set[str], models: set[str], max_body_bytes: int):
         self.app = app
         self.keys = keys
+        self.models = models
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -228,8 +232,11 @@ class _Guard:
         try:
             await self.app(scope, receive, send_and_note_status)
         finally:
-            model = scope.get("state", {}).get("model", "")  # set by the endpoint
-            metrics.REQUESTS.labels(scope["path"], model, str(status)).inc()
+            model = scope.get("state", {}).get("model", "")  # set by the endpoint, unchecked
+            route = scope.get("route")  # set by FastAPI's router when a route matched
+            metrics.REQUESTS.labels(getattr(route, "path", "unmatched"),
+                                    model if model in self.models or not model else "unknown",
+                                    str(status)).inc()
 
     def _refusal(self, headers: Headers) -> JSONResponse | None:
         if self.keys and headers.get("authorization", "").removeprefix("Bearer ") not in self.keys:

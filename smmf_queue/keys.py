@@ -100,4 +100,5 @@ def worker_heartbeat(worker_id: str) -> str:
     return f"{PREFIX}:worker:{worker_id}"
 
 
-WORKER_HEARTBEAT_PATTERN = f"{PREFIX}:worker:*"
+#: Set of the ids of workers that beat (a reader drops those whose heartbeat key expired).
+WORKERS = f"{PREFIX}:workers"

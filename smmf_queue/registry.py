@@ -2,7 +2,8 @@
 
 Each worker keeps one key, `smmf:worker:<id>`, holding a JSON record and a TTL a little longer
 than its heartbeat interval. A worker that dies stops renewing it, and Redis forgets it within
-the TTL: no reaper, no stale entries.
+the TTL. Worker ids are also kept in one set (`keys.WORKERS`), so reading the live workers
+costs O(workers), not a scan of the keyspace; a reader drops the ids whose key has expired.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import redis
 import redis.asyncio
@@ -40,26 +42,45 @@ class WorkerInfo(BaseModel):
 
 
 def beat(client: redis.Redis, info: WorkerInfo, ttl_s: float) -> None:
-    """Write one heartbeat."""
+    """Write one heartbeat (one round trip)."""
     info.beat_at = time.time()
-    client.set(keys.worker_heartbeat(info.worker_id), info.model_dump_json(), px=int(ttl_s * 1000))
+    pipe = client.pipeline(transaction=False)
+    pipe.set(keys.worker_heartbeat(info.worker_id), info.model_dump_json(), px=int(ttl_s * 1000))
+    pipe.sadd(keys.WORKERS, info.worker_id)
+    pipe.execute()
 
 
 def forget(client: redis.Redis, worker_id: str) -> None:
     """Remove a worker's heartbeat at once (clean shutdown)."""
-    client.delete(keys.worker_heartbeat(worker_id))
+    pipe = client.pipeline(transaction=False)
+    pipe.delete(keys.worker_heartbeat(worker_id))
+    pipe.srem(keys.WORKERS, worker_id)
+    pipe.execute()
 
 
 def live_workers(client: redis.Redis) -> list[WorkerInfo]:
     """Every worker whose heartbeat has not expired."""
-    names = list(client.scan_iter(match=keys.WORKER_HEARTBEAT_PATTERN, count=500))
-    return _decode(client.mget(names) if names else [])
+    ids = sorted(cast(set[bytes], client.smembers(keys.WORKERS)))
+    values = client.mget([keys.worker_heartbeat(i.decode()) for i in ids]) if ids else []
+    expired = _expired(ids, values)
+    if expired:
+        client.srem(keys.WORKERS, *expired)
+    return _decode(values)
 
 
 async def alive_workers(client: redis.asyncio.Redis) -> list[WorkerInfo]:
     """live_workers for asyncio callers."""
-    names = [name async for name in client.scan_iter(match=keys.WORKER_HEARTBEAT_PATTERN, count=500)]
-    return _decode(await client.mget(names) if names else [])
+    ids = sorted(cast(set[bytes], await client.smembers(keys.WORKERS)))
+    values = await client.mget([keys.worker_heartbeat(i.decode()) for i in ids]) if ids else []
+    expired = _expired(ids, values)
+    if expired:
+        await client.srem(keys.WORKERS, *expired)
+    return _decode(values)
+
+
+def _expired(ids: list[bytes], values: Sequence[bytes | str | None]) -> list[bytes]:
+    """The ids whose heartbeat key is gone: workers that died."""
+    return [worker_id for worker_id, value in zip(ids, values) if value is None]
 
 
 def _decode(values: Sequence[bytes | str | None]) -> list[WorkerInfo]:

@@ -159,3 +159,9 @@ def test_shipped_default_config_loads() -> None:
     assert {m.name for m in config.models} == {"SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct-gguf",
                                                "all-MiniLM-L6-v2"}
     assert Path(config.model("SmolLM2-135M-Instruct-gguf").path or "").is_file()
+
+
+def test_every_error_of_a_section_names_its_section(tmp_path: Path) -> None:
+    message = error_of(write(tmp_path, "[queue]\nbogus = 1\njob_timeout_s = -1\n"))
+    assert "key 'queue.bogus': unknown key" in message
+    assert "key 'queue.job_timeout_s': expected" in message

@@ -152,6 +152,16 @@ def test_prometheus_metrics_from_gateway_and_worker(oai: openai.OpenAI, gateway_
     assert f'smmf_gateway_time_to_first_token_seconds_count{{model="{CHAT}"}}' in gateway
     assert f'smmf_live_workers{{kind="llm",model="{CHAT}"}} 1.0' in gateway
     assert f'smmf_queue_depth{{kind="llm",model="{IDLE}"}} 0.0' in gateway
+    # And what clients send cannot make up label values (a series each)
+    headers = {"Authorization": f"Bearer {GATEWAY_KEY}"}
+    for i in range(3):
+        httpx.get(f"{gateway_url}/v1/made-up-{i}", headers=headers)
+        httpx.post(f"{gateway_url}/v1/chat/completions", headers=headers,
+                   json={"model": f"made-up-model-{i}", "messages": HELLO})
+    gateway = httpx.get(f"{gateway_url}/metrics").text
+    assert "made-up" not in gateway
+    assert 'endpoint="unmatched",model="",status="404"' in gateway
+    assert 'endpoint="/v1/chat/completions",model="unknown",status="404"' in gateway
     worker = httpx.get(f"http://127.0.0.1:{chat_worker.metrics_port}/metrics").text
     done = [line for line in worker.splitlines()
             if line.startswith(f'smmf_jobs_total{{kind="llm",model="{CHAT}",outcome="done"}}')]
