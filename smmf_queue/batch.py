@@ -29,8 +29,10 @@ from .jobs import StreamEvent, new_job_id
 if TYPE_CHECKING:
     from .client import AsyncClient
 
-#: a chunk's budget is checked against this estimate: about 4 characters per token for English
-#: with BPE/WordPiece tokenizers (the worker's tokenizer is not available to the client).
+#: a chunk's budget is checked against an estimate (the worker's tokenizer is not available to
+#: the client): about 4 characters per token for English with BPE/WordPiece tokenizers, and one
+#: token per extra UTF-8 byte of every other character, a bound that holds for CJK text (one or
+#: more tokens per character, 3 bytes each) where 4 characters a token undercounted it 3-4x.
 CHARS_PER_TOKEN = 4
 #: errors that no split or retry can fix: the whole run stops with them.
 FATAL_ERRORS = frozenset({"AuthenticationError", "PermissionDeniedError", "NotFoundError",
@@ -41,7 +43,8 @@ TRANSIENT_BACKOFF_S = 0.5
 
 
 def estimate_tokens(text: str) -> int:
-    return len(text) // CHARS_PER_TOKEN + 1
+    extra_bytes = len(text.encode("utf-8", "surrogatepass")) - len(text)  # 0 for ASCII
+    return len(text) // CHARS_PER_TOKEN + extra_bytes + 1
 
 
 @dataclass

