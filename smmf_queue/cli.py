@@ -24,6 +24,7 @@ from . import dead_letters, keys, registry
 from .client import Client
 from .config import DEFAULT_CONFIG, ModelConfig, ModelKind, SmmfConfig, load_config
 from .errors import SmmfError
+from .providers import PROVIDERS, ProviderSpec, missing_extra
 
 app = typer.Typer(help="Many LLM and embedding models behind one interface, on per-model queues.",
                   no_args_is_help=True, add_completion=False)
@@ -198,6 +199,28 @@ def jobs_purge(job_ids: Annotated[list[str] | None, typer.Argument(help="Jobs to
         targets = job_ids or [letter.job_id for letter in dead_letters.listed(client, limit=1_000_000)]
         dropped = dead_letters.forget(client, list(targets))
     console.print(f"dropped {dropped} dead letters")
+
+
+@app.command()
+def providers(as_json: JsonOption = False) -> None:
+    """List the providers a model entry may name: what each talks to, its extra, whether that
+    extra is installed here, the kinds it serves and its default concurrency."""
+    rows = [_provider_row(spec) for spec in PROVIDERS.values()]
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table("provider", "talks to", "extra", "installed", "kinds", "concurrency")
+    table.columns[0].no_wrap = True
+    for row in rows:
+        table.add_row(row["provider"], row["talks_to"], row["extra"], "yes" if row["installed"] else "no",
+                      ", ".join(row["kinds"]), str(row["default_concurrency"]))
+    console.print(table)
+
+
+def _provider_row(spec: ProviderSpec) -> dict[str, Any]:
+    return {"provider": spec.name, "talks_to": spec.talks_to, "extra": spec.extra,
+            "installed": missing_extra(spec.name) is None, "kinds": sorted(spec.kinds),
+            "default_concurrency": spec.default_slots, "keys": sorted(spec.keys)}
 
 
 @contextlib.contextmanager

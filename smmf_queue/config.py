@@ -24,7 +24,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from .errors import ConfigError, UnknownModel, WrongModelKind
-from .providers import PROVIDER_KEYS, known_providers, suggest_provider
+from .providers import PROVIDERS, known_providers, suggest_provider
 
 #: The config used when none is given: offline, embedded Redis, local models.
 DEFAULT_CONFIG = Path("configs/local.toml")
@@ -174,11 +174,8 @@ class ModelConfig(BaseModel):
 
     @property
     def slots(self) -> int:
-        """Jobs a worker runs at once: wide for remote or batching engines, 1 for a CPU model."""
-        if self.concurrency:
-            return self.concurrency
-        # API proxies wait on the network and vLLM batches continuously; local engines take turns.
-        return 64 if self.provider.startswith("proxy/") or self.provider == "vllm" else 1
+        """Jobs a worker runs at once: `concurrency`, else the provider's default (ProviderSpec)."""
+        return self.concurrency or PROVIDERS[self.provider].default_slots
 
     @property
     def options(self) -> dict[str, Any]:
@@ -293,6 +290,9 @@ def _model_entries(models: dict[str, Any], kind: ModelKind, source: Path) -> lis
             raise ConfigError(_describe(exc, source, where)) from None
         if model.name in seen:
             raise ConfigError(f"{source}: {where}: key 'name': model '{model.name}' is defined twice")
+        if kind not in PROVIDERS[model.provider].kinds:
+            raise ConfigError(f"{source}: {where}: key 'provider': provider '{model.provider}' "
+                              f"serves no {kind} models (only {', '.join(sorted(PROVIDERS[model.provider].kinds))})")
         seen.add(model.name)
         _warn_unknown_keys(model, source, where)
         built.append(model)
@@ -300,7 +300,7 @@ def _model_entries(models: dict[str, Any], kind: ModelKind, source: Path) -> lis
 
 
 def _warn_unknown_keys(model: ModelConfig, source: Path, where: str) -> None:
-    unknown = sorted(set(model.options) - PROVIDER_KEYS.get(model.provider, frozenset()))
+    unknown = sorted(set(model.options) - PROVIDERS[model.provider].keys)
     if unknown:
         warnings.warn(
             f"{source}: {where}: unknown keys for provider '{model.provider}' ignored: "

@@ -4,17 +4,15 @@ A worker writes every event in one Redis round trip (attempt.py, lua.APPEND) tha
 the job's event log (a capped Redis Stream whose entry ids are `<seq>-0`, with a TTL) and
 publishes it on the job's pub/sub channel and, prefixed with the job id, on its producer's reply
 channel (see hub.py). Pub/sub gives readers the event at once; the log lets a late or
-reconnecting reader replay from any `seq`. Token bursts are coalesced at the source (`drain`):
-while one event is on its way, the tokens that arrive meanwhile are merged into the next one,
-so round trips per second are bounded by Redis latency, not by the model's tokens per second.
+reconnecting reader replay from any `seq`. Token bursts are coalesced at the source
+(providers.base.drain): while one event is on its way, the tokens that arrive meanwhile are
+merged into the next one, so round trips per second are bounded by Redis latency, not by the
+model's tokens per second.
 """
 
 from __future__ import annotations
 
-import queue
 import time
-from collections.abc import Iterator
-from typing import Any
 
 from .config import ModelKind
 from .errors import JobFailed, JobTimeout
@@ -32,26 +30,6 @@ LogEntries = list[tuple[bytes, dict[bytes, bytes]]]
 def decode_log(entries: LogEntries) -> list[StreamEvent]:
     """Events from XRANGE entries of an event log."""
     return [StreamEvent.model_validate_json(fields[b"e"]) for _, fields in entries]
-
-
-def drain(ready: queue.Queue[Any], end: object) -> Iterator[list[Any]]:
-    """Batches from `ready` until `end`: block for one item, then take all that already waits.
-
-    Providers coalesce at the source with it: an engine that generates in its own thread puts
-    tokens on a queue, and the job thread publishes one event per wake-up, not one per token.
-    """
-    while True:
-        batch = [ready.get()]
-        while batch[-1] is not end:
-            try:
-                batch.append(ready.get_nowait())
-            except queue.Empty:
-                break
-        if batch[-1] is end:
-            if len(batch) > 1:
-                yield batch[:-1]
-            return
-        yield batch
 
 
 class EventAssembler:

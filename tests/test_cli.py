@@ -18,7 +18,7 @@ runner = CliRunner()
 
 
 def test_help_on_every_command() -> None:
-    for command in ("up", "worker", "models", "chat", "embed", "config", "jobs"):
+    for command in ("up", "worker", "models", "chat", "embed", "config", "jobs", "providers"):
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0, result.output
         assert "Usage" in result.output
@@ -85,3 +85,16 @@ def test_public_api_is_exactly_all() -> None:
               if not name.startswith("_") and not inspect.ismodule(value)}
     assert set(smmf_queue.__all__) == public
     assert len(smmf_queue.__all__) == len(set(smmf_queue.__all__))  # each name listed once
+
+
+def test_providers_lists_the_table_and_the_readme_shows_every_provider() -> None:
+    from smmf_queue.providers import PROVIDERS
+
+    result = runner.invoke(app, ["providers", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["provider"]: row for row in json.loads(result.output)}
+    assert set(rows) == set(PROVIDERS)
+    assert rows["hf"]["installed"] and rows["proxy/openai"]["default_concurrency"] == 64
+    assert rows["mlx"]["kinds"] == ["llm"]
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert all(f"| `{name}` |" in readme for name in PROVIDERS)

@@ -165,3 +165,9 @@ def test_every_error_of_a_section_names_its_section(tmp_path: Path) -> None:
     message = error_of(write(tmp_path, "[queue]\nbogus = 1\njob_timeout_s = -1\n"))
     assert "key 'queue.bogus': unknown key" in message
     assert "key 'queue.job_timeout_s': expected" in message
+
+
+def test_a_provider_is_refused_for_a_kind_it_does_not_serve(tmp_path: Path) -> None:
+    message = error_of(write(tmp_path, '[[models.embeddings]]\nname = "e"\nprovider = "mlx"\n'))
+    assert "models.embeddings[0] (model 'e'): key 'provider': provider 'mlx' serves no embedding models" \
+        in message

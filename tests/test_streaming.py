@@ -13,8 +13,8 @@ from smmf_queue import keys
 from smmf_queue.attempt import Attempt, Claim, ClaimRefused, Deliveries, LeaseBusy, PendingClaim
 from smmf_queue.errors import JobFailed, JobTimeout
 from smmf_queue.jobs import StreamEvent, pack_vectors, unpack_vectors
-from smmf_queue.providers.base import StopFilter
-from smmf_queue.streaming import EventAssembler, JobReader, decode_log, drain
+from smmf_queue.providers.base import StopFilter, drain
+from smmf_queue.streaming import EventAssembler, JobReader, decode_log
 
 
 def test_stop_filter_cuts_at_a_stop_split_across_pieces() -> None:

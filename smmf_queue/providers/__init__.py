@@ -1,7 +1,8 @@
-"""The provider name table: config prefix → "module:Class", imported only when a worker serves it.
+"""The provider table: one `ProviderSpec` per config prefix, as data.
 
-A gateway or an SDK process validates `provider = "..."` against this table without importing
-torch, vLLM or MLX; only the worker that serves a model imports its provider module.
+A gateway or an SDK process validates `provider = "..."`, its keys and its kind against this
+table without importing torch, vLLM or MLX; only the worker that serves a model imports its
+provider module (`load_provider`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import ProviderUnavailable
@@ -17,34 +19,35 @@ if TYPE_CHECKING:
     from ..config import ModelConfig
     from .base import Provider
 
-#: provider prefix (as in DB-GPT's configs) → implementation, imported on use.
-PROVIDERS: dict[str, str] = {
-    "hf": "smmf_queue.providers.hf:HFProvider",
-    "llama.cpp": "smmf_queue.providers.llamacpp:LlamaCppProvider",
-    "vllm": "smmf_queue.providers.vllm_engine:VLLMProvider",
-    "mlx": "smmf_queue.providers.mlx_engine:MLXProvider",
-    "proxy/openai": "smmf_queue.providers.openai_api:OpenAIProvider",
-    "proxy/deepseek": "smmf_queue.providers.openai_api:OpenAIProvider",
-    "proxy/tongyi": "smmf_queue.providers.openai_api:OpenAIProvider",
-    "proxy/siliconflow": "smmf_queue.providers.openai_api:OpenAIProvider",
-    "proxy/ollama": "smmf_queue.providers.ollama_api:OllamaProvider",
-}
 
-#: the pip extra that installs each provider's packages.
-EXTRAS: dict[str, str] = {"hf": "hf", "llama.cpp": "llamacpp", "vllm": "vllm", "mlx": "mlx",
-                          "proxy/openai": "proxy", "proxy/deepseek": "proxy", "proxy/tongyi": "proxy",
-                          "proxy/siliconflow": "proxy", "proxy/ollama": "proxy"}
-#: what each extra installs, by import name (found without importing any of it).
-EXTRA_MODULES: dict[str, tuple[str, ...]] = {
-    "hf": ("torch", "transformers", "sentence_transformers"), "llamacpp": ("llama_cpp",),
-    "vllm": ("vllm",), "mlx": ("mlx_lm",), "proxy": ("openai", "httpx2", "ollama", "tenacity"),
-}
+@dataclass(frozen=True)
+class ProviderSpec:
+    """What a provider is, as data: validating a config, planning a stack or listing providers
+    reads this and never imports torch, vLLM or MLX."""
+
+    #: the config prefix, as in DB-GPT's configs (`provider = "proxy/openai"`).
+    name: str
+    #: "module:Class" of the implementation, imported only by a worker that serves it.
+    target: str
+    #: the pip extra that installs its packages.
+    extra: str
+    #: what it talks to (the CLI's and the README's provider tables).
+    talks_to: str
+    #: keys a model entry may set beyond the common ones in config.py.
+    keys: frozenset[str]
+    #: jobs a worker runs at once when `concurrency` is not set: wide for API proxies (they wait
+    #: on the network) and vLLM (continuous batching), 1 for a local engine (jobs take turns).
+    default_slots: int = 1
+    #: the model kinds it serves.
+    kinds: frozenset[str] = frozenset({"llm", "embedding"})
+
 
 #: keys every API proxy understands: seconds per call, retries of 429/5xx/connection errors
 #: before the first token and their first backoff in seconds, texts per embeddings request.
 _REMOTE_KEYS = frozenset({"timeout_s", "max_retries", "retry_backoff_s", "batch_size", "http_proxy",
                           "normalize"})
 _OPENAI_KEYS = _REMOTE_KEYS | {"stream_usage"}
+_OPENAI = "smmf_queue.providers.openai_api:OpenAIProvider"
 #: vLLM's engine arguments that a model entry passes through unchanged (as DB-GPT does).
 VLLM_ENGINE_KEYS = frozenset({
     "tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "max_model_len",
@@ -53,20 +56,34 @@ VLLM_ENGINE_KEYS = frozenset({
     "kv_cache_dtype", "tokenizer", "revision", "download_dir", "load_format",
 })
 
-#: extra keys each provider family accepts in a model entry (beyond the common ones in config.py);
-#: kept here, not in the provider modules, so validating a config never imports an engine.
-PROVIDER_KEYS: dict[str, frozenset[str]] = {
-    "hf": frozenset({"torch_dtype", "trust_remote_code", "max_new_tokens", "normalize",
-                     "batch_size", "num_threads", "truncate"}),
-    "llama.cpp": frozenset({"n_ctx", "n_gpu_layers", "n_threads", "n_batch", "seed", "chat_format",
-                            "pooling_type", "normalize"}),
-    "vllm": VLLM_ENGINE_KEYS | {"normalize"},
-    "mlx": frozenset({"max_new_tokens"}),
-    "proxy/openai": _OPENAI_KEYS | {"api_type", "api_version", "api_azure_deployment"},
-    "proxy/deepseek": _OPENAI_KEYS | {"thinking_enabled"},
-    "proxy/tongyi": _OPENAI_KEYS,
-    "proxy/siliconflow": _OPENAI_KEYS,
-    "proxy/ollama": _REMOTE_KEYS,
+#: every provider, by config prefix.
+PROVIDERS: dict[str, ProviderSpec] = {spec.name: spec for spec in (
+    ProviderSpec("hf", "smmf_queue.providers.hf:HFProvider", "hf",
+                 "transformers / sentence-transformers",
+                 frozenset({"torch_dtype", "trust_remote_code", "max_new_tokens", "normalize",
+                            "batch_size", "num_threads", "truncate"})),
+    ProviderSpec("llama.cpp", "smmf_queue.providers.llamacpp:LlamaCppProvider", "llamacpp",
+                 "llama-cpp-python on a GGUF file",
+                 frozenset({"n_ctx", "n_gpu_layers", "n_threads", "n_batch", "seed", "chat_format",
+                            "pooling_type", "normalize"})),
+    ProviderSpec("vllm", "smmf_queue.providers.vllm_engine:VLLMProvider", "vllm",
+                 "vLLM's AsyncLLMEngine", VLLM_ENGINE_KEYS | {"normalize"}, default_slots=64),
+    ProviderSpec("mlx", "smmf_queue.providers.mlx_engine:MLXProvider", "mlx", "mlx-lm",
+                 frozenset({"max_new_tokens"}), kinds=frozenset({"llm"})),
+    ProviderSpec("proxy/openai", _OPENAI, "proxy", "any OpenAI-compatible API; Azure",
+                 _OPENAI_KEYS | {"api_type", "api_version", "api_azure_deployment"}, default_slots=64),
+    ProviderSpec("proxy/deepseek", _OPENAI, "proxy", "DeepSeek", _OPENAI_KEYS | {"thinking_enabled"},
+                 default_slots=64),
+    ProviderSpec("proxy/tongyi", _OPENAI, "proxy", "Qwen via DashScope's compatible mode",
+                 _OPENAI_KEYS, default_slots=64),
+    ProviderSpec("proxy/siliconflow", _OPENAI, "proxy", "SiliconFlow", _OPENAI_KEYS, default_slots=64),
+    ProviderSpec("proxy/ollama", "smmf_queue.providers.ollama_api:OllamaProvider", "proxy",
+                 "Ollama's native API", _REMOTE_KEYS, default_slots=64),
+)}
+#: what each extra installs, by import name (found without importing any of it).
+EXTRA_MODULES: dict[str, tuple[str, ...]] = {
+    "hf": ("torch", "transformers", "sentence_transformers"), "llamacpp": ("llama_cpp",),
+    "vllm": ("vllm",), "mlx": ("mlx_lm",), "proxy": ("openai", "httpx2", "ollama", "tenacity"),
 }
 
 
@@ -84,7 +101,7 @@ def suggest_provider(name: str) -> str:
 def missing_extra(provider: str) -> str | None:
     """The pip extra that `provider` needs and this environment lacks, or None; asked without
     importing torch or an engine, so `up` can skip such a model instead of failing on it."""
-    extra = EXTRAS[provider]
+    extra = PROVIDERS[provider].extra
     if all(importlib.util.find_spec(module) for module in EXTRA_MODULES[extra]):
         return None
     return extra
@@ -92,14 +109,14 @@ def missing_extra(provider: str) -> str | None:
 
 def load_provider(model: ModelConfig) -> Provider:
     """Import the model's provider implementation and build it (does not load weights yet)."""
-    target = PROVIDERS[model.provider]
-    module_name, class_name = target.split(":")
+    spec = PROVIDERS[model.provider]
+    module_name, class_name = spec.target.split(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ProviderUnavailable(
             f"provider '{model.provider}' needs a package that is not installed ({exc.name}); "
-            f"install the extra: pip install 'smmf-queue[{EXTRAS[model.provider]}]'",
+            f"install the extra: pip install 'smmf-queue[{spec.extra}]'",
             model=model.name,
         ) from exc
     provider_class = getattr(module, class_name)

@@ -14,13 +14,13 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from ..config import ModelConfig
 from ..errors import JobFailed, ProviderUnavailable, SmmfError
 from ..jobs import ChatRequest, Usage
-from ..streaming import drain
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Provider(abc.ABC):
 
     def stream_chat(self, request: ChatRequest) -> Iterator[ChatChunk]:
         """Yield the reply as it is generated; each chunk holds all the text ready at that moment
-        (see streaming.drain), so a fast engine does not cost a Redis round trip per token."""
+        (see `drain`), so a fast engine does not cost a Redis round trip per token."""
         raise JobFailed(f"model '{self.model.name}' does not chat", model=self.model.name)
 
     def embed(self, texts: list[str], normalize: bool | None) -> Embeddings:
@@ -154,7 +154,7 @@ def read_ahead(chunks: Iterator[ChatChunk], name: str) -> Iterator[ChatChunk]:
     The job thread reads the source itself until the first text: that piece goes out without a
     hop between threads. Then a helper thread pulls the rest while the job thread writes
     events, so text that arrives during one Redis round trip goes out in the next event (see
-    streaming.drain) instead of one event per token. The final chunk (finish_reason, usage) is
+    `drain`) instead of one event per token. The final chunk (finish_reason, usage) is
     passed on by itself. Closing this generator closes `chunks` (the helper does so at its next
     item), which ends an HTTP stream or stops an engine; once the final chunk is passed on, the
     helper lets the source run out instead (an HTTP body read to its end keeps its connection).
@@ -233,3 +233,23 @@ def _merge(batch: list[object]) -> Iterator[ChatChunk]:
         yield ChatChunk(finish_reason=item.finish_reason, usage=item.usage)
     if any(text) or any(reasoning):
         yield ChatChunk(text="".join(text), reasoning="".join(reasoning))
+
+
+def drain(ready: queue.Queue[Any], end: object) -> Iterator[list[Any]]:
+    """Batches from `ready` until `end`: block for one item, then take all that already waits.
+
+    Providers coalesce at the source with it: an engine that generates in its own thread puts
+    tokens on a queue, and the job thread publishes one event per wake-up, not one per token.
+    """
+    while True:
+        batch = [ready.get()]
+        while batch[-1] is not end:
+            try:
+                batch.append(ready.get_nowait())
+            except queue.Empty:
+                break
+        if batch[-1] is end:
+            if len(batch) > 1:
+                yield batch[:-1]
+            return
+        yield batch

@@ -25,8 +25,7 @@ from transformers import (
 
 from ..errors import ProviderUnavailable
 from ..jobs import ChatRequest, Usage
-from ..streaming import drain
-from .base import ChatChunk, Embeddings, Provider, StopFilter, hand_over
+from .base import ChatChunk, Embeddings, Provider, StopFilter, drain, hand_over
 
 
 class _HandOverStreamer(TextIteratorStreamer):

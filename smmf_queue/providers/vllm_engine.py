@@ -21,9 +21,8 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..jobs import ChatRequest, Usage
-from ..streaming import drain
 from . import VLLM_ENGINE_KEYS
-from .base import ChatChunk, Embeddings, Provider, unit_vectors
+from .base import ChatChunk, Embeddings, Provider, drain, unit_vectors
 
 _DONE = object()
 
