@@ -366,8 +366,9 @@ def up(config: ConfigOption = DEFAULT_CONFIG,
 def _stop_on_signals() -> None:
     """Ctrl-C and SIGTERM (docker stop, systemd, kill) both stop the whole stack, children first.
 
-    SIGTERM used to end `up` at once and leave its workers, gateway and Redis running; and a
-    shell that starts `up` as a background job hands it SIGINT ignored, so Ctrl-C did nothing.
+    Python's default for SIGTERM ends `up` at once and leaves its workers, gateway and Redis
+    running; and a shell that starts `up` as a background job hands it SIGINT ignored, so Ctrl-C
+    would do nothing. Both are set here.
     """
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt

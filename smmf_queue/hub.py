@@ -102,7 +102,7 @@ class StreamHub:
                     await self._pubsub.subscribe(channel)
             except BaseException:
                 # Not sent (Redis down): the next call sends it again. A future left waiting
-                # here made every later call wait for a confirmation that could never come.
+                # here would make every later call wait for a confirmation that cannot come.
                 self._confirmed.pop(channel, None)
                 raise
             self._has_channels.set()
@@ -159,9 +159,9 @@ class StreamHub:
 class ThreadHub:
     """StreamHub for threads: whichever thread waits for an event reads the socket itself.
 
-    The blocking Client first read events on its event loop thread, and every event cost one
-    more wake-up, from that thread to the caller's (first token 1.2–1.7 ms p50 later on this
-    machine, BENCHMARKS.md). Here a waiting thread that finds nobody reading takes the socket,
+    Reading events on the blocking Client's event loop thread would cost every event one more
+    wake-up, from that thread to the caller's (first token 1.2–1.7 ms p50 later on this machine,
+    BENCHMARKS.md). Instead a waiting thread that finds nobody reading takes the socket,
     reads one message, routes it to its job's inbox and wakes the other waiters; one of them
     reads next if its own inbox is still empty.
     """

@@ -61,7 +61,9 @@ class SamplingParams(_Wire):
         return {rename.get(name, name): value for name, value in values.items()}
 
 
-class ChatRequest(_Wire):
+class _JobRequest(_Wire):
+    """What every job's request carries, whatever its kind."""
+
     v: int = WIRE_VERSION
     job_id: str = Field(default_factory=new_job_id, pattern=JOB_ID_PATTERN)
     #: the producer's reply channel: the worker publishes the job's events there too.
@@ -69,16 +71,14 @@ class ChatRequest(_Wire):
     #: the producer's clock (unix seconds) when it enqueued the job: time in queue.
     submitted_at: float = Field(default_factory=time.time)
     model: str
+
+
+class ChatRequest(_JobRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     params: SamplingParams = Field(default_factory=SamplingParams)
 
 
-class EmbeddingRequest(_Wire):
-    v: int = WIRE_VERSION
-    job_id: str = Field(default_factory=new_job_id, pattern=JOB_ID_PATTERN)
-    reply_to: str | None = None
-    submitted_at: float = Field(default_factory=time.time)
-    model: str
+class EmbeddingRequest(_JobRequest):
     texts: list[str] = Field(min_length=1)
     #: scale vectors to unit length; None uses the model's setting.
     normalize: bool | None = None

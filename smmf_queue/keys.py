@@ -10,6 +10,10 @@ import re
 
 PREFIX = "smmf"
 
+#: Celery's default queue: no job is ever sent there (each goes to its model's queue); named so
+#: that nothing of ours lands in Celery's own default, "celery".
+DEFAULT_QUEUE = f"{PREFIX}.default"
+
 #: Celery task names: one per job kind; the model travels in the queue name and the request.
 CHAT_TASK = "smmf.chat"
 EMBED_TASK = "smmf.embed"

@@ -52,7 +52,7 @@ def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery
         },
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
-        task_default_queue="smmf.default",
+        task_default_queue=keys.DEFAULT_QUEUE,
         broker_pool_limit=32,
         worker_consumer="smmf_queue.celery_ext:Consumer",
     )
