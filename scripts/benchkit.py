@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from smmf_queue import registry  # noqa: E402
-from smmf_queue.embedded import EmbeddedRedis  # noqa: E402
+from smmf_queue.embedded_redis import EmbeddedRedis  # noqa: E402
 from smmf_queue.offline_models import HF_FOLDER, make_smollm2_folder  # noqa: E402
 from smmf_queue.standalone import start_worker_process  # noqa: E402
 

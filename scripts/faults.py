@@ -39,7 +39,7 @@ import redis
 from benchkit import MODEL, chat_toml, free_port, make_models, percentile
 
 from smmf_queue import BrokerUnavailable, Client, JobTimeout, keys, registry
-from smmf_queue.embedded import EmbeddedRedis
+from smmf_queue.embedded_redis import EmbeddedRedis
 from smmf_queue.standalone import start_worker_process
 from smmf_queue.streaming import decode_log
 
@@ -51,18 +51,8 @@ def kills(n: int, lease_s: float, heartbeat_s: float, seed: int) -> None:
     rng = random.Random(seed)
     work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
     with EmbeddedRedis(free_port(), work / "redis") as server:
-        config = work / "faults.toml"
-        config.write_text(chat_toml(MODEL) + f"""
-[queue]
-broker_url = "{server.url}"
-visibility_timeout_s = 3600
-job_timeout_s = 120
-
-[worker]
-heartbeat_interval_s = {heartbeat_s}
-heartbeat_ttl_s = {heartbeat_s * 3}
-lease_s = {lease_s}
-""")
+        config = _config(work, server, heartbeat_interval_s=heartbeat_s,
+                         heartbeat_ttl_s=heartbeat_s * 3, lease_s=lease_s)
         client_redis = redis.Redis.from_url(server.url)
         workers: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -147,8 +137,7 @@ def redis_restarts(n: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
     server = EmbeddedRedis(free_port(), work / "redis")
     server.start()
-    config = work / "faults.toml"
-    config.write_text(chat_toml(MODEL) + f'\n[queue]\nbroker_url = "{server.url}"\n')
+    config = _config(work, server)
     worker = start_worker_process(config, [MODEL], work / "worker.log")
     try:
         _wait_live(redis.Redis.from_url(server.url), 1)
@@ -183,16 +172,7 @@ def redis_restarts(n: int) -> None:
 def rolling(rounds: int, clients: int, grace_s: float) -> None:
     work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
     with EmbeddedRedis(free_port(), work / "redis") as server:
-        config = work / "faults.toml"
-        config.write_text(chat_toml(MODEL) + f"""
-[queue]
-broker_url = "{server.url}"
-job_timeout_s = 120
-
-[worker]
-shutdown_grace_s = {grace_s}
-heartbeat_interval_s = 0.5
-""")
+        config = _config(work, server, shutdown_grace_s=grace_s, heartbeat_interval_s=0.5)
         probe = redis.Redis.from_url(server.url)
         workers = [start_worker_process(config, [MODEL], work / f"worker-{i}.log") for i in range(2)]
         _wait_live(probe, 2)
@@ -236,6 +216,16 @@ heartbeat_interval_s = 0.5
             process.wait(timeout=30)
     print(f"jobs sent {counts['sent']}: ended {counts['ended'] + counts['restarted']} "
           f"({counts['restarted']} of them restarted on another worker), failed {counts['failed']}")
+
+
+def _config(work: Path, server: EmbeddedRedis, **worker: float) -> Path:
+    """A config for the tiny chat model on `server`: jobs may take 2 minutes, kombu's sweep is
+    an hour away (the default), and `worker` sets [worker] keys."""
+    config = work / "faults.toml"
+    settings = "".join(f"{key} = {value}\n" for key, value in worker.items())
+    config.write_text(chat_toml(MODEL) + f'\n[queue]\nbroker_url = "{server.url}"\n'
+                      f"job_timeout_s = 120\n\n[worker]\n{settings}")
+    return config
 
 
 def _wait_live(client: redis.Redis, count: int) -> None:

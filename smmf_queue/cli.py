@@ -281,8 +281,8 @@ def embed_batch(
     """Embed a file of texts through the model's queue, in chunks, resumably."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .batchfiles import InputSpec, count_records
-    from .batchrun import run_embed_batch
+    from .batch.files import InputSpec, count_records
+    from .batch.run import run_embed_batch
 
     loaded = _load(config)
     name = _model_name(loaded, model, "embedding")

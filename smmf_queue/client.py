@@ -26,10 +26,9 @@ import redis.asyncio
 from pydantic import ValidationError
 
 from . import keys, registry
-from .batch import ChunkResult, embed_chunks
+from .batch.chunks import ChunkResult, embed_chunks
 from .config import ModelKind, SmmfConfig, load_config
 from .errors import BrokerUnavailable, NoLiveWorker, RequestError
-from .hub import StreamHub, ThreadHub
 from .jobs import (
     ChatDelta,
     ChatRequest,
@@ -41,6 +40,7 @@ from .jobs import (
     new_job_id,
 )
 from .queues import JobSender, make_celery_app
+from .stream_hub import StreamHub, ThreadHub
 from .streaming import JobReader, LogEntries, LogRange, decode_log, embedding_result
 
 T = TypeVar("T")
@@ -166,7 +166,7 @@ class AsyncClient(_BaseClient):
     def embed_batch(self, model: str, texts: Iterable[str], **options: Any) -> AsyncIterator[ChunkResult]:
         """Embed a corpus of any size in chunks on the batch lane; yields chunks in input order.
 
-        See `smmf_queue.batch.embed_chunks` for the options (token budget, window, resume)."""
+        See `smmf_queue.batch.chunks.embed_chunks` for the options (token budget, window, resume)."""
         return embed_chunks(self, model, texts, **options)
 
     async def logged_events(self, job_id: str, first: int = 1, last: int | None = None) -> list[StreamEvent]:
@@ -282,7 +282,7 @@ class Client(_BaseClient):
     """The blocking twin of AsyncClient: same methods, run on a private event loop thread.
 
     Except `stream_chat`, whose first token matters most: the calling thread enqueues the job
-    and reads its events itself (hub.ThreadHub), without a hop to the loop thread and back.
+    and reads its events itself (stream_hub.ThreadHub), without a hop to the loop thread and back.
     """
 
     def __init__(self, config: str | os.PathLike[str] | SmmfConfig | None = None):

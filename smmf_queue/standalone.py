@@ -20,7 +20,7 @@ import redis
 
 from . import registry
 from .config import ModelConfig, SmmfConfig
-from .embedded import EmbeddedRedis
+from .embedded_redis import EmbeddedRedis
 from .errors import SmmfError
 from .providers import missing_extra
 

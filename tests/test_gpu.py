@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from smmf_queue import Client, load_config
-from smmf_queue.embedded import EmbeddedRedis
+from smmf_queue.embedded_redis import EmbeddedRedis
 from smmf_queue.jobs import ChatRequest
 from smmf_queue.providers import load_provider
 

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from smmf_queue import Client, JobFailed
-from smmf_queue.embedded import EmbeddedRedis
+from smmf_queue.embedded_redis import EmbeddedRedis
 
 from .conftest import MODELS, ROOT, StartWorker, cosine, free_port, start_service, wait_until
 from .fake_upstream import FakeUpstream, chat_chunk

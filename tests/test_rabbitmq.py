@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from smmf_queue import Client
-from smmf_queue.embedded import EmbeddedRedis
+from smmf_queue.embedded_redis import EmbeddedRedis
 
 from .conftest import CHAT, EMBED, StartWorker
 

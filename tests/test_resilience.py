@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from smmf_queue import Client, keys
-from smmf_queue.embedded import EmbeddedRedis
+from smmf_queue.embedded_redis import EmbeddedRedis
 
 from .conftest import CHAT, StartWorker, free_port, wait_until, write_config
 

@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from smmf_queue import AsyncClient, Client, ProviderUnavailable, load_config, offline_models
-from smmf_queue.embedded import EmbeddedRedis
+from smmf_queue.embedded_redis import EmbeddedRedis
 from smmf_queue.standalone import Stack
 
 from .conftest import EMBED, ROOT, free_port, wait_until

@@ -245,7 +245,7 @@ def test_hub_survives_rapid_subscribe_unsubscribe_cycles(redis_server) -> None: 
 
     import redis.asyncio
 
-    from smmf_queue.hub import StreamHub
+    from smmf_queue.stream_hub import StreamHub
 
     async def cycle() -> int:
         client = redis.asyncio.from_url(redis_server.url)
@@ -295,7 +295,7 @@ def test_job_ids_of_batch_chunks_splits_and_retries_are_valid_on_the_wire() -> N
     from smmf_queue.jobs import EmbeddingRequest, new_job_id
 
     run = new_job_id()
-    for job_id in (f"{run}-12", f"{run}-12.0.1", f"{run}-12~2", f"{run}-12.1~1"):  # see batch.py
+    for job_id in (f"{run}-12", f"{run}-12.0.1", f"{run}-12~2", f"{run}-12.1~1"):  # see batch/chunks.py
         assert EmbeddingRequest(model="m", texts=["x"], job_id=job_id).job_id == job_id
     with pytest.raises(ValueError):
         EmbeddingRequest(model="m", texts=["x"], job_id="has a space")

@@ -16,8 +16,8 @@ import httpx
 import ollama
 
 from ..jobs import ChatRequest, Usage
+from .api_proxy import Endpoint, RetryPolicy, base_url, embed_in_batches, timeout_s
 from .base import ChatChunk, Embeddings, Provider, read_ahead
-from .remote import Endpoint, RetryPolicy, base_url, embed_in_batches, timeout_s
 
 ENDPOINT = Endpoint("http://localhost:11434", "OLLAMA_API_BASE", None)
 #: texts per /api/embed request when the config does not set `batch_size`.

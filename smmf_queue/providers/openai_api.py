@@ -17,8 +17,8 @@ import httpx2
 import openai
 
 from ..jobs import ChatRequest, Usage
+from .api_proxy import Endpoint, RetryPolicy, base_url, embed_in_batches, require_api_key, timeout_s
 from .base import ChatChunk, Embeddings, Provider, read_ahead
-from .remote import Endpoint, RetryPolicy, base_url, embed_in_batches, require_api_key, timeout_s
 
 #: provider → DB-GPT's default base URL and env vars for it and the key.
 ENDPOINTS: dict[str, Endpoint] = {

@@ -17,7 +17,8 @@ from kombu import Connection, Exchange, Producer
 from smmf_queue import Client, dead_letters, keys
 from smmf_queue.config import SmmfConfig
 
-from ..conftest import StartWorker, WorkerProcess, wait_until, write_config
+from ..conftest import StartWorker, WorkerProcess, wait_until
+from . import fault_config
 
 MODEL = "tiny-chat-hostile"
 HELLO = [{"role": "user", "content": "hi"}]
@@ -62,15 +63,8 @@ HOSTILE: dict[str, tuple[bytes, str, dict[str, Any]]] = {
 @pytest.fixture(scope="module")
 def hostile_setup(tmp_path_factory: pytest.TempPathFactory, redis_server: Any, tiny_models: Path,
                   start_worker: StartWorker) -> tuple[Path, WorkerProcess]:
-    path = write_config(tmp_path_factory.mktemp("hostile") / "hostile.toml", redis_server.url,
-                        tiny_models, extra=f"""
-[[models.llms]]
-name = "{MODEL}"
-provider = "hf"
-path = "{tiny_models / 'tiny-noise-chat'}"
-device = "cpu"
-context_length = 4096
-""")
+    path = fault_config(tmp_path_factory.mktemp("hostile") / "hostile.toml", redis_server.url,
+                        tiny_models, MODEL, model_extra="context_length = 4096")
     return path, start_worker(MODEL, config=path)
 
 

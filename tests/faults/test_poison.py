@@ -18,9 +18,10 @@ from typer.testing import CliRunner
 
 from smmf_queue import Client, JobFailed, keys
 from smmf_queue.cli import app
-from smmf_queue.embedded import EmbeddedRedis
+from smmf_queue.embedded_redis import EmbeddedRedis
 
-from ..conftest import StartWorker, write_config
+from ..conftest import StartWorker
+from . import fault_config
 
 MODEL = "tiny-chat-poison"
 POISON = [{"role": "user", "content": "the prompt that kills its worker"}]
@@ -31,17 +32,8 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def poison_config(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis,
                   tiny_models: Path) -> Path:
-    path = write_config(tmp_path_factory.mktemp("poison") / "poison.toml", redis_server.url,
-                        tiny_models, extra=f"""
-[[models.llms]]
-name = "{MODEL}"
-provider = "hf"
-path = "{tiny_models / 'tiny-noise-chat'}"
-device = "cpu"
-""")
-    text = path.read_text().replace("visibility_timeout_s = 4", "visibility_timeout_s = 300")
-    path.write_text(text.replace("lease_s = 3", "lease_s = 1"))
-    return path
+    return fault_config(tmp_path_factory.mktemp("poison") / "poison.toml", redis_server.url,
+                        tiny_models, MODEL)
 
 
 def test_a_prompt_that_kills_its_worker_ends_as_a_dead_letter_after_max_attempts(

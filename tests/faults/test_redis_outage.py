@@ -19,7 +19,7 @@ from typing import TypeVar
 import pytest
 
 from smmf_queue import AsyncClient, BrokerUnavailable, Client
-from smmf_queue.embedded import EmbeddedRedis
+from smmf_queue.embedded_redis import EmbeddedRedis
 
 from ..conftest import CHAT, GATEWAY_KEY, StartWorker, free_port, start_service, write_config
 

@@ -15,25 +15,21 @@ import pytest
 import redis
 
 from smmf_queue import ChatDelta, Client, keys
-from smmf_queue.embedded import EmbeddedRedis
+from smmf_queue.embedded_redis import EmbeddedRedis
 
-from ..conftest import StartWorker, WorkerProcess, write_config
+from ..conftest import StartWorker, WorkerProcess
+from . import fault_config
 
 MODEL = "tiny-chat-rolling"
-QUESTION = [{"role": "user", "content": "hello"}]
+#: a prompt the tiny model answers at length (2,443 tokens at temperature 0, seconds in a
+#: worker), so the fault always lands while the reply is still streaming.
+QUESTION = [{"role": "user", "content": "what is a queue"}]
 
 
 def config_with(tmp_path: Path, redis_server: EmbeddedRedis, tiny_models: Path, grace_s: float) -> Path:
-    path = write_config(tmp_path / "rolling.toml", redis_server.url, tiny_models, extra=f"""
-[[models.llms]]
-name = "{MODEL}"
-provider = "hf"
-path = "{tiny_models / 'tiny-noise-chat'}"
-device = "cpu"
-""")
-    text = path.read_text().replace("visibility_timeout_s = 4", "visibility_timeout_s = 300")
-    path.write_text(text.replace("lease_s = 3", f"lease_s = 100\nshutdown_grace_s = {grace_s}"))
-    return path
+    """A lease of 100 s, beyond the reader's timeout: a job comes back early only if released."""
+    return fault_config(tmp_path / "rolling.toml", redis_server.url, tiny_models, MODEL, lease_s=100,
+                        worker_extra=f"shutdown_grace_s = {grace_s}")
 
 
 def stream_and_stop_its_worker(config: Path, workers: list[WorkerProcess],
@@ -75,9 +71,9 @@ def test_a_job_still_running_after_the_grace_is_handed_back_at_once(
         tmp_path: Path, redis_server: EmbeddedRedis, tiny_models: Path, start_worker: StartWorker,
         redis_client: redis.Redis) -> None:
     # Given two workers of a model with a 100 s lease, and a long reply on one of them
-    config = config_with(tmp_path, redis_server, tiny_models, grace_s=0.3)
+    config = config_with(tmp_path, redis_server, tiny_models, grace_s=0.1)
     workers = [start_worker(MODEL, config=config), start_worker(MODEL, config=config)]
-    # When the worker holding it gets SIGTERM (grace 0.3 s)
+    # When the worker holding it gets SIGTERM (grace 0.1 s)
     deltas, holder = stream_and_stop_its_worker(config, workers, redis_client, "rolling-2")
     # Then it stops, and the reply restarts once on the other worker and ends, long before the
     # lease would have run out (the reader's timeout is 60 s)

@@ -16,31 +16,24 @@ import redis
 
 from smmf_queue import Client, keys, load_config
 from smmf_queue.attempt import Attempt, Deliveries
-from smmf_queue.embedded import EmbeddedRedis
+from smmf_queue.embedded_redis import EmbeddedRedis
 from smmf_queue.queues import make_celery_app
 from smmf_queue.reaper import Reaper
 
-from ..conftest import StartWorker, write_config
+from ..conftest import StartWorker
+from . import fault_config
 
 MODEL = "tiny-chat-reaped"
-QUESTION = [{"role": "user", "content": "hello"}]
+#: a prompt the tiny model answers at length (2,443 tokens at temperature 0, seconds in a
+#: worker), so the fault always lands while the reply is still streaming.
+QUESTION = [{"role": "user", "content": "what is a queue"}]
 
 
 @pytest.fixture(scope="module")
 def reaped_config(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis,
                   tiny_models: Path) -> Path:
-    """The tests' config with kombu's sweep out of reach (300 s) and short leases (1 s)."""
-    path = write_config(tmp_path_factory.mktemp("reaper") / "reaper.toml", redis_server.url,
-                        tiny_models, extra=f"""
-[[models.llms]]
-name = "{MODEL}"
-provider = "hf"
-path = "{tiny_models / 'tiny-noise-chat'}"
-device = "cpu"
-""")
-    text = path.read_text().replace("visibility_timeout_s = 4", "visibility_timeout_s = 300")
-    path.write_text(text.replace("lease_s = 3", "lease_s = 1"))
-    return path
+    return fault_config(tmp_path_factory.mktemp("reaper") / "reaper.toml", redis_server.url,
+                        tiny_models, MODEL)
 
 
 def test_a_killed_workers_job_comes_back_by_its_lease_not_the_visibility_timeout(

@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from .batch import ChunkResult
-from .batchfiles import OUTPUT_FORMATS, InputSpec, OutputWriter, read_records, require_pyarrow
-from .client import Client
-from .errors import RequestError
-from .jobs import new_job_id
+from ..client import Client
+from ..errors import RequestError
+from ..jobs import new_job_id
+from .chunks import ChunkResult
+from .files import OUTPUT_FORMATS, InputSpec, OutputWriter, read_records, require_pyarrow
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import BrokerUnavailable, JobFailed, JobTimeout
-from .jobs import StreamEvent, new_job_id
+from ..errors import BrokerUnavailable, JobFailed, JobTimeout
+from ..jobs import StreamEvent, new_job_id
 
 if TYPE_CHECKING:
-    from .client import AsyncClient
+    from ..client import AsyncClient
 
 #: a chunk's budget is checked against an estimate (the worker's tokenizer is not available to
 #: the client): about 4 characters per token for English with BPE/WordPiece tokenizers, and one

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import RequestError
+from ..errors import RequestError
 
 INPUT_FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
 OUTPUT_FORMATS = (".npy", ".jsonl", ".parquet")

@@ -128,7 +128,7 @@ class StreamHub:
                     self._route(message)
             except (OSError, redis.RedisError):
                 # Redis went away: redis-py reconnects and re-subscribes on the next read; events
-                # published meanwhile are replayed from the log by the readers (client._events).
+                # published meanwhile are replayed from the log by the readers (streaming.JobReader).
                 await asyncio.sleep(RECONNECT_DELAY_S)
 
     def _route(self, message: dict[str, Any]) -> None:
