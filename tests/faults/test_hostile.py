@@ -16,6 +16,7 @@ from kombu import Connection, Exchange, Producer
 
 from smmf_queue import Client, dead_letters, keys
 from smmf_queue.config import SmmfConfig
+from smmf_queue.streaming import decode_log
 
 from ..conftest import StartWorker, WorkerProcess, wait_until
 from . import fault_config
@@ -102,4 +103,30 @@ def test_a_hostile_message_never_runs_nor_stops_the_worker(
     if letters:
         assert letters[0].error_message and letters[0].queue == QUEUE
 
+
+
+
+def test_a_message_whose_job_id_collides_with_a_running_job_runs_nothing(
+        hostile_setup: tuple[Path, WorkerProcess], redis_client: redis.Redis) -> None:
+    from smmf_queue import load_config
+
+    path, worker = hostile_setup
+    job_id = "hostile-collide"
+    question = [{"role": "user", "content": "what is a queue"}]  # a long reply
+    with Client(path) as client:
+        # Given a job streaming its reply
+        stream = client.stream_chat(MODEL, question, max_tokens=3000, temperature=0, job_id=job_id)
+        deltas = [next(stream)]
+        # When a second message with the same job id arrives on the queue
+        request = good_request(job_id, messages=question, params={"max_tokens": 3000, "temperature": 0})
+        put(load_config(path), json.dumps([[], {"request": request}, {}]).encode(), "application/json",
+            {"task": keys.CHAT_TASK, "id": job_id, "lang": "py"})
+        deltas += list(stream)
+        wait_until(lambda: redis_client.llen(QUEUE) == 0, 30, "the worker to take the second message")
+        # Then the job ran once: one attempt, one terminal event, a reply that never restarted
+        assert client.chat(MODEL, HELLO, max_tokens=2).usage.completion_tokens == 2  # (after it)
+    events = decode_log(redis_client.xrange(keys.event_log(job_id)))  # type: ignore[arg-type]
+    assert [e.type for e in events if e.terminal] == ["end"]
+    assert redis_client.hget(keys.job_record(job_id), "attempt") == b"1"
+    assert not any(d.restart for d in deltas) and worker.process.poll() is None
 
