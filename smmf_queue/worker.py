@@ -165,14 +165,19 @@ class WorkerRuntime:
             raise task.retry(countdown=busy.retry_in_s, max_retries=None) from None
         except JobFailed as exc:
             if exc.error_type in DEAD_ON:
-                attempts = self.config.worker.max_attempts if exc.error_type == WORKER_LOST else 1
-                model = str(payload.get("model", "?"))
-                queue = (task.request.delivery_info or {}).get("routing_key") or keys.queue_name(kind, model)
-                self._keep_dead(dead_letters.DeadLetter(
-                    job_id=job_id, kind=kind, model=model, queue=queue, request=payload,
-                    attempts=attempts, error_type=exc.error_type, error_message=exc.message,
-                    failed_at=time.time()))
+                self._keep_dead(self._dead_job(task, kind, payload, exc))
             raise
+
+    def _dead_job(self, task: Task, kind: str, payload: dict[str, Any],
+                  exc: JobFailed) -> dead_letters.DeadLetter:
+        """The dead letter of a job that can never run as sent, or that kept killing workers."""
+        model = str(payload.get("model", "?"))
+        return dead_letters.DeadLetter(
+            job_id=str(task.request.id), kind=kind, model=model,
+            queue=(task.request.delivery_info or {}).get("routing_key") or keys.queue_name(kind, model),
+            request=payload, error_type=exc.error_type, error_message=exc.message,
+            attempts=self.config.worker.max_attempts if exc.error_type == WORKER_LOST else 1,
+            failed_at=time.time())
 
     def dead_letter_message(self, message: Any, reason: str) -> None:
         """Keep a message that Celery refused before it reached a task (undecodable, no task
