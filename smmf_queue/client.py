@@ -78,6 +78,13 @@ class _BaseClient:
     def _timeout(self, timeout: float | None) -> float:
         return timeout or self.config.queue.job_timeout_s
 
+    @staticmethod
+    def _expires(reader: JobReader, queue_timeout: float | None) -> float:
+        """Seconds the job's message may wait for a worker: `queue_timeout` if it is sooner than
+        the job's own timeout. A worker that takes it later runs nothing and ends the job with
+        DeadlineExceeded, which the caller gets as a JobTimeout (worker.py)."""
+        return min(queue_timeout, reader.timeout_s) if queue_timeout else reader.timeout_s
+
     def _needs_liveness_check(self, kind: str, model: str, fail_fast: bool | None) -> bool:
         """Whether to ask Redis for live workers first: fail-fast asked (by the call or the
         config) and the liveness cache (no I/O) does not already show a replica."""
@@ -95,13 +102,13 @@ class _BaseClient:
                                f"(start one: smmf-queue worker --model {model})", model=model)
 
     def _enqueue(self, hub: StreamHub | ThreadHub, kind: ModelKind, request: dict[str, Any],
-                 timeout: float) -> None:
+                 expires_s: float) -> None:
         """Enqueue a job whose events `hub` already routes (`open`); stop routing them if the
         broker refuses it."""
         task = keys.CHAT_TASK if kind == "llm" else keys.EMBED_TASK
         priority = keys.BATCH_PRIORITY if request.get("lane") == "batch" else keys.INTERACTIVE_PRIORITY
         try:
-            self._sender.send(task, kind, request, expires_s=timeout, priority=priority)
+            self._sender.send(task, kind, request, expires_s=expires_s, priority=priority)
         except Exception as exc:  # kombu raises OperationalError and socket errors
             hub.close(request["job_id"])
             raise BrokerUnavailable(f"cannot enqueue on the broker: {type(exc).__name__}: {exc}",
@@ -124,22 +131,27 @@ class AsyncClient(_BaseClient):
         self._hub = StreamHub(self._redis)
 
     async def chat(self, model: str, messages: list[dict[str, Any]], *,
-                   timeout: float | None = None, fail_fast: bool | None = None,
-                   job_id: str | None = None, **params: Any) -> ChatResult:
-        """Run a chat job and return the whole reply."""
+                   timeout: float | None = None, queue_timeout: float | None = None,
+                   fail_fast: bool | None = None, job_id: str | None = None,
+                   **params: Any) -> ChatResult:
+        """Run a chat job and return the whole reply. `timeout`: seconds for the whole job;
+        `queue_timeout`: seconds it may wait for a worker to start it (JobTimeout after either)."""
         request = self._chat_request(model, messages, params, job_id, self._hub.reply_channel)
         reader = JobReader(request.job_id, model, self._timeout(timeout))
-        async for _ in self._run("llm", request.model_dump(mode="json"), reader, fail_fast):
+        async for _ in self._run("llm", request.model_dump(mode="json"), reader, fail_fast,
+                                 queue_timeout):
             pass
         return reader.assembler.chat_result()
 
     async def stream_chat(self, model: str, messages: list[dict[str, Any]], *,
-                          timeout: float | None = None, fail_fast: bool | None = None,
-                          job_id: str | None = None, **params: Any) -> AsyncIterator[ChatDelta]:
+                          timeout: float | None = None, queue_timeout: float | None = None,
+                          fail_fast: bool | None = None, job_id: str | None = None,
+                          **params: Any) -> AsyncIterator[ChatDelta]:
         """Yield the reply's deltas as the worker produces them; leaving early cancels the job."""
         request = self._chat_request(model, messages, params, job_id, self._hub.reply_channel)
         reader = JobReader(request.job_id, model, self._timeout(timeout))
-        async for delta in self._run("llm", request.model_dump(mode="json"), reader, fail_fast):
+        async for delta in self._run("llm", request.model_dump(mode="json"), reader, fail_fast,
+                                     queue_timeout):
             yield delta
 
     async def embed(self, model: str, texts: list[str], *, normalize: bool | None = None,
@@ -219,7 +231,7 @@ class AsyncClient(_BaseClient):
         await self.aclose()
 
     async def _run(self, kind: ModelKind, request: dict[str, Any], reader: JobReader,
-                   fail_fast: bool | None) -> AsyncIterator[ChatDelta]:
+                   fail_fast: bool | None, queue_timeout: float | None = None) -> AsyncIterator[ChatDelta]:
         """Enqueue one job and yield its deltas until its terminal event (the last one says why
         it ended); leaving early cancels the job."""
         model = request["model"]
@@ -230,7 +242,7 @@ class AsyncClient(_BaseClient):
         except (OSError, redis.RedisError, asyncio.TimeoutError) as exc:
             raise _unreachable(exc, model) from None
         inbox = self._hub.open(reader.job_id)
-        self._enqueue(self._hub, kind, request, reader.timeout_s)
+        self._enqueue(self._hub, kind, request, self._expires(reader, queue_timeout))
         try:
             async for delta in self._read(reader, inbox):
                 yield delta
@@ -300,8 +312,9 @@ class Client(_BaseClient):
         return self._call(self._async.chat(model, messages, **kwargs))
 
     def stream_chat(self, model: str, messages: list[dict[str, Any]], *,
-                    timeout: float | None = None, fail_fast: bool | None = None,
-                    job_id: str | None = None, **params: Any) -> Iterator[ChatDelta]:
+                    timeout: float | None = None, queue_timeout: float | None = None,
+                    fail_fast: bool | None = None, job_id: str | None = None,
+                    **params: Any) -> Iterator[ChatDelta]:
         """Yield the reply's deltas as the worker produces them; leaving early cancels the job."""
         request = self._chat_request(model, messages, params, job_id, self._hub.reply_channel)
         reader = JobReader(request.job_id, model, self._timeout(timeout))
@@ -312,7 +325,8 @@ class Client(_BaseClient):
         except (OSError, redis.RedisError, TimeoutError) as exc:
             raise _unreachable(exc, model) from None
         self._hub.open(request.job_id)
-        self._enqueue(self._hub, "llm", request.model_dump(mode="json"), reader.timeout_s)
+        self._enqueue(self._hub, "llm", request.model_dump(mode="json"),
+                      self._expires(reader, queue_timeout))
         try:
             yield from self._read(reader)
         finally:

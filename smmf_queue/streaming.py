@@ -18,6 +18,9 @@ from .config import ModelKind
 from .errors import JobFailed, JobTimeout
 from .jobs import ChatDelta, ChatResult, EmbeddingResult, StreamEvent, Usage, unpack_vectors
 
+#: the error type of a job whose message waited past its queue deadline: its caller gets a
+#: JobTimeout, not a JobFailed.
+DEADLINE_EXCEEDED = "DeadlineExceeded"
 #: seconds without an event after which a reader checks the job's log (a lost pub/sub message).
 QUIET_CHECK_S = 2.0
 #: seqs to read from a job's log, first to last; last None: to the end of the log.
@@ -158,6 +161,9 @@ class JobReader:
     def ending(self, kind: ModelKind) -> list[ChatDelta]:
         """After the terminal event: JobFailed for an error; a chat's last delta says why it ended."""
         terminal = self.assembler.terminal
+        if terminal is not None and terminal.error_type == DEADLINE_EXCEEDED:
+            raise JobTimeout(terminal.error_message or "the job's deadline passed",
+                             model=self.assembler.model, job_id=self.job_id)
         if terminal is not None and terminal.type == "error":
             raise JobFailed(terminal.error_message or "job failed",
                             error_type=terminal.error_type or "JobFailed", model=self.assembler.model,

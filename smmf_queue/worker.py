@@ -35,6 +35,7 @@ from .providers import load_provider
 from .providers.base import Provider, close_chunks, provider_errors
 from .queues import make_celery_app
 from .reaper import Reaper
+from .streaming import DEADLINE_EXCEEDED
 
 log = logging.getLogger("smmf_queue.worker")
 
@@ -178,6 +179,20 @@ class WorkerRuntime:
             request=payload, error_type=exc.error_type, error_message=exc.message,
             attempts=self.config.worker.max_attempts if exc.error_type == WORKER_LOST else 1,
             failed_at=time.time())
+
+    def end_expired(self, job_id: str) -> None:
+        """Celery took a job whose message waited past its expiry (the caller's queue timeout)
+        and did not run it: end the job with DeadlineExceeded, so that its caller learns it at
+        its next check of the job's log rather than at its own timeout. Only if nothing else
+        ended it or runs it (a claim, as for any delivery)."""
+        def give_up(attempt: Attempt) -> None:
+            attempt.fail(JobFailed("the job waited in its queue past its deadline and was not run",
+                                   error_type=DEADLINE_EXCEEDED, job_id=job_id))
+
+        try:
+            self.deliveries.run(job_id, None, give_up)
+        except (JobFailed, LeaseBusy, redis.RedisError):
+            pass
 
     def dead_letter_message(self, message: Any, reason: str) -> None:
         """Keep a message that Celery refused before it reached a task (undecodable, no task
@@ -325,8 +340,13 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     def unknown(message: Any, name: str, exc: BaseException, **_: Any) -> None:
         runtime.dead_letter_message(message, f"unknown task {name!r}")
 
+    def revoked(request: Any, expired: bool = False, **_: Any) -> None:
+        if expired and request is not None and request.task in (keys.CHAT_TASK, keys.EMBED_TASK):
+            runtime.end_expired(str(request.id))
+
     signals.task_rejected.connect(rejected, weak=False)
     signals.task_unknown.connect(unknown, weak=False)
+    signals.task_revoked.connect(revoked, weak=False)
 
 
 def _payload(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
