@@ -20,7 +20,7 @@ from smmf_queue.embedded_redis import EmbeddedRedis
 from smmf_queue.queues import make_celery_app
 from smmf_queue.reaper import Reaper
 
-from ..conftest import StartWorker
+from ..conftest import StartWorker, free_port
 from . import fault_config
 
 MODEL = "tiny-chat-reaped"
@@ -68,10 +68,16 @@ def test_a_killed_workers_job_comes_back_by_its_lease_not_the_visibility_timeout
 
 
 def test_the_reaper_hands_back_only_expired_running_jobs_once(
-        redis_client: redis.Redis, reaped_config: Path) -> None:
+        tmp_path: Path, reaped_config: Path) -> None:
+    # (a Redis of its own: the live workers of other tests reap the shared one too)
+    with EmbeddedRedis(free_port(), tmp_path / "redis", appendonly=False) as server:
+        _reap_only_expired_running_jobs_once(redis.Redis.from_url(server.url), reaped_config)
+
+
+def _reap_only_expired_running_jobs_once(redis_client: redis.Redis, config: Path) -> None:
     deliveries = Deliveries(redis_client, "w", lease_s=0.2, max_attempts=3, record_ttl_s=60,
                             event_ttl_s=60, max_events=100)
-    reaper = Reaper(redis_client, make_celery_app(load_config(reaped_config)))
+    reaper = Reaper(redis_client, make_celery_app(load_config(config)))
     # Given a job whose worker died and a finished one
     assert deliveries.claim("reap-dead", "dead").outcome == "claimed"
     assert deliveries.claim("reap-done", "done").outcome == "claimed"
