@@ -19,6 +19,7 @@ import redis
 from pydantic import BaseModel
 
 from . import keys
+from .attempt import WORKER_LOST
 
 if TYPE_CHECKING:
     from .queues import JobSender
@@ -97,7 +98,7 @@ def requeue(client: redis.Redis, sender: JobSender, letter: DeadLetter) -> None:
     """Send a dead job again under its own id, as a new job (first attempt, empty event log);
     its letter is dropped once it is on its queue. No expiry: it waits for a worker. Only a
     job that kept killing its workers can be sent again: the others would fail the same way."""
-    if letter.error_type != "WorkerLost":
+    if letter.error_type != WORKER_LOST:
         raise ValueError(f"job {letter.job_id} failed with {letter.error_type}: sending it again "
                          "would fail the same way")
     fresh_start(client, letter.job_id)
