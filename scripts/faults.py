@@ -3,6 +3,7 @@
     .venv/bin/python scripts/faults.py kills [--n 100] [--lease 2] [--heartbeat 0.5] [--seed 1]
     .venv/bin/python scripts/faults.py redis [--n 3]
     .venv/bin/python scripts/faults.py rolling [--rounds 2] [--clients 4] [--grace 1]
+    .venv/bin/python scripts/faults.py resume [--streams 1000] [--drop 0.1] [--clients 4] [--seed 1]
 
 `kills`: a private Redis (AOF on), three worker processes for the tiny random-weight chat model,
 kombu's visibility timeout at an hour (out of reach). N times: stream a long reply (temperature
@@ -21,11 +22,19 @@ worker, which lived through it too) succeeds.
 back); each worker in turn gets SIGTERM (`shutdown_grace_s` short, so jobs still running are
 handed back) and a replacement starts; `--rounds` times over. Counts jobs sent, ended, failed
 and restarted.
+
+`resume`: the gateway and two workers; client threads stream chats through the gateway (SSE,
+temperature 0, so every reply is the same text); a `--drop` share of them close their
+connection after a random number of frames and resume from the last `id:` they saw at the
+stream's resume endpoint. Counts streams whose text (both parts joined) differs from the
+reference (something missing or twice), frame ids seen twice, and streams lost; reports how long
+a resume takes to its first frame.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import signal
@@ -35,12 +44,13 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import redis
 from benchkit import MODEL, chat_toml, free_port, make_models, percentile
 
 from smmf_queue import BrokerUnavailable, Client, JobTimeout, keys, registry
 from smmf_queue.embedded_redis import EmbeddedRedis
-from smmf_queue.standalone import start_worker_process
+from smmf_queue.standalone import start_process, start_worker_process
 from smmf_queue.streaming import decode_log
 
 QUESTION = [{"role": "user", "content": "tell me about queues"}]
@@ -218,6 +228,125 @@ def rolling(rounds: int, clients: int, grace_s: float) -> None:
           f"({counts['restarted']} of them restarted on another worker), failed {counts['failed']}")
 
 
+def resume_run(streams: int, drop: float, clients: int, seed: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
+    with EmbeddedRedis(free_port(), work / "redis") as server:
+        config = _config(work, server)
+        workers = [start_worker_process(config, [MODEL], work / f"worker-{i}.log") for i in range(2)]
+        port = free_port()
+        gateway = start_process("gateway", config, work / "gateway.log", "--port", str(port))
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_live(redis.Redis.from_url(server.url), 2)
+            _wait_http(f"{url}/healthz")
+            body = {"model": MODEL, "messages": QUESTION, "max_tokens": 64, "temperature": 0,
+                    "stream": True}
+            reference = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                                   json={**body, "stream": False}).json()["choices"][0]["message"]["content"]
+            print(f"{streams} streams through the gateway ({len(reference)} chars each), {drop:.0%} of "
+                  f"readers dropping after a random number of frames and resuming; {clients} client "
+                  f"threads, 2 workers, seed {seed}, {os.cpu_count()} cores", flush=True)
+            rng = random.Random(seed)
+            plan = [rng.random() < drop for _ in range(streams)]
+            cut_after = [rng.randint(1, 12) for _ in range(streams)]
+            counts = {"dropped": 0, "wrong": 0, "twice": 0, "lost": 0}
+            resume_s: list[float] = []
+            lock = threading.Lock()
+            jobs = iter(range(streams))
+
+            def read() -> None:
+                with httpx.Client(base_url=url, timeout=60) as http:
+                    for i in jobs:
+                        outcome = _one_stream(http, body, cut_after[i] if plan[i] else None)
+                        with lock:
+                            counts["dropped"] += outcome.dropped
+                            counts["lost"] += outcome.text is None
+                            counts["wrong"] += outcome.text is not None and outcome.text != reference
+                            counts["twice"] += outcome.twice
+                            resume_s.extend(outcome.resume_s)
+
+            threads = [threading.Thread(target=read) for _ in range(clients)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            print(f"streams {streams}, dropped and resumed {counts['dropped']}: "
+                  f"wrong text {counts['wrong']} / {streams}, frame ids twice {counts['twice']}, "
+                  f"lost {counts['lost']} / {streams}")
+            if resume_s:
+                print(f"resume -> first frame: p50 {percentile(resume_s, 50) * 1000:.1f} ms, "
+                      f"p99 {percentile(resume_s, 99) * 1000:.1f} ms, max {max(resume_s) * 1000:.1f} ms "
+                      f"(n={len(resume_s)})")
+        finally:
+            for process in [gateway, *workers]:
+                process.terminate()
+                process.wait(timeout=30)
+
+
+class _Streamed:
+    """What one stream through the gateway gave its reader."""
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.ids: list[str] = []
+        self.done = False
+        self.dropped = False
+        self.resume_s: list[float] = []
+
+    @property
+    def text(self) -> str | None:
+        return "".join(self.pieces) if self.done else None
+
+    @property
+    def twice(self) -> int:
+        return len(self.ids) - len(set(self.ids))
+
+    def read(self, response: httpx.Response, stop_after: int | None = None,
+             asked: float | None = None) -> None:
+        """Take frames until `[DONE]`, or return after `stop_after` of them; `asked`: when the
+        request was sent (a resume, timed to its first line)."""
+        for line in response.iter_lines():
+            if asked is not None:
+                self.resume_s.append(time.perf_counter() - asked)
+                asked = None
+            if line.startswith("id: "):
+                self.ids.append(line[4:])
+            elif line == "data: [DONE]":
+                self.done = True
+            elif line.startswith("data: "):
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                self.pieces.append(choices[0].get("delta", {}).get("content") or "")
+                if stop_after is not None and len(self.ids) >= stop_after:
+                    return
+
+
+def _one_stream(http: httpx.Client, body: dict[str, object], cut_after: int | None) -> _Streamed:
+    streamed = _Streamed()
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        resume = response.headers["x-smmf-resume"]
+        streamed.read(response, cut_after)
+    if streamed.done or cut_after is None:
+        return streamed
+    streamed.dropped = True
+    asked = time.perf_counter()
+    with http.stream("GET", resume, headers={"Last-Event-ID": streamed.ids[-1]}) as response:
+        streamed.read(response, asked=asked)
+    return streamed
+
+
+def _wait_http(url: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{url} did not answer within 60 s")
+        time.sleep(0.2)
+
+
 def _config(work: Path, server: EmbeddedRedis, **worker: float) -> Path:
     """A config for the tiny chat model on `server`: jobs may take 2 minutes, kombu's sweep is
     an hour away (the default), and `worker` sets [worker] keys."""
@@ -250,14 +379,21 @@ def main() -> None:
     restarts.add_argument("--rounds", type=int, default=2)
     restarts.add_argument("--clients", type=int, default=4)
     restarts.add_argument("--grace", type=float, default=1.0, help="worker.shutdown_grace_s")
+    resumes = commands.add_parser("resume", help="drop and resume SSE streams through the gateway")
+    resumes.add_argument("--streams", type=int, default=1000)
+    resumes.add_argument("--drop", type=float, default=0.1, help="share of readers that drop")
+    resumes.add_argument("--clients", type=int, default=4)
+    resumes.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     make_models()
     if args.command == "kills":
         kills(args.n, args.lease, args.heartbeat, args.seed)
     elif args.command == "redis":
         redis_restarts(args.n)
-    else:
+    elif args.command == "rolling":
         rolling(args.rounds, args.clients, args.grace)
+    else:
+        resume_run(args.streams, args.drop, args.clients, args.seed)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from . import keys, registry
 from .batch.chunks import ChunkResult, embed_chunks
 from .config import ModelKind, SmmfConfig, load_config
-from .errors import BrokerUnavailable, NoLiveWorker, RequestError
+from .errors import BrokerUnavailable, NoLiveWorker, RequestError, UnknownJob
 from .jobs import (
     ChatDelta,
     ChatRequest,
@@ -146,31 +146,36 @@ class AsyncClient(_BaseClient):
     async def stream_chat(self, model: str, messages: list[dict[str, Any]], *,
                           timeout: float | None = None, queue_timeout: float | None = None,
                           fail_fast: bool | None = None, job_id: str | None = None,
-                          **params: Any) -> AsyncIterator[ChatDelta]:
-        """Yield the reply's deltas as the worker produces them; leaving early cancels the job."""
+                          cancel_on_leave: bool = True, **params: Any) -> AsyncIterator[ChatDelta]:
+        """Yield the reply's deltas as the worker produces them. Leaving early cancels the job,
+        unless `cancel_on_leave` is false (a reader may `replay` it; the caller cancels later)."""
         request = self._chat_request(model, messages, params, job_id, self._hub.reply_channel)
         reader = JobReader(request.job_id, model, self._timeout(timeout))
         async for delta in self._run("llm", request.model_dump(mode="json"), reader, fail_fast,
-                                     queue_timeout):
+                                     queue_timeout, cancel_on_leave):
             yield delta
 
     async def embed(self, model: str, texts: list[str], *, normalize: bool | None = None,
-                    timeout: float | None = None, fail_fast: bool | None = None) -> EmbeddingResult:
+                    timeout: float | None = None, queue_timeout: float | None = None,
+                    fail_fast: bool | None = None) -> EmbeddingResult:
         """Vectors for `texts`, in input order."""
         job_id = new_job_id()
         end = await self.embedding_job(model, texts, normalize=normalize, timeout=timeout,
-                                       fail_fast=fail_fast, job_id=job_id)
+                                       queue_timeout=queue_timeout, fail_fast=fail_fast,
+                                       job_id=job_id)
         return embedding_result(job_id, model, end)
 
     async def embedding_job(self, model: str, texts: list[str], *, normalize: bool | None = None,
-                            timeout: float | None = None, fail_fast: bool | None = None,
-                            job_id: str | None = None, lane: Lane = "interactive") -> StreamEvent:
+                            timeout: float | None = None, queue_timeout: float | None = None,
+                            fail_fast: bool | None = None, job_id: str | None = None,
+                            lane: Lane = "interactive") -> StreamEvent:
         """Run one embedding job and return its `end` event, the vectors still packed as they
         crossed the wire (what a batch pipeline writes out as it is); JobFailed on an error."""
         request = self._embedding_request(model, texts, normalize, job_id, lane,
                                           self._hub.reply_channel)
         reader = JobReader(request.job_id, model, self._timeout(timeout))
-        async for _ in self._run("embedding", request.model_dump(mode="json"), reader, fail_fast):
+        async for _ in self._run("embedding", request.model_dump(mode="json"), reader, fail_fast,
+                                 queue_timeout):
             pass
         assert reader.assembler.terminal is not None  # _run ends at the terminal event
         return reader.assembler.terminal
@@ -190,8 +195,13 @@ class AsyncClient(_BaseClient):
             return []
         return decode_log(cast(LogEntries, entries))
 
-    async def replay(self, job_id: str, model: str, from_seq: int = 1) -> AsyncIterator[ChatDelta]:
-        """Read a job's stream from `from_seq`, whether it is running or already finished."""
+    async def replay(self, job_id: str, model: str, from_seq: int = 1, *,
+                     wait_for_start: bool = True) -> AsyncIterator[ChatDelta]:
+        """Read a job's stream from `from_seq`, whether it is queued, running or finished; the
+        last delta says why it ended (JobFailed for an error). With `wait_for_start` false, a
+        job that Redis holds nothing of (not taken by a worker yet, or expired) is UnknownJob."""
+        if not wait_for_start:
+            await self._check_known(job_id, model)
         reader = JobReader(job_id, model, self.config.queue.job_timeout_s, from_seq=from_seq)
         inbox = await self._hub.subscribe(job_id)
         try:
@@ -201,6 +211,17 @@ class AsyncClient(_BaseClient):
                 yield delta
         finally:
             await self._hub.unsubscribe(job_id)
+        for delta in reader.ending("llm"):
+            yield delta
+
+    async def _check_known(self, job_id: str, model: str) -> None:
+        try:
+            known = await self._redis.exists(keys.event_log(job_id), keys.job_record(job_id))
+        except (OSError, redis.RedisError) as exc:
+            raise _unreachable(exc, model) from None
+        if not known:
+            raise UnknownJob(f"no stream for job {job_id}: not started yet, or its log expired",
+                             model=model, job_id=job_id)
 
     async def live_workers(self) -> list[registry.WorkerInfo]:
         """Workers whose heartbeat is current."""
@@ -214,6 +235,12 @@ class AsyncClient(_BaseClient):
             for lane in keys.queue_lanes(kind, model):
                 pipe.llen(lane)
             return sum(await pipe.execute())
+
+    async def cancel(self, job_id: str, ttl_s: float | None = None) -> None:
+        """Ask the worker running (or about to take) a job to stop it: a flag it checks at every
+        event, kept `ttl_s` seconds (the job timeout by default)."""
+        await self._redis.set(keys.cancel_flag(job_id), 1,
+                              ex=max(1, int(ttl_s or self.config.queue.job_timeout_s)))
 
     async def ping(self) -> None:
         """Raise if Redis cannot be reached."""
@@ -231,9 +258,10 @@ class AsyncClient(_BaseClient):
         await self.aclose()
 
     async def _run(self, kind: ModelKind, request: dict[str, Any], reader: JobReader,
-                   fail_fast: bool | None, queue_timeout: float | None = None) -> AsyncIterator[ChatDelta]:
+                   fail_fast: bool | None, queue_timeout: float | None = None,
+                   cancel_on_leave: bool = True) -> AsyncIterator[ChatDelta]:
         """Enqueue one job and yield its deltas until its terminal event (the last one says why
-        it ended); leaving early cancels the job."""
+        it ended); leaving early cancels the job if `cancel_on_leave`."""
         model = request["model"]
         try:
             if self._needs_liveness_check(kind, model, fail_fast):
@@ -248,10 +276,9 @@ class AsyncClient(_BaseClient):
                 yield delta
         finally:
             self._hub.close(reader.job_id)
-            if not reader.done:  # the caller left or timed out: stop the job
+            if not reader.done and cancel_on_leave:  # the caller left or timed out
                 with contextlib.suppress(OSError, redis.RedisError):
-                    await self._redis.set(keys.cancel_flag(reader.job_id), 1,
-                                          ex=max(1, int(reader.timeout_s)))
+                    await self.cancel(reader.job_id, reader.timeout_s)
         for delta in reader.ending(kind):
             yield delta
 
@@ -345,9 +372,11 @@ class Client(_BaseClient):
         """Embed a corpus of any size in chunks on the batch lane; yields chunks in input order."""
         return self._iterate(self._async.embed_batch(model, texts, **options))
 
-    def replay(self, job_id: str, model: str, from_seq: int = 1) -> Iterator[ChatDelta]:
-        """Read a job's stream from `from_seq`, whether it is running or already finished."""
-        return self._iterate(self._async.replay(job_id, model, from_seq))
+    def replay(self, job_id: str, model: str, from_seq: int = 1, *,
+               wait_for_start: bool = True) -> Iterator[ChatDelta]:
+        """Read a job's stream from `from_seq`, whether it is queued, running or finished."""
+        return self._iterate(self._async.replay(job_id, model, from_seq,
+                                                wait_for_start=wait_for_start))
 
     def live_workers(self) -> list[registry.WorkerInfo]:
         return self._call(self._async.live_workers())

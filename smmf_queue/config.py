@@ -115,6 +115,9 @@ class GatewaySettings(_Strict):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     #: with no live worker for a model: false answers 503 at once, true queues and waits.
     wait_for_worker: bool = False
+    #: seconds a streamed reply whose HTTP client left keeps running, for a reconnect with
+    #: `Last-Event-ID` to resume it; 0 cancels the job as soon as its client leaves.
+    resume_grace_s: float = Field(default=5.0, ge=0)
 
 
 class FlowerSettings(_Strict):

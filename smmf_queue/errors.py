@@ -4,6 +4,7 @@
     ├── ConfigError                       a config file is malformed
     ├── RequestError                      the request itself is wrong (a 4xx)
     │   ├── UnknownModel
+    │   ├── UnknownJob
     │   └── WrongModelKind
     ├── DispatchError                     the job could not be handed to a worker
     │   ├── BrokerUnavailable
@@ -40,6 +41,11 @@ class RequestError(SmmfError):
 
 class UnknownModel(RequestError):
     """Raised when a request names a model that the config does not define."""
+
+
+class UnknownJob(RequestError):
+    """Raised when a replay names a job that Redis holds nothing of: never taken by a worker,
+    or its event log expired."""
 
 
 class WrongModelKind(RequestError):

@@ -1,22 +1,25 @@
 """The OpenAI-compatible HTTP gateway: `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`.
 
 It enqueues onto the same per-model queues as the SDK (it is an AsyncClient behind FastAPI).
-Streamed chunks are built as small dicts and serialised once each: no SDK object per token.
-Every error leaves as OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with
-its status from one table (`_STATUS`); a failure mid-stream ends the stream with such a frame.
+Streamed chunks are built as small dicts and serialised once each: no SDK object per token;
+each carries an SSE `id:`, so that a client that drops can resume the stream
+(`GET /v1/chat/completions/{id}/stream`, gateway_resume.py). Every error leaves as OpenAI's
+shape, `{"error": {"message", "type", "param", "code"}}`, with its status from one table
+(`_STATUS`); a failure mid-stream ends the stream with such a frame.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 import prometheus_client
 import redis
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,15 +36,18 @@ from .errors import (
     NoLiveWorker,
     RequestError,
     SmmfError,
+    UnknownJob,
     UnknownModel,
 )
-from .jobs import new_job_id, pack_vectors
+from .gateway_resume import NOTHING_SEEN, ROLE_FRAME, FrameId, LeftStreams, frame_id_text, parse_last_event_id
+from .jobs import ChatDelta, new_job_id, pack_vectors
 
 #: seconds a client should wait before sending again a request answered 503.
 RETRY_AFTER_S = 2
 #: SmmfError class → (HTTP status, OpenAI error type, code); the first match wins.
 _STATUS: list[tuple[type[SmmfError], int, str, str | None]] = [
     (UnknownModel, 404, "invalid_request_error", "model_not_found"),
+    (UnknownJob, 404, "invalid_request_error", "stream_not_found"),
     (RequestError, 400, "invalid_request_error", None),
     (NoLiveWorker, 503, "service_unavailable", "no_live_worker"),
     (BrokerUnavailable, 503, "service_unavailable", "broker_unavailable"),
@@ -99,7 +105,9 @@ def create_app(config: SmmfConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.client = AsyncClient(config)
+        app.state.left_streams = LeftStreams(app.state.client, config.gateway.resume_grace_s)
         yield
+        await app.state.left_streams.aclose()
         await app.state.client.aclose()
 
     app = FastAPI(title="smmf-queue gateway", lifespan=lifespan)
@@ -128,7 +136,8 @@ def create_app(config: SmmfConfig) -> FastAPI:
                       "broker_unavailable")
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, request: Request,
+                               deadlines: Deadlines) -> Any:
         client: AsyncClient = app.state.client
         request.state.model = body.model
         arrived = time.perf_counter()
@@ -137,13 +146,17 @@ def create_app(config: SmmfConfig) -> FastAPI:
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             stream = client.stream_chat(body.model, messages, fail_fast=fail_fast, job_id=job_id,
-                                        **body.params())
+                                        cancel_on_leave=False, **deadlines, **body.params())
             first = await _first(stream)  # errors before the first token are plain 4xx/5xx
             metrics.GATEWAY_TTFT.labels(body.model).observe(time.perf_counter() - arrived)
-            return StreamingResponse(_sse(body.model, job_id, first, stream, include_usage),
-                                     media_type="text/event-stream")
+            resume = (f"/v1/chat/completions/chatcmpl-{job_id}/stream?model={quote(body.model)}"
+                      + ("&include_usage=true" if include_usage else ""))
+            return StreamingResponse(
+                _sse(body.model, job_id, first, stream, include_usage, NOTHING_SEEN,
+                     lambda: app.state.left_streams.left(job_id, None)),
+                media_type="text/event-stream", headers={"x-smmf-resume": resume})
         result = await client.chat(body.model, messages, fail_fast=fail_fast, job_id=job_id,
-                                   **body.params())
+                                   **deadlines, **body.params())
         return {
             "id": f"chatcmpl-{job_id}", "object": "chat.completion",
             "created": int(time.time()), "model": body.model,
@@ -152,11 +165,31 @@ def create_app(config: SmmfConfig) -> FastAPI:
             "usage": result.usage.model_dump(),
         }
 
+    @app.get("/v1/chat/completions/{completion_id}/stream", response_model=None)
+    async def resume_chat_stream(completion_id: str, model: str, request: Request,
+                                 include_usage: bool = False,
+                                 last_event_id: str | None = Header(default=None)) -> Any:
+        """The rest of a streamed chat after the frame `Last-Event-ID` names (all of it without
+        one), from the job's event log and then live; see gateway_resume.py."""
+        request.state.model = model
+        config.model(model, "llm")
+        after = parse_last_event_id(last_event_id)
+        job_id = completion_id.removeprefix("chatcmpl-")
+        left_streams: LeftStreams = app.state.left_streams
+        token = await left_streams.attach(job_id)
+        stream = app.state.client.replay(job_id, model, from_seq=max(1, after[0] + 1),
+                                         wait_for_start=False)
+        first = await _first(stream)  # UnknownJob: a 404
+        return StreamingResponse(_sse(model, job_id, first, stream, include_usage, after,
+                                      lambda: left_streams.left(job_id, token)),
+                                 media_type="text/event-stream")
+
     @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingsRequest, request: Request) -> dict[str, Any]:
+    async def embeddings(body: EmbeddingsRequest, request: Request,
+                         deadlines: Deadlines) -> dict[str, Any]:
         request.state.model = body.model
         texts = [body.input] if isinstance(body.input, str) else body.input
-        result = await app.state.client.embed(body.model, texts, fail_fast=fail_fast)
+        result = await app.state.client.embed(body.model, texts, fail_fast=fail_fast, **deadlines)
         return {"object": "list", "model": body.model,
                 "data": [{"object": "embedding", "index": i,
                           "embedding": _encode(vector, body.encoding_format)}
@@ -197,6 +230,18 @@ def create_app(config: SmmfConfig) -> FastAPI:
         return {"status": "ready"}
 
     return app
+
+
+def _deadlines(x_smmf_timeout: float | None = Header(default=None, gt=0),
+               x_smmf_queue_timeout: float | None = Header(default=None, gt=0)) -> dict[str, float]:
+    """A request's deadlines, from headers (OpenAI's request body has no place for them):
+    `x-smmf-timeout`, seconds for the whole job; `x-smmf-queue-timeout`, seconds it may wait for
+    a worker to start it. Past either the caller gets a 504 `job_timeout`."""
+    given = {"timeout": x_smmf_timeout, "queue_timeout": x_smmf_queue_timeout}
+    return {name: seconds for name, seconds in given.items() if seconds is not None}
+
+
+Deadlines = Annotated[dict[str, float], Depends(_deadlines)]
 
 
 class _Guard:
@@ -255,20 +300,24 @@ async def _first(stream: AsyncIterator[Any]) -> Any:
         return None
 
 
-async def _sse(model: str, job_id: str, first: Any, stream: AsyncIterator[Any],
-               include_usage: bool) -> AsyncIterator[bytes]:
-    """SSE frames of chat.completion.chunk objects, ending with `[DONE]`."""
+async def _sse(model: str, job_id: str, first: ChatDelta | None, stream: AsyncIterator[ChatDelta],
+               include_usage: bool, after: FrameId, on_leave: Callable[[], None]) -> AsyncIterator[bytes]:
+    """SSE frames of chat.completion.chunk objects after the frame `after`, ending with
+    `[DONE]`; `on_leave` is called if the client leaves before the end."""
     chunk_id, created = f"chatcmpl-{job_id}", int(time.time())
 
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        return _data({"id": chunk_id, "object": "chat.completion.chunk", "created": created,
-                      "model": model, "choices": choices, **extra})
+    def chunk(frame: FrameId, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return b"id: " + frame_id_text(frame).encode() + b"\n" + _data(
+            {"id": chunk_id, "object": "chat.completion.chunk", "created": created,
+             "model": model, "choices": choices, **extra})
 
-    def frame(delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return chunk([{"index": 0, "delta": delta, "finish_reason": finish}])
+    def frame(seq: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return chunk((seq, 0), [{"index": 0, "delta": delta, "finish_reason": finish}])
 
-    yield frame({"role": "assistant", "content": ""})
-    sent = False
+    if after < ROLE_FRAME:
+        yield frame(0, {"role": "assistant", "content": ""})
+    sent = after > ROLE_FRAME  # the client may hold text already
+    ended = False
     try:
         delta = first
         while delta is not None:
@@ -277,19 +326,24 @@ async def _sse(model: str, job_id: str, first: Any, stream: AsyncIterator[Any],
                 raise JobFailed("the worker streaming this reply was lost after part of it was "
                                 "sent; retry the request", error_type="WorkerLost", model=model,
                                 job_id=job_id)
-            if delta.text or delta.reasoning:
+            if (delta.text or delta.reasoning) and (delta.seq, 0) > after:
                 sent = True
-                yield frame(_message(delta.text, delta.reasoning, role=False))
+                yield frame(delta.seq, _message(delta.text, delta.reasoning, role=False))
             if delta.finish_reason is not None:
-                yield frame({}, delta.finish_reason)
-                if include_usage and delta.usage is not None:
-                    yield chunk([], usage=delta.usage.model_dump())
+                ended = True
+                if (delta.seq, 0) > after:
+                    yield frame(delta.seq, {}, delta.finish_reason)
+                if include_usage and delta.usage is not None and (delta.seq, 1) > after:
+                    yield chunk((delta.seq, 1), [], usage=delta.usage.model_dump())
             delta = await _first(stream)
     except SmmfError as exc:
+        ended = True
         _, kind, code = _classify(exc)
         yield _data({"error": {"message": exc.message, "type": kind, "param": None, "code": code}})
     finally:
-        await stream.aclose()  # type: ignore[attr-defined]  # a client that left ends the job's stream
+        if not ended:  # the client left: the job runs on for a while, for it to resume
+            on_leave()
+        await stream.aclose()  # type: ignore[attr-defined]
     yield b"data: [DONE]\n\n"
 
 

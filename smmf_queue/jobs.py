@@ -131,6 +131,8 @@ class ChatDelta(BaseModel):
     #: set on the last delta only ("stop", "length"), with the job's usage.
     finish_reason: str | None = None
     usage: Usage | None = None
+    #: the `seq` of the event it came from: where a reader that drops may resume (SSE ids).
+    seq: int = 0
 
 
 class ChatResult(BaseModel):

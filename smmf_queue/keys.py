@@ -99,6 +99,11 @@ def cancel_flag(job_id: str) -> str:
     return f"{PREFIX}:cancel:{job_id}"
 
 
+def stream_reader(job_id: str) -> str:
+    """Token of the last HTTP reader that resumed a job's SSE stream (see gateway_resume.py)."""
+    return f"{PREFIX}:reader:{job_id}"
+
+
 def worker_heartbeat(worker_id: str) -> str:
     """Key (with TTL) that says a worker is alive and what it serves."""
     return f"{PREFIX}:worker:{worker_id}"

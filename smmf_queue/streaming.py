@@ -62,14 +62,14 @@ class EventAssembler:
         if event.type == "restart":
             self.attempt = event.attempt
             self.text, self.reasoning = [], []
-            return ChatDelta(restart=True)
+            return ChatDelta(restart=True, seq=event.seq)
         self.attempt = max(self.attempt, event.attempt)
         if event.terminal:
             self.terminal = event
             return None
         self.text.append(event.text)
         self.reasoning.append(event.reasoning)
-        return ChatDelta(text=event.text, reasoning=event.reasoning)
+        return ChatDelta(text=event.text, reasoning=event.reasoning, seq=event.seq)
 
     def chat_result(self) -> ChatResult:
         end = self._end()
@@ -169,5 +169,6 @@ class JobReader:
                             error_type=terminal.error_type or "JobFailed", model=self.assembler.model,
                             job_id=self.job_id)
         if terminal is not None and kind == "llm":
-            return [ChatDelta(finish_reason=terminal.finish_reason, usage=terminal.usage)]
+            return [ChatDelta(finish_reason=terminal.finish_reason, usage=terminal.usage,
+                              seq=terminal.seq)]
         return []
