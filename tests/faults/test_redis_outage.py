@@ -1,5 +1,7 @@
 """Fault: Redis killed with SIGKILL, then started again on the same port with its AOF.
 
+Jobs it accepted before the kill are still queued after it.
+
 Clients, the gateway and workers that lived through the outage must serve again without a
 restart of their own; while Redis is down, calls fail with BrokerUnavailable (SDK) or 503 with
 Retry-After (gateway), never hang or answer 500.
@@ -17,9 +19,13 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+import redis
 
-from smmf_queue import AsyncClient, BrokerUnavailable, Client
+from smmf_queue import AsyncClient, BrokerUnavailable, Client, keys
+from smmf_queue.config import load_config
 from smmf_queue.embedded_redis import EmbeddedRedis
+from smmf_queue.jobs import new_job_id
+from smmf_queue.queues import JobSender, make_celery_app
 
 from ..conftest import CHAT, GATEWAY_KEY, StartWorker, free_port, start_service, write_config
 
@@ -149,3 +155,26 @@ def test_the_gateway_answers_503_with_retry_after_while_redis_is_down(
 
 def _lower(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
     return {name.lower(): value for name, value in headers}
+
+
+def test_jobs_accepted_just_before_redis_is_killed_are_in_their_queue_after_it_restarts(
+        tmp_path: Path, tiny_models: Path) -> None:
+    # Given a Redis with its AOF fsynced every second (the default), no worker, and 300 jobs
+    # whose enqueue returned in the last moments before Redis was SIGKILLed
+    server = EmbeddedRedis(free_port(), tmp_path / "redis")
+    server.start()
+    config = load_config(write_config(tmp_path / "accepts.toml", server.url, tiny_models))
+    sender = JobSender(make_celery_app(config, store_results=False))
+    accepted = [new_job_id() for _ in range(300)]
+    for job_id in accepted:
+        sender.send(keys.CHAT_TASK, "llm", {"model": CHAT, "job_id": job_id, "reply_to": "none",
+                                            "messages": HELLO, "params": {}}, expires_s=None)
+    kill(server)
+    # When it starts again from its data folder
+    server.start()
+    # Then every accepted job is in its queue (a reply leaves Redis after its AOF write)
+    queued = [json.loads(raw)["headers"]["id"]
+              for raw in redis.Redis.from_url(server.url).lrange(keys.queue_name("llm", CHAT), 0, -1)]
+    assert sorted(queued) == sorted(accepted)
+    server.stop()
+
