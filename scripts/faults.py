@@ -56,8 +56,8 @@ import redis
 from benchkit import MODEL, chat_toml, free_port, make_models, percentile
 
 from smmf_queue import BrokerUnavailable, Client, JobTimeout, keys, registry
-from smmf_queue.embedded_redis import EmbeddedRedis
 from smmf_queue.config import load_config
+from smmf_queue.embedded_redis import EmbeddedRedis
 from smmf_queue.jobs import new_job_id
 from smmf_queue.queues import JobSender, make_celery_app
 from smmf_queue.standalone import start_process, start_worker_process
