@@ -363,44 +363,49 @@ def accepts(n: int, fsync: str, seed: int) -> None:
           f"AOF appendfsync {fsync}; seed {seed}, {os.cpu_count()} cores", flush=True)
     total_accepted = total_lost = 0
     for round_ in range(n):
-        work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
-        server = EmbeddedRedis(free_port(), work / "redis", fsync=fsync)  # type: ignore[arg-type]
-        server.start()
-        sender = JobSender(make_celery_app(load_config(_config(work, server)), store_results=False))
-        accepted: dict[str, float] = {}
-        stop = threading.Event()
-
-        def produce() -> None:
-            while not stop.is_set():
-                job_id = new_job_id()
-                request = {"model": MODEL, "job_id": job_id, "reply_to": "nobody",
-                           "messages": [{"role": "user", "content": "hi"}], "params": {}}
-                try:
-                    sender.send(keys.CHAT_TASK, "llm", request, expires_s=None)
-                except Exception:  # Redis is gone: what was accepted until now is the sample
-                    return
-                accepted[job_id] = time.monotonic()
-
-        producer = threading.Thread(target=produce)
-        started = time.monotonic()
-        producer.start()
-        time.sleep(rng.uniform(1, 3))
-        assert server.process is not None
-        server.process.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        server.process.wait()
-        stop.set()
-        producer.join(30)
-        server.start()
-        queued = _queued_job_ids(redis.Redis.from_url(server.url))
-        lost = [killed - at for job_id, at in accepted.items() if job_id not in queued]
-        total_accepted += len(accepted)
+        accepted, rate, lost = _kill_redis_under_a_producer(fsync, rng.uniform(1, 3))
+        total_accepted += accepted
         total_lost += len(lost)
         window = f"; accepted {min(lost) * 1000:.0f}-{max(lost) * 1000:.0f} ms before the kill" if lost else ""
-        print(f"  round {round_ + 1}: accepted {len(accepted)} ({len(accepted) / (killed - started):.0f}/s), "
-              f"lost {len(lost)}{window}", flush=True)
-        server.stop()
+        print(f"  round {round_ + 1}: accepted {accepted} ({rate:.0f}/s), lost {len(lost)}{window}",
+              flush=True)
     print(f"lost {total_lost} / {total_accepted} accepted jobs (appendfsync {fsync})")
+
+
+def _kill_redis_under_a_producer(fsync: str, after_s: float) -> tuple[int, float, list[float]]:
+    """(jobs accepted, per second, how long before the kill each lost one was accepted)."""
+    work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
+    server = EmbeddedRedis(free_port(), work / "redis", fsync=fsync)  # type: ignore[arg-type]
+    server.start()
+    sender = JobSender(make_celery_app(load_config(_config(work, server)), store_results=False))
+    accepted: dict[str, float] = {}
+    producer = threading.Thread(target=_produce, args=(sender, accepted))
+    started = time.monotonic()
+    producer.start()
+    time.sleep(after_s)
+    assert server.process is not None
+    server.process.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    server.process.wait()
+    producer.join(30)
+    server.start()
+    queued = _queued_job_ids(redis.Redis.from_url(server.url))
+    server.stop()
+    lost = [killed - at for job_id, at in accepted.items() if job_id not in queued]
+    return len(accepted), len(accepted) / (killed - started), lost
+
+
+def _produce(sender: JobSender, accepted: dict[str, float]) -> None:
+    """Enqueue chat jobs until Redis refuses, noting when each was accepted."""
+    while True:
+        job_id = new_job_id()
+        request = {"model": MODEL, "job_id": job_id, "reply_to": "nobody",
+                   "messages": [{"role": "user", "content": "hi"}], "params": {}}
+        try:
+            sender.send(keys.CHAT_TASK, "llm", request, expires_s=None)
+        except Exception:  # Redis is gone: what was accepted until now is the sample
+            return
+        accepted[job_id] = time.monotonic()
 
 
 def _queued_job_ids(client: redis.Redis) -> set[str]:
