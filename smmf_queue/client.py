@@ -73,7 +73,7 @@ class _BaseClient:
             return EmbeddingRequest(model=model, texts=list(texts), normalize=normalize,
                                     job_id=job_id or new_job_id(), lane=lane, reply_to=reply_to)
         except ValidationError as exc:
-            raise RequestError(f"invalid embedding request: {exc}", model=model) from None
+            raise RequestError(f"invalid embedding request: {_first_error(exc)}", model=model) from None
 
     def _timeout(self, timeout: float | None) -> float:
         return timeout or self.config.queue.job_timeout_s
@@ -215,11 +215,14 @@ class AsyncClient(_BaseClient):
             yield delta
 
     async def _check_known(self, job_id: str, model: str) -> None:
+        """UnknownJob unless the job has an event log, or is running and about to write one."""
         try:
-            known = await self._redis.exists(keys.event_log(job_id), keys.job_record(job_id))
+            if await self._redis.exists(keys.event_log(job_id)):
+                return
+            state = await self._redis.hget(keys.job_record(job_id), "state")
         except (OSError, redis.RedisError) as exc:
             raise _unreachable(exc, model) from None
-        if not known:
+        if state != b"RUNNING":
             raise UnknownJob(f"no stream for job {job_id}: not started yet, or its log expired",
                              model=model, job_id=job_id)
 

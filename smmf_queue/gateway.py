@@ -21,12 +21,14 @@ import prometheus_client
 import redis
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import metrics, registry
+from . import gateway_openapi, metrics, registry
 from .client import AsyncClient
 from .config import SmmfConfig
 from .errors import (
@@ -39,11 +41,21 @@ from .errors import (
     UnknownJob,
     UnknownModel,
 )
-from .gateway_resume import NOTHING_SEEN, ROLE_FRAME, FrameId, LeftStreams, frame_id_text, parse_last_event_id
-from .jobs import ChatDelta, new_job_id, pack_vectors
+from .gateway_resume import (
+    LAST_EVENT_ID,
+    NOTHING_SEEN,
+    ROLE_FRAME,
+    FrameId,
+    LeftStreams,
+    frame_id_text,
+    parse_last_event_id,
+)
+from .jobs import MAX_STOPS, SEED_MAX, ChatDelta, new_job_id, pack_vectors
 
 #: seconds a client should wait before sending again a request answered 503.
 RETRY_AFTER_S = 2
+#: the longest deadline a request may carry, seconds.
+MAX_DEADLINE_S = 7 * 24 * 3600
 #: SmmfError class → (HTTP status, OpenAI error type, code); the first match wins.
 _STATUS: list[tuple[type[SmmfError], int, str, str | None]] = [
     (UnknownModel, 404, "invalid_request_error", "model_not_found"),
@@ -81,8 +93,8 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     n: int = Field(default=1, ge=1, le=1)
 
     def params(self) -> dict[str, Any]:
@@ -95,7 +107,7 @@ class ChatCompletionRequest(BaseModel):
 class EmbeddingsRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
-    input: str | list[str]
+    input: str | Annotated[list[str], Field(min_length=1)]
     encoding_format: Literal["float", "base64"] = "float"
 
 
@@ -111,6 +123,14 @@ def create_app(config: SmmfConfig) -> FastAPI:
         await app.state.client.aclose()
 
     app = FastAPI(title="smmf-queue gateway", lifespan=lifespan)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = gateway_openapi.complete(get_openapi(
+                title=app.title, version=app.version, routes=app.routes), config)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     fail_fast = not config.gateway.wait_for_worker
 
     app.add_middleware(_Guard, keys={k.get_secret_value() for k in config.gateway.api_keys},
@@ -123,6 +143,13 @@ def create_app(config: SmmfConfig) -> FastAPI:
         param = ".".join(str(p) for p in error["loc"] if p != "body")
         return _error(400, f"{param}: {error['msg']}" if param else error["msg"],
                       "invalid_request_error", None, param or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (no such route, wrong method, a body that is not UTF-8)."""
+        error = _error(exc.status_code, str(exc.detail), "invalid_request_error", None)
+        error.headers.update(exc.headers or {})  # e.g. a 405's Allow
+        return error
 
     @app.exception_handler(SmmfError)
     async def smmf_error(request: Request, exc: SmmfError) -> JSONResponse:
@@ -168,7 +195,8 @@ def create_app(config: SmmfConfig) -> FastAPI:
     @app.get("/v1/chat/completions/{completion_id}/stream", response_model=None)
     async def resume_chat_stream(completion_id: str, model: str, request: Request,
                                  include_usage: bool = False,
-                                 last_event_id: str | None = Header(default=None)) -> Any:
+                                 last_event_id: str | None = Header(default=None,
+                                                                    pattern=LAST_EVENT_ID)) -> Any:
         """The rest of a streamed chat after the frame `Last-Event-ID` names (all of it without
         one), from the job's event log and then live; see gateway_resume.py."""
         request.state.model = model
@@ -232,8 +260,9 @@ def create_app(config: SmmfConfig) -> FastAPI:
     return app
 
 
-def _deadlines(x_smmf_timeout: float | None = Header(default=None, gt=0),
-               x_smmf_queue_timeout: float | None = Header(default=None, gt=0)) -> dict[str, float]:
+def _deadlines(x_smmf_timeout: float | None = Header(default=None, gt=0, le=MAX_DEADLINE_S),
+               x_smmf_queue_timeout: float | None = Header(default=None, gt=0, le=MAX_DEADLINE_S),
+               ) -> dict[str, float]:
     """A request's deadlines, from headers (OpenAI's request body has no place for them):
     `x-smmf-timeout`, seconds for the whole job; `x-smmf-queue-timeout`, seconds it may wait for
     a worker to start it. Past either the caller gets a 504 `job_timeout`."""

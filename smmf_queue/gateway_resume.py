@@ -32,6 +32,8 @@ FrameId = tuple[int, int]
 #: the position of a reader that has seen nothing.
 NOTHING_SEEN: FrameId = (-1, 0)
 ROLE_FRAME: FrameId = (0, 0)
+#: the ids this gateway sends, as a pattern (the resume route's header, in its OpenAPI schema).
+LAST_EVENT_ID = r"^[0-9]+(\.1)?$"
 
 
 def frame_id_text(frame: FrameId) -> str:

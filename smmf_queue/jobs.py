@@ -43,14 +43,20 @@ class ChatMessage(_Wire):
     content: str
 
 
+#: the largest seed: engines seed 32-bit generators (torch, numpy) and refuse more.
+SEED_MAX = 2**32 - 1
+#: most stop strings a request may carry.
+MAX_STOPS = 16
+
+
 class SamplingParams(_Wire):
     """Sampling parameters; None means "the model's default". 0 is a value, never dropped."""
 
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1)
-    stop: list[str] = Field(default_factory=list, max_length=16)
-    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOPS)
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
 
     def given(self, **rename: str) -> dict[str, Any]:
         """The parameters the request sets (0 included; no stop list when empty), for an engine

@@ -108,7 +108,7 @@ lease_s = 3
 [gateway]
 api_keys = ["{GATEWAY_KEY}"]
 max_body_bytes = 65536
-resume_grace_s = 1
+resume_grace_s = 0
 
 [flower]
 port = {free_port()}

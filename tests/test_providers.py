@@ -11,13 +11,18 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import openai
 import pytest
 
 from smmf_queue import Client, JobFailed
+from smmf_queue.config import ModelConfig
 from smmf_queue.embedded_redis import EmbeddedRedis
+from smmf_queue.jobs import ChatRequest
+from smmf_queue.offline_models import smollm2_gguf
+from smmf_queue.providers.llamacpp import LlamaCppProvider
 
 from .conftest import MODELS, ROOT, StartWorker, cosine, free_port, start_service, wait_until
 from .fake_upstream import FakeUpstream, chat_chunk
@@ -525,3 +530,26 @@ def test_gateway_streams_deepseek_reasoning_as_reasoning_content(
     assert "".join(d.content or "" for d in deltas) == "4"
     assert (whole.choices[0].message.model_extra or {}).get("reasoning_content") == "Think. Done."
     assert whole.choices[0].message.content == "4"
+
+
+@pytest.mark.parametrize(("question", "params"), [
+    ("What is the capital of Japan?", {"temperature": 0}),  # ends at end-of-sequence
+    ("用中文介绍一下巴黎。", {"temperature": 0, "max_tokens": 40}),  # multi-byte text, length
+    ("Tell me a story about a cat.", {"temperature": 0, "max_tokens": 80, "stop": ["cat"]}),
+], ids=["eos", "chinese-length", "stop-string"])
+def test_llamacpp_usage_is_the_engines_own_count(question: str, params: dict[str, Any]) -> None:
+    # Given the real SmolLM2 GGUF, streamed through our provider and asked unstreamed of
+    # llama-cpp-python itself (whose usage counts its tokens)
+    messages = [{"role": "user", "content": question}]
+    provider = LlamaCppProvider(ModelConfig(name="smollm2", provider="llama.cpp", path=str(smollm2_gguf())))
+    provider.load()
+    chunks = list(provider.stream_chat(ChatRequest(model="smollm2", messages=messages, params=params)))
+    engine = llama_cpp.Llama(model_path=str(smollm2_gguf()), n_ctx=4096, verbose=False)
+    expected = engine.create_chat_completion(messages=messages, **params)  # type: ignore[arg-type]
+    # Then text, finish reason and both token counts are the engine's
+    assert "".join(c.text for c in chunks) == expected["choices"][0]["message"]["content"]  # type: ignore[index]
+    assert chunks[-1].finish_reason == expected["choices"][0]["finish_reason"]  # type: ignore[index]
+    usage = chunks[-1].usage
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (
+        expected["usage"]["prompt_tokens"], expected["usage"]["completion_tokens"])  # type: ignore[index]

@@ -3,6 +3,10 @@
 The chat template comes from the GGUF file's own metadata unless `chat_format` names one of
 llama-cpp-python's formats. A `Llama` object is not thread-safe, so a worker's jobs for one
 model take turns on it (the model's `concurrency` defaults to 1 for this provider).
+
+Usage is the engine's own count, though llama-cpp-python streams text, not tokens, and reports
+no usage when streaming: a logits processor that changes nothing counts the tokens sampled, and
+the context's length afterwards says how many of them were evaluated (`_SampleCounter`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import llama_cpp
 
 from ..errors import ProviderUnavailable
 from ..jobs import ChatRequest, Usage
-from .base import ChatChunk, Embeddings, Provider, read_ahead
+from .base import ChatChunk, Embeddings, Provider, StopFilter, read_ahead
 
 log = logging.getLogger("smmf_queue.providers.llamacpp")
 
@@ -75,27 +79,30 @@ class LlamaCppProvider(Provider):
 
     def _generate(self, request: ChatRequest) -> Iterator[ChatChunk]:
         kwargs: dict[str, Any] = request.params.given()
+        stops = StopFilter(kwargs.pop("stop", []))  # ours: llama.cpp's would hide where it cut
         messages: Any = [m.model_dump() for m in request.messages]
-        finish_reason, completion = "stop", 0
+        counter = _SampleCounter()
+        engine_finish = None
         with self._lock:
             # Streamed, it returns an iterator of chunk dicts (its type hints cover both modes).
-            stream: Any = self.llm.create_chat_completion(messages=messages, stream=True, **kwargs)
+            stream: Any = self.llm.create_chat_completion(
+                messages=messages, stream=True,
+                logits_processor=llama_cpp.LogitsProcessorList([counter]), **kwargs)
             try:
                 for chunk in stream:
                     choice = chunk["choices"][0]
-                    text = choice["delta"].get("content") or ""
+                    text = stops.feed(choice["delta"].get("content") or "")
                     if text:
-                        completion += 1  # llama-cpp-python streams one token per chunk
                         yield ChatChunk(text=text)
-                    if choice.get("finish_reason"):
-                        finish_reason = choice["finish_reason"]
+                    if stops.stopped:
+                        break
+                    engine_finish = choice.get("finish_reason") or engine_finish
             finally:
                 stream.close()
-            # The context now holds the prompt and every generated token but the last one sampled
-            # (llama.cpp evaluates a token only to sample the next).
-            prompt = max(0, self.llm.n_tokens - max(0, completion - 1))
-        yield ChatChunk(finish_reason=finish_reason, usage=Usage(
-            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion))
+            usage = counter.usage(self.llm.n_tokens, ended_by_eos=engine_finish == "stop")
+        if tail := stops.flush():
+            yield ChatChunk(text=tail)
+        yield ChatChunk(finish_reason="stop" if stops.stopped else engine_finish or "stop", usage=usage)
 
     def embed(self, texts: list[str], normalize: bool | None) -> Embeddings:
         normalize = self.wants_unit_vectors(normalize, default=True)
@@ -109,3 +116,25 @@ class LlamaCppProvider(Provider):
 
     def _gpu_layers(self) -> int:
         return int(self.model.options.get("n_gpu_layers", 0))
+
+
+class _SampleCounter:
+    """A logits processor that changes nothing and counts the tokens llama.cpp samples.
+
+    llama.cpp evaluates a sampled token only to sample the next one, so once generation stops
+    the context holds the prompt and every sampled token but the last: prompt = context length
+    - samples + 1. Every sampled token is part of the reply except an end-of-sequence token,
+    which llama-cpp-python drops (what its own usage counts, unstreamed)."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        self.samples += 1
+        return scores
+
+    def usage(self, context_tokens: int, ended_by_eos: bool) -> Usage:
+        prompt = context_tokens - self.samples + 1
+        completion = self.samples - 1 if ended_by_eos else self.samples
+        return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                     total_tokens=prompt + completion)

@@ -23,9 +23,10 @@ from . import fault_config
 
 MODEL = "tiny-chat-resume"
 #: answered at length by the tiny model (2,443 tokens at temperature 0): the reply is still
-#: streaming well after the tests' `gateway.resume_grace_s` (1 s), so a resume that cancelled
-#: would show.
+#: streaming well after the grace, so a resume that cancelled would show.
 QUESTION = [{"role": "user", "content": "what is a queue"}]
+#: `gateway.resume_grace_s` here (the other tests' gateways cancel at once).
+GRACE_S = 1
 AUTH = {"Authorization": f"Bearer {GATEWAY_KEY}"}
 
 Frame = tuple[str | None, dict]  # type: ignore[type-arg]
@@ -36,6 +37,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedi
             tiny_models: Path, start_worker: StartWorker) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("resume")
     config = fault_config(folder / "resume.toml", redis_server.url, tiny_models, MODEL, lease_s=3)
+    config.write_text(config.read_text().replace("resume_grace_s = 0", f"resume_grace_s = {GRACE_S}"))
     start_worker(MODEL, config=config)
     port = free_port()
     process = start_service("gateway", config, folder / "gateway.log",
@@ -126,7 +128,7 @@ def test_a_client_that_never_comes_back_has_its_job_cancelled(gateway: str,
     wait_until(lambda: redis_client.exists(keys.cancel_flag(job_id)) == 1, 30, "the cancel flag")
 
 
-def test_bad_resumes_get_openai_shaped_4xx(gateway: str) -> None:
+def test_bad_resumes_get_openai_shaped_4xx(gateway: str, redis_client: redis.Redis) -> None:
     before, path = start_and_drop(gateway, after_text_frames=10**9)
     bad_id = httpx.get(f"{gateway}{path}", headers={**AUTH, "Last-Event-ID": "x"})
     unknown = httpx.get(f"{gateway}/v1/chat/completions/chatcmpl-nope/stream?model={MODEL}", headers=AUTH)
@@ -134,3 +136,7 @@ def test_bad_resumes_get_openai_shaped_4xx(gateway: str) -> None:
     assert (bad_id.status_code, bad_id.json()["error"]["type"]) == (400, "invalid_request_error")
     assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "stream_not_found")
     assert (no_model.status_code, no_model.json()["error"]["code"]) == (404, "model_not_found")
+    # and a finished job whose log expired is not waited for
+    redis_client.delete(keys.event_log(before[0][1]["id"].removeprefix("chatcmpl-")))
+    expired = httpx.get(f"{gateway}{path}", headers=AUTH, timeout=10)
+    assert (expired.status_code, expired.json()["error"]["code"]) == (404, "stream_not_found")

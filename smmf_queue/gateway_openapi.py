@@ -1,0 +1,75 @@
+"""The OpenAPI document the gateway serves, made to say what the gateway really answers.
+
+FastAPI derives a route's schema from its signature; this adds what the signature cannot say,
+so that a client generated from the document, or a schema fuzzer such as schemathesis, sees
+the truth: which models exist (an enum, per kind), the OpenAI-shaped errors each route gives
+(and no 422: validation errors leave as 400), SSE as a second content type of a streamed chat,
+and optional headers and query parameters as plain values (a header cannot carry JSON null).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import SmmfConfig
+
+#: OpenAI's error body.
+ERROR = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {
+        "type": "object", "required": ["message", "type"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
+    }},
+}
+_WHY = {400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknown model or stream",
+        413: "Request body too large", 502: "The job failed on its worker",
+        503: "No live worker, or Redis unreachable (with Retry-After)", 504: "The job's deadline passed"}
+_JOB_ERRORS = [400, 401, 404, 413, 502, 503, 504]
+#: (path, method) → the error statuses it may answer.
+ROUTE_ERRORS = {
+    ("/v1/chat/completions", "post"): _JOB_ERRORS,
+    ("/v1/chat/completions/{completion_id}/stream", "get"): _JOB_ERRORS,
+    ("/v1/embeddings", "post"): _JOB_ERRORS,
+    ("/v1/models", "get"): [401, 503],
+    ("/metrics", "get"): [503],
+    ("/readyz", "get"): [503],
+}
+#: one SSE event of a streamed chat (schemathesis checks each event against it).
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string"}, "id": {"type": "string"}}}
+#: schema components whose `model` names a model of one kind.
+MODEL_FIELDS = {"ChatCompletionRequest": "llm", "EmbeddingsRequest": "embedding"}
+
+
+def complete(schema: dict[str, Any], config: SmmfConfig) -> dict[str, Any]:
+    """FastAPI's document for the gateway of `config`, completed as the module docstring says."""
+    names = {kind: [m.name for m in config.models if m.kind == kind] for kind in ("llm", "embedding")}
+    for component, kind in MODEL_FIELDS.items():
+        schema["components"]["schemas"][component]["properties"]["model"]["enum"] = names[kind]
+    for path, methods in schema["paths"].items():
+        for method, operation in methods.items():
+            _complete_operation(path, method, operation, names["llm"])
+    schema["components"]["schemas"].pop("HTTPValidationError", None)
+    schema["components"]["schemas"].pop("ValidationError", None)
+    return schema
+
+
+def _complete_operation(path: str, method: str, operation: dict[str, Any], llms: list[str]) -> None:
+    responses = operation["responses"]
+    responses.pop("422", None)
+    for status in ROUTE_ERRORS.get((path, method), []):
+        responses[str(status)] = {"description": _WHY[status],
+                                  "content": {"application/json": {"schema": ERROR}}}
+    for parameter in operation.get("parameters", []):
+        options = parameter["schema"].pop("anyOf", None)
+        if options:  # `X | None` with a default: the value, or the parameter left out
+            parameter["schema"].update(next(o for o in options if o.get("type") != "null"))
+        if parameter["name"] == "model":
+            parameter["schema"]["enum"] = llms
+    if path == "/v1/chat/completions":  # JSON, or SSE when `stream` is true
+        responses["200"]["content"]["text/event-stream"] = {"schema": SSE_EVENT}
+    if path.endswith("/stream"):
+        responses["200"]["content"] = {"text/event-stream": {"schema": SSE_EVENT}}
+    if path == "/metrics":
+        responses["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
