@@ -121,6 +121,9 @@ class GatewaySettings(_Strict):
     #: seconds a streamed reply whose HTTP client left keeps running, for a reconnect with
     #: `Last-Event-ID` to resume it; 0 cancels the job as soon as its client leaves.
     resume_grace_s: float = Field(default=5.0, ge=0)
+    #: seconds a stopping gateway (SIGTERM) lets open requests finish; streams still open then
+    #: are cut, and their clients may resume them on another replica.
+    shutdown_grace_s: int = Field(default=10, ge=1)
 
 
 class FlowerSettings(_Strict):

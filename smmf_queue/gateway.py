@@ -416,5 +416,6 @@ def serve(config: SmmfConfig, host: str | None = None, port: int | None = None) 
     import uvicorn
 
     uvicorn.run(create_app(config), host=host or config.gateway.host,
-                port=port or config.gateway.port, log_level="warning")
+                port=port or config.gateway.port, log_level="warning",
+                timeout_graceful_shutdown=config.gateway.shutdown_grace_s)
 

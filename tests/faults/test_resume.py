@@ -8,6 +8,8 @@ it was away. One that never comes back has its job cancelled once the grace is o
 from __future__ import annotations
 
 import json
+import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,16 +35,28 @@ Frame = tuple[str | None, dict]  # type: ignore[type-arg]
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis,
-            tiny_models: Path, start_worker: StartWorker) -> Iterator[str]:
+def resume_config(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis,
+                  tiny_models: Path, start_worker: StartWorker) -> Path:
+    """The model's config, with a worker for it; gateways stop within a second of SIGTERM."""
     folder = tmp_path_factory.mktemp("resume")
     config = fault_config(folder / "resume.toml", redis_server.url, tiny_models, MODEL, lease_s=3)
-    config.write_text(config.read_text().replace("resume_grace_s = 0", f"resume_grace_s = {GRACE_S}"))
+    config.write_text(config.read_text().replace(
+        "resume_grace_s = 0", f"resume_grace_s = {GRACE_S}\nshutdown_grace_s = 1"))
     start_worker(MODEL, config=config)
+    return config
+
+
+def start_gateway(config: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    process = start_service("gateway", config, folder / "gateway.log",
+    process = start_service("gateway", config, config.with_name(f"gateway-{port}.log"),
                             f"http://127.0.0.1:{port}/healthz", "--port", str(port))
-    yield f"http://127.0.0.1:{port}"
+    return process, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def gateway(resume_config: Path) -> Iterator[str]:
+    process, url = start_gateway(resume_config)
+    yield url
     process.terminate()
     process.wait(timeout=15)
 
@@ -140,3 +154,39 @@ def test_bad_resumes_get_openai_shaped_4xx(gateway: str, redis_client: redis.Red
     redis_client.delete(keys.event_log(before[0][1]["id"].removeprefix("chatcmpl-")))
     expired = httpx.get(f"{gateway}{path}", headers=AUTH, timeout=10)
     assert (expired.status_code, expired.json()["error"]["code"]) == (404, "stream_not_found")
+
+
+def test_a_stream_cut_by_a_stopping_gateway_resumes_on_another_replica(gateway: str,
+                                                                       resume_config: Path) -> None:
+    whole = httpx.post(f"{gateway}/v1/chat/completions", headers=AUTH, timeout=60, json={
+        "model": MODEL, "messages": QUESTION, "max_tokens": 3000, "temperature": 0}).json()
+    # Given a long reply streaming through a second gateway replica
+    stopping, url = start_gateway(resume_config)
+    received: list[Frame] = []
+    streaming = threading.Event()
+
+    def read() -> None:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", headers=AUTH, timeout=60, json={
+                "model": MODEL, "messages": QUESTION, "max_tokens": 3000, "temperature": 0,
+                "stream": True}) as response:
+            received.append((response.headers["x-smmf-resume"], {}))
+            try:
+                for frame in frames(response):
+                    received.append(frame)
+                    streaming.set()
+            except httpx.HTTPError:
+                pass  # the connection was cut
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert streaming.wait(30)
+    # When that replica is stopped mid-stream
+    stopping.terminate()
+    # Then it exits within its shutdown grace, however long the stream
+    stopping.wait(timeout=30)
+    reader.join(30)
+    # and the client resumes on the other replica with nothing missing and nothing twice
+    path, before = received[0][0], received[1:]
+    assert path is not None and before[-1] != (None, {"done": True})
+    after = resume(gateway, path, before[-1][0])
+    assert text_of(before) + text_of(after) == whole["choices"][0]["message"]["content"]
