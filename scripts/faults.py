@@ -6,6 +6,7 @@
     .venv/bin/python scripts/faults.py resume [--streams 1000] [--drop 0.1] [--clients 4] [--seed 1]
     .venv/bin/python scripts/faults.py accepts [--n 3] [--fsync everysec|always] [--seed 1]
     .venv/bin/python scripts/faults.py openapi [--examples 200] [--seed 1]
+    .venv/bin/python scripts/faults.py sentinel [--n 3] [--seed 1]
 
 `kills`: a private Redis (AOF on), three worker processes for the tiny random-weight chat model,
 kombu's visibility timeout at an hour (out of reach). N times: stream a long reply (temperature
@@ -38,6 +39,11 @@ SIGKILLed and started again from its data folder. Counts the accepted jobs (the 
 returned) that are not in their queue afterwards, and how long before the kill the lost ones
 were accepted; N rounds.
 
+`sentinel`: a master, a replica and three sentinels; a producer enqueues chat jobs through the
+sentinels as fast as it can; after a random 1-3 s the master is SIGKILLed. Reports how long
+until the producer's jobs were accepted again (by the promoted replica) and how many accepted
+jobs the new master does not hold (replication is asynchronous); N rounds.
+
 `openapi`: the gateway with a chat and an embedding worker, and schemathesis run against the
 gateway's own OpenAPI document with every check (`tests/faults/schemathesis.toml`); prints its
 summary.
@@ -69,6 +75,8 @@ from smmf_queue.jobs import new_job_id
 from smmf_queue.queues import JobSender, make_celery_app
 from smmf_queue.standalone import start_process, start_worker_process
 from smmf_queue.streaming import decode_log
+from tests.faults.sentinel_group import MASTER as SENTINEL_MASTER  # noqa: I001
+from tests.faults.sentinel_group import SentinelGroup
 
 QUESTION = [{"role": "user", "content": "tell me about queues"}]
 EMBEDDING_TOML = """
@@ -428,6 +436,59 @@ def _queued_job_ids(client: redis.Redis) -> set[str]:
             for lane in keys.queue_lanes("llm", MODEL) for raw in client.lrange(lane, 0, -1)}
 
 
+def sentinel_run(n: int, seed: int) -> None:
+    rng = random.Random(seed)
+    print(f"Redis master SIGKILLed {n} times under a producer enqueueing through 3 sentinels "
+          f"(down-after 1 s); seed {seed}, {os.cpu_count()} cores", flush=True)
+    total_accepted = total_lost = 0
+    for round_ in range(n):
+        work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
+        group = SentinelGroup(work)
+        group.start()
+        try:
+            config = work / "sentinel.toml"
+            config.write_text(chat_toml(MODEL) + f'\n[queue]\nbroker_url = "{group.url}"\n'
+                              f'sentinel_master = "{SENTINEL_MASTER}"\n')
+            sender = JobSender(make_celery_app(load_config(config), store_results=False))
+            accepted: dict[str, float] = {}
+            stop = threading.Event()
+            producer = threading.Thread(target=_produce_through_failover, args=(sender, accepted, stop))
+            producer.start()
+            time.sleep(rng.uniform(1, 3))
+            group.kill(group.master_port)
+            killed = time.monotonic()
+            while group.master() != group.replica_port and time.monotonic() - killed < 60:
+                time.sleep(0.1)
+            while not any(at > killed for at in list(accepted.values())) and time.monotonic() - killed < 60:
+                time.sleep(0.1)
+            back = min((at for at in list(accepted.values()) if at > killed), default=float("nan"))
+            stop.set()
+            producer.join(30)
+            queued = _queued_job_ids(redis.Redis(port=group.replica_port))
+            lost = [job_id for job_id, at in accepted.items() if at <= killed and job_id not in queued]
+            total_accepted += len(accepted)
+            total_lost += len(lost)
+            print(f"  round {round_ + 1}: accepted {len(accepted)}, lost {len(lost)}; jobs accepted "
+                  f"again {back - killed:.1f} s after the kill", flush=True)
+        finally:
+            group.stop()
+    print(f"lost {total_lost} / {total_accepted} accepted jobs")
+
+
+def _produce_through_failover(sender: JobSender, accepted: dict[str, float], stop: threading.Event) -> None:
+    """Enqueue chat jobs until `stop`, retrying while the broker fails over."""
+    while not stop.is_set():
+        job_id = new_job_id()
+        request = {"model": MODEL, "job_id": job_id, "reply_to": "nobody",
+                   "messages": [{"role": "user", "content": "hi"}], "params": {}}
+        try:
+            sender.send(keys.CHAT_TASK, "llm", request, expires_s=None)
+        except Exception:  # the master is gone: try again until the replica is promoted
+            time.sleep(0.05)
+            continue
+        accepted[job_id] = time.monotonic()
+
+
 def openapi_run(examples: int, seed: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
     with EmbeddedRedis(free_port(), work / "redis") as server:
@@ -495,6 +556,9 @@ def main() -> None:
     accept.add_argument("--n", type=int, default=3)
     accept.add_argument("--fsync", choices=["everysec", "always"], default="everysec")
     accept.add_argument("--seed", type=int, default=1)
+    failover = commands.add_parser("sentinel", help="SIGKILL the master behind Sentinel under a producer")
+    failover.add_argument("--n", type=int, default=3)
+    failover.add_argument("--seed", type=int, default=1)
     fuzz = commands.add_parser("openapi", help="schemathesis against the gateway's own schema")
     fuzz.add_argument("--examples", type=int, default=200)
     fuzz.add_argument("--seed", type=int, default=1)
@@ -508,6 +572,8 @@ def main() -> None:
         rolling(args.rounds, args.clients, args.grace)
     elif args.command == "accepts":
         accepts(args.n, args.fsync, args.seed)
+    elif args.command == "sentinel":
+        sentinel_run(args.n, args.seed)
     elif args.command == "openapi":
         openapi_run(args.examples, args.seed)
     else:

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import dead_letters, keys, registry
+from . import dead_letters, keys, redis_clients, registry
 from .client import Client
 from .config import DEFAULT_CONFIG, ModelConfig, ModelKind, SmmfConfig, load_config
 from .errors import SmmfError
@@ -127,7 +127,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def _redis(loaded: SmmfConfig) -> redis.Redis:
-    return redis.Redis.from_url(loaded.queue.redis, socket_connect_timeout=2)
+    return redis_clients.connect(loaded.queue, socket_connect_timeout=2)
 
 
 @jobs_app.command("list")

@@ -25,7 +25,7 @@ import redis
 import redis.asyncio
 from pydantic import ValidationError
 
-from . import keys, registry
+from . import keys, redis_clients, registry
 from .batch.chunks import ChunkResult, embed_chunks
 from .config import ModelKind, SmmfConfig, load_config
 from .errors import BrokerUnavailable, NoLiveWorker, RequestError, UnknownJob
@@ -127,7 +127,7 @@ class AsyncClient(_BaseClient):
 
     def __init__(self, config: str | os.PathLike[str] | SmmfConfig | None = None):
         super().__init__(config)
-        self._redis = redis.asyncio.from_url(self.config.queue.redis)
+        self._redis = redis_clients.connect_async(self.config.queue)
         self._hub = StreamHub(self._redis)
 
     async def chat(self, model: str, messages: list[dict[str, Any]], *,
@@ -334,7 +334,7 @@ class Client(_BaseClient):
                                         daemon=True)
         self._thread.start()
         self._async = self._call(_make_async_client(self.config))
-        self._redis = redis.Redis.from_url(self.config.queue.redis)
+        self._redis = redis_clients.connect(self.config.queue)
         self._hub = ThreadHub(self._redis)
 
     def chat(self, model: str, messages: list[dict[str, Any]], **kwargs: Any) -> ChatResult:

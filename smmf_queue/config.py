@@ -21,7 +21,15 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError, UnknownModel, WrongModelKind
 from .providers import PROVIDERS, known_providers, suggest_provider
@@ -74,13 +82,23 @@ class QueueSettings(_Strict):
     fail_fast: bool = False
     #: how long a dead letter (a job that kept killing its workers) is kept, seconds.
     dead_letter_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
+    #: with `sentinel://` URLs (Redis Sentinel): the name of the master the sentinels watch.
+    sentinel_master: str | None = None
+
+    @model_validator(mode="after")
+    def _sentinel_needs_a_master(self) -> QueueSettings:
+        urls = [self.broker_url, self.redis_url or "", self.result_backend or ""]
+        if any(url.startswith("sentinel://") for url in urls) and not self.sentinel_master:
+            raise ValueError("a sentinel:// URL needs queue.sentinel_master, the name of the "
+                             "master the sentinels watch")
+        return self
 
     @property
     def redis(self) -> str:
         """The Redis URL for streams, records and the registry."""
         if self.redis_url:
             return self.redis_url
-        if self.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        if self.broker_url.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
             return self.broker_url
         raise ConfigError("queue.redis_url is required when queue.broker_url is not a Redis URL")
 

@@ -23,7 +23,7 @@ import uuid
 import redis
 import redis.asyncio
 
-from . import keys
+from . import keys, redis_clients
 from .client import AsyncClient
 from .errors import RequestError
 
@@ -57,7 +57,7 @@ class LeftStreams:
 
     def __init__(self, client: AsyncClient, grace_s: float):
         self._client = client
-        self._redis = redis.asyncio.from_url(client.config.queue.redis)
+        self._redis = redis_clients.connect_async(client.config.queue)
         self._grace_s = grace_s
         self._ttl_s = int(client.config.queue.job_timeout_s)
         self._pending: set[asyncio.Task[None]] = set()

@@ -8,6 +8,7 @@ priority lanes (kombu's priority emulation): interactive jobs overtake waiting b
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -58,6 +59,9 @@ def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery
     )
     if config.queue.broker_url.startswith("redis://"):
         app.conf.broker_transport = "smmf_queue.celery_ext:Transport"
+    if config.queue.sentinel_master:  # kombu and the result backend find the master themselves
+        app.conf.broker_transport_options["master_name"] = config.queue.sentinel_master
+        app.conf.result_backend_transport_options = {"master_name": config.queue.sentinel_master}
     if config.queue.broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
         # On RabbitMQ, quorum queues: replicated, durable, and they survive a node's loss.
         app.conf.task_default_queue_type = "quorum"
@@ -89,7 +93,7 @@ class JobSender:
 
     def __init__(self, app: Celery):
         self.app = app
-        on_redis = app.conf.broker_url.startswith(("redis://", "rediss://"))
+        on_redis = app.conf.broker_url.startswith(("redis://", "rediss://", "sentinel://"))
         self._declare: list[Any] | None = [] if on_redis else None
         self._producer: Any = None
         self._lock = threading.Lock()
@@ -104,10 +108,23 @@ class JobSender:
         with self._lock:
             if self._producer is None:
                 self._producer = self.app.producer_pool.acquire(block=True)
-            self.app.amqp.send_task_message(
-                self._producer, task, message, queue=keys.queue_name(kind, request["model"]),
-                retry=True, retry_policy=PUBLISH_RETRY_POLICY, priority=priority,
-                declare=self._declare, expiration=expires_s)
+            try:
+                self.app.amqp.send_task_message(
+                    self._producer, task, message, queue=keys.queue_name(kind, request["model"]),
+                    retry=True, retry_policy=PUBLISH_RETRY_POLICY, priority=priority,
+                    declare=self._declare, expiration=expires_s)
+            except Exception:
+                self._drop_broken_producer()
+                raise
+
+    def _drop_broken_producer(self) -> None:
+        """After a failed send the producer's channel may be dead for good (kombu's Sentinel
+        channel after a failover): drop its connection's state, so that the next send connects
+        afresh (to the new master)."""
+        producer, self._producer = self._producer, None
+        with contextlib.suppress(Exception):
+            producer.connection.collect()
+            producer.release()
 
     def close(self) -> None:
         """Give the producer back to the app's pool."""

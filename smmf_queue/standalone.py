@@ -16,9 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-import redis
-
-from . import registry
+from . import redis_clients, registry
 from .config import ModelConfig, SmmfConfig
 from .embedded_redis import EmbeddedRedis
 from .errors import SmmfError
@@ -73,7 +71,7 @@ class Stack:
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Block until every started worker is live; raise if a worker dies first."""
-        client = redis.Redis.from_url(self.config.queue.redis)
+        client = redis_clients.connect(self.config.queue)
         deadline = time.monotonic() + timeout_s
         while True:
             workers = registry.live_workers(client)

@@ -25,7 +25,7 @@ import redis
 from celery import Celery, Task, signals
 from pydantic import ValidationError
 
-from . import dead_letters, keys, metrics, registry
+from . import dead_letters, keys, metrics, redis_clients, registry
 from .attempt import WORKER_LOST, Attempt, Deliveries, LeaseBusy
 from .config import ModelConfig, SmmfConfig
 from .dynamic_batching import EmbedBatcher
@@ -60,7 +60,7 @@ class WorkerRuntime:
         self.config = config
         self.models = [config.model(name) for name in model_names]
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.redis = redis.Redis.from_url(config.queue.redis)
+        self.redis = redis_clients.connect(config.queue)
         self.deliveries = Deliveries(self.redis, self.worker_id, lease_s=config.worker.lease_s,
                                      max_attempts=config.worker.max_attempts,
                                      record_ttl_s=config.queue.result_ttl_s,

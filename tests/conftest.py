@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from smmf_queue import Client, load_config, registry
+from smmf_queue import Client, load_config, redis_clients, registry
 from smmf_queue.config import SmmfConfig
 from smmf_queue.embedded_redis import EmbeddedRedis
 from smmf_queue.standalone import start_process, start_worker_process
@@ -204,7 +204,7 @@ def start_worker(config_path: Path, tmp_path_factory: pytest.TempPathFactory) ->
         worker.metrics_port = metrics_port
         started.append(worker)
         if wait:
-            heartbeats = redis.Redis.from_url(load_config(config).queue.redis)
+            heartbeats = redis_clients.connect(load_config(config).queue)
 
             def live() -> bool:
                 if worker.process.poll() is not None:
