@@ -13,7 +13,9 @@ from .errors import (
     ProviderUnavailable,
     RequestError,
     SmmfError,
+    UnknownJob,
     UnknownModel,
+    UnsupportedParameter,
     WrongModelKind,
 )
 from .jobs import ChatDelta, ChatResult, EmbeddingResult, Usage
@@ -37,6 +39,8 @@ __all__ = [
     "ConfigError",
     "RequestError",
     "UnknownModel",
+    "UnknownJob",
+    "UnsupportedParameter",
     "WrongModelKind",
     "DispatchError",
     "BrokerUnavailable",

@@ -204,23 +204,26 @@ def jobs_purge(job_ids: Annotated[list[str] | None, typer.Argument(help="Jobs to
 @app.command()
 def providers(as_json: JsonOption = False) -> None:
     """List the providers a model entry may name: what each talks to, its extra, whether that
-    extra is installed here, the kinds it serves and its default concurrency."""
+    extra is installed here, the kinds it serves, its default concurrency and the OpenAI chat
+    fields it honours beyond sampling (others are refused, or dropped with drop_params)."""
     rows = [_provider_row(spec) for spec in PROVIDERS.values()]
     if as_json:
         console.print_json(json.dumps(rows))
         return
-    table = Table("provider", "talks to", "extra", "installed", "kinds", "concurrency")
+    table = Table("provider", "talks to", "extra", "installed", "kinds", "concurrency", "honours")
     table.columns[0].no_wrap = True
     for row in rows:
         table.add_row(row["provider"], row["talks_to"], row["extra"], "yes" if row["installed"] else "no",
-                      ", ".join(row["kinds"]), str(row["default_concurrency"]))
+                      ", ".join(row["kinds"]), str(row["default_concurrency"]),
+                      ", ".join(row["supports"]) or "sampling only")
     console.print(table)
 
 
 def _provider_row(spec: ProviderSpec) -> dict[str, Any]:
     return {"provider": spec.name, "talks_to": spec.talks_to, "extra": spec.extra,
             "installed": missing_extra(spec.name) is None, "kinds": sorted(spec.kinds),
-            "default_concurrency": spec.default_slots, "keys": sorted(spec.keys)}
+            "default_concurrency": spec.default_slots, "keys": sorted(spec.keys),
+            "supports": sorted(spec.supports)}
 
 
 @contextlib.contextmanager

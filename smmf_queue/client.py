@@ -25,7 +25,7 @@ import redis
 import redis.asyncio
 from pydantic import ValidationError
 
-from . import keys, redis_clients, registry
+from . import chat_fields, keys, redis_clients, registry
 from .batch.chunks import ChunkResult, embed_chunks
 from .config import ModelKind, SmmfConfig, load_config
 from .errors import BrokerUnavailable, NoLiveWorker, RequestError, UnknownJob
@@ -59,7 +59,10 @@ class _BaseClient:
 
     def _chat_request(self, model: str, messages: list[dict[str, Any]], params: dict[str, Any],
                       job_id: str | None, reply_to: str) -> ChatRequest:
-        self.config.model(model, "llm")
+        entry = self.config.model(model, "llm")
+        dropped = chat_fields.refuse_or_drop(params, messages, model, entry.supports,
+                                             entry.drop_params)
+        params = {name: value for name, value in params.items() if name not in dropped}
         try:
             return ChatRequest(model=model, messages=messages, params=params,
                                job_id=job_id or new_job_id(), reply_to=reply_to)

@@ -183,6 +183,9 @@ class ModelConfig(BaseModel):
     batch_wait_ms: float = Field(default=2.0, ge=0)
     #: most texts in one merged forward pass.
     max_batch_texts: int = Field(default=256, ge=1)
+    #: drop request fields this model cannot honour (e.g. `tools`) instead of refusing the
+    #: request with a 400 (LiteLLM's name for it; see chat_fields.py).
+    drop_params: bool = False
 
     @field_validator("provider")
     @classmethod
@@ -193,6 +196,11 @@ class ModelConfig(BaseModel):
                 f"Known providers: {', '.join(known_providers())}"
             )
         return value
+
+    @property
+    def supports(self) -> frozenset[str]:
+        """OpenAI chat fields beyond the common sampling ones that its provider honours."""
+        return PROVIDERS[self.provider].supports
 
     @property
     def upstream_name(self) -> str:

@@ -5,6 +5,7 @@
     ├── RequestError                      the request itself is wrong (a 4xx)
     │   ├── UnknownModel
     │   ├── UnknownJob
+    │   ├── UnsupportedParameter
     │   └── WrongModelKind
     ├── DispatchError                     the job could not be handed to a worker
     │   ├── BrokerUnavailable
@@ -46,6 +47,15 @@ class UnknownModel(RequestError):
 class UnknownJob(RequestError):
     """Raised when a replay names a job that Redis holds nothing of: never taken by a worker,
     or its event log expired."""
+
+
+class UnsupportedParameter(RequestError):
+    """Raised when a request asks for something its model cannot honour (e.g. `tools` of a model
+    whose provider has no tool calling): refused rather than silently ignored. `param` names it."""
+
+    def __init__(self, message: str, *, param: str, model: str | None = None):
+        super().__init__(message, model=model)
+        self.param = param
 
 
 class WrongModelKind(RequestError):

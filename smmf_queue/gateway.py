@@ -11,6 +11,7 @@ shape, `{"error": {"message", "type", "param", "code"}}`, with its status from o
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -28,7 +29,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import gateway_openapi, metrics, registry
+from . import chat_fields, gateway_openapi, metrics, registry
 from .client import AsyncClient
 from .config import SmmfConfig
 from .errors import (
@@ -40,6 +41,7 @@ from .errors import (
     SmmfError,
     UnknownJob,
     UnknownModel,
+    UnsupportedParameter,
 )
 from .gateway_resume import (
     LAST_EVENT_ID,
@@ -52,6 +54,8 @@ from .gateway_resume import (
 )
 from .jobs import MAX_STOPS, SEED_MAX, ChatDelta, new_job_id, pack_vectors
 
+log = logging.getLogger("smmf_queue.gateway")
+
 #: seconds a client should wait before sending again a request answered 503.
 RETRY_AFTER_S = 2
 #: the longest deadline a request may carry, seconds.
@@ -60,6 +64,7 @@ MAX_DEADLINE_S = 7 * 24 * 3600
 _STATUS: list[tuple[type[SmmfError], int, str, str | None]] = [
     (UnknownModel, 404, "invalid_request_error", "model_not_found"),
     (UnknownJob, 404, "invalid_request_error", "stream_not_found"),
+    (UnsupportedParameter, 400, "invalid_request_error", "unsupported_parameter"),
     (RequestError, 400, "invalid_request_error", None),
     (NoLiveWorker, 503, "service_unavailable", "no_live_worker"),
     (BrokerUnavailable, 503, "service_unavailable", "broker_unavailable"),
@@ -95,7 +100,8 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
-    n: int = Field(default=1, ge=1, le=1)
+    #: more than one choice is refused as unsupported by every model yet (chat_fields.py).
+    n: int = Field(default=1, ge=1)
 
     def params(self) -> dict[str, Any]:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -154,7 +160,7 @@ def create_app(config: SmmfConfig) -> FastAPI:
     @app.exception_handler(SmmfError)
     async def smmf_error(request: Request, exc: SmmfError) -> JSONResponse:
         status, kind, code = _classify(exc)
-        return _error(status, exc.message, kind, code)
+        return _error(status, exc.message, kind, code, getattr(exc, "param", None))
 
     @app.exception_handler(redis.RedisError)
     async def redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
@@ -168,6 +174,8 @@ def create_app(config: SmmfConfig) -> FastAPI:
         client: AsyncClient = app.state.client
         request.state.model = body.model
         arrived = time.perf_counter()
+        dropped = _refuse_or_drop(body)
+        headers = {"x-smmf-dropped-params": ",".join(dropped)} if dropped else {}
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         job_id = new_job_id()
         if body.stream:
@@ -181,16 +189,27 @@ def create_app(config: SmmfConfig) -> FastAPI:
             return StreamingResponse(
                 _sse(body.model, job_id, first, stream, include_usage, NOTHING_SEEN,
                      lambda: app.state.left_streams.left(job_id, None)),
-                media_type="text/event-stream", headers={"x-smmf-resume": resume})
+                media_type="text/event-stream", headers={"x-smmf-resume": resume, **headers})
         result = await client.chat(body.model, messages, fail_fast=fail_fast, job_id=job_id,
                                    **deadlines, **body.params())
-        return {
+        return JSONResponse({
             "id": f"chatcmpl-{job_id}", "object": "chat.completion",
             "created": int(time.time()), "model": body.model,
             "choices": [{"index": 0, "finish_reason": result.finish_reason,
                          "message": _message(result.text, result.reasoning)}],
             "usage": result.usage.model_dump(),
-        }
+        }, headers=headers)
+
+    def _refuse_or_drop(body: ChatCompletionRequest) -> list[str]:
+        """The fields of `body` to drop (its model's drop_params); UnsupportedParameter for one
+        its model cannot honour otherwise (chat_fields.py)."""
+        entry = config.model(body.model, "llm")
+        dropped = chat_fields.refuse_or_drop(body.model_dump(exclude_unset=True),
+                                             [m.model_dump() for m in body.messages],
+                                             body.model, entry.supports, entry.drop_params)
+        if dropped:
+            log.warning("model %s: dropped %s (drop_params)", body.model, ", ".join(dropped))
+        return dropped
 
     @app.get("/v1/chat/completions/{completion_id}/stream", response_model=None)
     async def resume_chat_stream(completion_id: str, model: str, request: Request,

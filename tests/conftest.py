@@ -83,6 +83,7 @@ name = "{SPARE}"
 provider = "hf"
 path = "{models / 'tiny-noise-chat'}"
 device = "cpu"
+drop_params = true
 
 [[models.llms]]
 name = "{IDLE}"

@@ -223,3 +223,39 @@ def test_with_wait_for_worker_a_request_waits_in_the_queue_until_a_worker_starts
     # Then the request is answered by that worker
     assert replies and replies[0].status_code == 200
     assert replies[0].json()["usage"]["completion_tokens"] == 3
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_fields_a_model_cannot_honour_are_refused_never_dropped_silently(oai: openai.OpenAI) -> None:
+    # Given a model whose provider honours no tools, no JSON mode, no logprobs, no images
+    image = [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                          {"type": "image_url", "image_url": {"url": "data:,"}}]}]
+    asks = [({"tools": TOOLS}, "tools"), ({"response_format": {"type": "json_object"}}, "response_format"),
+            ({"logprobs": True, "top_logprobs": 2}, "logprobs"), ({"n": 2}, "n"),
+            ({"messages": image}, "messages[].content[].image_url")]
+    for fields, param in asks:
+        # When a request asks for one of them, Then it is a 400 naming the field and the model
+        with pytest.raises(openai.BadRequestError) as refused:
+            oai.chat.completions.create(**{"model": CHAT, "messages": HELLO, **fields})  # type: ignore[call-overload]
+        assert (refused.value.code, refused.value.param) == ("unsupported_parameter", param)
+        assert CHAT in refused.value.message
+    # and fields sent with the values that ask for nothing (as many clients do) are accepted
+    reply = oai.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=2, tool_choice="none",
+                                        response_format={"type": "text"}, logprobs=False, n=1,
+                                        presence_penalty=0, user="someone")
+    assert reply.choices[0].message.content
+
+
+def test_a_model_with_drop_params_drops_them_and_says_which(gateway_url: str,
+                                                            start_worker) -> None:  # type: ignore[no-untyped-def]
+    worker = start_worker(SPARE)  # SPARE has drop_params = true (conftest)
+    reply = httpx.post(f"{gateway_url}/v1/chat/completions", timeout=60,
+                       headers={"Authorization": f"Bearer {GATEWAY_KEY}"},
+                       json={"model": SPARE, "messages": HELLO, "max_tokens": 3, "tools": TOOLS,
+                             "logit_bias": {"1": 5}})
+    worker.stop()
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+    assert reply.headers["x-smmf-dropped-params"] == "tools,logit_bias"

@@ -285,3 +285,11 @@ def test_pickle_message_is_rejected_and_worker_keeps_serving(
     assert client.chat(CHAT, HELLO, max_tokens=3).usage.completion_tokens == 3
     assert not marker.exists()
     assert not redis_client.exists(keys.job_record("pickled-job"))
+
+
+def test_the_sdk_refuses_what_a_model_cannot_honour_before_enqueueing(client: Client) -> None:
+    from smmf_queue import UnsupportedParameter
+
+    with pytest.raises(UnsupportedParameter) as refused:
+        client.chat(CHAT, HELLO, max_tokens=3, tools=[{"type": "function", "function": {"name": "f"}}])
+    assert refused.value.param == "tools" and CHAT in refused.value.message

@@ -40,6 +40,9 @@ class ProviderSpec:
     default_slots: int = 1
     #: the model kinds it serves.
     kinds: frozenset[str] = frozenset({"llm", "embedding"})
+    #: OpenAI chat fields beyond the common sampling ones that it honours (chat_fields.py);
+    #: none yet, so requests asking for any other are refused (or dropped, with drop_params).
+    supports: frozenset[str] = frozenset()
 
 
 #: keys every API proxy understands: seconds per call, retries of 429/5xx/connection errors
