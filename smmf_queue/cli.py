@@ -276,7 +276,7 @@ def embed_batch(
         field: Annotated[str, typer.Option("--field", "--column", help="The text's field (.jsonl) or column (.csv, .parquet).")] = "text",
         id_field: Annotated[str | None, typer.Option("--id-field", "--id-column", help="The id's field or column; default: the text's number from 0.")] = None,
         resume: Annotated[bool, typer.Option(help="Continue an interrupted run into the same output.")] = False,
-        max_tokens: Annotated[int, typer.Option(help="Token budget of one chunk (estimated: 4 characters a token, more for non-ASCII text).")] = 8192,
+        max_tokens: Annotated[int, typer.Option(help="Token budget of one chunk, counted by the model's tokenizer where its files are here, else estimated from the text's bytes.")] = 8192,
         max_texts: Annotated[int, typer.Option(help="Most texts in one chunk.")] = 256,
         window: Annotated[int, typer.Option(help="Chunks in flight at once.")] = 8,
         normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Unit-length vectors; default: the model's setting.")] = None,

@@ -135,6 +135,41 @@ def test_chunks_of_chinese_text_stay_within_the_budget_by_a_real_tokenizer() -> 
     assert sum(len(c.texts) for c in chunks) == len(texts)
 
 
+def test_with_the_models_own_tokenizer_chunks_fill_the_budget_exactly(batch_config: Path) -> None:
+    # Given the model's own tokenizer, loaded from its files by the client
+    from smmf_queue import load_config
+    from smmf_queue.batch.chunks import estimate_tokens, plan_chunks
+    from smmf_queue.batch.tokens import model_token_counter
+
+    count = model_token_counter(load_config(batch_config).model(BATCH))
+    assert count is not None
+    texts = ["消息队列把任务从生产者送到绑定模型的工作进程。" * 8] * 12
+    # When Chinese texts are cut into chunks of at most 500 tokens by it, and by the estimate
+    exact = list(plan_chunks(texts, max_tokens=500, max_texts=100, count_tokens=count))
+    estimated = list(plan_chunks(texts, max_tokens=500, max_texts=100, count_tokens=estimate_tokens))
+    # Then each chunk holds at most 500 tokens, and as many texts as fit (the estimate, a bound
+    # from UTF-8 bytes, needs more chunks for the same texts)
+    per_text = count(texts[0])
+    assert all(sum(map(count, c.texts)) <= 500 for c in exact)
+    assert [len(c.texts) for c in exact][:-1] == [500 // per_text] * (len(exact) - 1)
+    assert len(exact) < len(estimated)
+
+
+def test_a_models_tokenizer_is_used_where_its_files_are_here(batch_config: Path,
+                                                             tmp_path: Path) -> None:
+    from smmf_queue import ModelConfig
+    from smmf_queue.batch.tokens import model_token_counter
+    from smmf_queue.offline_models import smollm2_gguf
+
+    gguf = ModelConfig(name="g", provider="llama.cpp", path=str(smollm2_gguf()), kind="embedding")
+    count = model_token_counter(gguf)
+    assert count is not None and count("hello world") == 2  # two tokens in SmolLM2's vocabulary
+    assert count("消息队列") > 1
+    elsewhere = ModelConfig(name="e", provider="hf", path=str(tmp_path / "not-here"), kind="embedding")
+    proxy = ModelConfig(name="p", provider="proxy/openai", kind="embedding")
+    assert model_token_counter(elsewhere) is None and model_token_counter(proxy) is None
+
+
 def test_every_input_and_output_format(sdk: Client, batch_config: Path, tmp_path: Path,
                                        minilm: SentenceTransformer) -> None:
     texts = corpus(50)
@@ -205,7 +240,7 @@ def test_resume_refuses_a_changed_input(batch_config: Path, tmp_path: Path, sdk:
     (parts / "manifest.json").write_text(json.dumps({
         "run_id": "r", "model": BATCH, "input": str(source.resolve()), "input_size": 999,
         "input_mtime_ns": 0, "field": "text", "id_field": None, "normalize": None,
-        "max_tokens": 8192, "max_texts": 256}))
+        "max_tokens": 8192, "max_texts": 256, "token_counting": "model"}))
     result = runner.invoke(app, cli("-i", str(source), "-o", str(tmp_path / "out.npy"), "--resume",
                                     config=batch_config))
     assert result.exit_code == 1

@@ -29,8 +29,8 @@ from ..jobs import StreamEvent, new_job_id
 if TYPE_CHECKING:
     from ..client import AsyncClient
 
-#: a chunk's budget is checked against an estimate (the worker's tokenizer is not available to
-#: the client): about 4 characters per token for English with BPE/WordPiece tokenizers, and one
+#: where the model's tokenizer is not at hand (tokens.py), a chunk's budget is checked against
+#: an estimate: about 4 characters per token for English with BPE/WordPiece tokenizers, and one
 #: token per extra UTF-8 byte of every other character, a bound that holds for CJK text (one or
 #: more tokens per character, 3 bytes each) where 4 characters a token undercounted it 3-4x.
 CHARS_PER_TOKEN = 4
@@ -71,13 +71,15 @@ class ChunkResult:
         return int(self.vectors.shape[0])
 
 
-def plan_chunks(texts: Iterable[str], *, max_tokens: int, max_texts: int) -> Iterator[Chunk]:
-    """Cut `texts` into chunks of at most `max_texts` texts and about `max_tokens` tokens."""
+def plan_chunks(texts: Iterable[str], *, max_tokens: int, max_texts: int,
+                count_tokens: Callable[[str], int] = estimate_tokens) -> Iterator[Chunk]:
+    """Cut `texts` into chunks of at most `max_texts` texts and `max_tokens` tokens as
+    `count_tokens` counts them (a text over the budget alone makes a chunk of its own)."""
     index = start = 0
     chunk: list[str] = []
     budget = 0
     for text in texts:
-        cost = estimate_tokens(text)
+        cost = count_tokens(text)
         if chunk and (len(chunk) >= max_texts or budget + cost > max_tokens):
             yield Chunk(index, start, chunk)
             index, start, chunk, budget = index + 1, start + len(chunk), [], 0
@@ -90,17 +92,21 @@ def plan_chunks(texts: Iterable[str], *, max_tokens: int, max_texts: int) -> Ite
 async def embed_chunks(client: AsyncClient, model: str, texts: Iterable[str], *,
                        normalize: bool | None = None, max_tokens: int = 8192, max_texts: int = 256,
                        window: int = 8, run_id: str | None = None,
-                       skip: Callable[[int], bool] | None = None) -> AsyncIterator[ChunkResult]:
+                       skip: Callable[[int], bool] | None = None,
+                       count_tokens: Callable[[str], int] | None = None) -> AsyncIterator[ChunkResult]:
     """Chunks of `texts` embedded by `model`, yielded in input order.
 
     `run_id` names the run's jobs (give the same one to resume); `skip(index)` leaves out chunks
     that a resumed run has committed already. At most `window` chunks are in flight.
+    `count_tokens` counts a text's tokens for the budget (`tokens.model_token_counter` gives the
+    model's own tokenizer); by default they are estimated.
     """
     client.config.model(model, "embedding")
     run = _ChunkRunner(client, model, normalize, run_id or new_job_id())
     in_flight: deque[asyncio.Task[ChunkResult]] = deque()
     try:
-        for chunk in plan_chunks(texts, max_tokens=max_tokens, max_texts=max_texts):
+        for chunk in plan_chunks(texts, max_tokens=max_tokens, max_texts=max_texts,
+                                 count_tokens=count_tokens or estimate_tokens):
             if skip is not None and skip(chunk.index):
                 continue
             in_flight.append(asyncio.create_task(run.chunk(chunk)))

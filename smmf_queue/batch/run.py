@@ -28,6 +28,7 @@ from ..errors import RequestError
 from ..jobs import new_job_id
 from .chunks import ChunkResult
 from .files import OUTPUT_FORMATS, InputSpec, OutputWriter, read_records, require_pyarrow
+from .tokens import model_token_counter
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class Manifest:
     normalize: bool | None
     max_tokens: int
     max_texts: int
+    #: how tokens were counted for the budget: "model" (its tokenizer) or "estimate"; a resumed
+    #: run must count the same way, or its chunks would not line up.
+    token_counting: str = "estimate"
 
 
 class BatchParts:
@@ -145,12 +149,12 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def new_manifest(spec: InputSpec, model: str, normalize: bool | None, max_tokens: int,
-                 max_texts: int) -> Manifest:
+                 max_texts: int, token_counting: str = "estimate") -> Manifest:
     stat = spec.path.stat()
     return Manifest(run_id=new_job_id(), model=model, input=str(spec.path.resolve()),
                     input_size=stat.st_size, input_mtime_ns=stat.st_mtime_ns, field=spec.field,
                     id_field=spec.id_field, normalize=normalize, max_tokens=max_tokens,
-                    max_texts=max_texts)
+                    max_texts=max_texts, token_counting=token_counting)
 
 
 @dataclass(frozen=True)
@@ -168,16 +172,18 @@ def run_embed_batch(client: Client, model: str, spec: InputSpec, output: Path, *
                     on_progress: Callable[[int], None] | None = None) -> BatchReport:
     """Embed every text of `spec` into `output`, committing chunk by chunk (see the module doc)."""
     started = time.perf_counter()
-    client.config.model(model, "embedding")
+    count_tokens = model_token_counter(client.config.model(model, "embedding"))
+    counting = "model" if count_tokens else "estimate"
     parts = BatchParts(output)
-    manifest = parts.start(new_manifest(spec, model, normalize, max_tokens, max_texts), resume)
+    manifest = parts.start(new_manifest(spec, model, normalize, max_tokens, max_texts, counting),
+                           resume)
     done = parts.committed()
     if on_progress is not None:
         on_progress(sum(chunk["count"] for chunk in done.values()))
     texts = (text for _, text in read_records(spec))
     for result in client.embed_batch(model, texts, normalize=normalize, max_tokens=max_tokens,
                                      max_texts=max_texts, window=window, run_id=manifest.run_id,
-                                     skip=done.__contains__):
+                                     skip=done.__contains__, count_tokens=count_tokens):
         parts.commit(result)
         if on_progress is not None:
             on_progress(result.count)
