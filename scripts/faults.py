@@ -73,7 +73,7 @@ from smmf_queue.config import load_config
 from smmf_queue.embedded_redis import EmbeddedRedis
 from smmf_queue.jobs import new_job_id
 from smmf_queue.queues import JobSender, make_celery_app
-from smmf_queue.standalone import start_process, start_worker_process
+from smmf_queue.standalone import start_process, start_worker_process, stop_processes
 from smmf_queue.streaming import decode_log
 from tests.faults.sentinel_group import MASTER as SENTINEL_MASTER  # noqa: I001
 from tests.faults.sentinel_group import SentinelGroup
@@ -129,7 +129,7 @@ def kills(n: int, lease_s: float, heartbeat_s: float, seed: int) -> None:
                 if (i + 1) % 10 == 0:
                     print(f"  {i + 1} kills: back on a replica p50 {percentile(back, 50):.2f} s, "
                           f"max {max(back):.2f} s", flush=True)
-        _stop(list(workers.values()))
+        stop_processes(list(workers.values()), grace_s=30)
     print(f"lost {lost} / {n}; wrong replies {wrong} / {n}; jobs not ended exactly once {doubled} / {n}")
     if back:
         print(f"kill -> reply restarts on a replica: p50 {percentile(back, 50):.2f} s, "
@@ -249,7 +249,7 @@ def rolling(rounds: int, clients: int, grace_s: float) -> None:
         stop.set()
         for thread in threads:
             thread.join(180)
-        _stop(workers)
+        stop_processes(workers, grace_s=30)
     print(f"jobs sent {counts['sent']}: ended {counts['ended'] + counts['restarted']} "
           f"({counts['restarted']} of them restarted on another worker), failed {counts['failed']}")
 
@@ -304,7 +304,7 @@ def resume_run(streams: int, drop: float, clients: int, seed: int) -> None:
                       f"p99 {percentile(resume_s, 99) * 1000:.1f} ms, max {max(resume_s) * 1000:.1f} ms "
                       f"(n={len(resume_s)})")
         finally:
-            _stop([gateway, *workers])
+            stop_processes([gateway, *workers], grace_s=30)
 
 
 class _Streamed:
@@ -502,7 +502,7 @@ def openapi_run(examples: int, seed: int) -> None:
                 capture_output=True, text=True)
             print(run.stdout[run.stdout.find("SUMMARY") - 40:] if run.returncode == 0 else run.stdout)
         finally:
-            _stop([gateway, *workers])
+            stop_processes([gateway, *workers], grace_s=30)
 
 
 def _config(work: Path, server: EmbeddedRedis, models: str = "", **worker: float) -> Path:
@@ -513,19 +513,6 @@ def _config(work: Path, server: EmbeddedRedis, models: str = "", **worker: float
     config.write_text(chat_toml(MODEL) + models + f'\n[queue]\nbroker_url = "{server.url}"\n'
                       f"job_timeout_s = 120\n\n[worker]\n{settings}")
     return config
-
-
-def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM each, then SIGKILL what has not exited after 30 s: nothing outlives the run."""
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    for process in processes:
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _wait_live(client: redis.Redis, count: int) -> None:

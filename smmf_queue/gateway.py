@@ -74,15 +74,23 @@ _STATUS: list[tuple[type[SmmfError], int, str, str | None]] = [
 ]
 
 
+class _ContentPart(BaseModel):
+    """One part of a message's content: text, or what chat_fields.py refuses (an image...)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
 class _Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[_ContentPart] | None = None
 
     def text(self) -> str:
         """OpenAI allows content as a list of parts; the text parts are what models read."""
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            return "".join(part.text or "" for part in self.content if part.type == "text")
         return self.content or ""
 
 

@@ -2,7 +2,8 @@
 
 FastAPI derives a route's schema from its signature; this adds what the signature cannot say,
 so that a client generated from the document, or a schema fuzzer such as schemathesis, sees
-the truth: which models exist (an enum, per kind), the OpenAI-shaped errors each route gives
+the truth: which models exist (an enum, per kind), `n` at most 1 and text-only content parts
+while no model honours more (chat_fields.py), the OpenAI-shaped errors each route gives
 (and no 422: validation errors leave as 400), SSE as a second content type of a streamed chat,
 and optional headers and query parameters as plain values (a header cannot carry JSON null).
 """
@@ -38,6 +39,9 @@ ROUTE_ERRORS = {
 #: one SSE event of a streamed chat (schemathesis checks each event against it).
 SSE_EVENT = {"type": "object", "required": ["data"],
              "properties": {"data": {"type": "string"}, "id": {"type": "string"}}}
+#: a message's content part that every model honours.
+TEXT_PART = {"type": "object", "required": ["type", "text"],
+             "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 #: schema components whose `model` names a model of one kind.
 MODEL_FIELDS = {"ChatCompletionRequest": "llm", "EmbeddingsRequest": "embedding"}
 
@@ -47,12 +51,25 @@ def complete(schema: dict[str, Any], config: SmmfConfig) -> dict[str, Any]:
     names = {kind: [m.name for m in config.models if m.kind == kind] for kind in ("llm", "embedding")}
     for component, kind in MODEL_FIELDS.items():
         schema["components"]["schemas"][component]["properties"]["model"]["enum"] = names[kind]
+    _only_what_models_honour(schema["components"]["schemas"],
+                             {name for m in config.models if m.kind == "llm" for name in m.supports})
     for path, methods in schema["paths"].items():
         for method, operation in methods.items():
             _complete_operation(path, method, operation, names["llm"])
     schema["components"]["schemas"].pop("HTTPValidationError", None)
     schema["components"]["schemas"].pop("ValidationError", None)
     return schema
+
+
+def _only_what_models_honour(components: dict[str, Any], honoured: set[str]) -> None:
+    """`n` at most 1 and text-only content parts, unless a configured model honours more."""
+    if "n" not in honoured:
+        components["ChatCompletionRequest"]["properties"]["n"]["maximum"] = 1
+    if not any(name.startswith("messages[].content[].") for name in honoured):
+        content = components["_Message"]["properties"]["content"]["anyOf"]
+        parts = next(option for option in content if option.get("type") == "array")
+        parts["items"] = TEXT_PART
+        components.pop("_ContentPart", None)
 
 
 def _complete_operation(path: str, method: str, operation: dict[str, Any], llms: list[str]) -> None:

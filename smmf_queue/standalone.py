@@ -105,16 +105,7 @@ class Stack:
             return False
 
     def stop(self) -> None:
-        processes = [process for _, process, _ in self._children()]
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes([process for _, process, _ in self._children()], grace_s=15)
         if self.redis is not None:
             self.redis.stop()
 
@@ -138,6 +129,19 @@ def start_process(command: str, config_path: Path, log_file: Path,
         return subprocess.Popen(
             [sys.executable, "-m", "smmf_queue", command, "-c", str(config_path), *args],
             stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop_processes(processes: list[subprocess.Popen[bytes]], grace_s: float) -> None:
+    """SIGTERM each, then SIGKILL any that has not exited `grace_s` later: none outlives us."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def start_worker_process(config_path: Path, models: list[str], log_file: Path,

