@@ -4,7 +4,7 @@
     .venv/bin/python scripts/faults.py redis [--n 3]
     .venv/bin/python scripts/faults.py rolling [--rounds 2] [--clients 4] [--grace 1]
     .venv/bin/python scripts/faults.py resume [--streams 1000] [--drop 0.1] [--clients 4] [--seed 1]
-    .venv/bin/python scripts/faults.py accepts [--n 3] [--fsync everysec|always] [--seed 1]
+    .venv/bin/python scripts/faults.py accepts [--n 3] [--fsync everysec|always] [--stop kill|term] [--seed 1]
     .venv/bin/python scripts/faults.py openapi [--examples 200] [--seed 1]
     .venv/bin/python scripts/faults.py sentinel [--n 3] [--seed 1]
 
@@ -35,9 +35,9 @@ a resume takes to its first frame.
 
 `accepts`: a private Redis (AOF on, `--fsync` its appendfsync), no worker; a producer thread
 enqueues chat jobs as fast as the SDK's sender accepts them; after a random 1-3 s Redis is
-SIGKILLed and started again from its data folder. Counts the accepted jobs (the enqueue
-returned) that are not in their queue afterwards, and how long before the kill the lost ones
-were accepted; N rounds.
+SIGKILLed (`--stop term`: stopped cleanly) and started again from its data folder. Counts the
+accepted jobs (the enqueue returned) that are not in their queue afterwards, and how long
+before the stop the lost ones were accepted; N rounds.
 
 `sentinel`: a master, a replica and three sentinels; a producer enqueues chat jobs through the
 sentinels as fast as it can; after a random 1-3 s the master is SIGKILLed. Reports how long
@@ -371,13 +371,14 @@ def _wait_http(url: str) -> None:
         time.sleep(0.2)
 
 
-def accepts(n: int, fsync: str, seed: int) -> None:
+def accepts(n: int, fsync: str, stop: str, seed: int) -> None:
     rng = random.Random(seed)
-    print(f"Redis SIGKILLed {n} times under a producer enqueueing chat jobs as fast as it can; "
-          f"AOF appendfsync {fsync}; seed {seed}, {os.cpu_count()} cores", flush=True)
+    how = signal.SIGKILL if stop == "kill" else signal.SIGTERM
+    print(f"Redis stopped by {how.name} {n} times under a producer enqueueing chat jobs as fast as "
+          f"it can; AOF appendfsync {fsync}; seed {seed}, {os.cpu_count()} cores", flush=True)
     total_accepted = total_lost = 0
     for round_ in range(n):
-        accepted, rate, lost = _kill_redis_under_a_producer(fsync, rng.uniform(1, 3))
+        accepted, rate, lost = _stop_redis_under_a_producer(fsync, how, rng.uniform(1, 3))
         total_accepted += accepted
         total_lost += len(lost)
         window = f"; accepted {min(lost) * 1000:.0f}-{max(lost) * 1000:.0f} ms before the kill" if lost else ""
@@ -386,7 +387,8 @@ def accepts(n: int, fsync: str, seed: int) -> None:
     print(f"lost {total_lost} / {total_accepted} accepted jobs (appendfsync {fsync})")
 
 
-def _kill_redis_under_a_producer(fsync: str, after_s: float) -> tuple[int, float, list[float]]:
+def _stop_redis_under_a_producer(fsync: str, how: signal.Signals,
+                                 after_s: float) -> tuple[int, float, list[float]]:
     """(jobs accepted, per second, how long before the kill each lost one was accepted)."""
     work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
     server = EmbeddedRedis(free_port(), work / "redis", fsync=fsync)  # type: ignore[arg-type]
@@ -398,7 +400,7 @@ def _kill_redis_under_a_producer(fsync: str, after_s: float) -> tuple[int, float
     producer.start()
     time.sleep(after_s)
     assert server.process is not None
-    server.process.send_signal(signal.SIGKILL)
+    server.process.send_signal(how)
     killed = time.monotonic()
     server.process.wait()
     producer.join(30)
@@ -545,6 +547,7 @@ def main() -> None:
     accept = commands.add_parser("accepts", help="SIGKILL Redis under a producer; count lost accepts")
     accept.add_argument("--n", type=int, default=3)
     accept.add_argument("--fsync", choices=["everysec", "always"], default="everysec")
+    accept.add_argument("--stop", choices=["kill", "term"], default="kill", help="SIGKILL or SIGTERM")
     accept.add_argument("--seed", type=int, default=1)
     failover = commands.add_parser("sentinel", help="SIGKILL the master behind Sentinel under a producer")
     failover.add_argument("--n", type=int, default=3)
@@ -561,7 +564,7 @@ def main() -> None:
     elif args.command == "rolling":
         rolling(args.rounds, args.clients, args.grace)
     elif args.command == "accepts":
-        accepts(args.n, args.fsync, args.seed)
+        accepts(args.n, args.fsync, args.stop, args.seed)
     elif args.command == "sentinel":
         sentinel_run(args.n, args.seed)
     elif args.command == "openapi":
