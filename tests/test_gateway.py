@@ -253,13 +253,17 @@ def test_fields_a_model_cannot_honour_are_refused_never_dropped_silently(oai: op
     assert reply.choices[0].message.content
 
 
-def test_a_model_with_drop_params_drops_them_and_says_which(gateway_url: str,
+def test_a_model_with_drop_params_drops_them_and_says_which(gateway_url: str, config_path: Path,
                                                             start_worker) -> None:  # type: ignore[no-untyped-def]
+    from smmf_queue import Client
+
     worker = start_worker(SPARE)  # SPARE has drop_params = true (conftest)
     reply = httpx.post(f"{gateway_url}/v1/chat/completions", timeout=60,
                        headers={"Authorization": f"Bearer {GATEWAY_KEY}"},
                        json={"model": SPARE, "messages": HELLO, "max_tokens": 3, "tools": TOOLS,
                              "logit_bias": {"1": 5}})
+    with Client(config_path) as sdk:  # the SDK drops them too
+        assert sdk.chat(SPARE, HELLO, max_tokens=3, tools=TOOLS).usage.completion_tokens == 3
     worker.stop()
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
     assert reply.headers["x-smmf-dropped-params"] == "tools,logit_bias"
