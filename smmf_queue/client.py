@@ -81,6 +81,11 @@ class _BaseClient:
     def _timeout(self, timeout: float | None) -> float:
         return timeout or self.config.queue.job_timeout_s
 
+    def _cancel_flag(self, job_id: str, ttl_s: float | None) -> tuple[str, int]:
+        """(key, seconds) of the flag that asks a job's worker to stop it, kept `ttl_s` seconds
+        (the job timeout by default); the worker checks it at every event."""
+        return keys.cancel_flag(job_id), max(1, int(self._timeout(ttl_s)))
+
     @staticmethod
     def _expires(reader: JobReader, queue_timeout: float | None) -> float:
         """Seconds the job's message may wait for a worker: `queue_timeout` if it is sooner than
@@ -243,10 +248,9 @@ class AsyncClient(_BaseClient):
             return sum(await pipe.execute())
 
     async def cancel(self, job_id: str, ttl_s: float | None = None) -> None:
-        """Ask the worker running (or about to take) a job to stop it: a flag it checks at every
-        event, kept `ttl_s` seconds (the job timeout by default)."""
-        await self._redis.set(keys.cancel_flag(job_id), 1,
-                              ex=max(1, int(ttl_s or self.config.queue.job_timeout_s)))
+        """Ask the worker running (or about to take) a job to stop it (see `_cancel_flag`)."""
+        key, seconds = self._cancel_flag(job_id, ttl_s)
+        await self._redis.set(key, 1, ex=seconds)
 
     async def ping(self) -> None:
         """Raise if Redis cannot be reached."""
@@ -366,8 +370,7 @@ class Client(_BaseClient):
             self._hub.close(request.job_id)
             if not reader.done:  # the caller left or timed out: stop the job
                 with contextlib.suppress(OSError, redis.RedisError):
-                    self._redis.set(keys.cancel_flag(request.job_id), 1,
-                                    ex=max(1, int(reader.timeout_s)))
+                    self.cancel(request.job_id, reader.timeout_s)
         yield from reader.ending("llm")
 
     def embed(self, model: str, texts: list[str], **kwargs: Any) -> EmbeddingResult:
@@ -386,6 +389,11 @@ class Client(_BaseClient):
 
     def live_workers(self) -> list[registry.WorkerInfo]:
         return self._call(self._async.live_workers())
+
+    def cancel(self, job_id: str, ttl_s: float | None = None) -> None:
+        """AsyncClient.cancel on this thread."""
+        key, seconds = self._cancel_flag(job_id, ttl_s)
+        self._redis.set(key, 1, ex=seconds)
 
     def close(self) -> None:
         if self._loop.is_closed():

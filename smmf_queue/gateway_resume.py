@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import uuid
 
 import redis
@@ -32,8 +33,9 @@ FrameId = tuple[int, int]
 #: the position of a reader that has seen nothing.
 NOTHING_SEEN: FrameId = (-1, 0)
 ROLE_FRAME: FrameId = (0, 0)
-#: the ids this gateway sends, as a pattern (the resume route's header, in its OpenAPI schema).
-LAST_EVENT_ID = r"^[0-9]+(\.1)?$"
+#: the ids this gateway sends, as a pattern (the resume route's header, in its OpenAPI schema):
+#: an event's seq, and `.1` for the usage frame.
+LAST_EVENT_ID = r"^([0-9]+)(\.1)?$"
 
 
 def frame_id_text(frame: FrameId) -> str:
@@ -45,11 +47,11 @@ def parse_last_event_id(value: str | None) -> FrameId:
     """The position a `Last-Event-ID` header names; NOTHING_SEEN without one."""
     if not value:
         return NOTHING_SEEN
-    seq, _, part = value.strip().partition(".")
-    if not seq.isdigit() or part not in ("", "1"):
+    sent = re.fullmatch(LAST_EVENT_ID, value.strip())
+    if sent is None:
         raise RequestError(f"Last-Event-ID {value[:40]!r} is not an id this gateway sent "
                            "('<seq>' or '<seq>.1')")
-    return int(seq), int(part or 0)
+    return int(sent[1]), 1 if sent[2] else 0
 
 
 class LeftStreams:

@@ -42,6 +42,10 @@ TRANSIENT_TRIES = 4
 TRANSIENT_BACKOFF_S = 0.5
 
 
+#: a text's token count, for a chunk's budget.
+TokenCounter = Callable[[str], int]
+
+
 def estimate_tokens(text: str) -> int:
     extra_bytes = len(text.encode("utf-8", "surrogatepass")) - len(text)  # 0 for ASCII
     return len(text) // CHARS_PER_TOKEN + extra_bytes + 1
@@ -72,7 +76,7 @@ class ChunkResult:
 
 
 def plan_chunks(texts: Iterable[str], *, max_tokens: int, max_texts: int,
-                count_tokens: Callable[[str], int] = estimate_tokens) -> Iterator[Chunk]:
+                count_tokens: TokenCounter = estimate_tokens) -> Iterator[Chunk]:
     """Cut `texts` into chunks of at most `max_texts` texts and `max_tokens` tokens as
     `count_tokens` counts them (a text over the budget alone makes a chunk of its own)."""
     index = start = 0
@@ -93,7 +97,7 @@ async def embed_chunks(client: AsyncClient, model: str, texts: Iterable[str], *,
                        normalize: bool | None = None, max_tokens: int = 8192, max_texts: int = 256,
                        window: int = 8, run_id: str | None = None,
                        skip: Callable[[int], bool] | None = None,
-                       count_tokens: Callable[[str], int] | None = None) -> AsyncIterator[ChunkResult]:
+                       count_tokens: TokenCounter | None = None) -> AsyncIterator[ChunkResult]:
     """Chunks of `texts` embedded by `model`, yielded in input order.
 
     `run_id` names the run's jobs (give the same one to resume); `skip(index)` leaves out chunks

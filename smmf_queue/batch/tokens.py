@@ -10,13 +10,10 @@ installed), `chunks.estimate_tokens` bounds the count from the text's UTF-8 byte
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
 from pathlib import Path
 
 from ..config import ModelConfig
-
-#: a text's token count.
-TokenCounter = Callable[[str], int]
+from .chunks import TokenCounter
 
 
 def model_token_counter(model: ModelConfig) -> TokenCounter | None:
