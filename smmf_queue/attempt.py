@@ -34,7 +34,7 @@ import redis
 
 from . import keys, lua
 from .errors import JobFailed, SmmfError
-from .jobs import StreamEvent
+from .jobs import StreamEvent, ToolCallDelta
 
 log = logging.getLogger("smmf_queue.attempt")
 
@@ -213,9 +213,10 @@ class Attempt:
             keys=[keys.event_log(self.job_id), keys.cancel_flag(self.job_id)],
             args=self._log_args(event)))
 
-    def delta(self, text: str, reasoning: str = "") -> bool:
+    def delta(self, text: str, reasoning: str = "", tool_calls: list[ToolCallDelta] | None = None) -> bool:
         """Write a delta; True when the caller has cancelled the job."""
-        return self.write(self.next_event("delta", text=text, reasoning=reasoning))
+        return self.write(self.next_event("delta", text=text, reasoning=reasoning,
+                                          tool_calls=tool_calls or None))
 
     def restart(self) -> None:
         """Tell readers that a new attempt begins and the text so far is void."""

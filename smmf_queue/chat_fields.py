@@ -1,9 +1,10 @@
 """Which fields of OpenAI's chat request reach a model, and what happens to the others.
 
-The wire (`jobs.SamplingParams`) carries the sampling fields every provider honours:
-temperature, top_p, max_tokens (max_completion_tokens), stop, seed. A field that would change
-the reply beyond those reaches a model only if its provider says it honours it
-(`ProviderSpec.supports`); none does yet. Any other such field gets a 400
+Every provider honours the common sampling fields: temperature, top_p, max_tokens
+(max_completion_tokens), stop, seed. A field that would change the reply beyond those reaches
+a model only if its provider says it honours it (`ProviderSpec.supports`, refined per model by
+`providers.honoured`): tools, response_format, penalties and image parts travel on the wire
+(jobs.py, wire 2) to those that do. Any other such field gets a 400
 `unsupported_parameter` naming the field and the model (the gateway) or `UnsupportedParameter`
 (the SDK), before anything is enqueued; a model with `drop_params = true` (LiteLLM's name) has
 them dropped instead, and the gateway says which in the `x-smmf-dropped-params` header. Fields
@@ -29,6 +30,13 @@ OUTPUT_CHANGING: dict[str, tuple[Any, ...]] = {
 }
 #: content parts a model could only ignore: everything but text.
 TEXT_PART = "text"
+#: the request fields that travel at the top of a ChatRequest (jobs.py), not in its params.
+REQUEST_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "response_format"})
+#: fields that change nothing in the reply: accepted and not sent on.
+NEUTRAL = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier",
+                     "prompt_cache_key", "stream_options"})
+#: what an assistant turn's tool calls, sent back in a later request, count as.
+TOOL_CALLS_IN_MESSAGES = "tools"
 
 
 def asked(fields: dict[str, Any], messages: list[dict[str, Any]]) -> list[str]:
@@ -39,7 +47,14 @@ def asked(fields: dict[str, Any], messages: list[dict[str, Any]]) -> list[str]:
     parts = {part.get("type", "?") for message in messages
              if isinstance(message.get("content"), list) for part in message["content"]
              if isinstance(part, dict) and part.get("type") != TEXT_PART}
-    return named + [f"messages[].content[].{kind}" for kind in sorted(parts)]
+    if TOOL_CALLS_IN_MESSAGES not in named and any(m.get("tool_calls") for m in messages):
+        named.append(TOOL_CALLS_IN_MESSAGES)
+    return named + [part_field(kind) for kind in sorted(parts)]
+
+
+def part_field(kind: str) -> str:
+    """How a content part of type `kind` is named among the fields (`supports`, errors)."""
+    return f"messages[].content[].{kind}"
 
 
 def refuse_or_drop(fields: dict[str, Any], messages: list[dict[str, Any]], model: str,
@@ -53,3 +68,36 @@ def refuse_or_drop(fields: dict[str, Any], messages: list[dict[str, Any]], model
             f"is refused; set drop_params = true on the model to drop such fields instead)",
             param=unsupported[0], model=model)
     return unsupported
+
+
+def split(fields: dict[str, Any], dropped: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(top-level ChatRequest fields, sampling params) of what is not dropped; idle values
+    (`tool_choice: "none"` without tools, `n: 1`...) are not sent on, and fields that change
+    nothing in the reply (`user`, `metadata`) are left out here."""
+    kept = {name: value for name, value in fields.items() if name not in dropped
+            and name not in NEUTRAL and value not in OUTPUT_CHANGING.get(name, (None,))}
+    top = {name: value for name, value in kept.items() if name in REQUEST_FIELDS}
+    params = {name: value for name, value in kept.items() if name not in REQUEST_FIELDS}
+    return top, params
+
+
+def shape_messages(messages: list[dict[str, Any]], dropped: list[str]) -> list[dict[str, Any]]:
+    """The messages as the wire carries them: content parts that are all text joined into one
+    string (what a wire-1 worker reads), dropped parts and tool calls left out, and no content
+    (an assistant turn of tool calls) as ""."""
+    shaped = []
+    for message in messages:
+        message = {k: v for k, v in message.items() if v is not None}
+        content = message.get("content", "")
+        if isinstance(content, list):
+            kept = [part for part in content if part.get("type") == TEXT_PART
+                    or part_field(part.get("type", "?")) not in dropped]
+            if all(part.get("type") == TEXT_PART for part in kept):
+                content = "".join(part.get("text") or "" for part in kept)
+            else:
+                content = kept
+        message["content"] = content
+        if TOOL_CALLS_IN_MESSAGES in dropped:
+            message.pop("tool_calls", None)
+        shaped.append(message)
+    return shaped

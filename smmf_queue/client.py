@@ -30,6 +30,7 @@ from .batch.chunks import ChunkResult, embed_chunks
 from .config import ModelKind, SmmfConfig, load_config
 from .errors import BrokerUnavailable, NoLiveWorker, RequestError, UnknownJob
 from .jobs import (
+    PLAIN_WIRE,
     ChatDelta,
     ChatRequest,
     ChatResult,
@@ -57,15 +58,18 @@ class _BaseClient:
         self._sender = JobSender(self._celery)
         self._liveness = registry.LivenessCache()
 
-    def _chat_request(self, model: str, messages: list[dict[str, Any]], params: dict[str, Any],
+    def _chat_request(self, model: str, messages: list[dict[str, Any]], fields: dict[str, Any],
                       job_id: str | None, reply_to: str) -> ChatRequest:
+        """The job for a chat call; `fields` are OpenAI's request fields besides the messages
+        (sampling ones, tools, response_format...), refused or dropped per chat_fields.py."""
         entry = self.config.model(model, "llm")
-        dropped = chat_fields.refuse_or_drop(params, messages, model, entry.supports,
+        dropped = chat_fields.refuse_or_drop(fields, messages, model, entry.supports,
                                              entry.drop_params)
-        params = {name: value for name, value in params.items() if name not in dropped}
+        top, params = chat_fields.split(fields, dropped)
         try:
-            return ChatRequest(model=model, messages=messages, params=params,
-                               job_id=job_id or new_job_id(), reply_to=reply_to)
+            return ChatRequest(model=model, messages=chat_fields.shape_messages(messages, dropped),
+                               params=params, job_id=job_id or new_job_id(), reply_to=reply_to,
+                               **top)
         except ValidationError as exc:
             raise RequestError(f"invalid chat request: {_first_error(exc)}", model=model) from None
 
@@ -93,21 +97,34 @@ class _BaseClient:
         DeadlineExceeded, which the caller gets as a JobTimeout (worker.py)."""
         return min(queue_timeout, reader.timeout_s) if queue_timeout else reader.timeout_s
 
-    def _needs_liveness_check(self, kind: str, model: str, fail_fast: bool | None) -> bool:
+    def _needs_liveness_check(self, kind: str, model: str, fail_fast: bool | None,
+                              wire: int = PLAIN_WIRE) -> bool:
         """Whether to ask Redis for live workers first: fail-fast asked (by the call or the
-        config) and the liveness cache (no I/O) does not already show a replica."""
+        config), or a wire-2 message to send, and the liveness cache (no I/O) does not already
+        show a replica that reads it."""
         wanted = self.config.queue.fail_fast if fail_fast is None else fail_fast
-        if not wanted:
+        if not wanted and wire == PLAIN_WIRE:
             return False
         workers = self._liveness.fresh()
-        return workers is None or not registry.replicas(workers, kind, model)
+        return (workers is None or not registry.replicas(workers, kind, model)
+                or registry.behind(workers, kind, model, wire) > 0)
 
-    def _check_live(self, workers: list[registry.WorkerInfo], kind: str, model: str) -> None:
-        """Raise NoLiveWorker unless `workers` (just read) has a replica of the model."""
+    def _check_live(self, workers: list[registry.WorkerInfo], kind: str, model: str,
+                    fail_fast: bool | None = None, wire: int = PLAIN_WIRE) -> None:
+        """Raise NoLiveWorker unless `workers` (just read) has a replica of the model (when
+        failing fast), or when one of them cannot read a message of version `wire` (it would
+        refuse it: a rolling upgrade is under way, see jobs.py)."""
         self._liveness.store(workers)
-        if not registry.replicas(workers, kind, model):
+        wanted = self.config.queue.fail_fast if fail_fast is None else fail_fast
+        if wanted and not registry.replicas(workers, kind, model):
             raise NoLiveWorker(f"no live worker serves {kind} model '{model}' "
                                f"(start one: smmf-queue worker --model {model})", model=model)
+        old = registry.behind(workers, kind, model, wire)
+        if old:
+            raise NoLiveWorker(f"{old} live worker(s) of {kind} model '{model}' predate job wire "
+                               f"{wire}, which this request needs (it uses tools, response_format, "
+                               "penalties or content parts); retry once they are upgraded",
+                               model=model)
 
     def _enqueue(self, hub: StreamHub | ThreadHub, kind: ModelKind, request: dict[str, Any],
                  expires_s: float) -> None:
@@ -146,7 +163,7 @@ class AsyncClient(_BaseClient):
         `queue_timeout`: seconds it may wait for a worker to start it (JobTimeout after either)."""
         request = self._chat_request(model, messages, params, job_id, self._hub.reply_channel)
         reader = JobReader(request.job_id, model, self._timeout(timeout))
-        async for _ in self._run("llm", request.model_dump(mode="json"), reader, fail_fast,
+        async for _ in self._run("llm", request.message(), reader, fail_fast,
                                  queue_timeout):
             pass
         return reader.assembler.chat_result()
@@ -159,7 +176,7 @@ class AsyncClient(_BaseClient):
         unless `cancel_on_leave` is false (a reader may `replay` it; the caller cancels later)."""
         request = self._chat_request(model, messages, params, job_id, self._hub.reply_channel)
         reader = JobReader(request.job_id, model, self._timeout(timeout))
-        async for delta in self._run("llm", request.model_dump(mode="json"), reader, fail_fast,
+        async for delta in self._run("llm", request.message(), reader, fail_fast,
                                      queue_timeout, cancel_on_leave):
             yield delta
 
@@ -274,8 +291,10 @@ class AsyncClient(_BaseClient):
         it ended); leaving early cancels the job if `cancel_on_leave`."""
         model = request["model"]
         try:
-            if self._needs_liveness_check(kind, model, fail_fast):
-                self._check_live(await registry.alive_workers(self._redis), kind, model)
+            wire = int(request.get("v", PLAIN_WIRE))
+            if self._needs_liveness_check(kind, model, fail_fast, wire):
+                self._check_live(await registry.alive_workers(self._redis), kind, model, fail_fast,
+                                 wire)
             await self._hub.start()
         except (OSError, redis.RedisError, asyncio.TimeoutError) as exc:
             raise _unreachable(exc, model) from None
@@ -356,13 +375,14 @@ class Client(_BaseClient):
         request = self._chat_request(model, messages, params, job_id, self._hub.reply_channel)
         reader = JobReader(request.job_id, model, self._timeout(timeout))
         try:
-            if self._needs_liveness_check("llm", model, fail_fast):
-                self._check_live(registry.live_workers(self._redis), "llm", model)
+            wire = request.wire_needed()
+            if self._needs_liveness_check("llm", model, fail_fast, wire):
+                self._check_live(registry.live_workers(self._redis), "llm", model, fail_fast, wire)
             self._hub.start()
         except (OSError, redis.RedisError, TimeoutError) as exc:
             raise _unreachable(exc, model) from None
         self._hub.open(request.job_id)
-        self._enqueue(self._hub, "llm", request.model_dump(mode="json"),
+        self._enqueue(self._hub, "llm", request.message(),
                       self._expires(reader, queue_timeout))
         try:
             yield from self._read(reader)

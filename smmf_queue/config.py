@@ -32,7 +32,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError, UnknownModel, WrongModelKind
-from .providers import PROVIDERS, known_providers, suggest_provider
+from .providers import PROVIDERS, honoured, known_providers, suggest_provider
 
 #: The config used when none is given: offline, embedded Redis, local models.
 DEFAULT_CONFIG = Path("configs/local.toml")
@@ -199,8 +199,8 @@ class ModelConfig(BaseModel):
 
     @property
     def supports(self) -> frozenset[str]:
-        """OpenAI chat fields beyond the common sampling ones that its provider honours."""
-        return PROVIDERS[self.provider].supports
+        """OpenAI chat fields beyond the common sampling ones that it honours (providers.honoured)."""
+        return honoured(self.provider, self.options)
 
     @property
     def upstream_name(self) -> str:

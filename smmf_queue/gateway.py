@@ -29,7 +29,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import chat_fields, gateway_openapi, metrics, registry
+from . import chat_fields, gateway_openapi, metrics, registry, tool_calls
 from .client import AsyncClient
 from .config import SmmfConfig
 from .errors import (
@@ -52,7 +52,7 @@ from .gateway_resume import (
     frame_id_text,
     parse_last_event_id,
 )
-from .jobs import MAX_STOPS, SEED_MAX, ChatDelta, new_job_id, pack_vectors
+from .jobs import MAX_STOPS, SEED_MAX, ChatDelta, ToolCall, new_job_id, pack_vectors
 
 log = logging.getLogger("smmf_queue.gateway")
 
@@ -75,27 +75,76 @@ _STATUS: list[tuple[type[SmmfError], int, str, str | None]] = [
 
 
 class _ContentPart(BaseModel):
-    """One part of a message's content: text, or what chat_fields.py refuses (an image...)."""
+    """One part of a message's content: text, an image by URL (http(s) or `data:`), or another
+    kind that chat_fields.py refuses."""
 
     model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
+    image_url: dict[str, Any] | None = None
 
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[_ContentPart] | None = None
+    name: str | None = None
+    #: an assistant turn's tool calls, sent back with the `tool` messages that answer them.
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
-    def text(self) -> str:
-        """OpenAI allows content as a list of parts; the text parts are what models read."""
-        if isinstance(self.content, list):
-            return "".join(part.text or "" for part in self.content if part.type == "text")
-        return self.content or ""
+    def wire(self) -> dict[str, Any]:
+        """The message as the SDK takes it (chat_fields.shape_messages makes it the wire's)."""
+        return self.model_dump(include={"role", "content", "name", "tool_calls", "tool_call_id"},
+                               exclude_none=True)
+
+
+class _Function(BaseModel):
+    """A function tool; keys beyond OpenAI's are passed on, as with every field of a tool or a
+    response format (a vendor's extension reaches its API: nothing is dropped unsaid)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    #: a JSON schema of the arguments.
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class _Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: _Function
+
+
+class _NamedTool(BaseModel):
+    type: Literal["function"]
+    function: dict[str, str]
+
+
+class _JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class _ResponseFormat(BaseModel):
+    """`json_object` may carry a `schema` too (llama.cpp's extension of JSON mode)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: _JsonSchema | None = None
+
+
+#: what ChatCompletionRequest.fields() leaves out: not fields of the job.
+_NOT_JOB_FIELDS = {"model", "messages", "stream", "stream_options", "max_completion_tokens"}
 
 
 class ChatCompletionRequest(BaseModel):
-    """The fields of OpenAI's chat completion request that smmf-queue honours."""
+    """OpenAI's chat completion request: the fields a model honours reach it, the others are
+    refused or dropped (chat_fields.py); unknown extra fields are ignored."""
 
     model_config = ConfigDict(extra="allow")
     model: str
@@ -108,14 +157,27 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
-    #: more than one choice is refused as unsupported by every model yet (chat_fields.py).
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    tools: list[_Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | _NamedTool | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: _ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    logit_bias: dict[str, float] | None = None
     n: int = Field(default=1, ge=1)
+    user: str | None = None
 
-    def params(self) -> dict[str, Any]:
-        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        params = {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                  "max_tokens": self.max_completion_tokens or self.max_tokens, "stop": stop}
-        return {key: value for key, value in params.items() if value is not None}
+    def fields(self) -> dict[str, Any]:
+        """The fields it sets besides the model and messages, by the SDK's names."""
+        fields = self.model_dump(exclude_unset=True, exclude=_NOT_JOB_FIELDS, by_alias=True)
+        fields = {name: value for name, value in fields.items() if name in type(self).model_fields}
+        if isinstance(self.stop, str):
+            fields["stop"] = [self.stop]
+        if self.max_completion_tokens is not None:
+            fields["max_tokens"] = self.max_completion_tokens
+        return {name: value for name, value in fields.items() if value is not None}
 
 
 class EmbeddingsRequest(BaseModel):
@@ -184,12 +246,13 @@ def create_app(config: SmmfConfig) -> FastAPI:
         arrived = time.perf_counter()
         dropped = _refuse_or_drop(body)
         headers = {"x-smmf-dropped-params": ",".join(dropped)} if dropped else {}
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [m.wire() for m in body.messages]
+        fields = {name: value for name, value in body.fields().items() if name not in dropped}
         job_id = new_job_id()
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             stream = client.stream_chat(body.model, messages, fail_fast=fail_fast, job_id=job_id,
-                                        cancel_on_leave=False, **deadlines, **body.params())
+                                        cancel_on_leave=False, **deadlines, **fields)
             first = await _first(stream)  # errors before the first token are plain 4xx/5xx
             metrics.GATEWAY_TTFT.labels(body.model).observe(time.perf_counter() - arrived)
             resume = (f"/v1/chat/completions/chatcmpl-{job_id}/stream?model={quote(body.model)}"
@@ -199,12 +262,15 @@ def create_app(config: SmmfConfig) -> FastAPI:
                      lambda: app.state.left_streams.left(job_id, None)),
                 media_type="text/event-stream", headers={"x-smmf-resume": resume, **headers})
         result = await client.chat(body.model, messages, fail_fast=fail_fast, job_id=job_id,
-                                   **deadlines, **body.params())
+                                   **deadlines, **fields)
+        message = _message(result.text, result.reasoning)
+        if result.tool_calls:
+            message.update(content=result.text or None,
+                           tool_calls=[call.model_dump() for call in result.tool_calls])
         return JSONResponse({
             "id": f"chatcmpl-{job_id}", "object": "chat.completion",
             "created": int(time.time()), "model": body.model,
-            "choices": [{"index": 0, "finish_reason": result.finish_reason,
-                         "message": _message(result.text, result.reasoning)}],
+            "choices": [{"index": 0, "finish_reason": result.finish_reason, "message": message}],
             "usage": result.usage.model_dump(),
         }, headers=headers)
 
@@ -213,7 +279,7 @@ def create_app(config: SmmfConfig) -> FastAPI:
         its model cannot honour otherwise (chat_fields.py)."""
         entry = config.model(body.model, "llm")
         dropped = chat_fields.refuse_or_drop(body.model_dump(exclude_unset=True),
-                                             [m.model_dump() for m in body.messages],
+                                             [m.model_dump(exclude_none=True) for m in body.messages],
                                              body.model, entry.supports, entry.drop_params)
         if dropped:
             log.warning("model %s: dropped %s (drop_params)", body.model, ", ".join(dropped))
@@ -382,9 +448,12 @@ async def _sse(model: str, job_id: str, first: ChatDelta | None, stream: AsyncIt
                 raise JobFailed("the worker streaming this reply was lost after part of it was "
                                 "sent; retry the request", error_type="WorkerLost", model=model,
                                 job_id=job_id)
-            if (delta.text or delta.reasoning) and (delta.seq, 0) > after:
+            if (delta.text or delta.reasoning or delta.tool_calls) and (delta.seq, 0) > after:
                 sent = True
-                yield frame(delta.seq, _message(delta.text, delta.reasoning, role=False))
+                piece = _message(delta.text, delta.reasoning, role=False)
+                if delta.tool_calls:
+                    piece["tool_calls"] = tool_calls.openai_fragments(delta.tool_calls)
+                yield frame(delta.seq, piece)
             if delta.finish_reason is not None:
                 ended = True
                 if (delta.seq, 0) > after:

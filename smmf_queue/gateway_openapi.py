@@ -2,8 +2,8 @@
 
 FastAPI derives a route's schema from its signature; this adds what the signature cannot say,
 so that a client generated from the document, or a schema fuzzer such as schemathesis, sees
-the truth: which models exist (an enum, per kind), `n` at most 1 and text-only content parts
-while no model honours more (chat_fields.py), the OpenAI-shaped errors each route gives
+the truth: which models exist (an enum, per kind), only idle values of the fields that no
+configured model honours (chat_fields.py), the OpenAI-shaped errors each route gives
 (and no 422: validation errors leave as 400), SSE as a second content type of a streamed chat,
 and optional headers and query parameters as plain values (a header cannot carry JSON null).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import chat_fields
 from .config import SmmfConfig
 
 #: OpenAI's error body.
@@ -42,6 +43,11 @@ SSE_EVENT = {"type": "object", "required": ["data"],
 #: a message's content part that every model honours.
 TEXT_PART = {"type": "object", "required": ["type", "text"],
              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+#: content parts some model may honour beyond text, by type.
+PARTS = {"image_url": {"type": "object", "required": ["type", "image_url"], "properties": {
+    "type": {"const": "image_url"},
+    "image_url": {"type": "object", "required": ["url"], "properties": {
+        "url": {"type": "string"}, "detail": {"enum": ["auto", "low", "high"]}}}}}}
 #: schema components whose `model` names a model of one kind.
 MODEL_FIELDS = {"ChatCompletionRequest": "llm", "EmbeddingsRequest": "embedding"}
 
@@ -62,14 +68,29 @@ def complete(schema: dict[str, Any], config: SmmfConfig) -> dict[str, Any]:
 
 
 def _only_what_models_honour(components: dict[str, Any], honoured: set[str]) -> None:
-    """`n` at most 1 and text-only content parts, unless a configured model honours more."""
-    if "n" not in honoured:
-        components["ChatCompletionRequest"]["properties"]["n"]["maximum"] = 1
-    if not any(name.startswith("messages[].content[].") for name in honoured):
-        content = components["_Message"]["properties"]["content"]["anyOf"]
-        parts = next(option for option in content if option.get("type") == "array")
-        parts["items"] = TEXT_PART
-        components.pop("_ContentPart", None)
+    """Each output-changing field that no configured model honours documented with only the
+    values that ask for nothing (anything else is a 400), and content parts limited to text and
+    the kinds some model honours. The document covers every model at once: where only some
+    models honour a field, the others answer it with the documented 400."""
+    request = components["ChatCompletionRequest"]["properties"]
+    for name, idle in chat_fields.OUTPUT_CHANGING.items():
+        if name in request and name not in honoured:
+            request[name] = _only(idle, request[name], "no configured model honours it")
+    message = components["_Message"]["properties"]
+    if chat_fields.TOOL_CALLS_IN_MESSAGES not in honoured:
+        message["tool_calls"] = _only((None, []), message["tool_calls"], "no configured model takes tools")
+    parts = next(option for option in message["content"]["anyOf"] if option.get("type") == "array")
+    kinds = [part for kind, part in PARTS.items() if chat_fields.part_field(kind) in honoured]
+    parts["items"] = {"anyOf": [TEXT_PART, *kinds]} if kinds else TEXT_PART
+    components.pop("_ContentPart", None)
+
+
+def _only(values: tuple[Any, ...], field: dict[str, Any], why: str) -> dict[str, Any]:
+    """A field's schema narrowed to `values` (null only where the field takes it)."""
+    nullable = any(option.get("type") == "null" for option in field.get("anyOf", [field]))
+    return {"enum": [value for value in values if value is not None or nullable],
+            "description": f"Only values that ask for nothing: {why} (others are refused with "
+                           "400 unsupported_parameter)."}
 
 
 def _complete_operation(path: str, method: str, operation: dict[str, Any], llms: list[str]) -> None:

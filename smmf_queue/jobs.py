@@ -3,6 +3,13 @@
 JSON only, versioned by `v`. A request never carries a provider secret: keys live in the
 worker's config. Embedding vectors travel as base64 of little-endian float32 (exact and about
 a quarter of the size of JSON floats).
+
+Wire 2 added what apps send beyond plain text chat (tools, `response_format`, penalties, content
+parts, assistant `tool_calls` and `tool` results) as fields that are left out when unset, so a
+request that uses none of them is byte for byte a wire-1 message, which a wire-1 worker (strict
+about unknown fields) still takes. A request that needs wire 2 says so in `v`, and a producer
+sends it only while no wire-1 worker serves the model (client.py; workers say their wire in
+the registry). Events only carry wire-2 fields (`tool_calls`) for requests that asked for them.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 #: wire version of requests and events; bump on an incompatible change.
-WIRE_VERSION = 1
+WIRE_VERSION = 2
+#: the version of a request that uses nothing wire 2 added.
+PLAIN_WIRE = 1
 
 EventType = Literal["delta", "end", "error", "restart"]
 #: where an embedding job waits: "batch" chunks wait behind "interactive" jobs.
@@ -38,9 +47,61 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+class FunctionCall(BaseModel):
+    """The function an assistant's tool call names, with its arguments as a JSON string."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """A whole tool call, in OpenAI's shape (what a reply ends with and a later turn sends back).
+    Extra keys are ignored: clients echo a streamed call's `index`."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ToolCallDelta(_Wire):
+    """A fragment of a streamed tool call: the first fragment of call `index` carries its id and
+    function name, later ones only more of the arguments (flatter than OpenAI's chunk, which
+    the gateway rebuilds; see tool_calls.py)."""
+
+    index: int = Field(ge=0)
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+class ContentPart(_Wire):
+    """One part of a message's content: text, or an image by URL (http(s) or `data:`)."""
+
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: dict[str, Any] | None = None
+
+
 class ChatMessage(_Wire):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    #: text, or parts where some are not text (wire 2); "" for an assistant turn of tool calls.
+    content: str | list[ContentPart] = ""
+    name: str | None = None
+    #: an assistant turn's tool calls, and a `tool` message's answer to one of them (wire 2).
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as an engine or API takes it: unset fields left out."""
+        return self.model_dump(exclude_none=True)
+
+    @property
+    def plain(self) -> bool:
+        """Whether a wire-1 worker could read it: text content and nothing else."""
+        return isinstance(self.content, str) and self.name is None and self.tool_calls is None \
+            and self.tool_call_id is None
 
 
 #: the largest seed: engines seed 32-bit generators (torch, numpy) and refuse more.
@@ -57,6 +118,9 @@ class SamplingParams(_Wire):
     max_tokens: int | None = Field(default=None, ge=1)
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOPS)
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
+    #: wire 2, OpenAI's: sent only to providers that honour them (chat_fields.py).
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
 
     def given(self, **rename: str) -> dict[str, Any]:
         """The parameters the request sets (0 included; no stop list when empty), for an engine
@@ -82,6 +146,32 @@ class _JobRequest(_Wire):
 class ChatRequest(_JobRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     params: SamplingParams = Field(default_factory=SamplingParams)
+    #: wire 2, OpenAI's fields as sent (validated by the gateway's schema): function tools,
+    #: which one to call ("auto", "required", "none" or {"type": "function", ...}), and
+    #: {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+
+    def given(self) -> dict[str, Any]:
+        """The wire-2 top-level fields the request sets (tools, response_format...), by
+        OpenAI's names, for an API or engine that takes them so."""
+        return self.model_dump(include={"tools", "tool_choice", "parallel_tool_calls",
+                                        "response_format"}, exclude_none=True)
+
+    def wire_needed(self) -> int:
+        """The oldest wire version that can carry this request."""
+        added = (self.tools, self.tool_choice, self.parallel_tool_calls, self.response_format,
+                 self.params.presence_penalty, self.params.frequency_penalty)
+        if any(value is not None for value in added) or not all(m.plain for m in self.messages):
+            return WIRE_VERSION
+        return PLAIN_WIRE
+
+    def message(self) -> dict[str, Any]:
+        """The job message: unset fields left out, so a plain request reads as wire 1."""
+        return self.model_copy(update={"v": self.wire_needed()}).model_dump(mode="json",
+                                                                            exclude_none=True)
 
 
 class EmbeddingRequest(_JobRequest):
@@ -112,6 +202,8 @@ class StreamEvent(_Wire):
     usage: Usage | None = None
     error_type: str | None = None
     error_message: str | None = None
+    #: tool call fragments (wire 2; only for requests with tools).
+    tool_calls: list[ToolCallDelta] | None = None
     #: worker that ran this attempt (in `end`, `error` and `restart`).
     worker: str | None = None
     #: embedding jobs: base64 float32 vectors, row after row, and their width.
@@ -132,6 +224,8 @@ class ChatDelta(BaseModel):
 
     text: str = ""
     reasoning: str = ""
+    #: fragments of tool calls (tool_calls.assemble puts them together).
+    tool_calls: list[ToolCallDelta] = Field(default_factory=list)
     #: true when a crash restarted the job: drop what was shown so far.
     restart: bool = False
     #: set on the last delta only ("stop", "length"), with the job's usage.
@@ -146,6 +240,8 @@ class ChatResult(BaseModel):
     model: str
     text: str
     reasoning: str = ""
+    #: the calls the model made (finish_reason "tool_calls").
+    tool_calls: list[ToolCall] = Field(default_factory=list)
     finish_reason: str | None = None
     usage: Usage = Field(default_factory=Usage)
     worker: str | None = None

@@ -18,6 +18,7 @@ import redis.asyncio
 from pydantic import BaseModel
 
 from . import keys
+from .jobs import PLAIN_WIRE
 
 
 class ServedModel(BaseModel):
@@ -39,6 +40,8 @@ class WorkerInfo(BaseModel):
     in_flight: int = 0
     started_at: float
     beat_at: float
+    #: the newest job wire version it reads (jobs.py); workers from before wire 2 say nothing.
+    wire: int = PLAIN_WIRE
 
 
 def beat(client: redis.Redis, info: WorkerInfo, ttl_s: float) -> None:
@@ -90,6 +93,11 @@ def _decode(values: Sequence[bytes | str | None]) -> list[WorkerInfo]:
 def serving(workers: list[WorkerInfo], kind: str, model: str) -> list[WorkerInfo]:
     """The workers among `workers` that serve `model` of `kind`."""
     return [w for w in workers if any(m.name == model and m.kind == kind for m in w.models)]
+
+
+def behind(workers: list[WorkerInfo], kind: str, model: str, wire: int) -> int:
+    """How many live workers of `model` cannot read messages of wire version `wire`."""
+    return sum(1 for w in serving(workers, kind, model) if w.wire < wire)
 
 
 def replicas(workers: list[WorkerInfo], kind: str, model: str) -> int:

@@ -16,7 +16,8 @@ import time
 
 from .config import ModelKind
 from .errors import JobFailed, JobTimeout
-from .jobs import ChatDelta, ChatResult, EmbeddingResult, StreamEvent, Usage, unpack_vectors
+from .jobs import ChatDelta, ChatResult, EmbeddingResult, StreamEvent, ToolCallDelta, Usage, unpack_vectors
+from .tool_calls import assemble
 
 #: the error type of a job whose message waited past its queue deadline: its caller gets a
 #: JobTimeout, not a JobFailed.
@@ -50,6 +51,7 @@ class EventAssembler:
         self.attempt = 0
         self.text: list[str] = []
         self.reasoning: list[str] = []
+        self.tool_calls: list[ToolCallDelta] = []
         self.terminal: StreamEvent | None = None
 
     def apply(self, event: StreamEvent) -> ChatDelta | None:
@@ -61,7 +63,7 @@ class EventAssembler:
             return None
         if event.type == "restart":
             self.attempt = event.attempt
-            self.text, self.reasoning = [], []
+            self.text, self.reasoning, self.tool_calls = [], [], []
             return ChatDelta(restart=True, seq=event.seq)
         self.attempt = max(self.attempt, event.attempt)
         if event.terminal:
@@ -69,13 +71,16 @@ class EventAssembler:
             return None
         self.text.append(event.text)
         self.reasoning.append(event.reasoning)
-        return ChatDelta(text=event.text, reasoning=event.reasoning, seq=event.seq)
+        self.tool_calls.extend(event.tool_calls or ())
+        return ChatDelta(text=event.text, reasoning=event.reasoning,
+                         tool_calls=event.tool_calls or [], seq=event.seq)
 
     def chat_result(self) -> ChatResult:
         end = self._end()
         return ChatResult(job_id=self.job_id, model=self.model, text="".join(self.text),
-                          reasoning="".join(self.reasoning), finish_reason=end.finish_reason,
-                          usage=end.usage or Usage(), worker=end.worker)
+                          reasoning="".join(self.reasoning), tool_calls=assemble(self.tool_calls),
+                          finish_reason=end.finish_reason, usage=end.usage or Usage(),
+                          worker=end.worker)
 
     def _end(self) -> StreamEvent:
         if self.terminal is None or self.terminal.type != "end":

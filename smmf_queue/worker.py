@@ -30,12 +30,22 @@ from .attempt import WORKER_LOST, Attempt, Deliveries, LeaseBusy
 from .config import ModelConfig, SmmfConfig
 from .dynamic_batching import EmbedBatcher
 from .errors import JobFailed
-from .jobs import ChatRequest, ChatResult, EmbeddingRequest, StreamEvent, Usage, pack_vectors
+from .jobs import (
+    WIRE_VERSION,
+    ChatRequest,
+    ChatResult,
+    EmbeddingRequest,
+    StreamEvent,
+    ToolCallDelta,
+    Usage,
+    pack_vectors,
+)
 from .providers import load_provider
 from .providers.base import Provider, close_chunks, provider_errors
 from .queues import make_celery_app
 from .reaper import Reaper
 from .streaming import DEADLINE_EXCEEDED
+from .tool_calls import assemble
 
 log = logging.getLogger("smmf_queue.worker")
 
@@ -106,7 +116,8 @@ class WorkerRuntime:
             models=[registry.ServedModel(name=m.name, kind=m.kind, provider=m.provider,
                                          queue=keys.queue_name(m.kind, m.name), slots=m.slots)
                     for m in self.models],
-            in_flight=self.deliveries.in_flight, started_at=self._started_at, beat_at=time.time())
+            in_flight=self.deliveries.in_flight, started_at=self._started_at, beat_at=time.time(),
+            wire=WIRE_VERSION)
 
     def start_heartbeat(self, reaper: Reaper) -> None:
         registry.beat(self.redis, self.info(), self.config.worker.heartbeat_ttl_s)
@@ -257,6 +268,7 @@ class WorkerRuntime:
               attempt: Attempt) -> tuple[StreamEvent, dict[str, Any]]:
         text: list[str] = []
         reasoning: list[str] = []
+        fragments: list[ToolCallDelta] = []
         finish_reason, usage = "stop", Usage()
         started = time.perf_counter()
         chunks = provider.stream_chat(request)
@@ -265,11 +277,12 @@ class WorkerRuntime:
                 if chunk.finish_reason is not None:
                     finish_reason, usage = chunk.finish_reason, chunk.usage or Usage()
                     break
-                if not text:
+                if not (text or fragments):
                     metrics.WORKER_TTFT.labels(request.model).observe(time.perf_counter() - started)
                 text.append(chunk.text)
                 reasoning.append(chunk.reasoning)
-                if attempt.delta(chunk.text, chunk.reasoning):
+                fragments.extend(chunk.tool_calls)
+                if attempt.delta(chunk.text, chunk.reasoning, chunk.tool_calls):
                     raise JobFailed("cancelled by the caller", error_type="Cancelled",
                                     model=request.model, job_id=attempt.job_id)
         finally:
@@ -281,8 +294,8 @@ class WorkerRuntime:
         event = attempt.next_event("end", finish_reason=finish_reason, usage=usage,
                                    worker=self.worker_id)
         result = ChatResult(job_id=attempt.job_id, model=request.model, text="".join(text),
-                            reasoning="".join(reasoning), finish_reason=finish_reason,
-                            usage=usage, worker=self.worker_id)
+                            reasoning="".join(reasoning), tool_calls=assemble(fragments),
+                            finish_reason=finish_reason, usage=usage, worker=self.worker_id)
         return event, result.model_dump(mode="json")
 
     def _embed(self, provider: Provider, request: EmbeddingRequest,

@@ -5,6 +5,7 @@ Nothing here talks to the Redis on :6379; every test run starts its own server.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -56,6 +57,44 @@ def tiny_models() -> Path:
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_models.py"), str(MODELS)],
                    check=True, capture_output=True)
     return MODELS
+
+
+@pytest.fixture(scope="session")
+def gguf_model() -> Path:
+    """The tiny random-weight GGUF chat model (scripts/make_tiny_gguf.py)."""
+    path = MODELS / "tiny-noise-chat.gguf"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_gguf.py"), str(path)],
+                   check=True, capture_output=True)
+    return path
+
+
+@contextlib.contextmanager
+def llama_cpp_server(model: Path, log: Path, api_key: str, *args: str) -> Iterator[str]:
+    """llama-cpp-python's OpenAI-compatible server on `model` (alias "tiny-gguf"), a real
+    upstream we did not write; yields its base URL once it answers."""
+    port = free_port()
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
+             "--port", str(port), "--api_key", api_key, "--model_alias", "tiny-gguf",
+             "--n_threads", "1", *args], stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}/v1"
+
+    def up() -> bool:
+        assert server.poll() is None, log.read_text()[-2000:]
+        try:
+            request = urllib.request.Request(f"{base}/models",
+                                             headers={"Authorization": f"Bearer {api_key}"})
+            return urllib.request.urlopen(request, timeout=2).status == 200
+        except OSError:
+            return False
+
+    wait_until(up, 60, "llama_cpp.server")
+    try:
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

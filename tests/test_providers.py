@@ -6,8 +6,6 @@ retries against a FAKE upstream (tests/fake_upstream.py) whose received requests
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +22,13 @@ from smmf_queue.jobs import ChatRequest
 from smmf_queue.offline_models import smollm2_gguf
 from smmf_queue.providers.llamacpp import LlamaCppProvider
 
-from .conftest import MODELS, ROOT, StartWorker, cosine, free_port, start_service, wait_until
+from .conftest import (
+    StartWorker,
+    cosine,
+    free_port,
+    llama_cpp_server,
+    start_service,
+)
 from .fake_upstream import FakeUpstream, chat_chunk
 
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -37,37 +41,11 @@ PROXIES = ["gguf-proxy", "gguf-proxy-wrong-key", "azure-chat", "deepseek-r1", "o
 
 
 @pytest.fixture(scope="module")
-def gguf_model() -> Path:
-    path = MODELS / "tiny-noise-chat.gguf"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_gguf.py"), str(path)],
-                   check=True, capture_output=True)
-    return path
-
-
-@pytest.fixture(scope="module")
 def llama_server(gguf_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real OpenAI-compatible server we did not write: llama-cpp-python's, on the tiny GGUF."""
-    port = free_port()
     log = tmp_path_factory.mktemp("llama-server") / "server.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_model), "--host", "127.0.0.1",
-             "--port", str(port), "--api_key", UPSTREAM_KEY, "--model_alias", "tiny-gguf",
-             "--embedding", "true", "--n_threads", "1"], stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}/v1"
-
-    def up() -> bool:
-        assert server.poll() is None, log.read_text()[-2000:]
-        try:
-            openai.OpenAI(base_url=base, api_key=UPSTREAM_KEY, max_retries=0, timeout=2).models.list()
-            return True
-        except openai.APIConnectionError:
-            return False
-
-    wait_until(up, 60, "llama_cpp.server")
-    yield base
-    server.terminate()
-    server.wait(timeout=10)
+    with llama_cpp_server(gguf_model, log, UPSTREAM_KEY, "--embedding", "true") as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import difflib
 import importlib
 import importlib.util
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ProviderUnavailable
 
@@ -40,9 +40,23 @@ class ProviderSpec:
     default_slots: int = 1
     #: the model kinds it serves.
     kinds: frozenset[str] = frozenset({"llm", "embedding"})
-    #: OpenAI chat fields beyond the common sampling ones that it honours (chat_fields.py);
-    #: none yet, so requests asking for any other are refused (or dropped, with drop_params).
+    #: OpenAI chat fields beyond the common sampling ones that it honours or forwards
+    #: (chat_fields.py); requests asking for any other are refused (or dropped, drop_params).
     supports: frozenset[str] = frozenset()
+
+
+#: the tool-calling fields; llama.cpp honours them only with a chat format that parses calls.
+TOOL_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls"})
+#: what an OpenAI-compatible API is sent unchanged (the upstream honours or refuses it).
+_FORWARDED = TOOL_FIELDS | {"response_format", "presence_penalty", "frequency_penalty",
+                            "messages[].content[].image_url"}
+#: llama-cpp-python: tools through its function-calling chat handler, response_format as a
+#: grammar made from the JSON schema, penalties in its sampler.
+_LLAMA_CPP = frozenset({"tools", "tool_choice", "response_format", "presence_penalty",
+                        "frequency_penalty"})
+#: llama-cpp-python's chat formats that parse a model's tool calls ("auto" included); the
+#: others only constrain a forced call, so tools are refused with them.
+LLAMA_CPP_TOOL_FORMATS = frozenset({"chatml-function-calling"})
 
 
 #: keys every API proxy understands: seconds per call, retries of 429/5xx/connection errors
@@ -68,18 +82,20 @@ PROVIDERS: dict[str, ProviderSpec] = {spec.name: spec for spec in (
     ProviderSpec("llama.cpp", "smmf_queue.providers.llamacpp:LlamaCppProvider", "llamacpp",
                  "llama-cpp-python on a GGUF file",
                  frozenset({"n_ctx", "n_gpu_layers", "n_threads", "n_batch", "seed", "chat_format",
-                            "pooling_type", "normalize"})),
+                            "pooling_type", "normalize"}), supports=_LLAMA_CPP),
     ProviderSpec("vllm", "smmf_queue.providers.vllm_engine:VLLMProvider", "vllm",
                  "vLLM's AsyncLLMEngine", VLLM_ENGINE_KEYS | {"normalize"}, default_slots=64),
     ProviderSpec("mlx", "smmf_queue.providers.mlx_engine:MLXProvider", "mlx", "mlx-lm",
                  frozenset({"max_new_tokens"}), kinds=frozenset({"llm"})),
     ProviderSpec("proxy/openai", _OPENAI, "proxy", "any OpenAI-compatible API; Azure",
-                 _OPENAI_KEYS | {"api_type", "api_version", "api_azure_deployment"}, default_slots=64),
+                 _OPENAI_KEYS | {"api_type", "api_version", "api_azure_deployment"}, default_slots=64,
+                 supports=_FORWARDED),
     ProviderSpec("proxy/deepseek", _OPENAI, "proxy", "DeepSeek", _OPENAI_KEYS | {"thinking_enabled"},
-                 default_slots=64),
+                 default_slots=64, supports=_FORWARDED),
     ProviderSpec("proxy/tongyi", _OPENAI, "proxy", "Qwen via DashScope's compatible mode",
-                 _OPENAI_KEYS, default_slots=64),
-    ProviderSpec("proxy/siliconflow", _OPENAI, "proxy", "SiliconFlow", _OPENAI_KEYS, default_slots=64),
+                 _OPENAI_KEYS, default_slots=64, supports=_FORWARDED),
+    ProviderSpec("proxy/siliconflow", _OPENAI, "proxy", "SiliconFlow", _OPENAI_KEYS, default_slots=64,
+                 supports=_FORWARDED),
     ProviderSpec("proxy/ollama", "smmf_queue.providers.ollama_api:OllamaProvider", "proxy",
                  "Ollama's native API", _REMOTE_KEYS, default_slots=64),
 )}
@@ -88,6 +104,15 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "hf": ("torch", "transformers", "sentence_transformers"), "llamacpp": ("llama_cpp",),
     "vllm": ("vllm",), "mlx": ("mlx_lm",), "proxy": ("openai", "httpx2", "ollama"),
 }
+
+
+def honoured(provider: str, options: dict[str, Any]) -> frozenset[str]:
+    """The chat fields a model of `provider` with these options honours: its provider's, less
+    tools for llama.cpp without a chat format that parses calls."""
+    supports = PROVIDERS[provider].supports
+    if provider == "llama.cpp" and options.get("chat_format") not in LLAMA_CPP_TOOL_FORMATS:
+        return supports - TOOL_FIELDS
+    return supports
 
 
 def known_providers() -> list[str]:

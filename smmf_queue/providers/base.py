@@ -20,7 +20,8 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import JobFailed, ProviderUnavailable, SmmfError
-from ..jobs import ChatRequest, Usage
+from ..jobs import ChatRequest, ToolCallDelta, Usage
+from ..tool_calls import merge
 
 
 @dataclass
@@ -31,6 +32,13 @@ class ChatChunk:
     reasoning: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
+    #: fragments of tool calls, id and name once per call (tool_calls.FragmentCleaner).
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+
+    @property
+    def output(self) -> bool:
+        """Whether it carries anything a reader sees before the end."""
+        return bool(self.text or self.reasoning or self.tool_calls)
 
 
 @dataclass
@@ -165,7 +173,7 @@ def read_ahead(chunks: Iterator[ChatChunk], name: str) -> Iterator[ChatChunk]:
     try:
         for chunk in chunks:
             yield chunk
-            if chunk.text or chunk.reasoning or chunk.finish_reason is not None:
+            if chunk.output or chunk.finish_reason is not None:
                 break
         else:
             return
@@ -216,23 +224,29 @@ def close_chunks(chunks: Iterator[ChatChunk]) -> None:
 
 
 def _merge(batch: list[object]) -> Iterator[ChatChunk]:
-    """One chunk for the text of a batch; text that came before an error or the end goes first."""
-    text: list[str] = []
-    reasoning: list[str] = []
+    """One chunk for the output of a batch; output that came before an error or the end goes
+    first."""
+    pending: list[ChatChunk] = []
     for item in batch:
         if isinstance(item, ChatChunk) and item.finish_reason is None:
-            text.append(item.text)
-            reasoning.append(item.reasoning)
+            if item.output:
+                pending.append(item)
             continue
-        if any(text) or any(reasoning):
-            yield ChatChunk(text="".join(text), reasoning="".join(reasoning))
-        text, reasoning = [], []
+        if pending:
+            yield _joined(pending)
+        pending = []
         if isinstance(item, _Raised):
             raise item.error
         assert isinstance(item, ChatChunk)
         yield ChatChunk(finish_reason=item.finish_reason, usage=item.usage)
-    if any(text) or any(reasoning):
-        yield ChatChunk(text="".join(text), reasoning="".join(reasoning))
+    if pending:
+        yield _joined(pending)
+
+
+def _joined(chunks: list[ChatChunk]) -> ChatChunk:
+    return ChatChunk(text="".join(c.text for c in chunks),
+                     reasoning="".join(c.reasoning for c in chunks),
+                     tool_calls=merge(f for c in chunks for f in c.tool_calls))
 
 
 def drain(ready: queue.Queue[Any], end: object) -> Iterator[list[Any]]:

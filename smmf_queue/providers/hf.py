@@ -133,7 +133,7 @@ class HFProvider(Provider):
         self.encoder.eval()
 
     def stream_chat(self, request: ChatRequest) -> Iterator[ChatChunk]:
-        messages = [m.model_dump() for m in request.messages]
+        messages = [m.as_dict() for m in request.messages]
         inputs = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         ).to(self._device())  # type: ignore[union-attr]  # return_dict=True: a BatchEncoding

@@ -19,8 +19,9 @@ from typing import Any
 
 import llama_cpp
 
-from ..errors import ProviderUnavailable
+from ..errors import JobFailed, ProviderUnavailable
 from ..jobs import ChatRequest, Usage
+from ..tool_calls import FragmentCleaner
 from .base import ChatChunk, Embeddings, Provider, StopFilter, read_ahead
 
 log = logging.getLogger("smmf_queue.providers.llamacpp")
@@ -80,29 +81,59 @@ class LlamaCppProvider(Provider):
     def _generate(self, request: ChatRequest) -> Iterator[ChatChunk]:
         kwargs: dict[str, Any] = request.params.given()
         stops = StopFilter(kwargs.pop("stop", []))  # ours: llama.cpp's would hide where it cut
-        messages: Any = [m.model_dump() for m in request.messages]
-        counter = _SampleCounter()
+        kwargs.update(self._structure(request))
+        messages: Any = [m.as_dict() for m in request.messages]
+        counter = _SampleCounter(kwargs.get("max_tokens"))
+        calls = FragmentCleaner()
         engine_finish = None
         with self._lock:
-            # Streamed, it returns an iterator of chunk dicts (its type hints cover both modes).
-            stream: Any = self.llm.create_chat_completion(
-                messages=messages, stream=True,
+            # Streamed, it returns an iterator of chunk dicts (its type hints cover both modes);
+            # whole when the model picks between text and a tool call, which it cannot stream.
+            output: Any = self.llm.create_chat_completion(
+                messages=messages, stream=not _auto_tools(kwargs),
                 logits_processor=llama_cpp.LogitsProcessorList([counter]), **kwargs)
+            stream = output if not isinstance(output, dict) else iter([_as_chunk(output)])
             try:
                 for chunk in stream:
                     choice = chunk["choices"][0]
                     text = stops.feed(choice["delta"].get("content") or "")
-                    if text:
-                        yield ChatChunk(text=text)
-                    if stops.stopped:
-                        break
+                    fragments = calls.from_openai(choice["delta"].get("tool_calls") or ())
+                    if text or fragments:
+                        yield ChatChunk(text=text, tool_calls=fragments)
                     engine_finish = choice.get("finish_reason") or engine_finish
+                    if stops.stopped or counter.at_limit:
+                        break
             finally:
-                stream.close()
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
             usage = counter.usage(self.llm.n_tokens, ended_by_eos=engine_finish == "stop")
         if tail := stops.flush():
             yield ChatChunk(text=tail)
-        yield ChatChunk(finish_reason="stop" if stops.stopped else engine_finish or "stop", usage=usage)
+        limit = "length" if counter.at_limit else "stop"
+        yield ChatChunk(finish_reason="stop" if stops.stopped else engine_finish or limit, usage=usage)
+
+    def _structure(self, request: ChatRequest) -> dict[str, Any]:
+        """Tools and response_format as llama-cpp-python takes them: a JSON schema response
+        format becomes its `json_object` with a schema (sampled under a grammar made from it);
+        `tool_choice: "required"` with one tool forces that tool (its handler knows only
+        "auto", "none" and a named tool)."""
+        given = request.given()
+        given.pop("parallel_tool_calls", None)
+        response_format = given.get("response_format")
+        if response_format is not None and response_format.get("type") == "json_schema":
+            schema = (response_format.get("json_schema") or {}).get("schema") or {}
+            given["response_format"] = {"type": "json_object", "schema": schema}
+        if given.get("tool_choice") == "required":
+            tools = given.get("tools") or []
+            if len(tools) != 1:
+                raise JobFailed(f"model '{self.model.name}' (llama.cpp) cannot require one of "
+                                f"{len(tools)} tools; name the tool in tool_choice",
+                                error_type="InvalidRequest", model=self.model.name,
+                                job_id=request.job_id)
+            given["tool_choice"] = {"type": "function", "function": {
+                "name": tools[0]["function"]["name"]}}
+        return given
 
     def embed(self, texts: list[str], normalize: bool | None) -> Embeddings:
         normalize = self.wants_unit_vectors(normalize, default=True)
@@ -118,20 +149,42 @@ class LlamaCppProvider(Provider):
         return int(self.model.options.get("n_gpu_layers", 0))
 
 
+def _auto_tools(kwargs: dict[str, Any]) -> bool:
+    """Whether the model chooses between text and tool calls (llama-cpp-python's
+    function-calling handler answers that only whole)."""
+    return bool(kwargs.get("tools")) and kwargs.get("tool_choice", "auto") == "auto"
+
+
+def _as_chunk(completion: dict[str, Any]) -> dict[str, Any]:
+    """A whole chat completion as one streamed chunk, its message as the delta."""
+    choice = completion["choices"][0]
+    message = dict(choice["message"])
+    for position, call in enumerate(message.get("tool_calls") or []):
+        call.setdefault("index", position)
+    return {"choices": [{"delta": message, "finish_reason": choice.get("finish_reason")}]}
+
+
 class _SampleCounter:
-    """A logits processor that changes nothing and counts the tokens llama.cpp samples.
+    """A logits processor that changes nothing and counts the tokens llama.cpp samples; it also
+    says when `max_tokens` were sampled (llama-cpp-python's function-calling handler ignores
+    max_tokens when the model answers in text).
 
     llama.cpp evaluates a sampled token only to sample the next one, so once generation stops
     the context holds the prompt and every sampled token but the last: prompt = context length
     - samples + 1. Every sampled token is part of the reply except an end-of-sequence token,
     which llama-cpp-python drops (what its own usage counts, unstreamed)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_tokens: int | None = None) -> None:
         self.samples = 0
+        self.max_tokens = max_tokens
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         self.samples += 1
         return scores
+
+    @property
+    def at_limit(self) -> bool:
+        return self.max_tokens is not None and self.samples >= self.max_tokens
 
     def usage(self, context_tokens: int, ended_by_eos: bool) -> Usage:
         prompt = context_tokens - self.samples + 1

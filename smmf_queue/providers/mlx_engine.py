@@ -69,7 +69,7 @@ class MLXProvider(Provider):
         if request.params.seed is not None:
             mx.random.seed(request.params.seed)
         prompt = self.tokenizer.apply_chat_template(
-            [m.model_dump() for m in request.messages], add_generation_prompt=True)
+            [m.as_dict() for m in request.messages], add_generation_prompt=True)
         sampling = self.sampling(request)
         sampler = make_sampler(temp=sampling["temp"], top_p=sampling["top_p"])
         stops = StopFilter(request.params.stop)

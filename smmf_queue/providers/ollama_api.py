@@ -55,7 +55,7 @@ class OllamaProvider(Provider):
         return options
 
     def stream_chat(self, request: ChatRequest) -> Iterator[ChatChunk]:
-        messages = [m.model_dump() for m in request.messages]
+        messages = [m.as_dict() for m in request.messages]
         options = self.options(request)
 
         def start() -> Iterator[Any]:

@@ -17,6 +17,7 @@ import httpx2
 import openai
 
 from ..jobs import ChatRequest, Usage
+from ..tool_calls import FragmentCleaner
 from .api_proxy import Endpoint, RetryPolicy, base_url, embed_in_batches, require_api_key, timeout_s
 from .base import ChatChunk, Embeddings, Provider, read_ahead
 
@@ -130,15 +131,17 @@ class OpenAIProvider(Provider):
                                                 request=http.request) from exc
 
     def chat_kwargs(self, request: ChatRequest) -> dict[str, Any]:
-        """The create() arguments: every sampling parameter the request sets, 0 included."""
+        """The create() arguments: every sampling parameter the request sets, 0 included, and
+        its tools and response_format as sent."""
         kwargs: dict[str, Any] = {
             "model": self.model.upstream_name,
-            "messages": [m.model_dump() for m in request.messages],
+            "messages": [m.as_dict() for m in request.messages],
             "stream": True,
         }
         if self.model.options.get("stream_usage", True):
             kwargs["stream_options"] = {"include_usage": True}
         kwargs.update(request.params.given())
+        kwargs.update(request.given())
         thinking = self._thinking()
         if thinking is not None:
             kwargs["extra_body"] = {"thinking": {"type": "enabled" if thinking else "disabled"}}
@@ -155,6 +158,7 @@ class OpenAIProvider(Provider):
         """Our chunks; the final one as soon as `[DONE]` arrives (or the stream ends without it)."""
         finish_reason, usage, finished = "stop", None, False
         keep_reasoning = self._thinking() is not False
+        calls = FragmentCleaner()
         for chunk in stream:
             if chunk is _DONE:
                 if not finished:
@@ -172,8 +176,9 @@ class OpenAIProvider(Provider):
             delta = choice.get("delta") or {}
             text = delta.get("content") or ""
             reasoning = (delta.get("reasoning_content") or "") if keep_reasoning else ""
-            if text or reasoning:
-                yield ChatChunk(text=text, reasoning=reasoning)
+            fragments = calls.from_openai(delta.get("tool_calls") or ())
+            if text or reasoning or fragments:
+                yield ChatChunk(text=text, reasoning=reasoning, tool_calls=fragments)
             if choice.get("finish_reason"):
                 finish_reason = choice["finish_reason"]
         if not finished:

@@ -95,7 +95,7 @@ class VLLMProvider(Provider):
         from vllm import SamplingParams
 
         prompt = self.tokenizer.apply_chat_template(
-            [m.model_dump() for m in request.messages], tokenize=False, add_generation_prompt=True)
+            [m.as_dict() for m in request.messages], tokenize=False, add_generation_prompt=True)
         outputs: queue.Queue[Any] = queue.Queue()
         running = self._on_loop(self._generate(prompt, SamplingParams(**self.sampling_params(request)),
                                                request.job_id, outputs))

@@ -1,0 +1,296 @@
+"""Tools, structured output and penalties end to end (issue #17), with the official `openai`
+SDK against the gateway: through `proxy/openai` to a real `llama_cpp.server` running
+llama-cpp-python's function-calling chat format, and through the `llama.cpp` provider with the
+same format. Forced `tool_choice` makes even random weights emit a valid call (the engine
+samples under a grammar made from the tool's schema). The exact stream shape of parallel calls
+is checked against a FAKE upstream (tests/fake_upstream.py): no server that runs here streams
+parallel calls.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pytest
+import redis
+from pydantic import BaseModel, ConfigDict, Field
+
+from smmf_queue import Client, NoLiveWorker, keys, registry
+from smmf_queue.embedded_redis import EmbeddedRedis
+from smmf_queue.jobs import ChatRequest, ToolCall
+from smmf_queue.tool_calls import assemble
+
+from .conftest import StartWorker, free_port, llama_cpp_server, start_service
+from .fake_upstream import FakeUpstream, chat_chunk
+
+KEY = "sk-tool-server-31"
+CITY = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+        "required": ["city"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city", "parameters": CITY}}
+FORCED = {"type": "function", "function": {"name": "get_weather"}}
+ANSWER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
+                                           "sunny": {"type": "boolean"}},
+          "required": ["city", "sunny"], "additionalProperties": False}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+TOOL_MODELS = ["tool-proxy", "gguf-tools"]
+
+
+@pytest.fixture(scope="module")
+def tool_server(gguf_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("tool-server") / "server.log"
+    with llama_cpp_server(gguf_model, log, KEY, "--chat_format", "chatml-function-calling") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    fake = FakeUpstream()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture(scope="module")
+def tools_config(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis,
+                 gguf_model: Path, tool_server: str, upstream: FakeUpstream) -> Path:
+    path = tmp_path_factory.mktemp("tools") / "tools.toml"
+    path.write_text(f"""
+[[models.llms]]
+name = "tool-proxy"
+provider = "proxy/openai"
+backend = "tiny-gguf"
+api_base = "{tool_server}"
+api_key = "{KEY}"
+concurrency = 2
+
+[[models.llms]]
+name = "gguf-tools"
+provider = "llama.cpp"
+path = "{gguf_model}"
+chat_format = "chatml-function-calling"
+n_threads = 1
+
+[[models.llms]]
+name = "gguf-plain"
+provider = "llama.cpp"
+path = "{gguf_model}"
+n_threads = 1
+
+[[models.llms]]
+name = "fake-tools"
+provider = "proxy/openai"
+api_base = "{upstream.url}/v1"
+api_key = "sk-fake"
+
+[queue]
+broker_url = "{redis_server.url}"
+job_timeout_s = 60
+
+[gateway]
+resume_grace_s = 0
+""")
+    return path
+
+
+@pytest.fixture(scope="module")
+def gateway(tools_config: Path, start_worker: StartWorker,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    start_worker("tool-proxy", "gguf-tools", "gguf-plain", "fake-tools", config=tools_config)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("tools-gateway") / "gateway.log"
+    process = start_service("gateway", tools_config, log, f"{url}/healthz", "--port", str(port))
+    yield url
+    process.terminate()
+    process.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def oai(gateway: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+
+
+def _valid_call(call: Any) -> dict[str, Any]:
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    arguments: dict[str, Any] = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, CITY)
+    return arguments
+
+
+@pytest.mark.parametrize("model", TOOL_MODELS)
+def test_the_openai_sdk_runs_a_tool_loop_through_the_gateway(oai: openai.OpenAI, model: str) -> None:
+    # Given a model behind the gateway that honours tools
+    # When the official SDK streams a request that forces a tool call (its stream helper joins
+    # the fragments as OpenAI's own stream would be joined)
+    with oai.chat.completions.stream(model=model, messages=ASK, tools=[WEATHER],  # type: ignore[list-item]
+                                     tool_choice=FORCED, temperature=0) as stream:  # type: ignore[arg-type]
+        streamed = stream.get_final_completion()
+    # Then the reply is one valid call, named once, its arguments valid against the schema
+    choice = streamed.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls or []) == 1
+    arguments = _valid_call(choice.message.tool_calls[0])  # type: ignore[index]
+    # and the same request answered whole carries the same call
+    whole = oai.chat.completions.create(model=model, messages=ASK, tools=[WEATHER],  # type: ignore[list-item]
+                                        tool_choice=FORCED, temperature=0)  # type: ignore[arg-type]
+    assert whole.choices[0].finish_reason == "tool_calls" and whole.choices[0].message.content is None
+    assert _valid_call(whole.choices[0].message.tool_calls[0]) == arguments  # type: ignore[index]
+    # When the call's result goes back in a second turn
+    call = whole.choices[0].message.tool_calls[0]  # type: ignore[index]
+    turn = [*ASK, whole.choices[0].message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": '{"sunny": true}'}]
+    answer = oai.chat.completions.create(model=model, messages=turn, tools=[WEATHER],  # type: ignore[arg-type,list-item]
+                                         tool_choice="none", max_tokens=8, temperature=0)
+    # Then the model answers in text
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+    assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_the_sdk_gives_typed_tool_calls_streamed_and_whole(tools_config: Path, gateway: str) -> None:
+    with Client(tools_config) as sdk:
+        result = sdk.chat("gguf-tools", ASK, tools=[WEATHER], tool_choice=FORCED, temperature=0)
+        deltas = list(sdk.stream_chat("gguf-tools", ASK, tools=[WEATHER], tool_choice=FORCED,
+                                      temperature=0))
+        # "auto": the model chooses; llama-cpp-python answers that choice whole
+        chosen = sdk.chat("gguf-tools", ASK, tools=[WEATHER], tool_choice="auto", max_tokens=16)
+    assert result.finish_reason == "tool_calls" and isinstance(result.tool_calls[0], ToolCall)
+    _valid_call(result.tool_calls[0])
+    fragments = [f for d in deltas for f in d.tool_calls]
+    assert fragments[0].name == "get_weather" and all(f.name is None for f in fragments[1:])
+    assert [c.function for c in assemble(fragments)] == [c.function for c in result.tool_calls]
+    assert deltas[-1].finish_reason == "tool_calls"
+    assert chosen.finish_reason in ("tool_calls", "stop", "length")
+    for call in chosen.tool_calls:
+        _valid_call(call)
+
+
+def test_parallel_calls_keep_openai_stream_shape_and_fields_are_forwarded(
+        oai: openai.OpenAI, gateway: str, upstream: FakeUpstream) -> None:
+    # Given an upstream that streams two calls, their fragments interleaved, as OpenAI does
+    def fragment(index: int, arguments: str, call_id: str | None = None) -> dict[str, Any]:
+        chunk = chat_chunk()
+        call: dict[str, Any] = {"index": index, "function": {"arguments": arguments}}
+        if call_id:
+            call.update(id=call_id, type="function")
+            call["function"]["name"] = "get_weather"
+        chunk["choices"][0]["delta"] = {"tool_calls": [call]}
+        return chunk
+
+    upstream.reset()
+    upstream.sse([fragment(0, "", "call_a"), fragment(0, '{"city":'), fragment(1, "", "call_b"),
+                  fragment(0, ' "Paris"}'), fragment(1, '{"city": "Rome"}'),
+                  chat_chunk(finish="tool_calls"), chat_chunk(usage={"prompt_tokens": 9,
+                                                                    "completion_tokens": 12})])
+    fields = {"tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": True,
+              "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER}},
+              "presence_penalty": 0.5, "frequency_penalty": -0.5}
+    # When a client streams a request through the gateway
+    with httpx.stream("POST", f"{gateway}/v1/chat/completions", timeout=60,
+                      json={"model": "fake-tools", "messages": ASK, "stream": True, **fields}) as reply:
+        chunks = [json.loads(line[6:]) for line in reply.iter_lines()
+                  if line.startswith("data: {")]
+    # Then every field reached the upstream unchanged
+    sent = upstream.requests[0].body
+    assert {name: sent[name] for name in fields} == fields
+    # and each call's id, type and name came once, in its first fragment, then only arguments
+    calls = [call for c in chunks for call in c["choices"][0]["delta"].get("tool_calls", [])]
+    assert [c.get("id") for c in calls if "id" in c] == ["call_a", "call_b"]
+    assert all(set(c["function"]) == {"arguments"} for c in calls if "id" not in c)
+    joined = {i: "".join(c["function"]["arguments"] for c in calls if c["index"] == i) for i in (0, 1)}
+    assert [json.loads(joined[0]), json.loads(joined[1])] == [{"city": "Paris"}, {"city": "Rome"}]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("model", ["gguf-plain", "gguf-tools"])
+def test_a_json_schema_reply_validates_even_from_random_weights(oai: openai.OpenAI, model: str) -> None:
+    # Given a llama.cpp model (random weights: unconstrained, its text is noise)
+    # When a request asks for a JSON schema
+    reply = oai.chat.completions.create(
+        model=model, messages=ASK, max_tokens=200, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER}})
+    # Then sampling under the schema's grammar gives JSON that validates
+    jsonschema.validate(json.loads(reply.choices[0].message.content or ""), ANSWER)
+
+
+def test_json_mode_with_a_schema_reaches_a_real_upstream(oai: openai.OpenAI) -> None:
+    # llama_cpp.server takes a schema inside `json_object` (its extension of OpenAI's JSON mode):
+    # the gateway passes it through unchanged, and the server constrains its sampling with it
+    reply = oai.chat.completions.create(model="tool-proxy", messages=ASK, max_tokens=200, temperature=0,
+                                        response_format={"type": "json_object", "schema": ANSWER})  # type: ignore[typeddict-unknown-key]
+    jsonschema.validate(json.loads(reply.choices[0].message.content or ""), ANSWER)
+
+
+def test_tools_are_refused_where_the_chat_format_cannot_parse_calls(oai: openai.OpenAI) -> None:
+    # Given a llama.cpp model whose chat format (the GGUF's own template) parses no tool calls
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.chat.completions.create(model="gguf-plain", messages=ASK, tools=[WEATHER])  # type: ignore[list-item]
+    assert (refused.value.code, refused.value.param) == ("unsupported_parameter", "tools")
+    assert "gguf-plain" in refused.value.message
+
+
+def test_penalties_reach_the_llama_cpp_sampler(oai: openai.OpenAI) -> None:
+    def reply(**penalties: float) -> str:
+        return oai.chat.completions.create(model="gguf-plain", messages=ASK, max_tokens=40,
+                                           temperature=0, **penalties).choices[0].message.content or ""
+
+    assert reply() == reply()
+    assert reply(presence_penalty=2.0, frequency_penalty=2.0) != reply()
+
+
+class _WireOneMessage(BaseModel):
+    """The chat job message of wire 1, as released (strict, as its workers are)."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: str
+    content: str
+
+
+class _WireOneRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    v: int
+    job_id: str
+    reply_to: str | None = None
+    submitted_at: float
+    model: str
+    messages: list[_WireOneMessage]
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+def test_a_plain_request_is_still_a_wire_one_message() -> None:
+    plain = ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}],  # type: ignore[list-item]
+                        params={"temperature": 0, "stop": ["x"]}, reply_to="r")
+    message = plain.message()
+    assert message["v"] == 1 and _WireOneRequest.model_validate(message)
+    with_tools = ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}],  # type: ignore[list-item]
+                             tools=[WEATHER], reply_to="r")
+    assert with_tools.message()["v"] == 2
+    with pytest.raises(ValueError):
+        _WireOneRequest.model_validate(with_tools.message())
+
+
+def test_a_wire_two_request_waits_while_an_old_worker_serves_its_model(
+        tools_config: Path, gateway: str, redis_server: EmbeddedRedis) -> None:
+    # Given a worker from before wire 2 among the model's workers: a FAKE heartbeat of one (its
+    # record has no `wire`, as such workers write it)
+    heartbeats = redis.Redis.from_url(redis_server.url)
+    old = registry.WorkerInfo(worker_id="old-worker@test", host="h", pid=1, hardware="cpu",
+                              started_at=time.time(), beat_at=time.time(),
+                              models=[registry.ServedModel(name="gguf-tools", kind="llm",
+                                                           queue="q", provider="llama.cpp", slots=1)])
+    heartbeats.set(keys.worker_heartbeat(old.worker_id), old.model_dump_json(exclude={"wire"}), ex=30)
+    heartbeats.sadd(keys.WORKERS, old.worker_id)
+    try:
+        with Client(tools_config) as sdk:
+            # When a request needs wire 2, Then it is refused before it is enqueued
+            with pytest.raises(NoLiveWorker, match="predate job wire 2"):
+                sdk.chat("gguf-tools", ASK, tools=[WEATHER], tool_choice=FORCED)
+            # and a plain request still goes (any worker reads it)
+            assert sdk.chat("gguf-tools", ASK, max_tokens=2).usage.completion_tokens == 2
+    finally:
+        registry.forget(heartbeats, old.worker_id)
