@@ -17,11 +17,13 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import UnsupportedParameter
+from .providers import LLAMA_CPP_TOOL_FORMATS, PROVIDERS, honoured
 
 #: output-changing fields of OpenAI's chat request, each with the values that ask for nothing
 #: (the field may be sent with one of them, as many clients do).
 OUTPUT_CHANGING: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+    "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None, True),
+    "functions": (None, []),
     "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
     "logprobs": (None, False), "top_logprobs": (None, 0), "n": (None, 1),
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
@@ -101,3 +103,31 @@ def shape_messages(messages: list[dict[str, Any]], dropped: list[str]) -> list[d
             message.pop("tool_calls", None)
         shaped.append(message)
     return shaped
+
+
+#: the rows of the support table: every output-changing field and content part kind.
+TABLE_FIELDS = [*OUTPUT_CHANGING, part_field("image_url"), part_field("input_audio")]
+
+
+def status(provider: str, field: str) -> str:
+    """How models of `provider` treat `field`: "honoured" (by the engine in the worker),
+    "forwarded" (an API is sent it unchanged and answers for it), "refused", or honoured with a
+    condition on the model entry."""
+    spec = PROVIDERS[provider]
+    if field not in spec.supports:
+        return "refused"
+    if spec.extra == "proxy":
+        return "forwarded"
+    if field not in honoured(provider, {}):
+        return "honoured with chat_format " + " or ".join(sorted(LLAMA_CPP_TOOL_FORMATS))
+    return "honoured"
+
+
+def support_table() -> str:
+    """The field × provider table, in Markdown (the README holds it; a test keeps it current)."""
+    providers = list(PROVIDERS)
+    lines = ["| field | " + " | ".join(f"`{p}`" for p in providers) + " |",
+             "|---|" + "---|" * len(providers)]
+    for field in TABLE_FIELDS:
+        lines.append(f"| `{field}` | " + " | ".join(status(p, field) for p in providers) + " |")
+    return "\n".join(lines) + "\n"

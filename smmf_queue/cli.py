@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import dead_letters, keys, redis_clients, registry
+from . import chat_fields, dead_letters, keys, redis_clients, registry
 from .client import Client
 from .config import DEFAULT_CONFIG, ModelConfig, ModelKind, SmmfConfig, load_config
 from .errors import SmmfError
@@ -202,10 +202,16 @@ def jobs_purge(job_ids: Annotated[list[str] | None, typer.Argument(help="Jobs to
 
 
 @app.command()
-def providers(as_json: JsonOption = False) -> None:
+def providers(as_json: JsonOption = False,
+              fields: Annotated[bool, typer.Option(
+                  "--fields", help="Print the field × provider table (Markdown) instead.")] = False,
+              ) -> None:
     """List the providers a model entry may name: what each talks to, its extra, whether that
     extra is installed here, the kinds it serves, its default concurrency and the OpenAI chat
     fields it honours beyond sampling (others are refused, or dropped with drop_params)."""
+    if fields:
+        print(chat_fields.support_table(), end="")
+        return
     rows = [_provider_row(spec) for spec in PROVIDERS.values()]
     if as_json:
         console.print_json(json.dumps(rows))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,10 @@ import pytest
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
-from smmf_queue import Client, NoLiveWorker, keys, registry
+from smmf_queue import Client, NoLiveWorker, UnsupportedParameter, chat_fields, keys, registry
 from smmf_queue.embedded_redis import EmbeddedRedis
 from smmf_queue.jobs import ChatRequest, ToolCall
+from smmf_queue.providers import PROVIDERS
 from smmf_queue.tool_calls import assemble
 
 from .conftest import StartWorker, free_port, llama_cpp_server, start_service
@@ -88,7 +89,7 @@ name = "fake-tools"
 provider = "proxy/openai"
 api_base = "{upstream.url}/v1"
 api_key = "sk-fake"
-
+{_models_for_the_table(upstream.url)}
 [queue]
 broker_url = "{redis_server.url}"
 job_timeout_s = 60
@@ -99,10 +100,30 @@ resume_grace_s = 0
     return path
 
 
+#: a model of each provider for the field table's cells (those not served here only refuse).
+TABLE_MODELS = {"hf": "table-hf", "llama.cpp": "gguf-tools", "vllm": "table-vllm", "mlx": "table-mlx",
+                "proxy/openai": "fake-tools", "proxy/deepseek": "table-deepseek",
+                "proxy/tongyi": "table-tongyi", "proxy/siliconflow": "table-siliconflow",
+                "proxy/ollama": "table-ollama"}
+SERVED = ["tool-proxy", "gguf-tools", "gguf-plain", "fake-tools", "table-deepseek", "table-tongyi",
+          "table-siliconflow"]
+
+
+def _models_for_the_table(fake: str) -> str:
+    entries = []
+    for provider, name in TABLE_MODELS.items():
+        if name in ("gguf-tools", "fake-tools"):
+            continue
+        where = f'api_base = "{fake}/v1"\napi_key = "sk-fake"' if provider.startswith("proxy/") \
+            else f'path = "/not/loaded/{name}"'
+        entries.append(f'[[models.llms]]\nname = "{name}"\nprovider = "{provider}"\n{where}\n')
+    return "\n".join(entries)
+
+
 @pytest.fixture(scope="module")
 def gateway(tools_config: Path, start_worker: StartWorker,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    start_worker("tool-proxy", "gguf-tools", "gguf-plain", "fake-tools", config=tools_config)
+    start_worker(*SERVED, config=tools_config)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("tools-gateway") / "gateway.log"
@@ -187,7 +208,7 @@ def test_parallel_calls_keep_openai_stream_shape_and_fields_are_forwarded(
                   fragment(0, ' "Paris"}'), fragment(1, '{"city": "Rome"}'),
                   chat_chunk(finish="tool_calls"), chat_chunk(usage={"prompt_tokens": 9,
                                                                     "completion_tokens": 12})])
-    fields = {"tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": True,
+    fields = {"tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": False,
               "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER}},
               "presence_penalty": 0.5, "frequency_penalty": -0.5}
     # When a client streams a request through the gateway
@@ -294,3 +315,84 @@ def test_a_wire_two_request_waits_while_an_old_worker_serves_its_model(
             assert sdk.chat("gguf-tools", ASK, max_tokens=2).usage.completion_tokens == 2
     finally:
         registry.forget(heartbeats, old.worker_id)
+
+
+# The field × provider table (README.md): kept current, and every cell tested.
+
+#: a value of each field that asks for something, and the messages that carry it.
+ASKING: dict[str, Any] = {
+    "tools": [WEATHER], "tool_choice": FORCED, "parallel_tool_calls": False,
+    "functions": [WEATHER["function"]], "function_call": {"name": "get_weather"},
+    "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER}},
+    "logprobs": True, "top_logprobs": 2, "n": 2, "presence_penalty": 1.5, "frequency_penalty": 1.5,
+    "logit_bias": {"65": 5.0}, "modalities": ["text", "audio"], "audio": {"voice": "alloy"},
+    "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "low",
+    "web_search_options": {}, "verbosity": "low",
+}
+PARTS = {"messages[].content[].image_url": {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
+         "messages[].content[].input_audio": {"type": "input_audio",
+                                              "input_audio": {"data": "AA==", "format": "wav"}}}
+CELLS = [(field, provider) for field in chat_fields.TABLE_FIELDS for provider in PROVIDERS]
+
+
+def _asking(field: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(messages, fields) of a request that asks for `field`."""
+    if field in PARTS:
+        return [{"role": "user", "content": [{"type": "text", "text": "what is it?"}, PARTS[field]]}], {}
+    return ASK, {field: ASKING[field]}
+
+
+def test_the_readme_holds_the_current_field_table() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start, end = "<!-- fields-table:start -->\n", "<!-- fields-table:end -->"
+    assert readme[readme.index(start) + len(start):readme.index(end)] == chat_fields.support_table()
+    assert set(ASKING) | set(PARTS) == set(chat_fields.TABLE_FIELDS)
+
+
+@pytest.mark.parametrize(("field", "provider"), CELLS)
+def test_each_cell_of_the_field_table(field: str, provider: str, tools_config: Path, gateway: str,
+                                      upstream: FakeUpstream) -> None:
+    status = chat_fields.status(provider, field)
+    model = TABLE_MODELS[provider]
+    messages, fields = _asking(field)
+    with Client(tools_config) as sdk:
+        if status == "refused":
+            with pytest.raises(UnsupportedParameter) as refused:
+                sdk.chat(model, messages, **fields)
+            assert refused.value.param == field and model in refused.value.message
+        elif status == "forwarded":
+            upstream.reset()
+            upstream.sse([chat_chunk("ok"), chat_chunk(finish="stop")])
+            sdk.chat(model, messages, **fields)
+            sent = upstream.requests[0].body
+            assert (sent["messages"] == messages) if field in PARTS else (sent[field] == fields[field])
+        else:
+            HONOURED[field](sdk, model)
+            if status != "honoured":  # honoured with a chat format: a model without it refuses
+                with pytest.raises(UnsupportedParameter):
+                    sdk.chat("gguf-plain", messages, **fields)
+
+
+def _calls_the_tool(sdk: Client, model: str) -> None:
+    result = sdk.chat(model, ASK, tools=[WEATHER], tool_choice=FORCED)
+    assert result.finish_reason == "tool_calls"
+    _valid_call(result.tool_calls[0])
+
+
+def _answers_in_the_schema(sdk: Client, model: str) -> None:
+    result = sdk.chat(model, ASK, max_tokens=200, response_format=ASKING["response_format"])
+    jsonschema.validate(json.loads(result.text), ANSWER)
+
+
+def _penalised(field: str) -> Callable[[Client, str], None]:
+    def check(sdk: Client, model: str) -> None:
+        plain = sdk.chat(model, ASK, max_tokens=40, temperature=0).text
+        assert sdk.chat(model, ASK, max_tokens=40, temperature=0, **{field: 2.0}).text != plain
+    return check
+
+
+#: how an honoured field shows, by field.
+HONOURED: dict[str, Callable[[Client, str], None]] = {
+    "tools": _calls_the_tool, "tool_choice": _calls_the_tool, "response_format": _answers_in_the_schema,
+    "presence_penalty": _penalised("presence_penalty"), "frequency_penalty": _penalised("frequency_penalty"),
+}
