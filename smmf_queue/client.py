@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar, cast
 
 import redis
@@ -171,20 +171,22 @@ class AsyncClient(_BaseClient):
     async def stream_chat(self, model: str, messages: list[dict[str, Any]], *,
                           timeout: float | None = None, queue_timeout: float | None = None,
                           fail_fast: bool | None = None, job_id: str | None = None,
-                          cancel_on_leave: bool = True, **params: Any) -> AsyncIterator[ChatDelta]:
+                          cancel_on_leave: bool = True, on_queued: Callable[[], None] | None = None,
+                          **params: Any) -> AsyncIterator[ChatDelta]:
         """Yield the reply's deltas as the worker produces them. Leaving early cancels the job,
-        unless `cancel_on_leave` is false (a reader may `replay` it; the caller cancels later)."""
+        unless `cancel_on_leave` is false (a reader may `replay` it; the caller cancels later).
+        `on_queued` is called once the job is on its queue (every refusal comes before)."""
         request = self._chat_request(model, messages, params, job_id, self._hub.reply_channel)
         reader = JobReader(request.job_id, model, self._timeout(timeout))
         async for delta in self._run("llm", request.message(), reader, fail_fast,
-                                     queue_timeout, cancel_on_leave):
+                                     queue_timeout, cancel_on_leave, on_queued):
             yield delta
 
     async def embed(self, model: str, texts: list[str], *, normalize: bool | None = None,
                     timeout: float | None = None, queue_timeout: float | None = None,
-                    fail_fast: bool | None = None) -> EmbeddingResult:
+                    fail_fast: bool | None = None, job_id: str | None = None) -> EmbeddingResult:
         """Vectors for `texts`, in input order."""
-        job_id = new_job_id()
+        job_id = job_id or new_job_id()
         end = await self.embedding_job(model, texts, normalize=normalize, timeout=timeout,
                                        queue_timeout=queue_timeout, fail_fast=fail_fast,
                                        job_id=job_id)
@@ -286,7 +288,8 @@ class AsyncClient(_BaseClient):
 
     async def _run(self, kind: ModelKind, request: dict[str, Any], reader: JobReader,
                    fail_fast: bool | None, queue_timeout: float | None = None,
-                   cancel_on_leave: bool = True) -> AsyncIterator[ChatDelta]:
+                   cancel_on_leave: bool = True,
+                   on_queued: Callable[[], None] | None = None) -> AsyncIterator[ChatDelta]:
         """Enqueue one job and yield its deltas until its terminal event (the last one says why
         it ended); leaving early cancels the job if `cancel_on_leave`."""
         model = request["model"]
@@ -300,6 +303,8 @@ class AsyncClient(_BaseClient):
             raise _unreachable(exc, model) from None
         inbox = self._hub.open(reader.job_id)
         self._enqueue(self._hub, kind, request, self._expires(reader, queue_timeout))
+        if on_queued is not None:
+            on_queued()
         try:
             async for delta in self._read(reader, inbox):
                 yield delta

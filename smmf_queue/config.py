@@ -142,6 +142,9 @@ class GatewaySettings(_Strict):
     #: seconds a stopping gateway (SIGTERM) lets open requests finish; streams still open then
     #: are cut, and their clients may resume them on another replica.
     shutdown_grace_s: int = Field(default=10, ge=1)
+    #: seconds between SSE comment lines sent while a streamed job waits for a worker: the
+    #: response starts at once, and a proxy's idle timeout never cuts a queued request.
+    keepalive_s: float = Field(default=15.0, gt=0)
 
 
 class FlowerSettings(_Strict):

@@ -10,11 +10,13 @@ shape, `{"error": {"message", "type", "param", "code"}}`, with its status from o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
@@ -66,12 +68,16 @@ _STATUS: list[tuple[type[SmmfError], int, str, str | None]] = [
     (UnknownJob, 404, "invalid_request_error", "stream_not_found"),
     (UnsupportedParameter, 400, "invalid_request_error", "unsupported_parameter"),
     (RequestError, 400, "invalid_request_error", None),
-    (NoLiveWorker, 503, "service_unavailable", "no_live_worker"),
-    (BrokerUnavailable, 503, "service_unavailable", "broker_unavailable"),
-    (JobTimeout, 504, "timeout", "job_timeout"),
-    (JobFailed, 502, "api_error", "job_failed"),
-    (SmmfError, 500, "api_error", None),
+    (NoLiveWorker, 503, "server_error", "no_live_worker"),
+    (BrokerUnavailable, 503, "server_error", "broker_unavailable"),
+    (JobTimeout, 504, "server_error", "job_timeout"),
+    (JobFailed, 502, "server_error", "job_failed"),
+    (SmmfError, 500, "server_error", None),
 ]
+#: headers of every SSE response: no cache, and no buffering by a proxy such as nginx.
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+#: what a streamed response sends while its job waits for a worker (an SSE comment line).
+KEEPALIVE = b": waiting for a worker\n\n"
 
 
 class _ContentPart(BaseModel):
@@ -208,6 +214,8 @@ def create_app(config: SmmfConfig) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     fail_fast = not config.gateway.wait_for_worker
+    #: when this gateway started: `created` of the models it lists.
+    started = int(time.time())
 
     app.add_middleware(_Guard, keys={k.get_secret_value() for k in config.gateway.api_keys},
                        models={m.name for m in config.models},
@@ -248,19 +256,25 @@ def create_app(config: SmmfConfig) -> FastAPI:
         headers = {"x-smmf-dropped-params": ",".join(dropped)} if dropped else {}
         messages = [m.wire() for m in body.messages]
         fields = {name: value for name, value in body.fields().items() if name not in dropped}
-        job_id = new_job_id()
+        request.state.request_id = job_id = new_job_id()
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
+            queued = asyncio.Event()
             stream = client.stream_chat(body.model, messages, fail_fast=fail_fast, job_id=job_id,
-                                        cancel_on_leave=False, **deadlines, **fields)
-            first = await _first(stream)  # errors before the first token are plain 4xx/5xx
-            metrics.GATEWAY_TTFT.labels(body.model).observe(time.perf_counter() - arrived)
+                                        cancel_on_leave=False, on_queued=queued.set,
+                                        **deadlines, **fields)
+            first = asyncio.ensure_future(_first(stream))
+            first.add_done_callback(partial(_observe_ttft, body.model, arrived))
+            await _first_of(first, queued)
+            if first.done():
+                first.result()  # a refusal (before anything was queued) is a plain 4xx/5xx
             resume = (f"/v1/chat/completions/chatcmpl-{job_id}/stream?model={quote(body.model)}"
                       + ("&include_usage=true" if include_usage else ""))
             return StreamingResponse(
                 _sse(body.model, job_id, first, stream, include_usage, NOTHING_SEEN,
-                     lambda: app.state.left_streams.left(job_id, None)),
-                media_type="text/event-stream", headers={"x-smmf-resume": resume, **headers})
+                     lambda: app.state.left_streams.left(job_id, None), config.gateway.keepalive_s),
+                media_type="text/event-stream",
+                headers={"x-smmf-resume": resume, **SSE_HEADERS, **headers})
         result = await client.chat(body.model, messages, fail_fast=fail_fast, job_id=job_id,
                                    **deadlines, **fields)
         message = _message(result.text, result.reasoning)
@@ -295,22 +309,26 @@ def create_app(config: SmmfConfig) -> FastAPI:
         request.state.model = model
         config.model(model, "llm")
         after = parse_last_event_id(last_event_id)
-        job_id = completion_id.removeprefix("chatcmpl-")
+        request.state.request_id = job_id = completion_id.removeprefix("chatcmpl-")
         left_streams: LeftStreams = app.state.left_streams
         token = await left_streams.attach(job_id)
         stream = app.state.client.replay(job_id, model, from_seq=max(1, after[0] + 1),
                                          wait_for_start=False)
-        first = await _first(stream)  # UnknownJob: a 404
+        first = asyncio.ensure_future(_first(stream))
+        await first  # UnknownJob: a 404
         return StreamingResponse(_sse(model, job_id, first, stream, include_usage, after,
-                                      lambda: left_streams.left(job_id, token)),
-                                 media_type="text/event-stream")
+                                      lambda: left_streams.left(job_id, token),
+                                      config.gateway.keepalive_s),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingsRequest, request: Request,
                          deadlines: Deadlines) -> dict[str, Any]:
         request.state.model = body.model
+        request.state.request_id = job_id = new_job_id()
         texts = [body.input] if isinstance(body.input, str) else body.input
-        result = await app.state.client.embed(body.model, texts, fail_fast=fail_fast, **deadlines)
+        result = await app.state.client.embed(body.model, texts, fail_fast=fail_fast, job_id=job_id,
+                                              **deadlines)
         return {"object": "list", "model": body.model,
                 "data": [{"object": "embedding", "index": i,
                           "embedding": _encode(vector, body.encoding_format)}
@@ -322,7 +340,7 @@ def create_app(config: SmmfConfig) -> FastAPI:
     async def models() -> dict[str, Any]:
         workers = await app.state.client.live_workers()
         return {"object": "list", "data": [
-            {"id": m.name, "object": "model", "owned_by": "smmf-queue", "kind": m.kind,
+            {"id": m.name, "object": "model", "created": started, "owned_by": "smmf-queue", "kind": m.kind,
              "provider": m.provider, "live_workers": registry.replicas(workers, m.kind, m.name)}
             for m in config.models]}
 
@@ -367,7 +385,7 @@ Deadlines = Annotated[dict[str, float], Depends(_deadlines)]
 
 
 class _Guard:
-    """API keys and the body-size limit for `/v1/`, and the request counter.
+    """API keys and the body-size limit for `/v1/`, the request counter, and `x-request-id`.
 
     Pure ASGI: Starlette's `@app.middleware("http")` passes every streamed response through a
     task and a memory stream, which cost the gateway about 1 ms per request. The counter's
@@ -381,23 +399,30 @@ class _Guard:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
-            return
-        refusal = self._refusal(Headers(scope=scope))
-        if refusal is not None:
-            await refusal(scope, receive, send)
             return
         status = 500
 
-        async def send_and_note_status(message: Message) -> None:
+        async def send_with_request_id(message: Message) -> None:
+            """Every response says `x-request-id`: its job's id where it has one."""
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                request_id = scope.get("state", {}).get("request_id") or new_job_id()
+                message["headers"] = [*message.get("headers", []),
+                                      (b"x-request-id", request_id.encode())]
             await send(message)
 
+        if not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send_with_request_id)
+            return
+        refusal = self._refusal(Headers(scope=scope))
+        if refusal is not None:
+            await refusal(scope, receive, send_with_request_id)
+            return
         try:
-            await self.app(scope, receive, send_and_note_status)
+            await self.app(scope, receive, send_with_request_id)
         finally:
             model = scope.get("state", {}).get("model", "")  # set by the endpoint, unchecked
             route = scope.get("route")  # set by FastAPI's router when a route matched
@@ -422,10 +447,25 @@ async def _first(stream: AsyncIterator[Any]) -> Any:
         return None
 
 
-async def _sse(model: str, job_id: str, first: ChatDelta | None, stream: AsyncIterator[ChatDelta],
-               include_usage: bool, after: FrameId, on_leave: Callable[[], None]) -> AsyncIterator[bytes]:
+def _observe_ttft(model: str, arrived: float, first: asyncio.Future[Any]) -> None:
+    """The gateway's time to first token, for streams whose first delta came."""
+    if not first.cancelled() and first.exception() is None:
+        metrics.GATEWAY_TTFT.labels(model).observe(time.perf_counter() - arrived)
+
+
+async def _first_of(first: asyncio.Future[Any], queued: asyncio.Event) -> None:
+    """Wait until the first delta came (or the stream failed) or the job is on its queue."""
+    waiting = asyncio.ensure_future(queued.wait())
+    await asyncio.wait({first, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+
+
+async def _sse(model: str, job_id: str, first: asyncio.Future[ChatDelta | None],
+               stream: AsyncIterator[ChatDelta], include_usage: bool, after: FrameId,
+               on_leave: Callable[[], None], keepalive_s: float) -> AsyncIterator[bytes]:
     """SSE frames of chat.completion.chunk objects after the frame `after`, ending with
-    `[DONE]`; `on_leave` is called if the client leaves before the end."""
+    `[DONE]`; a comment line every `keepalive_s` until `first` (the first delta) comes;
+    `on_leave` is called if the client leaves before the end."""
     chunk_id, created = f"chatcmpl-{job_id}", int(time.time())
 
     def chunk(frame: FrameId, choices: list[dict[str, Any]], **extra: Any) -> bytes:
@@ -441,7 +481,9 @@ async def _sse(model: str, job_id: str, first: ChatDelta | None, stream: AsyncIt
     sent = after > ROLE_FRAME  # the client may hold text already
     ended = False
     try:
-        delta = first
+        while not (await asyncio.wait({first}, timeout=keepalive_s))[0]:
+            yield KEEPALIVE
+        delta = first.result()
         while delta is not None:
             if delta.restart and sent:
                 # An OpenAI stream cannot take back what it sent: end it; the caller retries.
@@ -468,6 +510,9 @@ async def _sse(model: str, job_id: str, first: ChatDelta | None, stream: AsyncIt
     finally:
         if not ended:  # the client left: the job runs on for a while, for it to resume
             on_leave()
+        if not first.done():  # it was waiting for a worker: stop reading first
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
         await stream.aclose()  # type: ignore[attr-defined]
     yield b"data: [DONE]\n\n"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,7 +128,8 @@ def test_client_disconnect_cancels_the_job_on_the_worker(gateway_url: str, redis
     body = {"model": CHAT, "messages": HELLO, "max_tokens": 4000, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{gateway_url}/v1/chat/completions", json=body, timeout=30,
                       headers={"Authorization": f"Bearer {GATEWAY_KEY}"}) as response:
-        first = next(line for line in response.iter_lines() if line.startswith("data: {"))
+        first = next(line for line in response.iter_lines()  # the first text, after the role frame
+                     if line.startswith("data: {") and '"role"' not in line)
     # When the client goes away after the first chunk
     job_id = first.split('"id":"chatcmpl-', 1)[1].split('"', 1)[0]
 
@@ -267,3 +269,54 @@ def test_a_model_with_drop_params_drops_them_and_says_which(gateway_url: str, co
     worker.stop()
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
     assert reply.headers["x-smmf-dropped-params"] == "tools,logit_bias"
+
+
+def test_protocol_details_clients_trip_on(gateway_url: str, config_path: Path, tmp_path: Path,
+                                          start_worker) -> None:  # type: ignore[no-untyped-def]
+    auth = {"Authorization": f"Bearer {GATEWAY_KEY}"}
+    # An unknown route is an OpenAI-shaped 404; every response says x-request-id
+    missing = httpx.get(f"{gateway_url}/v1/no-such-route", headers=auth)
+    assert missing.status_code == 404 and set(missing.json()["error"]) >= {"message", "type"}
+    assert missing.headers["x-request-id"]
+    # /v1/models entries carry `created`
+    models = httpx.get(f"{gateway_url}/v1/models", headers=auth).json()["data"]
+    assert all(isinstance(m["created"], int) and m["created"] > 0 for m in models)
+    # a 503 has OpenAI's error type
+    down = httpx.post(f"{gateway_url}/v1/chat/completions", headers=auth,
+                      json={"model": IDLE, "messages": HELLO})
+    assert (down.status_code, down.json()["error"]["type"]) == (503, "server_error")
+
+    # Given a gateway that queues requests for a model no worker serves yet
+    waiting_config = tmp_path / "wait.toml"
+    waiting_config.write_text(config_path.read_text().replace(
+        "resume_grace_s = 0", "resume_grace_s = 0\nwait_for_worker = true\nkeepalive_s = 0.2"))
+    port = free_port()
+    gateway = start_service("gateway", waiting_config, tmp_path / "gateway.log",
+                            f"http://127.0.0.1:{port}/healthz", "--port", str(port))
+    worker = None
+    try:
+        body = {"model": IDLE, "messages": HELLO, "max_tokens": 3, "stream": True}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body,
+                          headers=auth, timeout=60) as response:
+            # When a streamed request waits in the queue
+            # Then the response starts at once, uncached and unbuffered by proxies
+            assert response.status_code == 200
+            assert response.headers["cache-control"] == "no-cache"
+            assert response.headers["x-accel-buffering"] == "no"
+            lines = response.iter_lines()
+            seen = []
+            # and comment lines keep the connection busy until a worker takes the job
+            while len([line for line in seen if line.startswith(":")]) < 3:
+                seen.append(next(lines))
+            worker = start_worker(IDLE, config=waiting_config)
+            seen.extend(lines)
+        frames = [json.loads(line[6:]) for line in seen if line.startswith("data: {")]
+        assert "".join(f["choices"][0]["delta"].get("content", "") for f in frames)
+        assert [line for line in seen if line][-1] == "data: [DONE]"
+        # and its x-request-id is the job's id
+        assert frames[0]["id"] == f"chatcmpl-{response.headers['x-request-id']}"
+    finally:
+        if worker is not None:
+            worker.stop()
+        gateway.terminate()
+        gateway.wait(timeout=15)
