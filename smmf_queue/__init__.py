@@ -1,4 +1,5 @@
-"""smmf-queue: many LLM and embedding models behind one interface, on per-model Celery queues."""
+"""smmf-queue: many LLM, embedding and reranker models behind one interface, on per-model Celery
+queues."""
 
 from .client import AsyncClient, Client
 from .config import ConfigWarning, ModelConfig, SmmfConfig, load_config
@@ -18,7 +19,16 @@ from .errors import (
     UnsupportedParameter,
     WrongModelKind,
 )
-from .jobs import ChatDelta, ChatResult, EmbeddingResult, Usage
+from .jobs import (
+    ChatDelta,
+    ChatResult,
+    EmbeddingResult,
+    RerankItem,
+    RerankResult,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
 
 __all__ = [
     # clients
@@ -33,6 +43,10 @@ __all__ = [
     "ChatDelta",
     "ChatResult",
     "EmbeddingResult",
+    "RerankResult",
+    "RerankItem",
+    "ToolCall",
+    "ToolCallDelta",
     "Usage",
     # errors
     "SmmfError",

@@ -123,9 +123,14 @@ def status(provider: str, field: str) -> str:
     return "honoured"
 
 
+def chat_providers() -> list[str]:
+    """The providers that serve chat models: the table's columns."""
+    return [name for name, spec in PROVIDERS.items() if "llm" in spec.kinds]
+
+
 def support_table() -> str:
     """The field × provider table, in Markdown (the README holds it; a test keeps it current)."""
-    providers = list(PROVIDERS)
+    providers = chat_providers()
     lines = ["| field | " + " | ".join(f"`{p}`" for p in providers) + " |",
              "|---|" + "---|" * len(providers)]
     for field in TABLE_FIELDS:

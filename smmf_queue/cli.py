@@ -26,7 +26,7 @@ from .config import DEFAULT_CONFIG, ModelConfig, ModelKind, SmmfConfig, load_con
 from .errors import SmmfError
 from .providers import PROVIDERS, ProviderSpec, missing_extra
 
-app = typer.Typer(help="Many LLM and embedding models behind one interface, on per-model queues.",
+app = typer.Typer(help="Many LLM, embedding and reranker models behind one interface, on per-model queues.",
                   no_args_is_help=True, add_completion=False)
 console = Console()
 errors = Console(stderr=True)
@@ -44,7 +44,8 @@ def _model_name(loaded: SmmfConfig, model: str | None, kind: ModelKind) -> str:
     """The model a command was asked for, else the config's default of `kind` (or exit)."""
     name = model or loaded.default_model(kind)
     if name is None:
-        _fail(f"{loaded.source} configures no {'LLM' if kind == 'llm' else 'embedding model'}")
+        what = {"llm": "LLM", "embedding": "embedding model", "reranker": "reranker"}[kind]
+        _fail(f"{loaded.source} configures no {what}")
     return name
 
 
@@ -272,6 +273,27 @@ def embed(texts: Annotated[list[str], typer.Argument(help="Texts to embed.")],
         console.print_json(json.dumps(result.vectors))
         return
     _print_similarities(name, texts, result.vectors)
+
+
+@app.command()
+def rerank(query: Annotated[str, typer.Argument(help="What the documents are ranked against.")],
+           documents: Annotated[list[str], typer.Argument(help="Documents to rank.")],
+           config: ConfigOption = DEFAULT_CONFIG, model: ModelOption = None,
+           top_n: Annotated[int | None, typer.Option(help="Print only the best n.")] = None,
+           as_json: JsonOption = False) -> None:
+    """Print the documents by falling relevance to the query, with their scores."""
+    loaded = _load(config)
+    name = _model_name(loaded, model, "reranker")
+    with _client(loaded) as client:
+        result = _call(lambda: client.rerank(name, query, documents, top_n=top_n,
+                                             return_documents=True))
+    if as_json:
+        console.print_json(result.model_dump_json(include={"results"}))
+        return
+    table = Table("rank", "score", "#", "document")
+    for rank, item in enumerate(result.results, 1):
+        table.add_row(str(rank), f"{item.relevance_score:.4f}", str(item.index), item.document or "")
+    console.print(table)
 
 
 @app.command("embed-batch")

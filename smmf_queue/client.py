@@ -37,12 +37,14 @@ from .jobs import (
     EmbeddingRequest,
     EmbeddingResult,
     Lane,
+    RerankRequest,
+    RerankResult,
     StreamEvent,
     new_job_id,
 )
 from .queues import JobSender, make_celery_app
 from .stream_hub import StreamHub, ThreadHub
-from .streaming import JobReader, LogEntries, LogRange, decode_log, embedding_result
+from .streaming import JobReader, LogEntries, LogRange, decode_log, embedding_result, rerank_result
 
 T = TypeVar("T")
 
@@ -81,6 +83,15 @@ class _BaseClient:
                                     job_id=job_id or new_job_id(), lane=lane, reply_to=reply_to)
         except ValidationError as exc:
             raise RequestError(f"invalid embedding request: {_first_error(exc)}", model=model) from None
+
+    def _rerank_request(self, model: str, query: str, documents: list[str], job_id: str | None,
+                        reply_to: str) -> RerankRequest:
+        self.config.model(model, "reranker")
+        try:
+            return RerankRequest(model=model, query=query, documents=list(documents),
+                                 job_id=job_id or new_job_id(), reply_to=reply_to)
+        except ValidationError as exc:
+            raise RequestError(f"invalid rerank request: {_first_error(exc)}", model=model) from None
 
     def _timeout(self, timeout: float | None) -> float:
         return timeout or self.config.queue.job_timeout_s
@@ -130,7 +141,7 @@ class _BaseClient:
                  expires_s: float) -> None:
         """Enqueue a job whose events `hub` already routes (`open`); stop routing them if the
         broker refuses it."""
-        task = keys.CHAT_TASK if kind == "llm" else keys.EMBED_TASK
+        task = keys.TASK_OF_KIND[kind]
         priority = keys.BATCH_PRIORITY if request.get("lane") == "batch" else keys.INTERACTIVE_PRIORITY
         try:
             self._sender.send(task, kind, request, expires_s=expires_s, priority=priority)
@@ -206,6 +217,20 @@ class AsyncClient(_BaseClient):
             pass
         assert reader.assembler.terminal is not None  # _run ends at the terminal event
         return reader.assembler.terminal
+
+    async def rerank(self, model: str, query: str, documents: list[str], *, top_n: int | None = None,
+                     return_documents: bool = False, timeout: float | None = None,
+                     queue_timeout: float | None = None, fail_fast: bool | None = None,
+                     job_id: str | None = None) -> RerankResult:
+        """`documents` by falling relevance to `query` (the `top_n` best), with their indices."""
+        request = self._rerank_request(model, query, documents, job_id, self._hub.reply_channel)
+        reader = JobReader(request.job_id, model, self._timeout(timeout))
+        async for _ in self._run("reranker", request.model_dump(mode="json"), reader, fail_fast,
+                                 queue_timeout):
+            pass
+        assert reader.assembler.terminal is not None  # _run ends at the terminal event
+        return rerank_result(request.job_id, model, reader.assembler.terminal, request.documents,
+                             top_n, return_documents)
 
     def embed_batch(self, model: str, texts: Iterable[str], **options: Any) -> AsyncIterator[ChunkResult]:
         """Embed a corpus of any size in chunks on the batch lane; yields chunks in input order.
@@ -401,6 +426,10 @@ class Client(_BaseClient):
     def embed(self, model: str, texts: list[str], **kwargs: Any) -> EmbeddingResult:
         """Vectors for `texts`, in input order."""
         return self._call(self._async.embed(model, texts, **kwargs))
+
+    def rerank(self, model: str, query: str, documents: list[str], **kwargs: Any) -> RerankResult:
+        """`documents` by falling relevance to `query` (`top_n=` the best only)."""
+        return self._call(self._async.rerank(model, query, documents, **kwargs))
 
     def embed_batch(self, model: str, texts: Iterable[str], **options: Any) -> Iterator[ChunkResult]:
         """Embed a corpus of any size in chunks on the batch lane; yields chunks in input order."""

@@ -1,7 +1,8 @@
 """Loading a TOML config into typed settings.
 
 The `[models]` part follows DB-GPT's schema, so a DB-GPT model section works unchanged:
-`default_llm`, `default_embedding`, `[[models.llms]]`, `[[models.embeddings]]`. Our own
+`default_llm`, `default_embedding`, `default_reranker`, `[[models.llms]]`, `[[models.embeddings]]`,
+`[[models.rerankers]]`. Our own
 sections are `[queue]` (where jobs, streams and results live), `[worker]`, `[gateway]` and
 `[flower]`;
 they refuse unknown keys (a typo names its key), while a model entry only warns on keys it does
@@ -37,8 +38,12 @@ from .providers import PROVIDERS, honoured, known_providers, suggest_provider
 #: The config used when none is given: offline, embedded Redis, local models.
 DEFAULT_CONFIG = Path("configs/local.toml")
 
-ModelKind = Literal["llm", "embedding"]
-_SECTION_OF_KIND: dict[ModelKind, str] = {"llm": "llms", "embedding": "embeddings"}
+ModelKind = Literal["llm", "embedding", "reranker"]
+_SECTION_OF_KIND: dict[ModelKind, str] = {"llm": "llms", "embedding": "embeddings",
+                                          "reranker": "rerankers"}
+#: DB-GPT's key naming each kind's default model.
+_DEFAULT_KEY: dict[ModelKind, str] = {"llm": "default_llm", "embedding": "default_embedding",
+                                      "reranker": "default_reranker"}
 _PLACEHOLDER = re.compile(r"\$\{(env|pkg):([^}:]+)(?::-([^}]*))?\}")
 
 
@@ -157,7 +162,8 @@ class FlowerSettings(_Strict):
 
 
 class ModelConfig(BaseModel):
-    """One `[[models.llms]]` or `[[models.embeddings]]` entry, as DB-GPT writes it.
+    """One `[[models.llms]]`, `[[models.embeddings]]` or `[[models.rerankers]]` entry, as DB-GPT
+    writes it.
 
     Provider-specific keys (e.g. `n_gpu_layers`) are kept in `options`.
     """
@@ -173,7 +179,7 @@ class ModelConfig(BaseModel):
     device: str | None = None
     api_key: SecretStr | None = None
     api_base: str | None = None
-    #: DB-GPT's key for an embeddings endpoint URL.
+    #: DB-GPT's key for an embeddings or rerank endpoint URL.
     api_url: str | None = None
     #: jobs one worker runs at once for this model; None picks by provider.
     concurrency: int | None = Field(default=None, ge=1)
@@ -227,8 +233,10 @@ class SmmfConfig(BaseModel):
     source: Path
     default_llm: str | None = None
     default_embedding: str | None = None
+    default_reranker: str | None = None
     llms: list[ModelConfig] = Field(default_factory=list)
     embeddings: list[ModelConfig] = Field(default_factory=list)
+    rerankers: list[ModelConfig] = Field(default_factory=list)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
@@ -236,12 +244,13 @@ class SmmfConfig(BaseModel):
 
     @property
     def models(self) -> list[ModelConfig]:
-        """Every configured model, LLMs first."""
-        return [*self.llms, *self.embeddings]
+        """Every configured model, LLMs first, then embedding models, then rerankers."""
+        return [*self.llms, *self.embeddings, *self.rerankers]
 
     def default_model(self, kind: ModelKind) -> str | None:
-        """`default_llm` or `default_embedding`, else the first model of `kind`; None if none."""
-        default = self.default_llm if kind == "llm" else self.default_embedding
+        """`default_llm`, `default_embedding` or `default_reranker`, else the first model of
+        `kind`; None if none."""
+        default: str | None = getattr(self, _DEFAULT_KEY[kind])
         return default or next((m.name for m in self.models if m.kind == kind), None)
 
     def model(self, name: str, kind: ModelKind | None = None) -> ModelConfig:
@@ -275,16 +284,16 @@ def _build(raw: dict[str, Any], source: Path) -> SmmfConfig:
     models = raw.get("models", {})
     if not isinstance(models, dict):
         raise ConfigError(f"{source}: key 'models': expected a table, got {type(models).__name__}")
-    for ignored in sorted(set(models) - {"llms", "embeddings", "default_llm", "default_embedding"}):
+    for ignored in sorted(set(models) - {*_SECTION_OF_KIND.values(), *_DEFAULT_KEY.values()}):
         warnings.warn(f"{source}: models.{ignored} is not served by smmf-queue; ignored",
                       ConfigWarning, stacklevel=3)
     entries = {kind: _model_entries(models, kind, source) for kind in _SECTION_OF_KIND}
     config = SmmfConfig(
         source=source,
-        default_llm=models.get("default_llm"),
-        default_embedding=models.get("default_embedding"),
+        **{key: models.get(key) for key in _DEFAULT_KEY.values()},
         llms=entries["llm"],
         embeddings=entries["embedding"],
+        rerankers=entries["reranker"],
         queue=_section(QueueSettings, raw, "queue", source),
         worker=_section(WorkerSettings, raw, "worker", source),
         gateway=_section(GatewaySettings, raw, "gateway", source),
@@ -346,7 +355,7 @@ def _warn_unknown_keys(model: ModelConfig, source: Path, where: str) -> None:
 
 
 def _check_defaults(config: SmmfConfig) -> None:
-    for key, kind in (("default_llm", "llm"), ("default_embedding", "embedding")):
+    for kind, key in _DEFAULT_KEY.items():
         name = getattr(config, key)
         if name and not any(m.name == name and m.kind == kind for m in config.models):
             raise ConfigError(f"{config.source}: key 'models.{key}': expected the name of a "

@@ -103,7 +103,7 @@ def requeue(client: redis.Redis, sender: JobSender, letter: DeadLetter) -> None:
                          "would fail the same way")
     fresh_start(client, letter.job_id)
     lane = letter.request.get("lane")
-    sender.send(keys.CHAT_TASK if letter.kind == "llm" else keys.EMBED_TASK, letter.kind,
+    sender.send(keys.TASK_OF_KIND[letter.kind], letter.kind,
                 letter.request, expires_s=None,
                 priority=keys.BATCH_PRIORITY if lane == "batch" else keys.INTERACTIVE_PRIORITY)
     forget(client, [letter.job_id])

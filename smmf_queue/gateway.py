@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP gateway: `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`.
+"""The OpenAI-compatible HTTP gateway: `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`,
+and `/v1/rerank` (Cohere's and Jina's shape).
 
 It enqueues onto the same per-model queues as the SDK (it is an AsyncClient behind FastAPI).
 Streamed chunks are built as small dicts and serialised once each: no SDK object per token;
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -54,7 +56,7 @@ from .gateway_resume import (
     frame_id_text,
     parse_last_event_id,
 )
-from .jobs import MAX_STOPS, SEED_MAX, ChatDelta, ToolCall, new_job_id, pack_vectors
+from .jobs import JOB_ID_PATTERN, MAX_STOPS, SEED_MAX, ChatDelta, ToolCall, new_job_id, pack_vectors
 
 log = logging.getLogger("smmf_queue.gateway")
 
@@ -74,6 +76,10 @@ _STATUS: list[tuple[type[SmmfError], int, str, str | None]] = [
     (JobFailed, 502, "server_error", "job_failed"),
     (SmmfError, 500, "server_error", None),
 ]
+#: a job id that may go out in a header as it is.
+_HEADER_SAFE_ID = re.compile(JOB_ID_PATTERN)
+#: the paths that take API keys and count requests: the API, and Cohere's rerank path.
+GUARDED = ("/v1/", "/rerank")
 #: headers of every SSE response: no cache, and no buffering by a proxy such as nginx.
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 #: what a streamed response sends while its job waits for a worker (an SSE comment line).
@@ -191,6 +197,26 @@ class EmbeddingsRequest(BaseModel):
     model: str
     input: str | Annotated[list[str], Field(min_length=1)]
     encoding_format: Literal["float", "base64"] = "float"
+
+
+class _Document(BaseModel):
+    text: str
+
+
+class RerankRequest(BaseModel):
+    """The rerank request of Cohere and Jina, as vLLM and Xinference serve it."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    query: str
+    #: (more than jobs.MAX_RERANK_DOCUMENTS is a 400 from the SDK's check)
+    documents: list[str | _Document] = Field(min_length=1)
+    #: only the best n (all when unset).
+    top_n: int | None = Field(default=None, ge=1)
+    return_documents: bool = True
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
 
 
 def create_app(config: SmmfConfig) -> FastAPI:
@@ -336,6 +362,22 @@ def create_app(config: SmmfConfig) -> FastAPI:
                 "usage": {"prompt_tokens": result.usage.prompt_tokens,
                           "total_tokens": result.usage.total_tokens}}
 
+    @app.post("/v1/rerank")
+    @app.post("/rerank")
+    async def rerank(body: RerankRequest, request: Request, deadlines: Deadlines) -> dict[str, Any]:
+        """Documents by falling relevance to the query, in the shape of Cohere's and Jina's
+        rerank APIs (which vLLM and Xinference serve too)."""
+        request.state.model = body.model
+        request.state.request_id = job_id = new_job_id()
+        result = await app.state.client.rerank(body.model, body.query, body.texts(), top_n=body.top_n,
+                                               return_documents=body.return_documents,
+                                               fail_fast=fail_fast, job_id=job_id, **deadlines)
+        return {"id": f"rerank-{job_id}", "model": body.model,
+                "results": [{"index": item.index, "relevance_score": item.relevance_score,
+                             **({"document": {"text": item.document}} if item.document is not None else {})}
+                            for item in result.results],
+                "usage": {"total_tokens": result.usage.total_tokens}}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         workers = await app.state.client.live_workers()
@@ -385,7 +427,8 @@ Deadlines = Annotated[dict[str, float], Depends(_deadlines)]
 
 
 class _Guard:
-    """API keys and the body-size limit for `/v1/`, the request counter, and `x-request-id`.
+    """API keys and the body-size limit for the API (`GUARDED`), the request counter, and
+    `x-request-id`.
 
     Pure ASGI: Starlette's `@app.middleware("http")` passes every streamed response through a
     task and a memory stream, which cost the gateway about 1 ms per request. The counter's
@@ -409,12 +452,14 @@ class _Guard:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                request_id = scope.get("state", {}).get("request_id") or new_job_id()
+                request_id = scope.get("state", {}).get("request_id") or ""
+                if not _HEADER_SAFE_ID.fullmatch(request_id):  # e.g. a resume of a bogus id
+                    request_id = new_job_id()
                 message["headers"] = [*message.get("headers", []),
                                       (b"x-request-id", request_id.encode())]
             await send(message)
 
-        if not scope["path"].startswith("/v1/"):
+        if not scope["path"].startswith(GUARDED):
             await self.app(scope, receive, send_with_request_id)
             return
         refusal = self._refusal(Headers(scope=scope))

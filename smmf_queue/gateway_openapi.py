@@ -33,6 +33,8 @@ ROUTE_ERRORS = {
     ("/v1/chat/completions", "post"): _JOB_ERRORS,
     ("/v1/chat/completions/{completion_id}/stream", "get"): _JOB_ERRORS,
     ("/v1/embeddings", "post"): _JOB_ERRORS,
+    ("/v1/rerank", "post"): _JOB_ERRORS,
+    ("/rerank", "post"): _JOB_ERRORS,
     ("/v1/models", "get"): [401, 503],
     ("/metrics", "get"): [503],
     ("/readyz", "get"): [503],
@@ -49,14 +51,16 @@ PARTS = {"image_url": {"type": "object", "required": ["type", "image_url"], "pro
     "image_url": {"type": "object", "required": ["url"], "properties": {
         "url": {"type": "string"}, "detail": {"enum": ["auto", "low", "high"]}}}}}}
 #: schema components whose `model` names a model of one kind.
-MODEL_FIELDS = {"ChatCompletionRequest": "llm", "EmbeddingsRequest": "embedding"}
+MODEL_FIELDS = {"ChatCompletionRequest": "llm", "EmbeddingsRequest": "embedding",
+                "RerankRequest": "reranker"}
 
 
 def complete(schema: dict[str, Any], config: SmmfConfig) -> dict[str, Any]:
     """FastAPI's document for the gateway of `config`, completed as the module docstring says."""
-    names = {kind: [m.name for m in config.models if m.kind == kind] for kind in ("llm", "embedding")}
+    names = {kind: [m.name for m in config.models if m.kind == kind] for kind in MODEL_FIELDS.values()}
     for component, kind in MODEL_FIELDS.items():
-        schema["components"]["schemas"][component]["properties"]["model"]["enum"] = names[kind]
+        if names[kind]:  # no model of a kind: any name is a documented 404
+            schema["components"]["schemas"][component]["properties"]["model"]["enum"] = names[kind]
     _only_what_models_honour(schema["components"]["schemas"],
                              {name for m in config.models if m.kind == "llm" for name in m.supports})
     for path, methods in schema["paths"].items():

@@ -183,6 +183,18 @@ class EmbeddingRequest(_JobRequest):
     lane: Lane = "interactive"
 
 
+#: most documents one rerank job may score.
+MAX_RERANK_DOCUMENTS = 10_000
+
+
+class RerankRequest(_JobRequest):
+    """Score `documents` for `query` (wire 2: only new producers send it, to new workers)."""
+
+    v: int = WIRE_VERSION
+    query: str
+    documents: list[str] = Field(min_length=1, max_length=MAX_RERANK_DOCUMENTS)
+
+
 class Usage(_Wire):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -209,6 +221,8 @@ class StreamEvent(_Wire):
     #: embedding jobs: base64 float32 vectors, row after row, and their width.
     vectors_b64: str | None = None
     dims: int | None = None
+    #: rerank jobs: one relevance score per document, in input order (wire 2).
+    scores: list[float] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -251,6 +265,24 @@ class EmbeddingResult(BaseModel):
     job_id: str
     model: str
     vectors: list[list[float]]
+    usage: Usage = Field(default_factory=Usage)
+    worker: str | None = None
+
+
+class RerankItem(BaseModel):
+    """One document's place in a reranking: its index in the input and its score."""
+
+    index: int
+    relevance_score: float
+    #: the document's text, when asked for.
+    document: str | None = None
+
+
+class RerankResult(BaseModel):
+    job_id: str
+    model: str
+    #: the documents by falling relevance (the `top_n` best when asked).
+    results: list[RerankItem]
     usage: Usage = Field(default_factory=Usage)
     worker: str | None = None
 

@@ -17,6 +17,9 @@ DEFAULT_QUEUE = f"{PREFIX}.default"
 #: Celery task names: one per job kind; the model travels in the queue name and the request.
 CHAT_TASK = "smmf.chat"
 EMBED_TASK = "smmf.embed"
+RERANK_TASK = "smmf.rerank"
+#: the Celery task of each model kind.
+TASK_OF_KIND = {"llm": CHAT_TASK, "embedding": EMBED_TASK, "reranker": RERANK_TASK}
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 

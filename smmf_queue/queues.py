@@ -100,8 +100,7 @@ class JobSender:
 
     def send(self, task: str, kind: str, request: dict[str, Any], *, expires_s: float | None,
              priority: int = keys.INTERACTIVE_PRIORITY) -> None:
-        size = (f"{len(request['messages'])} messages" if "messages" in request
-                else f"{len(request['texts'])} texts")
+        size = _size(request)
         message = self.app.amqp.create_task_message(
             request["job_id"], task, (), {"request": request}, expires=expires_s, argsrepr="()",
             kwargsrepr=f"{{model: {request['model']!r}, {size}}}")
@@ -147,3 +146,11 @@ def run_flower(config: SmmfConfig) -> None:
             pair.get_secret_value() for pair in config.flower.basic_auth)
     make_celery_app(config).start(["flower", f"--address={config.flower.host}",
                                    f"--port={config.flower.port}"])
+
+
+def _size(request: dict[str, Any]) -> str:
+    """What Flower shows of a request instead of its content (never the text itself)."""
+    for field in ("messages", "texts", "documents"):
+        if field in request:
+            return f"{len(request[field])} {field}"
+    return "?"

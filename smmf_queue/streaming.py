@@ -16,7 +16,17 @@ import time
 
 from .config import ModelKind
 from .errors import JobFailed, JobTimeout
-from .jobs import ChatDelta, ChatResult, EmbeddingResult, StreamEvent, ToolCallDelta, Usage, unpack_vectors
+from .jobs import (
+    ChatDelta,
+    ChatResult,
+    EmbeddingResult,
+    RerankItem,
+    RerankResult,
+    StreamEvent,
+    ToolCallDelta,
+    Usage,
+    unpack_vectors,
+)
 from .tool_calls import assemble
 
 #: the error type of a job whose message waited past its queue deadline: its caller gets a
@@ -93,6 +103,18 @@ def embedding_result(job_id: str, model: str, end: StreamEvent) -> EmbeddingResu
     return EmbeddingResult(job_id=job_id, model=model,
                            vectors=unpack_vectors(end.vectors_b64 or "", end.dims or 0),
                            usage=end.usage or Usage(), worker=end.worker)
+
+
+def rerank_result(job_id: str, model: str, end: StreamEvent, documents: list[str],
+                  top_n: int | None, return_documents: bool) -> RerankResult:
+    """A rerank job's result from its `end` event: documents by falling score, the `top_n`
+    best (ties keep input order)."""
+    scores = end.scores or []
+    order = sorted(range(len(scores)), key=lambda index: -scores[index])[:top_n]
+    return RerankResult(job_id=job_id, model=model, usage=end.usage or Usage(), worker=end.worker,
+                        results=[RerankItem(index=index, relevance_score=scores[index],
+                                            document=documents[index] if return_documents else None)
+                                 for index in order])
 
 
 class JobReader:

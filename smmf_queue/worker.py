@@ -35,6 +35,7 @@ from .jobs import (
     ChatRequest,
     ChatResult,
     EmbeddingRequest,
+    RerankRequest,
     StreamEvent,
     ToolCallDelta,
     Usage,
@@ -238,6 +239,8 @@ class WorkerRuntime:
                 with self._slots[(kind, model.name)], provider_errors(model, job_id):
                     if isinstance(request, ChatRequest):
                         event, result = self._chat(provider, request, attempt)
+                    elif isinstance(request, RerankRequest):
+                        event, result = self._rerank(provider, request, attempt)
                     else:
                         event, result = self._embed(provider, request, attempt)
             except JobFailed as exc:
@@ -252,9 +255,9 @@ class WorkerRuntime:
         return result
 
     def _resolve(self, kind: str, payload: dict[str, Any],
-                 job_id: str) -> tuple[ModelConfig, Provider, ChatRequest | EmbeddingRequest]:
+                 job_id: str) -> tuple[ModelConfig, Provider, JobRequest]:
         try:
-            request = (ChatRequest if kind == "llm" else EmbeddingRequest).model_validate(payload)
+            request = _REQUEST_OF_KIND[kind].model_validate(payload)
         except ValidationError as exc:
             raise JobFailed(f"malformed job message: {exc.errors()[0]['msg']}",
                             error_type=INVALID_REQUEST, job_id=job_id) from None
@@ -298,6 +301,18 @@ class WorkerRuntime:
                             finish_reason=finish_reason, usage=usage, worker=self.worker_id)
         return event, result.model_dump(mode="json")
 
+    def _rerank(self, provider: Provider, request: RerankRequest,
+                attempt: Attempt) -> tuple[StreamEvent, dict[str, Any]]:
+        output = provider.rerank(request.query, request.documents)
+        if len(output.scores) != len(request.documents):
+            raise JobFailed(f"provider returned {len(output.scores)} scores for "
+                            f"{len(request.documents)} documents", model=request.model)
+        event = attempt.next_event("end", finish_reason="stop", usage=output.usage,
+                                   worker=self.worker_id, scores=output.scores)
+        result = {"job_id": attempt.job_id, "model": request.model, "scores": output.scores,
+                  "usage": output.usage.model_dump(), "worker": self.worker_id}
+        return event, result
+
     def _embed(self, provider: Provider, request: EmbeddingRequest,
                attempt: Attempt) -> tuple[StreamEvent, dict[str, Any]]:
         batcher = self._batchers.get(request.model) if request.lane == "interactive" else None
@@ -328,6 +343,12 @@ def _first_delivery(task: Task) -> bool:
     return not delivery_info.get("redelivered") and not task.request.retries
 
 
+JobRequest = ChatRequest | EmbeddingRequest | RerankRequest
+#: the request each kind of job carries.
+_REQUEST_OF_KIND: dict[str, type[JobRequest]] = {"llm": ChatRequest, "embedding": EmbeddingRequest,
+                                                  "reranker": RerankRequest}
+
+
 def _reply_channel(payload: dict[str, Any]) -> str | None:
     """The producer's reply channel, read before the request is validated (a malformed job's
     error event must reach its producer too); only a reply channel, never any other key."""
@@ -336,7 +357,7 @@ def _reply_channel(payload: dict[str, Any]) -> str | None:
 
 
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
-    """Bind the chat and embedding tasks of `app` to this process's runtime."""
+    """Bind the chat, embedding and rerank tasks of `app` to this process's runtime."""
 
     @app.task(name=keys.CHAT_TASK, bind=True)
     def chat(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
@@ -346,6 +367,10 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     def embed(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
         return runtime.execute(task, "embedding", _payload(args, kwargs))
 
+    @app.task(name=keys.RERANK_TASK, bind=True)
+    def rerank(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
+        return runtime.execute(task, "reranker", _payload(args, kwargs))
+
     def rejected(message: Any, exc: BaseException | None = None, **_: Any) -> None:
         runtime.dead_letter_message(message, f"{type(exc).__name__}: {exc}" if exc else
                                     "not a task message of this worker")
@@ -354,7 +379,7 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
         runtime.dead_letter_message(message, f"unknown task {name!r}")
 
     def revoked(request: Any, expired: bool = False, **_: Any) -> None:
-        if expired and request is not None and request.task in (keys.CHAT_TASK, keys.EMBED_TASK):
+        if expired and request is not None and request.task in keys.TASK_OF_KIND.values():
             runtime.end_expired(str(request.id))
 
     signals.task_rejected.connect(rejected, weak=False)

@@ -25,7 +25,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from smmf_queue import Client, NoLiveWorker, UnsupportedParameter, chat_fields, keys, registry
 from smmf_queue.embedded_redis import EmbeddedRedis
 from smmf_queue.jobs import ChatRequest, ToolCall
-from smmf_queue.providers import PROVIDERS
 from smmf_queue.tool_calls import assemble
 
 from .conftest import StartWorker, free_port, llama_cpp_server, start_service
@@ -332,7 +331,7 @@ ASKING: dict[str, Any] = {
 PARTS = {"messages[].content[].image_url": {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
          "messages[].content[].input_audio": {"type": "input_audio",
                                               "input_audio": {"data": "AA==", "format": "wav"}}}
-CELLS = [(field, provider) for field in chat_fields.TABLE_FIELDS for provider in PROVIDERS]
+CELLS = [(field, provider) for field in chat_fields.TABLE_FIELDS for provider in chat_fields.chat_providers()]
 
 
 def _asking(field: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:

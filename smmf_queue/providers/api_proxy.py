@@ -18,7 +18,7 @@ import tenacity
 from ..config import ModelConfig
 from ..errors import ProviderUnavailable
 from ..jobs import Usage
-from .base import Embeddings, unit_vectors
+from .base import Embeddings, Reranked, unit_vectors
 
 T = TypeVar("T")
 
@@ -125,3 +125,23 @@ def embed_in_batches(texts: list[str], limit: int,
     if normalize:
         vectors = unit_vectors(vectors)
     return Embeddings(vectors, Usage(prompt_tokens=tokens, total_tokens=tokens))
+
+
+def rerank_scores(reply: object, count: int) -> Reranked:
+    """The scores of a rerank API's answer, in input order: Cohere's and Jina's shape (which
+    SiliconFlow, vLLM and Xinference serve), `{"results": [{"index", "relevance_score"}]}`,
+    or DB-GPT's relevance API, `{"data": [score, ...]}`. Usage from `usage.total_tokens`
+    where the answer has it."""
+    if not isinstance(reply, dict):
+        raise ValueError(f"the rerank API answered {type(reply).__name__}, not an object")
+    if isinstance(reply.get("results"), list):
+        by_index = {int(item["index"]): float(item["relevance_score"]) for item in reply["results"]}
+        scores = [by_index[index] for index in range(count) if index in by_index]
+    elif isinstance(reply.get("data"), list):
+        scores = [float(score) for score in reply["data"]]
+    else:
+        raise ValueError(f"the rerank API answered no `results` or `data`: {str(reply)[:200]}")
+    if len(scores) != count:
+        raise ValueError(f"the rerank API scored {len(scores)} of {count} documents")
+    tokens = int((reply.get("usage") or {}).get("total_tokens") or 0)
+    return Reranked(scores, Usage(prompt_tokens=tokens, total_tokens=tokens))

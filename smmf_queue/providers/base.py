@@ -1,7 +1,8 @@
 """The one interface every provider implements, and the boundary that maps its errors.
 
 A worker builds a provider, checks it can run here (`check_hardware`), loads it once
-(`load`), then calls `stream_chat` or `embed` from up to `model.slots` threads at a time.
+(`load`), then calls `stream_chat`, `embed` or `rerank` from up to `model.slots` threads at a
+time.
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ class Embeddings:
     usage: Usage = field(default_factory=Usage)
 
 
+@dataclass
+class Reranked:
+    #: one relevance score per document, in input order (higher: more relevant).
+    scores: list[float]
+    usage: Usage = field(default_factory=Usage)
+
+
 class Provider(abc.ABC):
     """A model served by one engine or API; one instance per model per worker process."""
 
@@ -79,6 +87,10 @@ class Provider(abc.ABC):
     def embed(self, texts: list[str], normalize: bool | None) -> Embeddings:
         """Vectors for `texts`, in input order."""
         raise JobFailed(f"model '{self.model.name}' does not embed", model=self.model.name)
+
+    def rerank(self, query: str, documents: list[str]) -> Reranked:
+        """A relevance score for each document, in input order."""
+        raise JobFailed(f"model '{self.model.name}' does not rerank", model=self.model.name)
 
     def wants_unit_vectors(self, requested: bool | None, default: bool) -> bool:
         """The request's `normalize`, else the model entry's, else the provider's default."""

@@ -1,7 +1,9 @@
-"""HuggingFace transformers: chat with the model's chat template and a streamer; embeddings.
+"""HuggingFace transformers: chat with the model's chat template and a streamer; embeddings;
+reranking.
 
 Embeddings use sentence-transformers when the folder is a sentence-transformers model (it has
-`modules.json`), else mean pooling over the last hidden state.
+`modules.json`), else mean pooling over the last hidden state. Rerankers are cross-encoders
+run by sentence-transformers' `CrossEncoder`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from transformers import (
 
 from ..errors import ProviderUnavailable
 from ..jobs import ChatRequest, Usage
-from .base import ChatChunk, Embeddings, Provider, StopFilter, drain, hand_over
+from .base import ChatChunk, Embeddings, Provider, Reranked, StopFilter, drain, hand_over
 
 
 class _HandOverStreamer(TextIteratorStreamer):
@@ -110,6 +112,13 @@ class HFProvider(Provider):
         path = self._path()
         if self.model.kind == "embedding":
             self._load_embedder(path)
+            return
+        if self.model.kind == "reranker":
+            from sentence_transformers import CrossEncoder
+            max_length = self.model.options.get("max_length")
+            self.cross_encoder = CrossEncoder(path, device=self._device(),
+                                              max_length=int(max_length) if max_length else None,
+                                              trust_remote_code=self._trust_remote_code())
             return
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self._trust_remote_code())
         self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=self._dtype(),
@@ -216,6 +225,17 @@ class HFProvider(Provider):
             count = int(torch.stack(self.tally.sums).sum()) if self.tally.sums else 0
             return Embeddings(vectors, Usage(prompt_tokens=count, total_tokens=count))
         return self._mean_pool(texts, normalize, batch_size)
+
+    def rerank(self, query: str, documents: list[str]) -> Reranked:
+        """sentence-transformers' CrossEncoder scores (query, document) pairs, as DB-GPT's
+        reranker does; usage counts the tokens of the pairs as the model reads them."""
+        pairs = [(query, document) for document in documents]
+        scores = self.cross_encoder.predict(pairs, batch_size=int(self.model.options.get("batch_size", 32)),
+                                            show_progress_bar=False, convert_to_numpy=True)
+        tokens = self.cross_encoder.tokenizer(pairs, truncation=True,
+                                              max_length=self.cross_encoder.max_length)["input_ids"]
+        count = sum(len(ids) for ids in tokens)
+        return Reranked([float(score) for score in scores], Usage(prompt_tokens=count, total_tokens=count))
 
     @staticmethod
     def _refuse_long_texts(tokens: list[list[int]], limit: int) -> None:

@@ -2,8 +2,11 @@
 
 One implementation serves `proxy/openai` (also Azure OpenAI, with `api_type = "azure"`),
 `proxy/deepseek` (its `reasoning_content` becomes reasoning text; `thinking_enabled` as in
-DB-GPT), `proxy/tongyi` (Qwen through DashScope's compatible mode) and `proxy/siliconflow`.
-They differ only in their defaults (`ENDPOINTS`) and their embedding batch limits.
+DB-GPT), `proxy/tongyi` (Qwen through DashScope's compatible mode), `proxy/siliconflow` and
+`proxy/openapi` (DB-GPT's name for a rerank API). They differ only in their defaults
+(`ENDPOINTS`) and their embedding batch limits. Reranking has no method in the SDK: it is a
+POST of {model, query, documents} through the SDK's own client (its auth, errors and retries),
+to `/rerank` or the model's `api_url`.
 """
 
 from __future__ import annotations
@@ -18,8 +21,17 @@ import openai
 
 from ..jobs import ChatRequest, Usage
 from ..tool_calls import FragmentCleaner
-from .api_proxy import Endpoint, RetryPolicy, base_url, embed_in_batches, require_api_key, timeout_s
-from .base import ChatChunk, Embeddings, Provider, read_ahead
+from .api_proxy import (
+    Endpoint,
+    RetryPolicy,
+    api_key,
+    base_url,
+    embed_in_batches,
+    require_api_key,
+    rerank_scores,
+    timeout_s,
+)
+from .base import ChatChunk, Embeddings, Provider, Reranked, read_ahead
 
 #: provider → DB-GPT's default base URL and env vars for it and the key.
 ENDPOINTS: dict[str, Endpoint] = {
@@ -29,7 +41,13 @@ ENDPOINTS: dict[str, Endpoint] = {
                              "DASHSCOPE_API_BASE", "DASHSCOPE_API_KEY"),
     "proxy/siliconflow": Endpoint("https://api.siliconflow.cn/v1", "SILICONFLOW_API_BASE",
                                   "SILICONFLOW_API_KEY"),
+    "proxy/openapi": Endpoint("http://localhost:8100/v1", "OPENAPI_RERANK_API_BASE",
+                              "OPENAPI_RERANK_API_KEY"),
 }
+#: providers whose API may take no key (DB-GPT's rerank API runs inside a private network).
+KEYLESS = frozenset({"proxy/openapi"})
+#: where a rerank request goes when the model sets no `api_url`, below the base URL.
+RERANK_PATH: dict[str, str] = {"proxy/openapi": "/beta/relevance"}
 #: Azure's endpoint and key come from these when the config does not set them (as in DB-GPT).
 AZURE = Endpoint("", "AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_KEY")
 
@@ -59,7 +77,12 @@ class OpenAIProvider(Provider):
     """A model behind an OpenAI-compatible HTTP API."""
 
     def check_hardware(self) -> None:
-        require_api_key(self.model, self._endpoint())
+        self._api_key()
+
+    def _api_key(self) -> str:
+        if self.model.provider in KEYLESS:
+            return api_key(self.model, self._endpoint()) or "no-key"
+        return require_api_key(self.model, self._endpoint())
 
     def hardware(self) -> str:
         return f"api {urlsplit(self._base_url()).netloc}"
@@ -69,7 +92,7 @@ class OpenAIProvider(Provider):
         self.client = self._client()
 
     def _client(self) -> openai.OpenAI:
-        common: dict[str, Any] = {"api_key": require_api_key(self.model, self._endpoint()),
+        common: dict[str, Any] = {"api_key": self._api_key(),
                                   "timeout": timeout_s(self.model), "max_retries": 0}
         proxy = self.model.options.get("http_proxy")
         if proxy:  # the SDK's own HTTP client (httpx2), so its errors and streaming are unchanged
@@ -87,6 +110,8 @@ class OpenAIProvider(Provider):
         return AZURE if self._is_azure() else ENDPOINTS[self.model.provider]
 
     def _base_url(self) -> str:
+        if self.model.kind == "reranker" and self.model.api_url:
+            return self.model.api_url.rstrip("/")  # the full URL (DB-GPT's key), posted to as it is
         if self.model.kind == "embedding" and self.model.api_url:
             # DB-GPT's api_url is the full embeddings URL; the SDK wants the base.
             return self.model.api_url.rstrip("/").removesuffix("/embeddings")
@@ -183,6 +208,15 @@ class OpenAIProvider(Provider):
                 finish_reason = choice["finish_reason"]
         if not finished:
             yield ChatChunk(finish_reason=finish_reason, usage=usage)
+
+    # reranking
+
+    def rerank(self, query: str, documents: list[str]) -> Reranked:
+        path = "" if self.model.api_url else RERANK_PATH.get(self.model.provider, "/rerank")
+        body = {"model": self.model.upstream_name, "query": query, "documents": documents}
+        reply = self.retry.call(partial(self.client.post, self._base_url() + path, body=body,
+                                        cast_to=object), _retryable)
+        return rerank_scores(reply, len(documents))
 
     # embeddings
 

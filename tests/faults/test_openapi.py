@@ -45,5 +45,5 @@ def schemathesis(url: str, examples: int, seed: int) -> subprocess.CompletedProc
 
 def test_the_gateway_passes_schemathesis_against_its_own_schema(gateway_url: str) -> None:
     run = schemathesis(gateway_url, examples=10, seed=1)
-    assert run.returncode == 0, run.stdout[run.stdout.find("FAILURES"):][:8000] + run.stderr[-2000:]
+    assert run.returncode == 0, run.stdout[max(0, run.stdout.find("FAILURES"), run.stdout.find("ERRORS")):][:8000] + run.stderr[-2000:]
     assert "generated" in run.stdout  # it ran cases, not nothing
