@@ -28,7 +28,7 @@ fi
 # AMX instructions that a virtual machine advertised but did not allow (SIGILL at the first
 # token), so it is built portable (AVX2), once per machine, into a wheelhouse of ours: pip's own
 # cache would hand back a native build made earlier.
-if [[ ",$extras," == *,llamacpp,* || ",$extras," == *,dev,* ]]; then
+if [[ ",$extras," == *,llamacpp* || ",$extras," == *,dev,* ]]; then
   wheels="${XDG_CACHE_HOME:-$HOME/.cache}/smmf-queue/wheels-portable"
   if ! compgen -G "$wheels/llama_cpp_python-$LLAMA_CPP_VERSION-*.whl" >/dev/null; then
     CMAKE_ARGS="-DGGML_NATIVE=OFF" .venv/bin/python -m pip wheel --quiet --disable-pip-version-check \

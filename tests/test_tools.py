@@ -10,6 +10,7 @@ parallel calls.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ from smmf_queue.embedded_redis import EmbeddedRedis
 from smmf_queue.jobs import ChatRequest, ToolCall
 from smmf_queue.tool_calls import assemble
 
-from .conftest import StartWorker, free_port, llama_cpp_server, start_service
+from .conftest import StartWorker, free_port, llama_cpp_server, start_service, wait_until
 from .fake_upstream import FakeUpstream, chat_chunk
 
 KEY = "sk-tool-server-31"
@@ -40,7 +41,7 @@ ANSWER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
                                            "sunny": {"type": "boolean"}},
           "required": ["city", "sunny"], "additionalProperties": False}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-TOOL_MODELS = ["tool-proxy", "gguf-tools"]
+TOOL_MODELS = ["tool-proxy", "gguf-tools", "gguf-server"]
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,13 @@ chat_format = "chatml-function-calling"
 n_threads = 1
 
 [[models.llms]]
+name = "gguf-server"
+provider = "llama.cpp.server"
+path = "{gguf_model}"
+chat_format = "chatml-function-calling"
+n_threads = 1
+
+[[models.llms]]
 name = "gguf-plain"
 provider = "llama.cpp"
 path = "{gguf_model}"
@@ -100,18 +108,19 @@ resume_grace_s = 0
 
 
 #: a model of each provider for the field table's cells (those not served here only refuse).
-TABLE_MODELS = {"hf": "table-hf", "llama.cpp": "gguf-tools", "vllm": "table-vllm", "mlx": "table-mlx",
+TABLE_MODELS = {"hf": "table-hf", "llama.cpp": "gguf-tools", "llama.cpp.server": "gguf-server",
+                "vllm": "table-vllm", "mlx": "table-mlx",
                 "proxy/openai": "fake-tools", "proxy/deepseek": "table-deepseek",
                 "proxy/tongyi": "table-tongyi", "proxy/siliconflow": "table-siliconflow",
                 "proxy/ollama": "table-ollama"}
-SERVED = ["tool-proxy", "gguf-tools", "gguf-plain", "fake-tools", "table-deepseek", "table-tongyi",
+SERVED = ["tool-proxy", "gguf-tools", "gguf-server", "gguf-plain", "fake-tools", "table-deepseek", "table-tongyi",
           "table-siliconflow"]
 
 
 def _models_for_the_table(fake: str) -> str:
     entries = []
     for provider, name in TABLE_MODELS.items():
-        if name in ("gguf-tools", "fake-tools"):
+        if name in ("gguf-tools", "gguf-server", "fake-tools"):
             continue
         where = f'api_base = "{fake}/v1"\napi_key = "sk-fake"' if provider.startswith("proxy/") \
             else f'path = "/not/loaded/{name}"'
@@ -172,22 +181,31 @@ def test_the_openai_sdk_runs_a_tool_loop_through_the_gateway(oai: openai.OpenAI,
     assert answer.choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.mark.parametrize("model", ["gguf-tools", "gguf-server"])
+def test_with_tool_choice_auto_the_model_picks_text_or_a_valid_call(tools_config: Path, gateway: str,
+                                                                  model: str) -> None:
+    # llama-cpp-python answers that choice whole (it cannot stream it): still one reply
+    with Client(tools_config) as sdk:
+        chosen = sdk.chat(model, ASK, tools=[WEATHER], tool_choice="auto", max_tokens=16)
+        deltas = list(sdk.stream_chat(model, ASK, tools=[WEATHER], tool_choice="auto", max_tokens=16))
+    assert chosen.finish_reason in ("tool_calls", "stop", "length")
+    assert (chosen.finish_reason == "tool_calls") == bool(chosen.tool_calls)
+    for call in chosen.tool_calls:
+        _valid_call(call)
+    assert deltas[-1].finish_reason == chosen.finish_reason
+
+
 def test_the_sdk_gives_typed_tool_calls_streamed_and_whole(tools_config: Path, gateway: str) -> None:
     with Client(tools_config) as sdk:
         result = sdk.chat("gguf-tools", ASK, tools=[WEATHER], tool_choice=FORCED, temperature=0)
         deltas = list(sdk.stream_chat("gguf-tools", ASK, tools=[WEATHER], tool_choice=FORCED,
                                       temperature=0))
-        # "auto": the model chooses; llama-cpp-python answers that choice whole
-        chosen = sdk.chat("gguf-tools", ASK, tools=[WEATHER], tool_choice="auto", max_tokens=16)
     assert result.finish_reason == "tool_calls" and isinstance(result.tool_calls[0], ToolCall)
     _valid_call(result.tool_calls[0])
     fragments = [f for d in deltas for f in d.tool_calls]
     assert fragments[0].name == "get_weather" and all(f.name is None for f in fragments[1:])
     assert [c.function for c in assemble(fragments)] == [c.function for c in result.tool_calls]
     assert deltas[-1].finish_reason == "tool_calls"
-    assert chosen.finish_reason in ("tool_calls", "stop", "length")
-    for call in chosen.tool_calls:
-        _valid_call(call)
 
 
 def test_parallel_calls_keep_openai_stream_shape_and_fields_are_forwarded(
@@ -227,7 +245,7 @@ def test_parallel_calls_keep_openai_stream_shape_and_fields_are_forwarded(
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
-@pytest.mark.parametrize("model", ["gguf-plain", "gguf-tools"])
+@pytest.mark.parametrize("model", ["gguf-plain", "gguf-tools", "gguf-server"])
 def test_a_json_schema_reply_validates_even_from_random_weights(oai: openai.OpenAI, model: str) -> None:
     # Given a llama.cpp model (random weights: unconstrained, its text is noise)
     # When a request asks for a JSON schema
@@ -395,3 +413,17 @@ HONOURED: dict[str, Callable[[Client, str], None]] = {
     "tools": _calls_the_tool, "tool_choice": _calls_the_tool, "response_format": _answers_in_the_schema,
     "presence_penalty": _penalised("presence_penalty"), "frequency_penalty": _penalised("frequency_penalty"),
 }
+
+
+def test_a_llama_cpp_server_child_dies_with_its_worker(tools_config: Path, start_worker: StartWorker) -> None:
+    # Given a worker of a `llama.cpp.server` model, and the server it started
+    worker = start_worker("gguf-server", config=tools_config)
+    children = subprocess.run(["pgrep", "-P", str(worker.process.pid), "-f", "llama_cpp.server"],
+                              capture_output=True, text=True).stdout.split()
+    assert len(children) == 1
+    # When the worker is killed outright (no clean stop runs)
+    worker.kill()
+    # Then its server goes too
+    wait_until(lambda: not Path(f"/proc/{children[0]}").exists()
+               or "Z" in Path(f"/proc/{children[0]}/stat").read_text().split()[2], 15,
+               "the llama_cpp.server child to exit")

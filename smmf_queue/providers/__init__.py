@@ -54,6 +54,8 @@ _FORWARDED = TOOL_FIELDS | {"response_format", "presence_penalty", "frequency_pe
 #: grammar made from the JSON schema, penalties in its sampler.
 _LLAMA_CPP = frozenset({"tools", "tool_choice", "response_format", "presence_penalty",
                         "frequency_penalty"})
+#: the providers that run llama-cpp-python (in the worker, or as its server).
+LLAMA_CPP = frozenset({"llama.cpp", "llama.cpp.server"})
 #: llama-cpp-python's chat formats that parse a model's tool calls ("auto" included); the
 #: others only constrain a forced call, so tools are refused with them.
 LLAMA_CPP_TOOL_FORMATS = frozenset({"chatml-function-calling"})
@@ -84,6 +86,11 @@ PROVIDERS: dict[str, ProviderSpec] = {spec.name: spec for spec in (
                  "llama-cpp-python on a GGUF file",
                  frozenset({"n_ctx", "n_gpu_layers", "n_threads", "n_batch", "seed", "chat_format",
                             "pooling_type", "normalize"}), supports=_LLAMA_CPP),
+    ProviderSpec("llama.cpp.server", "smmf_queue.providers.llamacpp_server:LlamaCppServerProvider",
+                 "llamacpp-server", "llama-cpp-python's OpenAI server, a child of the worker",
+                 frozenset({"n_ctx", "n_gpu_layers", "n_threads", "n_batch", "chat_format",
+                            "startup_timeout", "timeout_s", "max_retries", "retry_backoff_s",
+                            "batch_size", "normalize"}), default_slots=4, supports=_LLAMA_CPP),
     ProviderSpec("vllm", "smmf_queue.providers.vllm_engine:VLLMProvider", "vllm",
                  "vLLM's AsyncLLMEngine", VLLM_ENGINE_KEYS | {"normalize"}, default_slots=64),
     ProviderSpec("mlx", "smmf_queue.providers.mlx_engine:MLXProvider", "mlx", "mlx-lm",
@@ -106,15 +113,16 @@ PROVIDERS: dict[str, ProviderSpec] = {spec.name: spec for spec in (
 #: what each extra installs, by import name (found without importing any of it).
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "hf": ("torch", "transformers", "sentence_transformers"), "llamacpp": ("llama_cpp",),
+    "llamacpp-server": ("llama_cpp", "sse_starlette", "starlette_context", "openai", "httpx2"),
     "vllm": ("vllm",), "mlx": ("mlx_lm",), "proxy": ("openai", "httpx2", "ollama"),
 }
 
 
 def honoured(provider: str, options: dict[str, Any]) -> frozenset[str]:
     """The chat fields a model of `provider` with these options honours: its provider's, less
-    tools for llama.cpp without a chat format that parses calls."""
+    tools for llama.cpp (either way) without a chat format that parses calls."""
     supports = PROVIDERS[provider].supports
-    if provider == "llama.cpp" and options.get("chat_format") not in LLAMA_CPP_TOOL_FORMATS:
+    if provider in LLAMA_CPP and options.get("chat_format") not in LLAMA_CPP_TOOL_FORMATS:
         return supports - TOOL_FIELDS
     return supports
 

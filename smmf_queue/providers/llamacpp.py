@@ -90,7 +90,7 @@ class LlamaCppProvider(Provider):
             # Streamed, it returns an iterator of chunk dicts (its type hints cover both modes);
             # whole when the model picks between text and a tool call, which it cannot stream.
             output: Any = self.llm.create_chat_completion(
-                messages=messages, stream=not _auto_tools(kwargs),
+                messages=messages, stream=not auto_tools(kwargs),
                 logits_processor=llama_cpp.LogitsProcessorList([counter]), **kwargs)
             stream = output if not isinstance(output, dict) else iter([_as_chunk(output)])
             try:
@@ -120,10 +120,8 @@ class LlamaCppProvider(Provider):
         "auto", "none" and a named tool)."""
         given = request.given()
         given.pop("parallel_tool_calls", None)
-        response_format = given.get("response_format")
-        if response_format is not None and response_format.get("type") == "json_schema":
-            schema = (response_format.get("json_schema") or {}).get("schema") or {}
-            given["response_format"] = {"type": "json_object", "schema": schema}
+        if "response_format" in given:
+            given["response_format"] = json_schema_as_grammar_format(given["response_format"])
         if given.get("tool_choice") == "required":
             tools = given.get("tools") or []
             if len(tools) != 1:
@@ -149,7 +147,16 @@ class LlamaCppProvider(Provider):
         return int(self.model.options.get("n_gpu_layers", 0))
 
 
-def _auto_tools(kwargs: dict[str, Any]) -> bool:
+def json_schema_as_grammar_format(response_format: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's `json_schema` response format as llama-cpp-python takes it: its JSON mode with
+    a `schema` (it samples under a grammar made from the schema); others unchanged."""
+    if response_format.get("type") != "json_schema":
+        return response_format
+    schema = (response_format.get("json_schema") or {}).get("schema") or {}
+    return {"type": "json_object", "schema": schema}
+
+
+def auto_tools(kwargs: dict[str, Any]) -> bool:
     """Whether the model chooses between text and tool calls (llama-cpp-python's
     function-calling handler answers that only whole)."""
     return bool(kwargs.get("tools")) and kwargs.get("tool_choice", "auto") == "auto"

@@ -53,13 +53,14 @@ AZURE = Endpoint("", "AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_KEY")
 
 #: most texts per embeddings request, by provider (the `batch_size` key overrides it).
 EMBED_BATCH_LIMIT: dict[str, int] = {"proxy/openai": 2048, "proxy/tongyi": 10,
-                                     "proxy/siliconflow": 32, "proxy/deepseek": 64}
+                                     "proxy/siliconflow": 32, "proxy/deepseek": 64,
+                                     "llama.cpp.server": 64}
 
 #: errors worth another try: rate limits, server errors, lost connections and timeouts.
 RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
 
 
-def _retryable(exc: BaseException) -> bool:
+def retryable(exc: BaseException) -> bool:
     return isinstance(exc, RETRYABLE)
 
 
@@ -121,7 +122,7 @@ class OpenAIProvider(Provider):
 
     def stream_chat(self, request: ChatRequest) -> Iterator[ChatChunk]:
         kwargs = self.chat_kwargs(request)
-        stream = self.retry.stream(partial(self._stream_chunks, kwargs), _retryable)
+        stream = self.retry.stream(partial(self._stream_chunks, kwargs), retryable)
         return read_ahead(self._chunks(stream), request.job_id)
 
     def _stream_chunks(self, kwargs: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -215,7 +216,7 @@ class OpenAIProvider(Provider):
         path = "" if self.model.api_url else RERANK_PATH.get(self.model.provider, "/rerank")
         body = {"model": self.model.upstream_name, "query": query, "documents": documents}
         reply = self.retry.call(partial(self.client.post, self._base_url() + path, body=body,
-                                        cast_to=object), _retryable)
+                                        cast_to=object), retryable)
         return rerank_scores(reply, len(documents))
 
     # embeddings
@@ -228,6 +229,6 @@ class OpenAIProvider(Provider):
 
     def _embed_batch(self, texts: list[str]) -> tuple[list[list[float]], int]:
         response = self.retry.call(partial(self.client.embeddings.create, model=self.model.upstream_name,
-                                           input=texts, encoding_format="float"), _retryable)
+                                           input=texts, encoding_format="float"), retryable)
         vectors = [item.embedding for item in sorted(response.data, key=lambda d: d.index)]
         return vectors, response.usage.prompt_tokens if response.usage else 0
