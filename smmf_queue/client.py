@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from . import chat_fields, keys, redis_clients, registry
 from .batch.chunks import ChunkResult, embed_chunks
 from .config import ModelKind, SmmfConfig, load_config
-from .errors import BrokerUnavailable, NoLiveWorker, RequestError, UnknownJob
+from .errors import BrokerUnavailable, NoLiveWorker, RequestError, UnknownJob, UnsupportedParameter
 from .jobs import (
     PLAIN_WIRE,
     ChatDelta,
@@ -76,11 +76,20 @@ class _BaseClient:
             raise RequestError(f"invalid chat request: {_first_error(exc)}", model=model) from None
 
     def _embedding_request(self, model: str, texts: list[str], normalize: bool | None,
-                           job_id: str | None, lane: Lane, reply_to: str) -> EmbeddingRequest:
-        self.config.model(model, "embedding")
+                           job_id: str | None, lane: Lane, reply_to: str,
+                           dimensions: int | None = None) -> EmbeddingRequest:
+        entry = self.config.model(model, "embedding")
+        if dimensions is not None and chat_fields.DIMENSIONS not in entry.supports:
+            if not entry.drop_params:
+                raise UnsupportedParameter(
+                    f"model '{model}' ({entry.provider}) cannot honour 'dimensions' (its vectors "
+                    "have the size its model makes; set drop_params = true to drop the field)",
+                    param=chat_fields.DIMENSIONS, model=model)
+            dimensions = None
         try:
             return EmbeddingRequest(model=model, texts=list(texts), normalize=normalize,
-                                    job_id=job_id or new_job_id(), lane=lane, reply_to=reply_to)
+                                    job_id=job_id or new_job_id(), lane=lane, reply_to=reply_to,
+                                    dimensions=dimensions)
         except ValidationError as exc:
             raise RequestError(f"invalid embedding request: {_first_error(exc)}", model=model) from None
 
@@ -195,24 +204,26 @@ class AsyncClient(_BaseClient):
 
     async def embed(self, model: str, texts: list[str], *, normalize: bool | None = None,
                     timeout: float | None = None, queue_timeout: float | None = None,
-                    fail_fast: bool | None = None, job_id: str | None = None) -> EmbeddingResult:
-        """Vectors for `texts`, in input order."""
+                    fail_fast: bool | None = None, job_id: str | None = None,
+                    dimensions: int | None = None) -> EmbeddingResult:
+        """Vectors for `texts`, in input order; `dimensions` where the provider honours it
+        (UnsupportedParameter elsewhere)."""
         job_id = job_id or new_job_id()
         end = await self.embedding_job(model, texts, normalize=normalize, timeout=timeout,
                                        queue_timeout=queue_timeout, fail_fast=fail_fast,
-                                       job_id=job_id)
+                                       job_id=job_id, dimensions=dimensions)
         return embedding_result(job_id, model, end)
 
     async def embedding_job(self, model: str, texts: list[str], *, normalize: bool | None = None,
                             timeout: float | None = None, queue_timeout: float | None = None,
                             fail_fast: bool | None = None, job_id: str | None = None,
-                            lane: Lane = "interactive") -> StreamEvent:
+                            lane: Lane = "interactive", dimensions: int | None = None) -> StreamEvent:
         """Run one embedding job and return its `end` event, the vectors still packed as they
         crossed the wire (what a batch pipeline writes out as it is); JobFailed on an error."""
         request = self._embedding_request(model, texts, normalize, job_id, lane,
-                                          self._hub.reply_channel)
+                                          self._hub.reply_channel, dimensions)
         reader = JobReader(request.job_id, model, self._timeout(timeout))
-        async for _ in self._run("embedding", request.model_dump(mode="json"), reader, fail_fast,
+        async for _ in self._run("embedding", request.message(), reader, fail_fast,
                                  queue_timeout):
             pass
         assert reader.assembler.terminal is not None  # _run ends at the terminal event
@@ -225,7 +236,7 @@ class AsyncClient(_BaseClient):
         """`documents` by falling relevance to `query` (the `top_n` best), with their indices."""
         request = self._rerank_request(model, query, documents, job_id, self._hub.reply_channel)
         reader = JobReader(request.job_id, model, self._timeout(timeout))
-        async for _ in self._run("reranker", request.model_dump(mode="json"), reader, fail_fast,
+        async for _ in self._run("reranker", request.message(), reader, fail_fast,
                                  queue_timeout):
             pass
         assert reader.assembler.terminal is not None  # _run ends at the terminal event

@@ -193,10 +193,27 @@ class ChatCompletionRequest(BaseModel):
 
 
 class EmbeddingsRequest(BaseModel):
+    """OpenAI's embeddings request. `input` as token ids (LangChain's OpenAIEmbeddings sends
+    them by default, counted with tiktoken's encodings, not the served model's) is refused
+    with a 400 that says how to send text instead."""
+
     model_config = ConfigDict(extra="allow")
     model: str
-    input: str | Annotated[list[str], Field(min_length=1)]
+    input: (str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
+            | Annotated[list[list[int]], Field(min_length=1)])
     encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    def texts(self) -> list[str]:
+        if isinstance(self.input, str):
+            return [self.input]
+        if all(isinstance(item, str) for item in self.input):
+            return self.input  # type: ignore[return-value]
+        raise RequestError(
+            "input: token ids are not taken: smmf-queue cannot know which tokenizer made them "
+            "(LangChain's OpenAIEmbeddings counts with tiktoken whatever the model); send text "
+            "(LangChain: OpenAIEmbeddings(..., check_embedding_ctx_length=False))", model=self.model)
 
 
 class _Document(BaseModel):
@@ -352,9 +369,8 @@ def create_app(config: SmmfConfig) -> FastAPI:
                          deadlines: Deadlines) -> dict[str, Any]:
         request.state.model = body.model
         request.state.request_id = job_id = new_job_id()
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        result = await app.state.client.embed(body.model, texts, fail_fast=fail_fast, job_id=job_id,
-                                              **deadlines)
+        result = await app.state.client.embed(body.model, body.texts(), fail_fast=fail_fast,
+                                              job_id=job_id, dimensions=body.dimensions, **deadlines)
         return {"object": "list", "model": body.model,
                 "data": [{"object": "embedding", "index": i,
                           "embedding": _encode(vector, body.encoding_format)}

@@ -63,6 +63,8 @@ def complete(schema: dict[str, Any], config: SmmfConfig) -> dict[str, Any]:
             schema["components"]["schemas"][component]["properties"]["model"]["enum"] = names[kind]
     _only_what_models_honour(schema["components"]["schemas"],
                              {name for m in config.models if m.kind == "llm" for name in m.supports})
+    _embeddings_as_accepted(schema["components"]["schemas"]["EmbeddingsRequest"]["properties"],
+                            any(chat_fields.DIMENSIONS in m.supports for m in config.embeddings))
     for path, methods in schema["paths"].items():
         for method, operation in methods.items():
             _complete_operation(path, method, operation, names["llm"])
@@ -87,6 +89,16 @@ def _only_what_models_honour(components: dict[str, Any], honoured: set[str]) -> 
     kinds = [part for kind, part in PARTS.items() if chat_fields.part_field(kind) in honoured]
     parts["items"] = {"anyOf": [TEXT_PART, *kinds]} if kinds else TEXT_PART
     components.pop("_ContentPart", None)
+
+
+def _embeddings_as_accepted(request: dict[str, Any], dimensions: bool) -> None:
+    """`input` as text only (token ids are refused), and `dimensions` only where some embedding
+    model honours it."""
+    request["input"]["anyOf"] = [option for option in request["input"]["anyOf"]
+                                 if "integer" not in str(option)]
+    if not dimensions:
+        request[chat_fields.DIMENSIONS] = _only((None,), request[chat_fields.DIMENSIONS],
+                                                "no configured embedding model honours it")
 
 
 def _only(values: tuple[Any, ...], field: dict[str, Any], why: str) -> dict[str, Any]:

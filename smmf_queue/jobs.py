@@ -142,6 +142,15 @@ class _JobRequest(_Wire):
     submitted_at: float = Field(default_factory=time.time)
     model: str
 
+    def wire_needed(self) -> int:
+        """The oldest wire version that can carry this request."""
+        return PLAIN_WIRE
+
+    def message(self) -> dict[str, Any]:
+        """The job message: unset fields left out, so a plain request reads as wire 1."""
+        return self.model_copy(update={"v": self.wire_needed()}).model_dump(mode="json",
+                                                                            exclude_none=True)
+
 
 class ChatRequest(_JobRequest):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -161,17 +170,11 @@ class ChatRequest(_JobRequest):
                                         "response_format"}, exclude_none=True)
 
     def wire_needed(self) -> int:
-        """The oldest wire version that can carry this request."""
         added = (self.tools, self.tool_choice, self.parallel_tool_calls, self.response_format,
                  self.params.presence_penalty, self.params.frequency_penalty)
         if any(value is not None for value in added) or not all(m.plain for m in self.messages):
             return WIRE_VERSION
         return PLAIN_WIRE
-
-    def message(self) -> dict[str, Any]:
-        """The job message: unset fields left out, so a plain request reads as wire 1."""
-        return self.model_copy(update={"v": self.wire_needed()}).model_dump(mode="json",
-                                                                            exclude_none=True)
 
 
 class EmbeddingRequest(_JobRequest):
@@ -181,6 +184,11 @@ class EmbeddingRequest(_JobRequest):
     #: "batch" for a chunk of a batch pipeline: it waits behind interactive jobs and is run as
     #: it is (never merged with other jobs, so a resumed run embeds it bit for bit the same).
     lane: Lane = "interactive"
+    #: OpenAI's `dimensions` (wire 2): only for providers that honour it.
+    dimensions: int | None = Field(default=None, ge=1)
+
+    def wire_needed(self) -> int:
+        return WIRE_VERSION if self.dimensions is not None else PLAIN_WIRE
 
 
 #: most documents one rerank job may score.
@@ -193,6 +201,9 @@ class RerankRequest(_JobRequest):
     v: int = WIRE_VERSION
     query: str
     documents: list[str] = Field(min_length=1, max_length=MAX_RERANK_DOCUMENTS)
+
+    def wire_needed(self) -> int:
+        return WIRE_VERSION
 
 
 class Usage(_Wire):

@@ -316,7 +316,9 @@ class WorkerRuntime:
     def _embed(self, provider: Provider, request: EmbeddingRequest,
                attempt: Attempt) -> tuple[StreamEvent, dict[str, Any]]:
         batcher = self._batchers.get(request.model) if request.lane == "interactive" else None
-        if batcher is not None:
+        if request.dimensions is not None:  # only proxies honour it: the API shortens them
+            output = provider.embed_shortened(request.texts, request.normalize, request.dimensions)
+        elif batcher is not None:
             output = batcher.embed(request.texts, request.normalize)
         else:
             metrics.EMBED_PASSES.labels(request.model).inc()

@@ -320,3 +320,22 @@ def test_protocol_details_clients_trip_on(gateway_url: str, config_path: Path, t
             worker.stop()
         gateway.terminate()
         gateway.wait(timeout=15)
+
+
+def test_embedding_inputs_as_langchain_and_dbgpt_send_them(gateway_url: str) -> None:
+    auth = {"Authorization": f"Bearer {GATEWAY_KEY}"}
+    for tokens in ([101, 2023, 102], [[101, 2023], [101, 102]]):
+        # token ids (LangChain's OpenAIEmbeddings' default) are refused, saying how to send text
+        refused = httpx.post(f"{gateway_url}/v1/embeddings", headers=auth, json={"model": EMBED, "input": tokens})
+        assert refused.status_code == 400
+        assert "check_embedding_ctx_length=False" in refused.json()["error"]["message"]
+    # `dimensions` on a model that cannot shorten its vectors: refused, naming the field
+    shortened = httpx.post(f"{gateway_url}/v1/embeddings", headers=auth,
+                           json={"model": EMBED, "input": "x", "dimensions": 8})
+    assert shortened.status_code == 400
+    assert (shortened.json()["error"]["code"], shortened.json()["error"]["param"]) == (
+        "unsupported_parameter", "dimensions")
+    # and text with a `user` (as DB-GPT's client sends it) is served
+    served = httpx.post(f"{gateway_url}/v1/embeddings", headers=auth,
+                        json={"model": EMBED, "input": ["a", "b"], "user": "dbgpt"})
+    assert served.status_code == 200 and len(served.json()["data"]) == 2

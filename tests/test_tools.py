@@ -96,6 +96,12 @@ name = "fake-tools"
 provider = "proxy/openai"
 api_base = "{upstream.url}/v1"
 api_key = "sk-fake"
+
+[[models.embeddings]]
+name = "fake-embed"
+provider = "proxy/openai"
+api_base = "{upstream.url}/v1"
+api_key = "sk-fake"
 {_models_for_the_table(upstream.url)}
 [queue]
 broker_url = "{redis_server.url}"
@@ -113,7 +119,7 @@ TABLE_MODELS = {"hf": "table-hf", "llama.cpp": "gguf-tools", "llama.cpp.server":
                 "proxy/openai": "fake-tools", "proxy/deepseek": "table-deepseek",
                 "proxy/tongyi": "table-tongyi", "proxy/siliconflow": "table-siliconflow",
                 "proxy/ollama": "table-ollama"}
-SERVED = ["tool-proxy", "gguf-tools", "gguf-server", "gguf-plain", "fake-tools", "table-deepseek", "table-tongyi",
+SERVED = ["tool-proxy", "gguf-tools", "gguf-server", "gguf-plain", "fake-tools", "fake-embed", "table-deepseek", "table-tongyi",
           "table-siliconflow"]
 
 
@@ -262,6 +268,16 @@ def test_json_mode_with_a_schema_reaches_a_real_upstream(oai: openai.OpenAI) -> 
     reply = oai.chat.completions.create(model="tool-proxy", messages=ASK, max_tokens=200, temperature=0,
                                         response_format={"type": "json_object", "schema": ANSWER})  # type: ignore[typeddict-unknown-key]
     jsonschema.validate(json.loads(reply.choices[0].message.content or ""), ANSWER)
+
+
+def test_dimensions_reach_an_openai_compatible_embeddings_api(oai: openai.OpenAI,
+                                                             upstream: FakeUpstream) -> None:
+    upstream.reset()
+    upstream.reply(json_body={"object": "list", "model": "m", "usage": {"prompt_tokens": 2, "total_tokens": 2},
+                              "data": [{"object": "embedding", "index": 0, "embedding": [0.6, 0.8]}]})
+    reply = oai.embeddings.create(model="fake-embed", input="a queue", dimensions=2)
+    assert upstream.requests[0].body["dimensions"] == 2
+    assert reply.data[0].embedding == pytest.approx([0.6, 0.8])
 
 
 def test_tools_are_refused_where_the_chat_format_cannot_parse_calls(oai: openai.OpenAI) -> None:

@@ -49,7 +49,7 @@ class ProviderSpec:
 TOOL_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls"})
 #: what an OpenAI-compatible API is sent unchanged (the upstream honours or refuses it).
 _FORWARDED = TOOL_FIELDS | {"response_format", "presence_penalty", "frequency_penalty",
-                            "messages[].content[].image_url"}
+                            "messages[].content[].image_url", "dimensions"}
 #: llama-cpp-python: tools through its function-calling chat handler, response_format as a
 #: grammar made from the JSON schema, penalties in its sampler.
 _LLAMA_CPP = frozenset({"tools", "tool_choice", "response_format", "presence_penalty",

@@ -88,6 +88,12 @@ class Provider(abc.ABC):
         """Vectors for `texts`, in input order."""
         raise JobFailed(f"model '{self.model.name}' does not embed", model=self.model.name)
 
+    def embed_shortened(self, texts: list[str], normalize: bool | None, dimensions: int) -> Embeddings:
+        """Vectors of `dimensions` numbers (OpenAI's `dimensions`), for providers that declare
+        it (ProviderSpec.supports); the SDK refuses it for the others."""
+        raise JobFailed(f"model '{self.model.name}' cannot shorten its vectors", model=self.model.name,
+                        error_type="InvalidRequest")
+
     def rerank(self, query: str, documents: list[str]) -> Reranked:
         """A relevance score for each document, in input order."""
         raise JobFailed(f"model '{self.model.name}' does not rerank", model=self.model.name)

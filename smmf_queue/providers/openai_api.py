@@ -223,12 +223,19 @@ class OpenAIProvider(Provider):
 
     def embed(self, texts: list[str], normalize: bool | None) -> Embeddings:
         """The API's vectors as they come (OpenAI's are unit length), unless asked to normalize."""
+        return self._embed(texts, normalize, {})
+
+    def embed_shortened(self, texts: list[str], normalize: bool | None, dimensions: int) -> Embeddings:
+        """The API's vectors, `dimensions` long (it shortens them: OpenAI's text-embedding-3)."""
+        return self._embed(texts, normalize, {"dimensions": dimensions})
+
+    def _embed(self, texts: list[str], normalize: bool | None, extra: dict[str, Any]) -> Embeddings:
         limit = int(self.model.options.get("batch_size", EMBED_BATCH_LIMIT[self.model.provider]))
-        return embed_in_batches(texts, limit, self._embed_batch,
+        return embed_in_batches(texts, limit, partial(self._embed_batch, extra=extra),
                                 normalize=self.wants_unit_vectors(normalize, default=False))
 
-    def _embed_batch(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    def _embed_batch(self, texts: list[str], extra: dict[str, Any]) -> tuple[list[list[float]], int]:
         response = self.retry.call(partial(self.client.embeddings.create, model=self.model.upstream_name,
-                                           input=texts, encoding_format="float"), retryable)
+                                           input=texts, encoding_format="float", **extra), retryable)
         vectors = [item.embedding for item in sorted(response.data, key=lambda d: d.index)]
         return vectors, response.usage.prompt_tokens if response.usage else 0
