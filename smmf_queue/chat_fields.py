@@ -29,11 +29,14 @@ OUTPUT_CHANGING: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
     "reasoning_effort": (None,), "web_search_options": (None,), "verbosity": (None,),
+    # the completions API: a prompt in place of messages, no chat template; its own fields
+    "prompt": (None,), "suffix": (None, ""), "best_of": (None, 1),
 }
 #: content parts a model could only ignore: everything but text.
 TEXT_PART = "text"
 #: the request fields that travel at the top of a ChatRequest (jobs.py), not in its params.
-REQUEST_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "response_format"})
+REQUEST_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "response_format",
+                            "prompt"})
 #: the embeddings request's one output-changing field beyond the texts (OpenAI's).
 DIMENSIONS = "dimensions"
 #: fields that change nothing in the reply: accepted and not sent on.

@@ -202,6 +202,15 @@ class AsyncClient(_BaseClient):
                                      queue_timeout, cancel_on_leave, on_queued):
             yield delta
 
+    async def complete(self, model: str, prompt: str, **kwargs: Any) -> ChatResult:
+        """The completions API: `prompt` continued as it is (no chat template); the same
+        keywords as `chat`. UnsupportedParameter ("prompt") for a model that cannot."""
+        return await self.chat(model, [], prompt=prompt, **kwargs)
+
+    def stream_complete(self, model: str, prompt: str, **kwargs: Any) -> AsyncIterator[ChatDelta]:
+        """`complete`, streamed."""
+        return self.stream_chat(model, [], prompt=prompt, **kwargs)
+
     async def embed(self, model: str, texts: list[str], *, normalize: bool | None = None,
                     timeout: float | None = None, queue_timeout: float | None = None,
                     fail_fast: bool | None = None, job_id: str | None = None,
@@ -433,6 +442,14 @@ class Client(_BaseClient):
                 with contextlib.suppress(OSError, redis.RedisError):
                     self.cancel(request.job_id, reader.timeout_s)
         yield from reader.ending("llm")
+
+    def complete(self, model: str, prompt: str, **kwargs: Any) -> ChatResult:
+        """The completions API: `prompt` continued as it is (no chat template)."""
+        return self.chat(model, [], prompt=prompt, **kwargs)
+
+    def stream_complete(self, model: str, prompt: str, **kwargs: Any) -> Iterator[ChatDelta]:
+        """`complete`, streamed."""
+        return self.stream_chat(model, [], prompt=prompt, **kwargs)
 
     def embed(self, model: str, texts: list[str], **kwargs: Any) -> EmbeddingResult:
         """Vectors for `texts`, in input order."""

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible HTTP gateway: `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`,
-and `/v1/rerank` (Cohere's and Jina's shape).
+"""The OpenAI-compatible HTTP gateway: `/v1/chat/completions`, `/v1/completions`,
+`/v1/embeddings`, `/v1/models`, and `/v1/rerank` (Cohere's and Jina's shape).
 
 It enqueues onto the same per-model queues as the SDK (it is an AsyncClient behind FastAPI).
 Streamed chunks are built as small dicts and serialised once each: no SDK object per token;
@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
@@ -192,6 +193,45 @@ class ChatCompletionRequest(BaseModel):
         return {name: value for name, value in fields.items() if value is not None}
 
 
+class CompletionRequest(BaseModel):
+    """OpenAI's completions request: a prompt continued as it is, with no chat template."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    #: one prompt (several would be several choices: refused by the length check).
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    #: OpenAI's default for this API is 16.
+    max_tokens: int | None = Field(default=16, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    #: the prompt, then the completion, in the reply's text.
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    n: int = Field(default=1, ge=1)
+    best_of: int | None = Field(default=None, ge=1)
+    suffix: str | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def fields(self) -> dict[str, Any]:
+        """The fields it sets besides the model and prompt, by the SDK's names."""
+        fields = self.model_dump(exclude={"model", "prompt", "stream", "stream_options", "echo"})
+        fields = {name: value for name, value in fields.items()
+                  if name in type(self).model_fields and value is not None}
+        if isinstance(self.stop, str):
+            fields["stop"] = [self.stop]
+        return fields
+
+
 class EmbeddingsRequest(BaseModel):
     """OpenAI's embeddings request. `input` as token ids (LangChain's OpenAIEmbeddings sends
     them by default, counted with tiktoken's encodings, not the served model's) is refused
@@ -341,6 +381,41 @@ def create_app(config: SmmfConfig) -> FastAPI:
         if dropped:
             log.warning("model %s: dropped %s (drop_params)", body.model, ", ".join(dropped))
         return dropped
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request, deadlines: Deadlines) -> Any:
+        """The completions API on the same queues: the prompt reaches the model as it is."""
+        client: AsyncClient = app.state.client
+        request.state.model = body.model
+        entry = config.model(body.model, "llm")
+        fields = {"prompt": body.text(), **body.fields()}
+        dropped = chat_fields.refuse_or_drop(fields, [], body.model, entry.supports, entry.drop_params)
+        headers = {"x-smmf-dropped-params": ",".join(dropped)} if dropped else {}
+        fields = {name: value for name, value in fields.items() if name not in dropped}
+        request.state.request_id = job_id = new_job_id()
+        echo = body.text() if body.echo else ""
+        if body.stream:
+            queued = asyncio.Event()
+            # No resume for this API: a client that leaves cancels its job at once.
+            stream = client.stream_chat(body.model, [], fail_fast=fail_fast, job_id=job_id,
+                                        cancel_on_leave=True, on_queued=queued.set,
+                                        **deadlines, **fields)
+            first = asyncio.ensure_future(_first(stream))
+            await _first_of(first, queued)
+            if first.done():
+                first.result()  # a refusal is a plain 4xx/5xx
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(
+                _sse(body.model, job_id, first, stream, include_usage, NOTHING_SEEN, lambda: None,
+                     config.gateway.keepalive_s, COMPLETION, echo),
+                media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+        result = await client.chat(body.model, [], fail_fast=fail_fast, job_id=job_id,
+                                   **deadlines, **fields)
+        return JSONResponse({
+            "id": f"cmpl-{job_id}", "object": "text_completion", "created": int(time.time()),
+            "model": body.model, "usage": result.usage.model_dump(),
+            "choices": [{"index": 0, "text": echo + result.text, "logprobs": None,
+                         "finish_reason": result.finish_reason}]}, headers=headers)
 
     @app.get("/v1/chat/completions/{completion_id}/stream", response_model=None)
     async def resume_chat_stream(completion_id: str, model: str, request: Request,
@@ -521,24 +596,56 @@ async def _first_of(first: asyncio.Future[Any], queued: asyncio.Event) -> None:
     waiting.cancel()
 
 
+def _chat_choice(delta: ChatDelta | None, finish: str | None) -> dict[str, Any]:
+    """A chat.completion.chunk's choice: a piece of the message, or (no delta) its end."""
+    piece: dict[str, Any] = {}
+    if delta is not None:
+        piece = _message(delta.text, delta.reasoning, role=False)
+        if delta.tool_calls:
+            piece["tool_calls"] = tool_calls.openai_fragments(delta.tool_calls)
+    return {"index": 0, "delta": piece, "finish_reason": finish}
+
+
+def _completion_choice(delta: ChatDelta | None, finish: str | None) -> dict[str, Any]:
+    """A streamed text_completion's choice."""
+    return {"index": 0, "text": delta.text if delta is not None else "", "logprobs": None,
+            "finish_reason": finish}
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What an API's streamed chunks are: chat.completion.chunk (after a role frame) or the
+    completions API's text_completion."""
+
+    object: str
+    id_prefix: str
+    role_frame: bool
+    choice: Callable[[ChatDelta | None, str | None], dict[str, Any]]
+
+
+CHAT = _Shape("chat.completion.chunk", "chatcmpl-", True, _chat_choice)
+COMPLETION = _Shape("text_completion", "cmpl-", False, _completion_choice)
+
+
 async def _sse(model: str, job_id: str, first: asyncio.Future[ChatDelta | None],
                stream: AsyncIterator[ChatDelta], include_usage: bool, after: FrameId,
-               on_leave: Callable[[], None], keepalive_s: float) -> AsyncIterator[bytes]:
-    """SSE frames of chat.completion.chunk objects after the frame `after`, ending with
-    `[DONE]`; a comment line every `keepalive_s` until `first` (the first delta) comes;
-    `on_leave` is called if the client leaves before the end."""
-    chunk_id, created = f"chatcmpl-{job_id}", int(time.time())
+               on_leave: Callable[[], None], keepalive_s: float,
+               shape: _Shape = CHAT, echo: str = "") -> AsyncIterator[bytes]:
+    """SSE frames of `shape`'s chunks after the frame `after`, ending with `[DONE]`; a comment
+    line every `keepalive_s` until `first` (the first delta) comes; `on_leave` is called if the
+    client leaves before the end. `echo` (a completion's prompt) goes first, as frame 0."""
+    chunk_id, created = f"{shape.id_prefix}{job_id}", int(time.time())
 
     def chunk(frame: FrameId, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return b"id: " + frame_id_text(frame).encode() + b"\n" + _data(
-            {"id": chunk_id, "object": "chat.completion.chunk", "created": created,
+            {"id": chunk_id, "object": shape.object, "created": created,
              "model": model, "choices": choices, **extra})
 
-    def frame(seq: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return chunk((seq, 0), [{"index": 0, "delta": delta, "finish_reason": finish}])
-
-    if after < ROLE_FRAME:
-        yield frame(0, {"role": "assistant", "content": ""})
+    if shape.role_frame and after < ROLE_FRAME:
+        yield chunk(ROLE_FRAME, [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                  "finish_reason": None}])
+    if echo and after < ROLE_FRAME:
+        yield chunk(ROLE_FRAME, [shape.choice(ChatDelta(text=echo), None)])
     sent = after > ROLE_FRAME  # the client may hold text already
     ended = False
     try:
@@ -553,14 +660,11 @@ async def _sse(model: str, job_id: str, first: asyncio.Future[ChatDelta | None],
                                 job_id=job_id)
             if (delta.text or delta.reasoning or delta.tool_calls) and (delta.seq, 0) > after:
                 sent = True
-                piece = _message(delta.text, delta.reasoning, role=False)
-                if delta.tool_calls:
-                    piece["tool_calls"] = tool_calls.openai_fragments(delta.tool_calls)
-                yield frame(delta.seq, piece)
+                yield chunk((delta.seq, 0), [shape.choice(delta, None)])
             if delta.finish_reason is not None:
                 ended = True
                 if (delta.seq, 0) > after:
-                    yield frame(delta.seq, {}, delta.finish_reason)
+                    yield chunk((delta.seq, 0), [shape.choice(None, delta.finish_reason)])
                 if include_usage and delta.usage is not None and (delta.seq, 1) > after:
                     yield chunk((delta.seq, 1), [], usage=delta.usage.model_dump())
             delta = await _first(stream)

@@ -32,6 +32,7 @@ _JOB_ERRORS = [400, 401, 404, 413, 502, 503, 504]
 ROUTE_ERRORS = {
     ("/v1/chat/completions", "post"): _JOB_ERRORS,
     ("/v1/chat/completions/{completion_id}/stream", "get"): _JOB_ERRORS,
+    ("/v1/completions", "post"): _JOB_ERRORS,
     ("/v1/embeddings", "post"): _JOB_ERRORS,
     ("/v1/rerank", "post"): _JOB_ERRORS,
     ("/rerank", "post"): _JOB_ERRORS,
@@ -51,7 +52,7 @@ PARTS = {"image_url": {"type": "object", "required": ["type", "image_url"], "pro
     "image_url": {"type": "object", "required": ["url"], "properties": {
         "url": {"type": "string"}, "detail": {"enum": ["auto", "low", "high"]}}}}}}
 #: schema components whose `model` names a model of one kind.
-MODEL_FIELDS = {"ChatCompletionRequest": "llm", "EmbeddingsRequest": "embedding",
+MODEL_FIELDS = {"ChatCompletionRequest": "llm", "CompletionRequest": "llm", "EmbeddingsRequest": "embedding",
                 "RerankRequest": "reranker"}
 
 
@@ -78,10 +79,12 @@ def _only_what_models_honour(components: dict[str, Any], honoured: set[str]) -> 
     values that ask for nothing (anything else is a 400), and content parts limited to text and
     the kinds some model honours. The document covers every model at once: where only some
     models honour a field, the others answer it with the documented 400."""
-    request = components["ChatCompletionRequest"]["properties"]
-    for name, idle in chat_fields.OUTPUT_CHANGING.items():
-        if name in request and name not in honoured:
-            request[name] = _only(idle, request[name], "no configured model honours it")
+    for component in ("ChatCompletionRequest", "CompletionRequest"):
+        request = components[component]["properties"]
+        required = components[component].get("required", [])
+        for name, idle in chat_fields.OUTPUT_CHANGING.items():
+            if name in request and name not in honoured and name not in required:
+                request[name] = _only(idle, request[name], "no configured model honours it")
     message = components["_Message"]["properties"]
     if chat_fields.TOOL_CALLS_IN_MESSAGES not in honoured:
         message["tool_calls"] = _only((None, []), message["tool_calls"], "no configured model takes tools")
@@ -121,7 +124,7 @@ def _complete_operation(path: str, method: str, operation: dict[str, Any], llms:
             parameter["schema"].update(next(o for o in options if o.get("type") != "null"))
         if parameter["name"] == "model":
             parameter["schema"]["enum"] = llms
-    if path == "/v1/chat/completions":  # JSON, or SSE when `stream` is true
+    if path in ("/v1/chat/completions", "/v1/completions"):  # JSON, or SSE when `stream` is true
         responses["200"]["content"]["text/event-stream"] = {"schema": SSE_EVENT}
     if path.endswith("/stream"):
         responses["200"]["content"] = {"text/event-stream": {"schema": SSE_EVENT}}

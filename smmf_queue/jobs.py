@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 #: wire version of requests and events; bump on an incompatible change.
 WIRE_VERSION = 2
@@ -153,7 +153,10 @@ class _JobRequest(_Wire):
 
 
 class ChatRequest(_JobRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    """A chat job, or a completion job (`prompt` instead of messages: no chat template; wire 2)."""
+
+    messages: list[ChatMessage] = Field(default_factory=list)
+    prompt: str | None = None
     params: SamplingParams = Field(default_factory=SamplingParams)
     #: wire 2, OpenAI's fields as sent (validated by the gateway's schema): function tools,
     #: which one to call ("auto", "required", "none" or {"type": "function", ...}), and
@@ -163,6 +166,12 @@ class ChatRequest(_JobRequest):
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
+    @model_validator(mode="after")
+    def _messages_or_prompt(self) -> ChatRequest:
+        if (self.prompt is None) == (not self.messages):
+            raise ValueError("a chat job carries messages, a completion job a prompt: one of them")
+        return self
+
     def given(self) -> dict[str, Any]:
         """The wire-2 top-level fields the request sets (tools, response_format...), by
         OpenAI's names, for an API or engine that takes them so."""
@@ -170,7 +179,7 @@ class ChatRequest(_JobRequest):
                                         "response_format"}, exclude_none=True)
 
     def wire_needed(self) -> int:
-        added = (self.tools, self.tool_choice, self.parallel_tool_calls, self.response_format,
+        added = (self.prompt, self.tools, self.tool_choice, self.parallel_tool_calls, self.response_format,
                  self.params.presence_penalty, self.params.frequency_penalty)
         if any(value is not None for value in added) or not all(m.plain for m in self.messages):
             return WIRE_VERSION

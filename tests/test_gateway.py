@@ -339,3 +339,25 @@ def test_embedding_inputs_as_langchain_and_dbgpt_send_them(gateway_url: str) -> 
     served = httpx.post(f"{gateway_url}/v1/embeddings", headers=auth,
                         json={"model": EMBED, "input": ["a", "b"], "user": "dbgpt"})
     assert served.status_code == 200 and len(served.json()["data"]) == 2
+
+
+def test_the_completions_api_on_an_hf_model_reads_the_prompt_as_it_is(oai: openai.OpenAI,
+                                                                      tiny_models: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Given the model in this process, greedy, fed the prompt with no chat template
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models / "tiny-noise-chat")
+    model = AutoModelForCausalLM.from_pretrained(tiny_models / "tiny-noise-chat")
+    inputs = tokenizer("the quick brown fox", return_tensors="pt")
+    with torch.inference_mode():
+        ids = model.generate(**inputs, max_new_tokens=8, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    expected = tokenizer.decode(ids[0, inputs["input_ids"].shape[-1]:], skip_special_tokens=True)
+    # When the gateway's completions API is asked the same
+    whole = oai.completions.create(model=CHAT, prompt="the quick brown fox", max_tokens=8, temperature=0)
+    streamed = "".join(c.choices[0].text for c in oai.completions.create(
+        model=CHAT, prompt="the quick brown fox", max_tokens=8, temperature=0, stream=True))
+    # Then it gives the model's own continuation, whole and streamed
+    assert whole.choices[0].text == streamed == expected
+    assert whole.usage is not None and whole.usage.completion_tokens == 8

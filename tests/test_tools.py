@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import jsonschema
+import llama_cpp
 import openai
 import pytest
 import redis
@@ -60,7 +61,7 @@ def upstream() -> Iterator[FakeUpstream]:
 
 @pytest.fixture(scope="module")
 def tools_config(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis,
-                 gguf_model: Path, tool_server: str, upstream: FakeUpstream) -> Path:
+                 gguf_model: Path, tool_server: str, upstream: FakeUpstream, tiny_models: Path) -> Path:
     path = tmp_path_factory.mktemp("tools") / "tools.toml"
     path.write_text(f"""
 [[models.llms]]
@@ -102,7 +103,7 @@ name = "fake-embed"
 provider = "proxy/openai"
 api_base = "{upstream.url}/v1"
 api_key = "sk-fake"
-{_models_for_the_table(upstream.url)}
+{_models_for_the_table(upstream.url, tiny_models)}
 [queue]
 broker_url = "{redis_server.url}"
 job_timeout_s = 60
@@ -119,16 +120,17 @@ TABLE_MODELS = {"hf": "table-hf", "llama.cpp": "gguf-tools", "llama.cpp.server":
                 "proxy/openai": "fake-tools", "proxy/deepseek": "table-deepseek",
                 "proxy/tongyi": "table-tongyi", "proxy/siliconflow": "table-siliconflow",
                 "proxy/ollama": "table-ollama"}
-SERVED = ["tool-proxy", "gguf-tools", "gguf-server", "gguf-plain", "fake-tools", "fake-embed", "table-deepseek", "table-tongyi",
+SERVED = ["tool-proxy", "gguf-tools", "gguf-server", "gguf-plain", "fake-tools", "fake-embed", "table-hf", "table-deepseek", "table-tongyi",
           "table-siliconflow"]
 
 
-def _models_for_the_table(fake: str) -> str:
+def _models_for_the_table(fake: str, models: Path) -> str:
     entries = []
     for provider, name in TABLE_MODELS.items():
         if name in ("gguf-tools", "gguf-server", "fake-tools"):
             continue
         where = f'api_base = "{fake}/v1"\napi_key = "sk-fake"' if provider.startswith("proxy/") \
+            else f'path = "{models / "tiny-noise-chat"}"' if provider == "hf" \
             else f'path = "/not/loaded/{name}"'
         entries.append(f'[[models.llms]]\nname = "{name}"\nprovider = "{provider}"\n{where}\n')
     return "\n".join(entries)
@@ -360,7 +362,8 @@ ASKING: dict[str, Any] = {
     "logprobs": True, "top_logprobs": 2, "n": 2, "presence_penalty": 1.5, "frequency_penalty": 1.5,
     "logit_bias": {"65": 5.0}, "modalities": ["text", "audio"], "audio": {"voice": "alloy"},
     "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "low",
-    "web_search_options": {}, "verbosity": "low",
+    "web_search_options": {}, "verbosity": "low", "prompt": "Once upon a time", "suffix": "The end.",
+    "best_of": 3,
 }
 PARTS = {"messages[].content[].image_url": {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
          "messages[].content[].input_audio": {"type": "input_audio",
@@ -386,8 +389,12 @@ def test_the_readme_holds_the_current_field_table() -> None:
 def test_each_cell_of_the_field_table(field: str, provider: str, tools_config: Path, gateway: str,
                                       upstream: FakeUpstream) -> None:
     status = chat_fields.status(provider, field)
+    if provider == "vllm" and status != "refused":
+        pytest.skip("vLLM runs on an NVIDIA GPU only (none here); its refusals are tested")
     model = TABLE_MODELS[provider]
     messages, fields = _asking(field)
+    if field == "prompt":  # the completions API: a prompt in place of messages
+        messages = []
     with Client(tools_config) as sdk:
         if status == "refused":
             with pytest.raises(UnsupportedParameter) as refused:
@@ -399,6 +406,7 @@ def test_each_cell_of_the_field_table(field: str, provider: str, tools_config: P
             sdk.chat(model, messages, **fields)
             sent = upstream.requests[0].body
             assert (sent["messages"] == messages) if field in PARTS else (sent[field] == fields[field])
+            assert upstream.requests[0].path.endswith("/completions")
         else:
             HONOURED[field](sdk, model)
             if status != "honoured":  # honoured with a chat format: a model without it refuses
@@ -424,8 +432,15 @@ def _penalised(field: str) -> Callable[[Client, str], None]:
     return check
 
 
+def _continues_the_prompt(sdk: Client, model: str) -> None:
+    # (usage is not checked: llama_cpp.server streams none for this API)
+    result = sdk.complete(model, ASKING["prompt"], max_tokens=8, temperature=0)
+    assert result.text and result.finish_reason == "length"
+
+
 #: how an honoured field shows, by field.
 HONOURED: dict[str, Callable[[Client, str], None]] = {
+    "prompt": _continues_the_prompt,
     "tools": _calls_the_tool, "tool_choice": _calls_the_tool, "response_format": _answers_in_the_schema,
     "presence_penalty": _penalised("presence_penalty"), "frequency_penalty": _penalised("frequency_penalty"),
 }
@@ -443,3 +458,34 @@ def test_a_llama_cpp_server_child_dies_with_its_worker(tools_config: Path, start
     wait_until(lambda: not Path(f"/proc/{children[0]}").exists()
                or "Z" in Path(f"/proc/{children[0]}/stat").read_text().split()[2], 15,
                "the llama_cpp.server child to exit")
+
+
+@pytest.mark.parametrize("model", ["gguf-plain", "gguf-server", "tool-proxy"])
+def test_the_completions_api_continues_a_prompt_as_it_is(oai: openai.OpenAI, gguf_model: Path,
+                                                          model: str) -> None:
+    # Given the engine in this process, reading the prompt with no chat template
+    local = llama_cpp.Llama(model_path=str(gguf_model), n_ctx=512, n_threads=1, verbose=False)
+    expected = local.create_completion("The queue", max_tokens=12, temperature=0)["choices"][0]["text"]
+    # When the official SDK asks the gateway's completions API, whole and streamed
+    whole = oai.completions.create(model=model, prompt="The queue", max_tokens=12, temperature=0)
+    chunks = list(oai.completions.create(model=model, prompt="The queue", max_tokens=12,
+                                         temperature=0, stream=True))
+    # Then the text is the engine's own continuation of the prompt
+    assert whole.object == "text_completion" and whole.id.startswith("cmpl-")
+    assert whole.choices[0].text == expected and whole.choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+    # and `echo` puts the prompt first, `stop` cuts where the stop string begins
+    echoed = oai.completions.create(model=model, prompt="The queue", max_tokens=12, temperature=0, echo=True)
+    assert echoed.choices[0].text == "The queue" + expected
+    stop = expected[4:6]
+    cut = oai.completions.create(model=model, prompt="The queue", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].text == expected[:expected.index(stop)]
+
+
+def test_completion_fields_no_model_honours_are_refused(oai: openai.OpenAI) -> None:
+    for fields, param in (({"logprobs": 2}, "logprobs"), ({"best_of": 2}, "best_of"),
+                          ({"suffix": "end"}, "suffix"), ({"n": 2}, "n")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            oai.completions.create(model="gguf-plain", prompt="x", **fields)  # type: ignore[call-overload]
+        assert (refused.value.code, refused.value.param) == ("unsupported_parameter", param)

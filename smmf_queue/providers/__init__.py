@@ -48,12 +48,14 @@ class ProviderSpec:
 #: the tool-calling fields; llama.cpp honours them only with a chat format that parses calls.
 TOOL_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls"})
 #: what an OpenAI-compatible API is sent unchanged (the upstream honours or refuses it).
+#: the completions API (`/v1/completions`): a prompt in place of messages.
+COMPLETIONS = "prompt"
 _FORWARDED = TOOL_FIELDS | {"response_format", "presence_penalty", "frequency_penalty",
-                            "messages[].content[].image_url", "dimensions"}
+                            "messages[].content[].image_url", "dimensions", COMPLETIONS}
 #: llama-cpp-python: tools through its function-calling chat handler, response_format as a
 #: grammar made from the JSON schema, penalties in its sampler.
 _LLAMA_CPP = frozenset({"tools", "tool_choice", "response_format", "presence_penalty",
-                        "frequency_penalty"})
+                        "frequency_penalty", COMPLETIONS})
 #: the providers that run llama-cpp-python (in the worker, or as its server).
 LLAMA_CPP = frozenset({"llama.cpp", "llama.cpp.server"})
 #: llama-cpp-python's chat formats that parse a model's tool calls ("auto" included); the
@@ -81,7 +83,7 @@ PROVIDERS: dict[str, ProviderSpec] = {spec.name: spec for spec in (
                  "transformers / sentence-transformers",
                  frozenset({"torch_dtype", "trust_remote_code", "max_new_tokens", "normalize",
                             "batch_size", "num_threads", "truncate", "max_length"}),
-                 kinds=frozenset({"llm", "embedding", "reranker"})),
+                 kinds=frozenset({"llm", "embedding", "reranker"}), supports=frozenset({COMPLETIONS})),
     ProviderSpec("llama.cpp", "smmf_queue.providers.llamacpp:LlamaCppProvider", "llamacpp",
                  "llama-cpp-python on a GGUF file",
                  frozenset({"n_ctx", "n_gpu_layers", "n_threads", "n_batch", "seed", "chat_format",
@@ -92,7 +94,8 @@ PROVIDERS: dict[str, ProviderSpec] = {spec.name: spec for spec in (
                             "startup_timeout", "timeout_s", "max_retries", "retry_backoff_s",
                             "batch_size", "normalize"}), default_slots=4, supports=_LLAMA_CPP),
     ProviderSpec("vllm", "smmf_queue.providers.vllm_engine:VLLMProvider", "vllm",
-                 "vLLM's AsyncLLMEngine", VLLM_ENGINE_KEYS | {"normalize"}, default_slots=64),
+                 "vLLM's AsyncLLMEngine", VLLM_ENGINE_KEYS | {"normalize"}, default_slots=64,
+                 supports=frozenset({COMPLETIONS})),
     ProviderSpec("mlx", "smmf_queue.providers.mlx_engine:MLXProvider", "mlx", "mlx-lm",
                  frozenset({"max_new_tokens"}), kinds=frozenset({"llm"})),
     ProviderSpec("proxy/openai", _OPENAI, "proxy", "any OpenAI-compatible API; Azure",

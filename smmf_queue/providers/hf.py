@@ -142,10 +142,7 @@ class HFProvider(Provider):
         self.encoder.eval()
 
     def stream_chat(self, request: ChatRequest) -> Iterator[ChatChunk]:
-        messages = [m.as_dict() for m in request.messages]
-        inputs = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        ).to(self._device())  # type: ignore[union-attr]  # return_dict=True: a BatchEncoding
+        inputs = self._inputs(request)
         prompt_tokens = int(inputs["input_ids"].shape[-1])
         if prompt_tokens >= self._context_length():
             raise ValueError(f"prompt of {prompt_tokens} tokens does not fit the model's context "
@@ -187,6 +184,15 @@ class HFProvider(Provider):
         yield ChatChunk(finish_reason=finish, usage=Usage(
             prompt_tokens=prompt_tokens, completion_tokens=completion,
             total_tokens=prompt_tokens + completion))
+
+    def _inputs(self, request: ChatRequest) -> Any:
+        """The model's input: the messages through its chat template, or a completion's prompt
+        as it is."""
+        if request.prompt is not None:
+            return self.tokenizer(request.prompt, return_tensors="pt").to(self._device())
+        return self.tokenizer.apply_chat_template(
+            [m.as_dict() for m in request.messages], add_generation_prompt=True, return_tensors="pt",
+            return_dict=True).to(self._device())  # type: ignore[union-attr]  # a BatchEncoding
 
     def _generation_kwargs(self, request: ChatRequest, stop_now: threading.Event) -> dict[str, Any]:
         params = request.params

@@ -89,15 +89,20 @@ class LlamaCppProvider(Provider):
         with self._lock:
             # Streamed, it returns an iterator of chunk dicts (its type hints cover both modes);
             # whole when the model picks between text and a tool call, which it cannot stream.
-            output: Any = self.llm.create_chat_completion(
-                messages=messages, stream=not auto_tools(kwargs),
-                logits_processor=llama_cpp.LogitsProcessorList([counter]), **kwargs)
+            processors = llama_cpp.LogitsProcessorList([counter])
+            output: Any = (
+                self.llm.create_completion(prompt=request.prompt, stream=True,
+                                           logits_processor=processors, **kwargs)
+                if request.prompt is not None else
+                self.llm.create_chat_completion(messages=messages, stream=not auto_tools(kwargs),
+                                                logits_processor=processors, **kwargs))
             stream = output if not isinstance(output, dict) else iter([_as_chunk(output)])
             try:
                 for chunk in stream:
                     choice = chunk["choices"][0]
-                    text = stops.feed(choice["delta"].get("content") or "")
-                    fragments = calls.from_openai(choice["delta"].get("tool_calls") or ())
+                    delta = choice.get("delta") or {"content": choice.get("text")}  # completions: text
+                    text = stops.feed(delta.get("content") or "")
+                    fragments = calls.from_openai(delta.get("tool_calls") or ())
                     if text or fragments:
                         yield ChatChunk(text=text, tool_calls=fragments)
                     engine_finish = choice.get("finish_reason") or engine_finish

@@ -135,7 +135,8 @@ class OpenAIProvider(Provider):
         openai/openai-python#3440), and which builds a pydantic object per chunk: 11.8 → 5.2 ms
         of CPU per streamed chat (BENCHMARKS.md). Transport errors become the SDK's, as in its
         `Stream`, so retries and error types stay the same."""
-        with self.client.chat.completions.with_streaming_response.create(**kwargs) as response:
+        api = self.client.completions if "prompt" in kwargs else self.client.chat.completions
+        with api.with_streaming_response.create(**kwargs) as response:
             http = response.http_response
             try:
                 for event in httpx2.EventSource(http):
@@ -157,13 +158,13 @@ class OpenAIProvider(Provider):
                                                 request=http.request) from exc
 
     def chat_kwargs(self, request: ChatRequest) -> dict[str, Any]:
-        """The create() arguments: every sampling parameter the request sets, 0 included, and
-        its tools and response_format as sent."""
-        kwargs: dict[str, Any] = {
-            "model": self.model.upstream_name,
-            "messages": [m.as_dict() for m in request.messages],
-            "stream": True,
-        }
+        """The create() arguments (of the completions API for a prompt): every sampling
+        parameter the request sets, 0 included, and its tools and response_format as sent."""
+        kwargs: dict[str, Any] = {"model": self.model.upstream_name, "stream": True}
+        if request.prompt is not None:  # the completions API
+            kwargs["prompt"] = request.prompt
+        else:
+            kwargs["messages"] = [m.as_dict() for m in request.messages]
         if self.model.options.get("stream_usage", True):
             kwargs["stream_options"] = {"include_usage": True}
         kwargs.update(request.params.given())
@@ -199,7 +200,7 @@ class OpenAIProvider(Provider):
             if not chunk.get("choices"):
                 continue
             choice = chunk["choices"][0]
-            delta = choice.get("delta") or {}
+            delta = choice.get("delta") or {"content": choice.get("text")}  # completions: text
             text = delta.get("content") or ""
             reasoning = (delta.get("reasoning_content") or "") if keep_reasoning else ""
             fragments = calls.from_openai(delta.get("tool_calls") or ())

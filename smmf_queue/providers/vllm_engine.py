@@ -94,7 +94,7 @@ class VLLMProvider(Provider):
     def stream_chat(self, request: ChatRequest) -> Iterator[ChatChunk]:
         from vllm import SamplingParams
 
-        prompt = self.tokenizer.apply_chat_template(
+        prompt = request.prompt if request.prompt is not None else self.tokenizer.apply_chat_template(
             [m.as_dict() for m in request.messages], tokenize=False, add_generation_prompt=True)
         outputs: queue.Queue[Any] = queue.Queue()
         running = self._on_loop(self._generate(prompt, SamplingParams(**self.sampling_params(request)),
