@@ -213,10 +213,11 @@ class Attempt:
             keys=[keys.event_log(self.job_id), keys.cancel_flag(self.job_id)],
             args=self._log_args(event)))
 
-    def delta(self, text: str, reasoning: str = "", tool_calls: list[ToolCallDelta] | None = None) -> bool:
+    def delta(self, text: str, reasoning: str = "", tool_calls: list[ToolCallDelta] | None = None,
+              logprobs: list[dict[str, Any]] | None = None) -> bool:
         """Write a delta; True when the caller has cancelled the job."""
         return self.write(self.next_event("delta", text=text, reasoning=reasoning,
-                                          tool_calls=tool_calls or None))
+                                          tool_calls=tool_calls or None, logprobs=logprobs or None))
 
     def restart(self) -> None:
         """Tell readers that a new attempt begins and the text so far is void."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import UnsupportedParameter
-from .providers import LLAMA_CPP_TOOL_FORMATS, PROVIDERS, honoured
+from .providers import PROVIDERS, honoured, honoured_when
 
 #: output-changing fields of OpenAI's chat request, each with the values that ask for nothing
 #: (the field may be sent with one of them, as many clients do).
@@ -36,7 +36,7 @@ OUTPUT_CHANGING: dict[str, tuple[Any, ...]] = {
 TEXT_PART = "text"
 #: the request fields that travel at the top of a ChatRequest (jobs.py), not in its params.
 REQUEST_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "response_format",
-                            "prompt"})
+                            "prompt", "logprobs", "top_logprobs"})
 #: the embeddings request's one output-changing field beyond the texts (OpenAI's).
 DIMENSIONS = "dimensions"
 #: fields that change nothing in the reply: accepted and not sent on.
@@ -124,7 +124,7 @@ def status(provider: str, field: str) -> str:
     if spec.extra == "proxy":
         return "forwarded"
     if field not in honoured(provider, {}):
-        return "honoured with chat_format " + " or ".join(sorted(LLAMA_CPP_TOOL_FORMATS))
+        return f"honoured with {honoured_when(field)}"
     return "honoured"
 
 

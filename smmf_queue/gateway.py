@@ -364,10 +364,12 @@ def create_app(config: SmmfConfig) -> FastAPI:
         if result.tool_calls:
             message.update(content=result.text or None,
                            tool_calls=[call.model_dump() for call in result.tool_calls])
+        logprobs = {"content": result.logprobs, "refusal": None} if fields.get("logprobs") else None
         return JSONResponse({
             "id": f"chatcmpl-{job_id}", "object": "chat.completion",
             "created": int(time.time()), "model": body.model,
-            "choices": [{"index": 0, "finish_reason": result.finish_reason, "message": message}],
+            "choices": [{"index": 0, "finish_reason": result.finish_reason, "message": message,
+                         "logprobs": logprobs}],
             "usage": result.usage.model_dump(),
         }, headers=headers)
 
@@ -599,11 +601,14 @@ async def _first_of(first: asyncio.Future[Any], queued: asyncio.Event) -> None:
 def _chat_choice(delta: ChatDelta | None, finish: str | None) -> dict[str, Any]:
     """A chat.completion.chunk's choice: a piece of the message, or (no delta) its end."""
     piece: dict[str, Any] = {}
+    choice: dict[str, Any] = {"index": 0, "delta": piece, "finish_reason": finish}
     if delta is not None:
-        piece = _message(delta.text, delta.reasoning, role=False)
+        piece.update(_message(delta.text, delta.reasoning, role=False))
         if delta.tool_calls:
             piece["tool_calls"] = tool_calls.openai_fragments(delta.tool_calls)
-    return {"index": 0, "delta": piece, "finish_reason": finish}
+        if delta.logprobs:
+            choice["logprobs"] = {"content": delta.logprobs, "refusal": None}
+    return choice
 
 
 def _completion_choice(delta: ChatDelta | None, finish: str | None) -> dict[str, Any]:

@@ -165,6 +165,9 @@ class ChatRequest(_JobRequest):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    #: per-token log probabilities in the reply, and how many alternatives with each (wire 2).
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @model_validator(mode="after")
     def _messages_or_prompt(self) -> ChatRequest:
@@ -176,10 +179,12 @@ class ChatRequest(_JobRequest):
         """The wire-2 top-level fields the request sets (tools, response_format...), by
         OpenAI's names, for an API or engine that takes them so."""
         return self.model_dump(include={"tools", "tool_choice", "parallel_tool_calls",
-                                        "response_format"}, exclude_none=True)
+                                        "response_format", "logprobs", "top_logprobs"},
+                               exclude_none=True)
 
     def wire_needed(self) -> int:
         added = (self.prompt, self.tools, self.tool_choice, self.parallel_tool_calls, self.response_format,
+                 self.logprobs, self.top_logprobs,
                  self.params.presence_penalty, self.params.frequency_penalty)
         if any(value is not None for value in added) or not all(m.plain for m in self.messages):
             return WIRE_VERSION
@@ -236,6 +241,8 @@ class StreamEvent(_Wire):
     error_message: str | None = None
     #: tool call fragments (wire 2; only for requests with tools).
     tool_calls: list[ToolCallDelta] | None = None
+    #: OpenAI's `logprobs.content` entries of this event's tokens (wire 2; when asked).
+    logprobs: list[dict[str, Any]] | None = None
     #: worker that ran this attempt (in `end`, `error` and `restart`).
     worker: str | None = None
     #: embedding jobs: base64 float32 vectors, row after row, and their width.
@@ -260,6 +267,8 @@ class ChatDelta(BaseModel):
     reasoning: str = ""
     #: fragments of tool calls (tool_calls.assemble puts them together).
     tool_calls: list[ToolCallDelta] = Field(default_factory=list)
+    #: OpenAI's `logprobs.content` entries of its tokens, when asked.
+    logprobs: list[dict[str, Any]] = Field(default_factory=list)
     #: true when a crash restarted the job: drop what was shown so far.
     restart: bool = False
     #: set on the last delta only ("stop", "length"), with the job's usage.
@@ -276,6 +285,8 @@ class ChatResult(BaseModel):
     reasoning: str = ""
     #: the calls the model made (finish_reason "tool_calls").
     tool_calls: list[ToolCall] = Field(default_factory=list)
+    #: OpenAI's `logprobs.content`: one entry per token, when asked.
+    logprobs: list[dict[str, Any]] = Field(default_factory=list)
     finish_reason: str | None = None
     usage: Usage = Field(default_factory=Usage)
     worker: str | None = None

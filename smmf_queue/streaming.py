@@ -13,6 +13,7 @@ model's tokens per second.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from .config import ModelKind
 from .errors import JobFailed, JobTimeout
@@ -62,6 +63,7 @@ class EventAssembler:
         self.text: list[str] = []
         self.reasoning: list[str] = []
         self.tool_calls: list[ToolCallDelta] = []
+        self.logprobs: list[dict[str, Any]] = []
         self.terminal: StreamEvent | None = None
 
     def apply(self, event: StreamEvent) -> ChatDelta | None:
@@ -73,7 +75,7 @@ class EventAssembler:
             return None
         if event.type == "restart":
             self.attempt = event.attempt
-            self.text, self.reasoning, self.tool_calls = [], [], []
+            self.text, self.reasoning, self.tool_calls, self.logprobs = [], [], [], []
             return ChatDelta(restart=True, seq=event.seq)
         self.attempt = max(self.attempt, event.attempt)
         if event.terminal:
@@ -82,13 +84,15 @@ class EventAssembler:
         self.text.append(event.text)
         self.reasoning.append(event.reasoning)
         self.tool_calls.extend(event.tool_calls or ())
-        return ChatDelta(text=event.text, reasoning=event.reasoning,
-                         tool_calls=event.tool_calls or [], seq=event.seq)
+        self.logprobs.extend(event.logprobs or ())
+        return ChatDelta(text=event.text, reasoning=event.reasoning, tool_calls=event.tool_calls or [],
+                         logprobs=event.logprobs or [], seq=event.seq)
 
     def chat_result(self) -> ChatResult:
         end = self._end()
         return ChatResult(job_id=self.job_id, model=self.model, text="".join(self.text),
                           reasoning="".join(self.reasoning), tool_calls=assemble(self.tool_calls),
+                          logprobs=self.logprobs,
                           finish_reason=end.finish_reason, usage=end.usage or Usage(),
                           worker=end.worker)
 

@@ -272,6 +272,7 @@ class WorkerRuntime:
         text: list[str] = []
         reasoning: list[str] = []
         fragments: list[ToolCallDelta] = []
+        logprobs: list[dict[str, Any]] = []
         finish_reason, usage = "stop", Usage()
         started = time.perf_counter()
         chunks = provider.stream_chat(request)
@@ -285,7 +286,8 @@ class WorkerRuntime:
                 text.append(chunk.text)
                 reasoning.append(chunk.reasoning)
                 fragments.extend(chunk.tool_calls)
-                if attempt.delta(chunk.text, chunk.reasoning, chunk.tool_calls):
+                logprobs.extend(chunk.logprobs)
+                if attempt.delta(chunk.text, chunk.reasoning, chunk.tool_calls, chunk.logprobs):
                     raise JobFailed("cancelled by the caller", error_type="Cancelled",
                                     model=request.model, job_id=attempt.job_id)
         finally:
@@ -298,7 +300,7 @@ class WorkerRuntime:
                                    worker=self.worker_id)
         result = ChatResult(job_id=attempt.job_id, model=request.model, text="".join(text),
                             reasoning="".join(reasoning), tool_calls=assemble(fragments),
-                            finish_reason=finish_reason, usage=usage, worker=self.worker_id)
+                            logprobs=logprobs, finish_reason=finish_reason, usage=usage, worker=self.worker_id)
         return event, result.model_dump(mode="json")
 
     def _rerank(self, provider: Provider, request: RerankRequest,

@@ -48,7 +48,8 @@ TOOL_MODELS = ["tool-proxy", "gguf-tools", "gguf-server"]
 @pytest.fixture(scope="module")
 def tool_server(gguf_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("tool-server") / "server.log"
-    with llama_cpp_server(gguf_model, log, KEY, "--chat_format", "chatml-function-calling") as base:
+    with llama_cpp_server(gguf_model, log, KEY, "--chat_format", "chatml-function-calling",
+                          "--logits_all", "true") as base:
         yield base
 
 
@@ -77,6 +78,7 @@ name = "gguf-tools"
 provider = "llama.cpp"
 path = "{gguf_model}"
 chat_format = "chatml-function-calling"
+logits_all = true
 n_threads = 1
 
 [[models.llms]]
@@ -84,6 +86,7 @@ name = "gguf-server"
 provider = "llama.cpp.server"
 path = "{gguf_model}"
 chat_format = "chatml-function-calling"
+logits_all = true
 n_threads = 1
 
 [[models.llms]]
@@ -438,8 +441,15 @@ def _continues_the_prompt(sdk: Client, model: str) -> None:
     assert result.text and result.finish_reason == "length"
 
 
+def _gives_logprobs(sdk: Client, model: str) -> None:
+    result = sdk.chat(model, ASK, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    assert "".join(entry["token"] for entry in result.logprobs) == result.text
+    assert all(len(entry["top_logprobs"]) == 2 for entry in result.logprobs)
+
+
 #: how an honoured field shows, by field.
 HONOURED: dict[str, Callable[[Client, str], None]] = {
+    "logprobs": _gives_logprobs, "top_logprobs": _gives_logprobs,
     "prompt": _continues_the_prompt,
     "tools": _calls_the_tool, "tool_choice": _calls_the_tool, "response_format": _answers_in_the_schema,
     "presence_penalty": _penalised("presence_penalty"), "frequency_penalty": _penalised("frequency_penalty"),
@@ -489,3 +499,20 @@ def test_completion_fields_no_model_honours_are_refused(oai: openai.OpenAI) -> N
         with pytest.raises(openai.BadRequestError) as refused:
             oai.completions.create(model="gguf-plain", prompt="x", **fields)  # type: ignore[call-overload]
         assert (refused.value.code, refused.value.param) == ("unsupported_parameter", param)
+
+
+@pytest.mark.parametrize("model", ["gguf-tools", "gguf-server", "tool-proxy"])
+def test_logprobs_come_in_openai_shape_streamed_and_whole(oai: openai.OpenAI, model: str) -> None:
+    ask: dict[str, Any] = {"model": model, "messages": ASK, "max_tokens": 6, "temperature": 0,
+                           "logprobs": True, "top_logprobs": 3}
+    whole = oai.chat.completions.create(**ask)
+    content = whole.choices[0].logprobs.content  # type: ignore[union-attr]
+    # one entry per token, the tokens spelling the text, each with its 3 best alternatives
+    assert content and "".join(e.token for e in content) == whole.choices[0].message.content
+    assert all(e.logprob <= 0 and len(e.top_logprobs) == 3 for e in content)
+    assert all(e.logprob == pytest.approx(max(t.logprob for t in e.top_logprobs)) for e in content)
+    streamed = [e for chunk in oai.chat.completions.create(**ask, stream=True)
+                if chunk.choices and chunk.choices[0].logprobs
+                for e in chunk.choices[0].logprobs.content or []]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)

@@ -50,12 +50,14 @@ TOOL_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls"})
 #: what an OpenAI-compatible API is sent unchanged (the upstream honours or refuses it).
 #: the completions API (`/v1/completions`): a prompt in place of messages.
 COMPLETIONS = "prompt"
-_FORWARDED = TOOL_FIELDS | {"response_format", "presence_penalty", "frequency_penalty",
-                            "messages[].content[].image_url", "dimensions", COMPLETIONS}
+#: per-token log probabilities; llama.cpp gives them only with `logits_all = true`.
+LOGPROB_FIELDS = frozenset({"logprobs", "top_logprobs"})
+_FORWARDED = TOOL_FIELDS | LOGPROB_FIELDS | {"response_format", "presence_penalty", "frequency_penalty",
+                                             "messages[].content[].image_url", "dimensions", COMPLETIONS}
 #: llama-cpp-python: tools through its function-calling chat handler, response_format as a
 #: grammar made from the JSON schema, penalties in its sampler.
 _LLAMA_CPP = frozenset({"tools", "tool_choice", "response_format", "presence_penalty",
-                        "frequency_penalty", COMPLETIONS})
+                        "frequency_penalty", COMPLETIONS}) | LOGPROB_FIELDS
 #: the providers that run llama-cpp-python (in the worker, or as its server).
 LLAMA_CPP = frozenset({"llama.cpp", "llama.cpp.server"})
 #: llama-cpp-python's chat formats that parse a model's tool calls ("auto" included); the
@@ -87,11 +89,11 @@ PROVIDERS: dict[str, ProviderSpec] = {spec.name: spec for spec in (
     ProviderSpec("llama.cpp", "smmf_queue.providers.llamacpp:LlamaCppProvider", "llamacpp",
                  "llama-cpp-python on a GGUF file",
                  frozenset({"n_ctx", "n_gpu_layers", "n_threads", "n_batch", "seed", "chat_format",
-                            "pooling_type", "normalize"}), supports=_LLAMA_CPP),
+                            "pooling_type", "normalize", "logits_all"}), supports=_LLAMA_CPP),
     ProviderSpec("llama.cpp.server", "smmf_queue.providers.llamacpp_server:LlamaCppServerProvider",
                  "llamacpp-server", "llama-cpp-python's OpenAI server, a child of the worker",
                  frozenset({"n_ctx", "n_gpu_layers", "n_threads", "n_batch", "chat_format",
-                            "startup_timeout", "timeout_s", "max_retries", "retry_backoff_s",
+                            "logits_all", "startup_timeout", "timeout_s", "max_retries", "retry_backoff_s",
                             "batch_size", "normalize"}), default_slots=4, supports=_LLAMA_CPP),
     ProviderSpec("vllm", "smmf_queue.providers.vllm_engine:VLLMProvider", "vllm",
                  "vLLM's AsyncLLMEngine", VLLM_ENGINE_KEYS | {"normalize"}, default_slots=64,
@@ -122,12 +124,22 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
 
 
 def honoured(provider: str, options: dict[str, Any]) -> frozenset[str]:
-    """The chat fields a model of `provider` with these options honours: its provider's, less
-    tools for llama.cpp (either way) without a chat format that parses calls."""
+    """The chat fields a model of `provider` with these options honours: its provider's, less,
+    for llama.cpp (either way), tools without a chat format that parses calls and logprobs
+    without `logits_all`."""
     supports = PROVIDERS[provider].supports
     if provider in LLAMA_CPP and options.get("chat_format") not in LLAMA_CPP_TOOL_FORMATS:
-        return supports - TOOL_FIELDS
+        supports -= TOOL_FIELDS
+    if provider in LLAMA_CPP and not options.get("logits_all"):
+        supports -= LOGPROB_FIELDS
     return supports
+
+
+def honoured_when(field: str) -> str:
+    """What a llama.cpp model entry needs for `field` to be honoured (see `honoured`)."""
+    if field in TOOL_FIELDS:
+        return "chat_format = " + " or ".join(sorted(LLAMA_CPP_TOOL_FORMATS))
+    return "logits_all = true"
 
 
 def known_providers() -> list[str]:

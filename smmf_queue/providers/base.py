@@ -35,11 +35,13 @@ class ChatChunk:
     usage: Usage | None = None
     #: fragments of tool calls, id and name once per call (tool_calls.FragmentCleaner).
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    #: OpenAI's `logprobs.content` entries of its tokens, when asked.
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def output(self) -> bool:
         """Whether it carries anything a reader sees before the end."""
-        return bool(self.text or self.reasoning or self.tool_calls)
+        return bool(self.text or self.reasoning or self.tool_calls or self.logprobs)
 
 
 @dataclass
@@ -264,7 +266,8 @@ def _merge(batch: list[object]) -> Iterator[ChatChunk]:
 def _joined(chunks: list[ChatChunk]) -> ChatChunk:
     return ChatChunk(text="".join(c.text for c in chunks),
                      reasoning="".join(c.reasoning for c in chunks),
-                     tool_calls=merge(f for c in chunks for f in c.tool_calls))
+                     tool_calls=merge(f for c in chunks for f in c.tool_calls),
+                     logprobs=[entry for c in chunks for entry in c.logprobs])
 
 
 def drain(ready: queue.Queue[Any], end: object) -> Iterator[list[Any]]:

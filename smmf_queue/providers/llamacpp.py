@@ -68,6 +68,8 @@ class LlamaCppProvider(Provider):
         for key in ("n_threads", "n_batch", "seed"):
             if key in options:
                 kwargs[key] = int(options[key])
+        if options.get("logits_all"):  # every token's logits kept: what logprobs need
+            kwargs["logits_all"] = True
         if options.get("chat_format"):
             kwargs["chat_format"] = options["chat_format"]
         if self.model.kind == "embedding":
@@ -103,8 +105,9 @@ class LlamaCppProvider(Provider):
                     delta = choice.get("delta") or {"content": choice.get("text")}  # completions: text
                     text = stops.feed(delta.get("content") or "")
                     fragments = calls.from_openai(delta.get("tool_calls") or ())
-                    if text or fragments:
-                        yield ChatChunk(text=text, tool_calls=fragments)
+                    logprobs = (choice.get("logprobs") or {}).get("content") or []
+                    if text or fragments or logprobs:
+                        yield ChatChunk(text=text, tool_calls=fragments, logprobs=logprobs)
                     engine_finish = choice.get("finish_reason") or engine_finish
                     if stops.stopped or counter.at_limit:
                         break
@@ -125,6 +128,10 @@ class LlamaCppProvider(Provider):
         "auto", "none" and a named tool)."""
         given = request.given()
         given.pop("parallel_tool_calls", None)
+        if given.get("logprobs") and given.get("top_logprobs") is None:
+            given["top_logprobs"] = 0  # its handler asks the engine for top_logprobs alternatives
+        if request.prompt is not None:  # the completions API takes none of these
+            given = {}
         if "response_format" in given:
             given["response_format"] = json_schema_as_grammar_format(given["response_format"])
         if given.get("tool_choice") == "required":

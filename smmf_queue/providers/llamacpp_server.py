@@ -68,6 +68,8 @@ class LlamaCppServerProvider(OpenAIProvider):
                 args += [f"--{key}", str(options[key])]
         if self.model.kind == "embedding":
             args += ["--embedding", "true"]
+        if options.get("logits_all"):
+            args += ["--logits_all", "true"]
         return args
 
     def _api_key(self) -> str:

@@ -204,8 +204,9 @@ class OpenAIProvider(Provider):
             text = delta.get("content") or ""
             reasoning = (delta.get("reasoning_content") or "") if keep_reasoning else ""
             fragments = calls.from_openai(delta.get("tool_calls") or ())
-            if text or reasoning or fragments:
-                yield ChatChunk(text=text, reasoning=reasoning, tool_calls=fragments)
+            logprobs = (choice.get("logprobs") or {}).get("content") or []
+            if text or reasoning or fragments or logprobs:
+                yield ChatChunk(text=text, reasoning=reasoning, tool_calls=fragments, logprobs=logprobs)
             if choice.get("finish_reason"):
                 finish_reason = choice["finish_reason"]
         if not finished:
