@@ -14,7 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import jsonschema
@@ -516,3 +516,29 @@ def test_logprobs_come_in_openai_shape_streamed_and_whole(oai: openai.OpenAI, mo
                 for e in chunk.choices[0].logprobs.content or []]
     assert [e.token for e in streamed] == [e.token for e in content]
     assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
+
+
+def test_langchain_bind_tools_gets_calls_it_can_parse(gateway: str) -> None:
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: Literal["Paris", "Rome"]) -> str:
+        """The weather in a city."""
+        return "sunny"
+
+    # Given LangChain's ChatOpenAI against the gateway, a tool bound and its call forced
+    chat = ChatOpenAI(model="gguf-tools", base_url=f"{gateway}/v1", api_key="unused",  # type: ignore[arg-type]
+                      temperature=0, max_retries=0)
+    bound = chat.bind_tools([get_weather], tool_choice="get_weather")
+    # When it asks, whole and streamed
+    whole = bound.invoke("What is the weather in Paris?")
+    streamed = None
+    for chunk in bound.stream("What is the weather in Paris?"):
+        streamed = chunk if streamed is None else streamed + chunk
+    # Then LangChain parses the calls: the tool's name and arguments as a dict
+    for message in (whole, streamed):
+        assert message is not None
+        calls = message.tool_calls  # type: ignore[attr-defined]
+        assert [c["name"] for c in calls] == ["get_weather"] and calls[0]["args"]["city"] in ("Paris", "Rome")
+    assert get_weather.invoke(whole.tool_calls[0]["args"]) == "sunny"
