@@ -1,0 +1,50 @@
+"""How the gateway answers errors: OpenAI's shape, `{"error": {"message", "type", "param",
+"code"}}`, with the status, type and code of each SmmfError from one table (`STATUS`).
+"""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+
+from .errors import (
+    BrokerUnavailable,
+    JobFailed,
+    JobTimeout,
+    NoLiveWorker,
+    RequestError,
+    SmmfError,
+    UnknownJob,
+    UnknownModel,
+    UnsupportedParameter,
+)
+
+#: seconds a client should wait before sending again a request answered 503.
+RETRY_AFTER_S = 2
+#: SmmfError class → (HTTP status, OpenAI error type, code); the first match wins.
+STATUS: list[tuple[type[SmmfError], int, str, str | None]] = [
+    (UnknownModel, 404, "invalid_request_error", "model_not_found"),
+    (UnknownJob, 404, "invalid_request_error", "stream_not_found"),
+    (UnsupportedParameter, 400, "invalid_request_error", "unsupported_parameter"),
+    (RequestError, 400, "invalid_request_error", None),
+    (NoLiveWorker, 503, "server_error", "no_live_worker"),
+    (BrokerUnavailable, 503, "server_error", "broker_unavailable"),
+    (JobTimeout, 504, "server_error", "job_timeout"),
+    (JobFailed, 502, "server_error", "job_failed"),
+    (SmmfError, 500, "server_error", None),
+]
+
+
+def classify(exc: SmmfError) -> tuple[int, str, str | None]:
+    for cls, status, kind, code in STATUS:
+        if isinstance(exc, cls):
+            return status, kind, code
+    return 500, "server_error", None
+
+
+def error_response(status: int, message: str, kind: str, code: str | None,
+           param: str | None = None) -> JSONResponse:
+    """An OpenAI-shaped error; a 503 (Redis, or every worker of the model, down) also says when
+    to try again, as clients and load balancers expect."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers=headers)
