@@ -29,7 +29,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import chat_fields, gateway_openapi, metrics, registry
+from . import chat_fields, gateway_choices, gateway_openapi, metrics, registry
 from .client import AsyncClient
 from .config import SmmfConfig
 from .errors import SmmfError
@@ -41,7 +41,7 @@ from .gateway_resume import (
     LeftStreams,
     parse_last_event_id,
 )
-from .gateway_sse import COMPLETION, SSE_HEADERS, assistant_message, first_of, next_or_none, observe_ttft, sse
+from .gateway_sse import COMPLETION, SSE_HEADERS, first_of, next_or_none, observe_ttft, sse, whole_choice
 from .jobs import JOB_ID_PATTERN, new_job_id, pack_vectors
 
 log = logging.getLogger("smmf_queue.gateway")
@@ -116,6 +116,9 @@ def create_app(config: SmmfConfig) -> FastAPI:
         messages = [m.wire() for m in body.messages]
         fields = {name: value for name, value in body.fields().items() if name not in dropped}
         request.state.request_id = job_id = new_job_id()
+        n = fields.pop("n", 1)
+        if n > 1:
+            return await _choices(body, messages, fields, n, deadlines, headers)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             queued = asyncio.Event()
@@ -136,24 +139,35 @@ def create_app(config: SmmfConfig) -> FastAPI:
                 headers={"x-smmf-resume": resume, **SSE_HEADERS, **headers})
         result = await client.chat(body.model, messages, fail_fast=fail_fast, job_id=job_id,
                                    **deadlines, **fields)
-        message = assistant_message(result.text, result.reasoning)
-        if result.tool_calls:
-            message.update(content=result.text or None,
-                           tool_calls=[call.model_dump() for call in result.tool_calls])
-        logprobs = {"content": result.logprobs, "refusal": None} if fields.get("logprobs") else None
         return JSONResponse({
             "id": f"chatcmpl-{job_id}", "object": "chat.completion",
             "created": int(time.time()), "model": body.model,
-            "choices": [{"index": 0, "finish_reason": result.finish_reason, "message": message,
-                         "logprobs": logprobs}],
+            "choices": [whole_choice(result, bool(fields.get("logprobs")))],
             "usage": result.usage.model_dump(),
         }, headers=headers)
 
+    async def _choices(body: ChatCompletionRequest, messages: list[dict[str, Any]],
+                       fields: dict[str, Any], n: int, deadlines: dict[str, float],
+                       headers: dict[str, str]) -> Response:
+        """n choices, one job each (gateway_choices.py)."""
+        client: AsyncClient = app.state.client
+        call = {"fail_fast": fail_fast, **deadlines}
+        if not body.stream:
+            return JSONResponse(await gateway_choices.whole(client, body.model, messages, fields, n,
+                                                            **call), headers=headers)
+        streams, firsts = await gateway_choices.start(client, body.model, messages, fields, n, **call)
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(
+            gateway_choices.streamed(body.model, streams, firsts, include_usage,
+                                     config.gateway.keepalive_s),
+            media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+
     def _refuse_or_drop(body: ChatCompletionRequest) -> list[str]:
         """The fields of `body` to drop (its model's drop_params); UnsupportedParameter for one
-        its model cannot honour otherwise (chat_fields.py)."""
+        its model cannot honour otherwise (chat_fields.py). `n` is honoured here, for every
+        model (gateway_choices.py)."""
         entry = config.model(body.model, "llm")
-        dropped = chat_fields.refuse_or_drop(body.model_dump(exclude_unset=True),
+        dropped = chat_fields.refuse_or_drop(body.model_dump(exclude_unset=True, exclude={"n"}),
                                              [m.model_dump(exclude_none=True) for m in body.messages],
                                              body.model, entry.supports, entry.drop_params)
         if dropped:

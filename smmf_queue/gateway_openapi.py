@@ -76,14 +76,14 @@ def complete(schema: dict[str, Any], config: SmmfConfig) -> dict[str, Any]:
 
 def _only_what_models_honour(components: dict[str, Any], honoured: set[str]) -> None:
     """Each output-changing field that no configured model honours documented with only the
-    values that ask for nothing (anything else is a 400), and content parts limited to text and
-    the kinds some model honours. The document covers every model at once: where only some
+    values that ask for nothing (anything else is a 400; a chat's `n` the gateway honours
+    itself), and content parts limited to text and the kinds some model honours. The document covers every model at once: where only some
     models honour a field, the others answer it with the documented 400."""
-    for component in ("ChatCompletionRequest", "CompletionRequest"):
+    for component, by_gateway in (("ChatCompletionRequest", {"n"}), ("CompletionRequest", set())):
         request = components[component]["properties"]
         required = components[component].get("required", [])
         for name, idle in chat_fields.OUTPUT_CHANGING.items():
-            if name in request and name not in honoured and name not in required:
+            if name in request and name not in honoured | by_gateway and name not in required:
                 request[name] = _only(idle, request[name], "no configured model honours it")
     message = components["_Message"]["properties"]
     if chat_fields.TOOL_CALLS_IN_MESSAGES not in honoured:

@@ -19,7 +19,7 @@ from . import metrics, tool_calls
 from .errors import JobFailed, SmmfError
 from .gateway_errors import classify
 from .gateway_resume import ROLE_FRAME, FrameId, frame_id_text
-from .jobs import ChatDelta
+from .jobs import ChatDelta, ChatResult
 
 #: headers of every SSE response: no cache, and no buffering by a proxy such as nginx.
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -47,7 +47,7 @@ async def first_of(first: asyncio.Future[Any], queued: asyncio.Event) -> None:
     waiting.cancel()
 
 
-def _chat_choice(delta: ChatDelta | None, finish: str | None) -> dict[str, Any]:
+def chat_choice(delta: ChatDelta | None, finish: str | None) -> dict[str, Any]:
     """A chat.completion.chunk's choice: a piece of the message, or (no delta) its end."""
     piece: dict[str, Any] = {}
     choice: dict[str, Any] = {"index": 0, "delta": piece, "finish_reason": finish}
@@ -77,7 +77,7 @@ class _Shape:
     choice: Callable[[ChatDelta | None, str | None], dict[str, Any]]
 
 
-CHAT = _Shape("chat.completion.chunk", "chatcmpl-", True, _chat_choice)
+CHAT = _Shape("chat.completion.chunk", "chatcmpl-", True, chat_choice)
 COMPLETION = _Shape("text_completion", "cmpl-", False, _completion_choice)
 
 
@@ -138,6 +138,17 @@ async def sse(model: str, job_id: str, first: asyncio.Future[ChatDelta | None],
 
 def data(body: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+def whole_choice(result: ChatResult, logprobs: bool) -> dict[str, Any]:
+    """A whole reply's choice: the message (content null when it only calls tools), why it
+    ended, and its logprobs when asked."""
+    message = assistant_message(result.text, result.reasoning)
+    if result.tool_calls:
+        message.update(content=result.text or None,
+                       tool_calls=[call.model_dump() for call in result.tool_calls])
+    return {"index": 0, "finish_reason": result.finish_reason, "message": message,
+            "logprobs": {"content": result.logprobs, "refusal": None} if logprobs else None}
 
 
 def assistant_message(text: str, reasoning: str, role: bool = True) -> dict[str, Any]:

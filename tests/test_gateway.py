@@ -236,7 +236,7 @@ def test_fields_a_model_cannot_honour_are_refused_never_dropped_silently(oai: op
     image = [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
                                           {"type": "image_url", "image_url": {"url": "data:,"}}]}]
     asks = [({"tools": TOOLS}, "tools"), ({"response_format": {"type": "json_object"}}, "response_format"),
-            ({"logprobs": True, "top_logprobs": 2}, "logprobs"), ({"n": 2}, "n"),
+            ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
             ({"messages": image}, "messages[].content[].image_url")]
     for fields, param in asks:
         # When a request asks for one of them, Then it is a 400 naming the field and the model
@@ -361,3 +361,27 @@ def test_the_completions_api_on_an_hf_model_reads_the_prompt_as_it_is(oai: opena
     # Then it gives the model's own continuation, whole and streamed
     assert whole.choices[0].text == streamed == expected
     assert whole.usage is not None and whole.usage.completion_tokens == 8
+
+
+def test_n_choices_are_one_job_each_seeded_in_turn(oai: openai.OpenAI) -> None:
+    ask = {"model": CHAT, "messages": HELLO, "max_tokens": 6, "temperature": 1.0, "seed": 7}
+    # Given the choice a single seeded request gives, for seeds 7, 8 and 9
+    singles = [oai.chat.completions.create(**{**ask, "seed": 7 + i}).choices[0].message.content
+               for i in range(3)]  # type: ignore[call-overload]
+    # When a request asks for 3 choices, whole and streamed
+    whole = oai.chat.completions.create(**ask, n=3)  # type: ignore[call-overload]
+    texts: dict[int, str] = {}
+    usage = None
+    for chunk in oai.chat.completions.create(**ask, n=3, stream=True,  # type: ignore[call-overload]
+                                             stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+    # Then choice i is what seed 7 + i gives, in both
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert [c.message.content for c in whole.choices] == singles == [texts[i] for i in range(3)]
+    assert len(set(singles)) > 1
+    # and usage counts every choice's tokens, the prompt once
+    assert whole.usage is not None and whole.usage.completion_tokens == 18
+    assert usage is not None and usage.completion_tokens == 18
+    assert whole.usage.prompt_tokens == usage.prompt_tokens
