@@ -150,6 +150,8 @@ class GatewaySettings(_Strict):
     #: seconds between SSE comment lines sent while a streamed job waits for a worker: the
     #: response starts at once, and a proxy's idle timeout never cuts a queued request.
     keepalive_s: float = Field(default=15.0, gt=0)
+    #: most choices (`n`) one chat request may ask for: each is a job of its own.
+    max_n: int = Field(default=16, ge=1, le=128)
 
 
 class FlowerSettings(_Strict):

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import chat_fields, gateway_choices, gateway_openapi, metrics, registry
 from .client import AsyncClient
 from .config import SmmfConfig
-from .errors import SmmfError
+from .errors import RequestError, SmmfError
 from .gateway_errors import classify, error_response
 from .gateway_models import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest, RerankRequest
 from .gateway_resume import (
@@ -117,6 +117,9 @@ def create_app(config: SmmfConfig) -> FastAPI:
         fields = {name: value for name, value in body.fields().items() if name not in dropped}
         request.state.request_id = job_id = new_job_id()
         n = fields.pop("n", 1)
+        if n > config.gateway.max_n:
+            raise RequestError(f"n: at most {config.gateway.max_n} choices (gateway.max_n)",
+                               model=body.model)
         if n > 1:
             return await _choices(body, messages, fields, n, deadlines, headers)
         if body.stream:

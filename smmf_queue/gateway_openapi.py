@@ -62,6 +62,8 @@ def complete(schema: dict[str, Any], config: SmmfConfig) -> dict[str, Any]:
     for component, kind in MODEL_FIELDS.items():
         if names[kind]:  # no model of a kind: any name is a documented 404
             schema["components"]["schemas"][component]["properties"]["model"]["enum"] = names[kind]
+    schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]["n"]["maximum"] = (
+        config.gateway.max_n)
     _only_what_models_honour(schema["components"]["schemas"],
                              {name for m in config.models if m.kind == "llm" for name in m.supports})
     _embeddings_as_accepted(schema["components"]["schemas"]["EmbeddingsRequest"]["properties"],

@@ -385,3 +385,6 @@ def test_n_choices_are_one_job_each_seeded_in_turn(oai: openai.OpenAI) -> None:
     assert whole.usage is not None and whole.usage.completion_tokens == 18
     assert usage is not None and usage.completion_tokens == 18
     assert whole.usage.prompt_tokens == usage.prompt_tokens
+    # and more choices than gateway.max_n (16) are refused before any job is queued
+    with pytest.raises(openai.BadRequestError, match="max_n"):
+        oai.chat.completions.create(**ask, n=17)  # type: ignore[call-overload]
