@@ -236,7 +236,7 @@ def test_fields_a_model_cannot_honour_are_refused_never_dropped_silently(oai: op
     image = [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
                                           {"type": "image_url", "image_url": {"url": "data:,"}}]}]
     asks = [({"tools": TOOLS}, "tools"), ({"response_format": {"type": "json_object"}}, "response_format"),
-            ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+            ({"logit_bias": {"1": 5}}, "logit_bias"),
             ({"messages": image}, "messages[].content[].image_url")]
     for fields, param in asks:
         # When a request asks for one of them, Then it is a 400 naming the field and the model
@@ -388,3 +388,17 @@ def test_n_choices_are_one_job_each_seeded_in_turn(oai: openai.OpenAI) -> None:
     # and more choices than gateway.max_n (16) are refused before any job is queued
     with pytest.raises(openai.BadRequestError, match="max_n"):
         oai.chat.completions.create(**ask, n=17)  # type: ignore[call-overload]
+
+
+def test_logprobs_of_an_hf_model_streamed_and_whole(oai: openai.OpenAI) -> None:
+    ask = {"model": CHAT, "messages": HELLO, "max_tokens": 5, "temperature": 0, "logprobs": True,
+           "top_logprobs": 2}
+    whole = oai.chat.completions.create(**ask)  # type: ignore[call-overload]
+    content = whole.choices[0].logprobs.content
+    # one entry per token generated, greedy: the token taken is the most likely one
+    assert len(content) == whole.usage.completion_tokens == 5
+    assert all(len(e.top_logprobs) == 2 and e.logprob == pytest.approx(e.top_logprobs[0].logprob)
+               for e in content)
+    streamed = [e for chunk in oai.chat.completions.create(**ask, stream=True)  # type: ignore[call-overload]
+                if chunk.choices and chunk.choices[0].logprobs for e in chunk.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]

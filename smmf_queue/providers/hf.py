@@ -32,11 +32,49 @@ from .base import ChatChunk, Embeddings, Provider, Reranked, StopFilter, drain, 
 
 class _HandOverStreamer(TextIteratorStreamer):
     """transformers' streamer for a job thread: after queueing text it yields the CPU, so the
-    job thread publishes it now instead of after the next token (see base.hand_over)."""
+    job thread publishes it now instead of after the next token (see base.hand_over). With a
+    `_LogprobTap`, each generated token's logprob entry (OpenAI's shape) goes on the same queue,
+    as a dict, when the token is sampled."""
+
+    def __init__(self, tokenizer: Any, tap: _LogprobTap | None = None, **kwargs: Any):
+        super().__init__(tokenizer, **kwargs)
+        self.tap = tap
+        self.specials = set(tokenizer.all_special_ids)
+
+    def put(self, value: torch.Tensor) -> None:
+        prompt = self.skip_prompt and self.next_tokens_are_prompt
+        super().put(value)
+        if self.tap is not None and not prompt:
+            token_id = int(value.reshape(-1)[-1])
+            entry = self.tap.entry(self.tokenizer, token_id)
+            if token_id not in self.specials:
+                self.text_queue.put(entry)
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         super().on_finalized_text(text, stream_end)
         hand_over()
+
+
+class _LogprobTap(transformers.LogitsProcessor):
+    """A logits processor that changes nothing and keeps each step's log-probabilities (the
+    model's own, before sampling settings) until the streamer learns which token was sampled."""
+
+    def __init__(self, top: int):
+        self.top = top
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.steps.append(torch.log_softmax(scores[0].float(), dim=-1))
+        return scores
+
+    def entry(self, tokenizer: Any, token_id: int) -> dict[str, Any]:
+        """OpenAI's logprobs entry of the token sampled at the oldest step kept."""
+        logprobs = self.steps.pop(0)
+        best = torch.topk(logprobs, self.top) if self.top else None
+        return {"token": tokenizer.decode([token_id]), "logprob": float(logprobs[token_id]),
+                "bytes": None, "top_logprobs": [
+                    {"token": tokenizer.decode([int(i)]), "logprob": float(v), "bytes": None}
+                    for v, i in zip(best.values, best.indices)] if best is not None else []}
 
 
 #: tokens generated when neither the request nor the config says.
@@ -148,8 +186,11 @@ class HFProvider(Provider):
             raise ValueError(f"prompt of {prompt_tokens} tokens does not fit the model's context "
                              f"length of {self._context_length()} tokens")
         stop_now = threading.Event()
-        streamer = _HandOverStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        tap = _LogprobTap(request.top_logprobs or 0) if request.logprobs else None
+        streamer = _HandOverStreamer(self.tokenizer, tap, skip_prompt=True, skip_special_tokens=True)
         kwargs = self._generation_kwargs(request, stop_now)
+        if tap is not None:
+            kwargs["logits_processor"] = transformers.LogitsProcessorList([tap])
         output: dict[str, Any] = {}
 
         def generate() -> None:
@@ -165,9 +206,10 @@ class HFProvider(Provider):
         stops = StopFilter(request.params.stop)
         try:
             for ready in drain(streamer.text_queue, streamer.stop_signal):
-                piece = stops.feed("".join(ready))
-                if piece:
-                    yield ChatChunk(text=piece)
+                piece = stops.feed("".join(item for item in ready if isinstance(item, str)))
+                logprobs = [item for item in ready if isinstance(item, dict)]
+                if piece or logprobs:
+                    yield ChatChunk(text=piece, logprobs=logprobs)
                 if stops.stopped:
                     stop_now.set()
                     break
