@@ -124,7 +124,7 @@ def status(provider: str, field: str) -> str:
     if spec.extra == "proxy":
         return "forwarded"
     if field not in honoured(provider, {}):
-        return f"honoured with {honoured_when(field)}"
+        return f"honoured with {honoured_when(provider, field)}"
     return "honoured"
 
 

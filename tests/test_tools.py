@@ -10,6 +10,7 @@ parallel calls.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -24,15 +25,32 @@ import pytest
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
-from smmf_queue import Client, NoLiveWorker, UnsupportedParameter, chat_fields, keys, registry
+from smmf_queue import (
+    Client,
+    JobFailed,
+    NoLiveWorker,
+    ProviderUnavailable,
+    UnsupportedParameter,
+    chat_fields,
+    keys,
+    registry,
+)
 from smmf_queue.embedded_redis import EmbeddedRedis
 from smmf_queue.jobs import ChatRequest, ToolCall
+from smmf_queue.providers import TEXT_TOOL_CALLS, TOOL_FIELDS
 from smmf_queue.tool_calls import assemble
 
 from .conftest import StartWorker, free_port, llama_cpp_server, start_service, wait_until
 from .fake_upstream import FakeUpstream, chat_chunk
 
 KEY = "sk-tool-server-31"
+#: a chat template of the Hermes family (as Qwen2.5's): the tools go into the system turn.
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n# Tools\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n"
+    "{% endfor %}</tools>\nCall one as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>"
+    "<|im_end|>\n{% endif %}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 CITY = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
         "required": ["city"], "additionalProperties": False}
 WEATHER = {"type": "function", "function": {
@@ -63,8 +81,18 @@ def upstream() -> Iterator[FakeUpstream]:
 @pytest.fixture(scope="module")
 def tools_config(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis,
                  gguf_model: Path, tool_server: str, upstream: FakeUpstream, tiny_models: Path) -> Path:
-    path = tmp_path_factory.mktemp("tools") / "tools.toml"
+    folder = tmp_path_factory.mktemp("tools")
+    hermes = folder / "tiny-hermes"
+    shutil.copytree(tiny_models / "tiny-noise-chat", hermes)
+    (hermes / "chat_template.jinja").write_text(HERMES_TEMPLATE)
+    path = folder / "tools.toml"
     path.write_text(f"""
+[[models.llms]]
+name = "hf-hermes"
+provider = "hf"
+path = "{hermes}"
+tool_parser = "hermes"
+
 [[models.llms]]
 name = "tool-proxy"
 provider = "proxy/openai"
@@ -118,22 +146,23 @@ resume_grace_s = 0
 
 
 #: a model of each provider for the field table's cells (those not served here only refuse).
-TABLE_MODELS = {"hf": "table-hf", "llama.cpp": "gguf-tools", "llama.cpp.server": "gguf-server",
+TABLE_MODELS = {"hf": "hf-hermes", "llama.cpp": "gguf-tools", "llama.cpp.server": "gguf-server",
                 "vllm": "table-vllm", "mlx": "table-mlx",
                 "proxy/openai": "fake-tools", "proxy/deepseek": "table-deepseek",
                 "proxy/tongyi": "table-tongyi", "proxy/siliconflow": "table-siliconflow",
                 "proxy/ollama": "table-ollama"}
-SERVED = ["tool-proxy", "gguf-tools", "gguf-server", "gguf-plain", "fake-tools", "fake-embed", "table-hf", "table-deepseek", "table-tongyi",
+SERVED = ["hf-hermes", "tool-proxy", "gguf-tools", "gguf-server", "gguf-plain", "fake-tools", "fake-embed", "table-hf", "table-deepseek", "table-tongyi",
           "table-siliconflow"]
 
 
 def _models_for_the_table(fake: str, models: Path) -> str:
-    entries = []
+    """The table's models not configured above: API proxies to the fake, engines that cannot
+    run here (they only refuse), and an hf model without a tool parser."""
+    entries = [f'[[models.llms]]\nname = "table-hf"\nprovider = "hf"\npath = "{models / "tiny-noise-chat"}"\n']
     for provider, name in TABLE_MODELS.items():
-        if name in ("gguf-tools", "gguf-server", "fake-tools"):
+        if name in ("hf-hermes", "gguf-tools", "gguf-server", "fake-tools"):
             continue
         where = f'api_base = "{fake}/v1"\napi_key = "sk-fake"' if provider.startswith("proxy/") \
-            else f'path = "{models / "tiny-noise-chat"}"' if provider == "hf" \
             else f'path = "/not/loaded/{name}"'
         entries.append(f'[[models.llms]]\nname = "{name}"\nprovider = "{provider}"\n{where}\n')
     return "\n".join(entries)
@@ -411,10 +440,29 @@ def test_each_cell_of_the_field_table(field: str, provider: str, tools_config: P
             assert (sent["messages"] == messages) if field in PARTS else (sent[field] == fields[field])
             assert upstream.requests[0].path.endswith("/completions")
         else:
-            HONOURED[field](sdk, model)
-            if status != "honoured":  # honoured with a chat format: a model without it refuses
+            honours = TEMPLATE_HONOURS if provider in TEXT_TOOL_CALLS and field in TOOL_FIELDS else HONOURED
+            honours[field](sdk, model)
+            if status != "honoured":  # honoured on a condition: a model without it refuses
                 with pytest.raises(UnsupportedParameter):
-                    sdk.chat("gguf-plain", messages, **fields)
+                    sdk.chat(WITHOUT_CONDITION[provider], messages, **fields)
+
+
+#: a model of each provider that lacks what its conditional cells need (chat_format, logits_all,
+#: tool_parser).
+WITHOUT_CONDITION = {"hf": "table-hf", "llama.cpp": "gguf-plain", "llama.cpp.server": "gguf-plain"}
+
+
+def _tools_reach_the_template(sdk: Client, model: str) -> None:
+    """A model that only writes text (its calls parsed from it) cannot be made to call: that
+    the tools reach its template is what shows (the prompt grows by their schema)."""
+    plain = sdk.chat(model, ASK, max_tokens=2)
+    offered = sdk.chat(model, ASK, max_tokens=2, tools=[WEATHER], tool_choice="auto")
+    assert offered.usage.prompt_tokens > plain.usage.prompt_tokens + 20
+
+
+#: the same for tools parsed from text (hf, vLLM).
+TEMPLATE_HONOURS: dict[str, Callable[[Client, str], None]] = {
+    "tools": _tools_reach_the_template, "tool_choice": _tools_reach_the_template}
 
 
 def _calls_the_tool(sdk: Client, model: str) -> None:
@@ -542,3 +590,28 @@ def test_langchain_bind_tools_gets_calls_it_can_parse(gateway: str) -> None:
         calls = message.tool_calls  # type: ignore[attr-defined]
         assert [c["name"] for c in calls] == ["get_weather"] and calls[0]["args"]["city"] in ("Paris", "Rome")
     assert get_weather.invoke(whole.tool_calls[0]["args"]) == "sunny"
+
+
+def test_an_hf_model_with_a_tool_parser_sees_the_tools_and_may_call_them(tools_config: Path,
+                                                                        gateway: str) -> None:
+    # Given an hf model whose chat template takes tools (Hermes family) and tool_parser = "hermes"
+    with Client(tools_config) as sdk:
+        plain = sdk.chat("hf-hermes", ASK, max_tokens=4, temperature=0)
+        with_tools = sdk.chat("hf-hermes", ASK, max_tokens=4, temperature=0, tools=[WEATHER])
+        # a forced call cannot be honoured by a model that only writes text: a clear failure
+        with pytest.raises(JobFailed, match="cannot be made to call a tool"):
+            sdk.chat("hf-hermes", ASK, max_tokens=4, tools=[WEATHER], tool_choice=FORCED)
+    # Then the tools reach the model through its template (the prompt grew by their schema);
+    # its reply (random weights: noise, no call) comes back as text, none of it lost
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 20
+    assert with_tools.text and not with_tools.tool_calls and with_tools.finish_reason == "length"
+
+
+def test_a_tool_parser_on_a_template_without_tools_refuses_to_start(tiny_models: Path) -> None:
+    from smmf_queue.config import ModelConfig
+    from smmf_queue.providers.hf import HFProvider
+
+    model = ModelConfig(name="m", provider="hf", path=str(tiny_models / "tiny-noise-chat"),
+                        tool_parser="hermes")  # type: ignore[call-arg]
+    with pytest.raises(ProviderUnavailable, match="takes no tools"):
+        HFProvider(model).load()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ProviderUnavailable
+from ..tool_parsers import TOOL_PARSERS
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
@@ -58,6 +59,8 @@ _FORWARDED = TOOL_FIELDS | LOGPROB_FIELDS | {"response_format", "presence_penalt
 #: grammar made from the JSON schema, penalties in its sampler.
 _LLAMA_CPP = frozenset({"tools", "tool_choice", "response_format", "presence_penalty",
                         "frequency_penalty", COMPLETIONS}) | LOGPROB_FIELDS
+#: the providers whose tool calls a parser finds in the text (tool_parsers.py).
+TEXT_TOOL_CALLS = frozenset({"hf", "vllm"})
 #: the providers that run llama-cpp-python (in the worker, or as its server).
 LLAMA_CPP = frozenset({"llama.cpp", "llama.cpp.server"})
 #: llama-cpp-python's chat formats that parse a model's tool calls ("auto" included); the
@@ -84,9 +87,9 @@ PROVIDERS: dict[str, ProviderSpec] = {spec.name: spec for spec in (
     ProviderSpec("hf", "smmf_queue.providers.hf:HFProvider", "hf",
                  "transformers / sentence-transformers",
                  frozenset({"torch_dtype", "trust_remote_code", "max_new_tokens", "normalize",
-                            "batch_size", "num_threads", "truncate", "max_length"}),
+                            "batch_size", "num_threads", "truncate", "max_length", "tool_parser"}),
                  kinds=frozenset({"llm", "embedding", "reranker"}),
-                 supports=frozenset({COMPLETIONS}) | LOGPROB_FIELDS),
+                 supports=frozenset({COMPLETIONS, "tools", "tool_choice"}) | LOGPROB_FIELDS),
     ProviderSpec("llama.cpp", "smmf_queue.providers.llamacpp:LlamaCppProvider", "llamacpp",
                  "llama-cpp-python on a GGUF file",
                  frozenset({"n_ctx", "n_gpu_layers", "n_threads", "n_batch", "seed", "chat_format",
@@ -97,8 +100,8 @@ PROVIDERS: dict[str, ProviderSpec] = {spec.name: spec for spec in (
                             "logits_all", "startup_timeout", "timeout_s", "max_retries", "retry_backoff_s",
                             "batch_size", "normalize"}), default_slots=4, supports=_LLAMA_CPP),
     ProviderSpec("vllm", "smmf_queue.providers.vllm_engine:VLLMProvider", "vllm",
-                 "vLLM's AsyncLLMEngine", VLLM_ENGINE_KEYS | {"normalize"}, default_slots=64,
-                 supports=frozenset({COMPLETIONS})),
+                 "vLLM's AsyncLLMEngine", VLLM_ENGINE_KEYS | {"normalize", "tool_parser"}, default_slots=64,
+                 supports=frozenset({COMPLETIONS, "tools", "tool_choice"})),
     ProviderSpec("mlx", "smmf_queue.providers.mlx_engine:MLXProvider", "mlx", "mlx-lm",
                  frozenset({"max_new_tokens"}), kinds=frozenset({"llm"})),
     ProviderSpec("proxy/openai", _OPENAI, "proxy", "any OpenAI-compatible API; Azure",
@@ -125,19 +128,24 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
 
 
 def honoured(provider: str, options: dict[str, Any]) -> frozenset[str]:
-    """The chat fields a model of `provider` with these options honours: its provider's, less,
-    for llama.cpp (either way), tools without a chat format that parses calls and logprobs
-    without `logits_all`."""
+    """The chat fields a model of `provider` with these options honours: its provider's, less
+    tools for llama.cpp (either way) without a chat format that parses calls and for hf and
+    vLLM without a `tool_parser` (tool_parsers.py), and logprobs for llama.cpp without
+    `logits_all`."""
     supports = PROVIDERS[provider].supports
     if provider in LLAMA_CPP and options.get("chat_format") not in LLAMA_CPP_TOOL_FORMATS:
+        supports -= TOOL_FIELDS
+    if provider in TEXT_TOOL_CALLS and options.get("tool_parser") not in TOOL_PARSERS:
         supports -= TOOL_FIELDS
     if provider in LLAMA_CPP and not options.get("logits_all"):
         supports -= LOGPROB_FIELDS
     return supports
 
 
-def honoured_when(field: str) -> str:
-    """What a llama.cpp model entry needs for `field` to be honoured (see `honoured`)."""
+def honoured_when(provider: str, field: str) -> str:
+    """What a model entry needs for `field` to be honoured (see `honoured`)."""
+    if field in TOOL_FIELDS and provider in TEXT_TOOL_CALLS:
+        return "tool_parser = " + " or ".join(sorted(TOOL_PARSERS))
     if field in TOOL_FIELDS:
         return "chat_format = " + " or ".join(sorted(LLAMA_CPP_TOOL_FORMATS))
     return "logits_all = true"

@@ -25,8 +25,9 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from ..errors import ProviderUnavailable
-from ..jobs import ChatRequest, Usage
+from ..errors import JobFailed, ProviderUnavailable
+from ..jobs import ChatRequest, ToolCallDelta, Usage
+from ..tool_parsers import HermesParser
 from .base import ChatChunk, Embeddings, Provider, Reranked, StopFilter, drain, hand_over
 
 
@@ -164,6 +165,10 @@ class HFProvider(Provider):
                                                        ).to(self._device())  # type: ignore[arg-type]
         # (the ignore: transformers types its decorated .to() as taking a model)
         self.lm.eval()
+        if self.model.options.get("tool_parser") and "tools" not in str(self.tokenizer.chat_template):
+            raise ProviderUnavailable(
+                f"model '{self.model.name}' sets tool_parser but its chat template takes no tools "
+                "(they would never reach the model); remove tool_parser", model=self.model.name)
 
     def _load_embedder(self, path: str) -> None:
         self.sentence_model: Any = None
@@ -204,12 +209,16 @@ class HFProvider(Provider):
         thread = threading.Thread(target=generate, name=f"hf-generate-{request.job_id}", daemon=True)
         thread.start()
         stops = StopFilter(request.params.stop)
+        calls = HermesParser() if self._takes_tools(request) else None
         try:
             for ready in drain(streamer.text_queue, streamer.stop_signal):
                 piece = stops.feed("".join(item for item in ready if isinstance(item, str)))
                 logprobs = [item for item in ready if isinstance(item, dict)]
-                if piece or logprobs:
-                    yield ChatChunk(text=piece, logprobs=logprobs)
+                found: list[ToolCallDelta] = []
+                if calls is not None:
+                    piece, found = calls.feed(piece)
+                if piece or logprobs or found:
+                    yield ChatChunk(text=piece, logprobs=logprobs, tool_calls=found)
                 if stops.stopped:
                     stop_now.set()
                     break
@@ -219,22 +228,41 @@ class HFProvider(Provider):
         if "error" in output:
             raise output["error"]
         tail = stops.flush()
+        if calls is not None:
+            tail, found = calls.feed(tail)
+            tail += calls.flush()
+            if found:
+                yield ChatChunk(tool_calls=found)
         if tail:
             yield ChatChunk(text=tail)
         completion = int(output["ids"].shape[-1]) - prompt_tokens
         finish = "stop" if stops.stopped or completion < kwargs["max_new_tokens"] else "length"
+        if calls is not None and calls.calls:
+            finish = "tool_calls"
         yield ChatChunk(finish_reason=finish, usage=Usage(
             prompt_tokens=prompt_tokens, completion_tokens=completion,
             total_tokens=prompt_tokens + completion))
 
     def _inputs(self, request: ChatRequest) -> Any:
-        """The model's input: the messages through its chat template, or a completion's prompt
-        as it is."""
+        """The model's input: the messages (and tools) through its chat template, or a
+        completion's prompt as it is."""
         if request.prompt is not None:
             return self.tokenizer(request.prompt, return_tensors="pt").to(self._device())
+        tools: Any = request.tools if self._takes_tools(request) else None
         return self.tokenizer.apply_chat_template(
-            [m.as_dict() for m in request.messages], add_generation_prompt=True, return_tensors="pt",
-            return_dict=True).to(self._device())  # type: ignore[union-attr]  # a BatchEncoding
+            [m.as_dict() for m in request.messages], tools=tools, add_generation_prompt=True,
+            return_tensors="pt", return_dict=True).to(self._device())  # type: ignore[union-attr]
+
+    def _takes_tools(self, request: ChatRequest) -> bool:
+        """Whether the reply may call tools: the model may choose to (tool_choice "auto"); it
+        cannot be made to, as nothing constrains what it writes (JobFailed for a forced call)."""
+        if not request.tools or request.tool_choice == "none":
+            return False
+        if request.tool_choice not in (None, "auto"):
+            raise JobFailed(f"model '{self.model.name}' (hf) cannot be made to call a tool; "
+                            "send tool_choice \"auto\"", error_type="InvalidRequest",
+                            model=self.model.name, job_id=request.job_id)
+        return True
 
     def _generation_kwargs(self, request: ChatRequest, stop_now: threading.Event) -> dict[str, Any]:
         params = request.params

@@ -20,7 +20,9 @@ from concurrent.futures import Future
 from typing import Any
 
 from ..config import ModelConfig
-from ..jobs import ChatRequest, Usage
+from ..errors import JobFailed
+from ..jobs import ChatRequest, ToolCallDelta, Usage
+from ..tool_parsers import HermesParser
 from . import VLLM_ENGINE_KEYS
 from .base import ChatChunk, Embeddings, Provider, drain, unit_vectors
 
@@ -94,8 +96,15 @@ class VLLMProvider(Provider):
     def stream_chat(self, request: ChatRequest) -> Iterator[ChatChunk]:
         from vllm import SamplingParams
 
+        if request.tools and request.tool_choice not in (None, "auto", "none"):
+            raise JobFailed(f"model '{self.model.name}' (vllm) cannot be made to call a tool; send "
+                            "tool_choice \"auto\"", error_type="InvalidRequest", model=self.model.name,
+                            job_id=request.job_id)
+        tools = request.tools if request.tools and request.tool_choice in (None, "auto") else None
         prompt = request.prompt if request.prompt is not None else self.tokenizer.apply_chat_template(
-            [m.as_dict() for m in request.messages], tokenize=False, add_generation_prompt=True)
+            [m.as_dict() for m in request.messages], tools=tools, tokenize=False,
+            add_generation_prompt=True)
+        calls = HermesParser() if tools else None
         outputs: queue.Queue[Any] = queue.Queue()
         running = self._on_loop(self._generate(prompt, SamplingParams(**self.sampling_params(request)),
                                                request.job_id, outputs))
@@ -108,8 +117,11 @@ class VLLMProvider(Provider):
                 completion = last.outputs[0]
                 text = completion.text[sent:]  # cumulative text: send what is new
                 sent = len(completion.text)
-                if text:
-                    yield ChatChunk(text=text)
+                found: list[ToolCallDelta] = []
+                if calls is not None:
+                    text, found = calls.feed(text)
+                if text or found:
+                    yield ChatChunk(text=text, tool_calls=found)
                 if last.finished:
                     finish_reason = completion.finish_reason or "stop"
                     prompt_tokens, generated = len(last.prompt_token_ids), len(completion.token_ids)
@@ -118,6 +130,10 @@ class VLLMProvider(Provider):
         finally:
             if not running.done():
                 self._on_loop(self.engine.abort(request.job_id))
+        if calls is not None:
+            if tail := calls.flush():
+                yield ChatChunk(text=tail)
+            finish_reason = "tool_calls" if calls.calls else finish_reason
         yield ChatChunk(finish_reason=finish_reason, usage=usage)
 
     async def _generate(self, prompt: str, sampling: Any, request_id: str,
