@@ -34,7 +34,13 @@ from .client import AsyncClient
 from .config import SmmfConfig
 from .errors import RequestError, SmmfError
 from .gateway_errors import classify, error_response
-from .gateway_models import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest, RerankRequest
+from .gateway_models import (
+    COMPLETION_REFUSES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingsRequest,
+    RerankRequest,
+)
 from .gateway_resume import (
     LAST_EVENT_ID,
     NOTHING_SEEN,
@@ -184,7 +190,8 @@ def create_app(config: SmmfConfig) -> FastAPI:
         request.state.model = body.model
         entry = config.model(body.model, "llm")
         fields = {"prompt": body.text(), **body.fields()}
-        dropped = chat_fields.refuse_or_drop(fields, [], body.model, entry.supports, entry.drop_params)
+        supports = entry.supports - COMPLETION_REFUSES  # not in this API's shape
+        dropped = chat_fields.refuse_or_drop(fields, [], body.model, supports, entry.drop_params)
         headers = {"x-smmf-dropped-params": ",".join(dropped)} if dropped else {}
         fields = {name: value for name, value in fields.items() if name not in dropped}
         request.state.request_id = job_id = new_job_id()

@@ -119,6 +119,10 @@ class ChatCompletionRequest(BaseModel):
         return {name: value for name, value in fields.items() if value is not None}
 
 
+#: what the completions API refuses whatever the model: its logprobs (another shape than a chat's).
+COMPLETION_REFUSES = frozenset({"logprobs"})
+
+
 class CompletionRequest(BaseModel):
     """OpenAI's completions request: a prompt continued as it is, with no chat template."""
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from . import chat_fields
 from .config import SmmfConfig
+from .gateway_models import COMPLETION_REFUSES
 
 #: OpenAI's error body.
 ERROR = {
@@ -81,11 +82,12 @@ def _only_what_models_honour(components: dict[str, Any], honoured: set[str]) -> 
     values that ask for nothing (anything else is a 400; a chat's `n` the gateway honours
     itself), and content parts limited to text and the kinds some model honours. The document covers every model at once: where only some
     models honour a field, the others answer it with the documented 400."""
-    for component, by_gateway in (("ChatCompletionRequest", {"n"}), ("CompletionRequest", set())):
+    for component, offered in (("ChatCompletionRequest", honoured | {"n"}),
+                               ("CompletionRequest", honoured - COMPLETION_REFUSES)):
         request = components[component]["properties"]
         required = components[component].get("required", [])
         for name, idle in chat_fields.OUTPUT_CHANGING.items():
-            if name in request and name not in honoured | by_gateway and name not in required:
+            if name in request and name not in offered and name not in required:
                 request[name] = _only(idle, request[name], "no configured model honours it")
     message = components["_Message"]["properties"]
     if chat_fields.TOOL_CALLS_IN_MESSAGES not in honoured:

@@ -232,10 +232,10 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 
 
 def test_fields_a_model_cannot_honour_are_refused_never_dropped_silently(oai: openai.OpenAI) -> None:
-    # Given a model whose provider honours no tools, no JSON mode, no logprobs, no images
+    # Given a model that honours no tools (no tool_parser), no audio, no logit_bias, no images
     image = [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
                                           {"type": "image_url", "image_url": {"url": "data:,"}}]}]
-    asks = [({"tools": TOOLS}, "tools"), ({"response_format": {"type": "json_object"}}, "response_format"),
+    asks = [({"tools": TOOLS}, "tools"), ({"audio": {"voice": "alloy"}}, "audio"),
             ({"logit_bias": {"1": 5}}, "logit_bias"),
             ({"messages": image}, "messages[].content[].image_url")]
     for fields, param in asks:
@@ -402,3 +402,20 @@ def test_logprobs_of_an_hf_model_streamed_and_whole(oai: openai.OpenAI) -> None:
     streamed = [e for chunk in oai.chat.completions.create(**ask, stream=True)  # type: ignore[call-overload]
                 if chunk.choices and chunk.choices[0].logprobs for e in chunk.choices[0].logprobs.content]
     assert [e.token for e in streamed] == [e.token for e in content]
+
+
+def test_an_hf_model_answers_in_a_json_schema_under_constrained_decoding(oai: openai.OpenAI) -> None:
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
+                                               "sunny": {"type": "boolean"}},
+              "required": ["city", "sunny"], "additionalProperties": False}
+    # Given a model with random weights (its text is noise), When a request asks for a schema
+    for stream in (False, True):
+        ask = {"model": CHAT, "messages": HELLO, "max_tokens": 120, "temperature": 0, "stream": stream,
+               "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}}
+        reply = oai.chat.completions.create(**ask)  # type: ignore[call-overload]
+        text = reply.choices[0].message.content if not stream else "".join(
+            c.choices[0].delta.content or "" for c in reply if c.choices)
+        # Then lm-format-enforcer kept every token to the schema: the reply validates
+        jsonschema.validate(json.loads(text), schema)

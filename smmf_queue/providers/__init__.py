@@ -89,7 +89,7 @@ PROVIDERS: dict[str, ProviderSpec] = {spec.name: spec for spec in (
                  frozenset({"torch_dtype", "trust_remote_code", "max_new_tokens", "normalize",
                             "batch_size", "num_threads", "truncate", "max_length", "tool_parser"}),
                  kinds=frozenset({"llm", "embedding", "reranker"}),
-                 supports=frozenset({COMPLETIONS, "tools", "tool_choice"}) | LOGPROB_FIELDS),
+                 supports=frozenset({COMPLETIONS, "tools", "tool_choice", "response_format"}) | LOGPROB_FIELDS),
     ProviderSpec("llama.cpp", "smmf_queue.providers.llamacpp:LlamaCppProvider", "llamacpp",
                  "llama-cpp-python on a GGUF file",
                  frozenset({"n_ctx", "n_gpu_layers", "n_threads", "n_batch", "seed", "chat_format",
@@ -121,7 +121,7 @@ PROVIDERS: dict[str, ProviderSpec] = {spec.name: spec for spec in (
 )}
 #: what each extra installs, by import name (found without importing any of it).
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
-    "hf": ("torch", "transformers", "sentence_transformers"), "llamacpp": ("llama_cpp",),
+    "hf": ("torch", "transformers", "sentence_transformers", "lmformatenforcer"), "llamacpp": ("llama_cpp",),
     "llamacpp-server": ("llama_cpp", "sse_starlette", "starlette_context", "openai", "httpx2"),
     "vllm": ("vllm",), "mlx": ("mlx_lm",), "proxy": ("openai", "httpx2", "ollama"),
 }

@@ -31,6 +31,18 @@ from ..tool_parsers import HermesParser
 from .base import ChatChunk, Embeddings, Provider, Reranked, StopFilter, drain, hand_over
 
 
+def _lm_format_enforcer() -> Any:
+    """lm-format-enforcer's transformers integration, imported when a request first asks for
+    JSON. It imports PreTrainedTokenizerBase from where transformers before 5 kept it
+    (transformers.tokenization_utils): that name is given back there first."""
+    import transformers.tokenization_utils as old_home  # type: ignore[import-not-found]
+
+    if not hasattr(old_home, "PreTrainedTokenizerBase"):
+        old_home.PreTrainedTokenizerBase = transformers.PreTrainedTokenizerBase  # type: ignore[attr-defined]
+    from lmformatenforcer.integrations import transformers as integration
+    return integration
+
+
 class _HandOverStreamer(TextIteratorStreamer):
     """transformers' streamer for a job thread: after queueing text it yields the CPU, so the
     job thread publishes it now instead of after the next token (see base.hand_over). With a
@@ -160,6 +172,8 @@ class HFProvider(Provider):
                                               trust_remote_code=self._trust_remote_code())
             return
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self._trust_remote_code())
+        self._tokenizer_data: Any = None
+        self._constraint_lock = threading.Lock()
         self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=self._dtype(),
                                                        trust_remote_code=self._trust_remote_code()
                                                        ).to(self._device())  # type: ignore[arg-type]
@@ -282,7 +296,23 @@ class HFProvider(Provider):
                 kwargs["top_p"] = params.top_p
         if params.seed is not None:
             transformers.set_seed(params.seed)
+        if request.response_format is not None and request.prompt is None:
+            kwargs["prefix_allowed_tokens_fn"] = self._json_constraint(request.response_format)
         return kwargs
+
+    def _json_constraint(self, response_format: dict[str, Any]) -> Any:
+        """lm-format-enforcer's filter of the tokens that keep the reply valid JSON (of the
+        schema, when the format names one), for generate's `prefix_allowed_tokens_fn`. What
+        it needs of the tokenizer is built once per worker (it decodes every token twice)."""
+        lmfe = _lm_format_enforcer()
+        with self._constraint_lock:
+            if self._tokenizer_data is None:
+                self._tokenizer_data = lmfe.build_token_enforcer_tokenizer_data(self.tokenizer)
+        schema = ((response_format.get("json_schema") or {}).get("schema")
+                  if response_format.get("type") == "json_schema" else response_format.get("schema"))
+        from lmformatenforcer import JsonSchemaParser
+        return lmfe.build_transformers_prefix_allowed_tokens_fn(self._tokenizer_data,
+                                                                JsonSchemaParser(schema))
 
     def embed(self, texts: list[str], normalize: bool | None) -> Embeddings:
         normalize = self.wants_unit_vectors(normalize, default=True)
