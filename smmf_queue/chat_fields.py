@@ -36,12 +36,13 @@ OUTPUT_CHANGING: dict[str, tuple[Any, ...]] = {
 TEXT_PART = "text"
 #: the request fields that travel at the top of a ChatRequest (jobs.py), not in its params.
 REQUEST_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "response_format",
-                            "prompt", "logprobs", "top_logprobs"})
+                            "prompt", "logprobs", "top_logprobs", "user"})
 #: the embeddings request's one output-changing field beyond the texts (OpenAI's).
 DIMENSIONS = "dimensions"
-#: fields that change nothing in the reply: accepted and not sent on.
-NEUTRAL = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier",
-                     "prompt_cache_key", "stream_options"})
+#: fields that change nothing in the reply: accepted and not sent on (`user` is: proxies pass
+#: it to their API, for its abuse monitoring).
+NEUTRAL = frozenset({"metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+                     "stream_options"})
 #: what an assistant turn's tool calls, sent back in a later request, count as.
 TOOL_CALLS_IN_MESSAGES = "tools"
 

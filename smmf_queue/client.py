@@ -42,6 +42,7 @@ from .jobs import (
     StreamEvent,
     new_job_id,
 )
+from .providers import USER
 from .queues import JobSender, make_celery_app
 from .stream_hub import StreamHub, ThreadHub
 from .streaming import JobReader, LogEntries, LogRange, decode_log, embedding_result, rerank_result
@@ -68,6 +69,8 @@ class _BaseClient:
         dropped = chat_fields.refuse_or_drop(fields, messages, model, entry.supports,
                                              entry.drop_params)
         top, params = chat_fields.split(fields, dropped)
+        if USER not in entry.supports:  # it changes no reply; only an API has a use for it
+            top.pop(USER, None)
         try:
             return ChatRequest(model=model, messages=chat_fields.shape_messages(messages, dropped),
                                params=params, job_id=job_id or new_job_id(), reply_to=reply_to,

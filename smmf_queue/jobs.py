@@ -121,6 +121,8 @@ class SamplingParams(_Wire):
     #: wire 2, OpenAI's: sent only to providers that honour them (chat_fields.py).
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    #: token id (as a string) → bias from -100 to 100, in the model's own vocabulary.
+    logit_bias: dict[str, float] | None = None
 
     def given(self, **rename: str) -> dict[str, Any]:
         """The parameters the request sets (0 included; no stop list when empty), for an engine
@@ -168,6 +170,8 @@ class ChatRequest(_JobRequest):
     #: per-token log probabilities in the reply, and how many alternatives with each (wire 2).
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    #: the end user's id, for an API's abuse monitoring (sent on by proxies only).
+    user: str | None = Field(default=None, max_length=256)
 
     @model_validator(mode="after")
     def _messages_or_prompt(self) -> ChatRequest:
@@ -179,13 +183,14 @@ class ChatRequest(_JobRequest):
         """The wire-2 top-level fields the request sets (tools, response_format...), by
         OpenAI's names, for an API or engine that takes them so."""
         return self.model_dump(include={"tools", "tool_choice", "parallel_tool_calls",
-                                        "response_format", "logprobs", "top_logprobs"},
+                                        "response_format", "logprobs", "top_logprobs", "user"},
                                exclude_none=True)
 
     def wire_needed(self) -> int:
         added = (self.prompt, self.tools, self.tool_choice, self.parallel_tool_calls, self.response_format,
                  self.logprobs, self.top_logprobs,
-                 self.params.presence_penalty, self.params.frequency_penalty)
+                 self.params.presence_penalty, self.params.frequency_penalty, self.params.logit_bias,
+                 self.user)
         if any(value is not None for value in added) or not all(m.plain for m in self.messages):
             return WIRE_VERSION
         return PLAIN_WIRE

@@ -615,3 +615,13 @@ def test_a_tool_parser_on_a_template_without_tools_refuses_to_start(tiny_models:
                         tool_parser="hermes")  # type: ignore[call-arg]
     with pytest.raises(ProviderUnavailable, match="takes no tools"):
         HFProvider(model).load()
+
+
+def test_logit_bias_and_user_reach_an_openai_compatible_api(oai: openai.OpenAI,
+                                                            upstream: FakeUpstream) -> None:
+    upstream.reset()
+    upstream.sse([chat_chunk("ok"), chat_chunk(finish="stop")])
+    oai.chat.completions.create(model="fake-tools", messages=ASK, logit_bias={"42": -100},  # type: ignore[arg-type]
+                                user="team-a/alice")
+    sent = upstream.requests[0].body
+    assert (sent["logit_bias"], sent["user"]) == ({"42": -100}, "team-a/alice")

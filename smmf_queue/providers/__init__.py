@@ -51,10 +51,13 @@ TOOL_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls"})
 #: what an OpenAI-compatible API is sent unchanged (the upstream honours or refuses it).
 #: the completions API (`/v1/completions`): a prompt in place of messages.
 COMPLETIONS = "prompt"
+#: the end user's id: it changes no reply, and only an API has a use for it (abuse monitoring).
+USER = "user"
 #: per-token log probabilities; llama.cpp gives them only with `logits_all = true`.
 LOGPROB_FIELDS = frozenset({"logprobs", "top_logprobs"})
 _FORWARDED = TOOL_FIELDS | LOGPROB_FIELDS | {"response_format", "presence_penalty", "frequency_penalty",
-                                             "messages[].content[].image_url", "dimensions", COMPLETIONS}
+                                             "logit_bias", "messages[].content[].image_url",
+                                             "dimensions", COMPLETIONS, USER}
 #: llama-cpp-python: tools through its function-calling chat handler, response_format as a
 #: grammar made from the JSON schema, penalties in its sampler.
 _LLAMA_CPP = frozenset({"tools", "tool_choice", "response_format", "presence_penalty",

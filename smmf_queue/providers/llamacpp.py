@@ -128,6 +128,7 @@ class LlamaCppProvider(Provider):
         "auto", "none" and a named tool)."""
         given = request.given()
         given.pop("parallel_tool_calls", None)
+        given.pop("user", None)  # for an API's abuse monitoring: nothing to do here
         if given.get("logprobs") and given.get("top_logprobs") is None:
             given["top_logprobs"] = 0  # its handler asks the engine for top_logprobs alternatives
         if request.prompt is not None:  # the completions API takes none of these
