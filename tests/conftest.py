@@ -25,6 +25,8 @@ from smmf_queue.config import SmmfConfig
 from smmf_queue.embedded_redis import EmbeddedRedis
 from smmf_queue.standalone import start_process, start_worker_process
 
+from .fake_upstream import FakeUpstream
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / ".smmf" / "models"
 CHAT = "tiny-noise-chat"
@@ -225,6 +227,28 @@ def start_service(command: str, config: Path, log: Path, health_url: str,
 
     wait_until(answers, 60, f"smmf-queue {command}")
     return process
+
+
+@contextlib.contextmanager
+def gateway_process(config: Path, log_folder: Path, port: int | None = None) -> Iterator[str]:
+    """`smmf-queue gateway` on `config` in a child process; yields its URL once it answers."""
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_service("gateway", config, log_folder / "gateway.log", f"{url}/healthz",
+                            "--port", str(port))
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    """A FAKE OpenAI-style upstream (tests/fake_upstream.py) for one test module."""
+    fake = FakeUpstream()
+    yield fake
+    fake.close()
 
 
 StartWorker = Callable[..., WorkerProcess]

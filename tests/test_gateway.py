@@ -21,6 +21,7 @@ from .conftest import (
     WorkerProcess,
     cosine,
     free_port,
+    gateway_process,
     start_service,
     wait_until,
 )
@@ -31,13 +32,8 @@ HELLO = [{"role": "user", "content": "hello there"}]
 @pytest.fixture(scope="module")
 def gateway_url(config_path: Path, chat_worker: WorkerProcess, embed_worker: WorkerProcess,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    url = f"http://127.0.0.1:{port}"
-    process = start_service("gateway", config_path, log, f"{url}/healthz", "--port", str(port))
-    yield url
-    process.terminate()
-    process.wait(timeout=15)
+    with gateway_process(config_path, tmp_path_factory.mktemp("gateway")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -49,13 +49,6 @@ def llama_server(gguf_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    fake = FakeUpstream()
-    yield fake
-    fake.close()
-
-
-@pytest.fixture(scope="module")
 def providers_config(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis, gguf_model: Path,
                      llama_server: str, upstream: FakeUpstream) -> Path:
     os.environ["SMMF_TEST_UPSTREAM_KEY"] = UPSTREAM_KEY  # read by the worker, never sent in a job

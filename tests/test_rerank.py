@@ -17,19 +17,12 @@ from sentence_transformers import CrossEncoder
 from smmf_queue import Client, WrongModelKind, load_config
 from smmf_queue.embedded_redis import EmbeddedRedis
 
-from .conftest import EMBED, StartWorker, cosine, free_port, start_service
+from .conftest import EMBED, StartWorker, cosine, free_port, gateway_process
 from .fake_upstream import FakeUpstream
 
 QUERY = "which queue does a worker consume?"
 DOCUMENTS = ["A worker consumes only its model's queue.", "Cats sleep in the sun.",
              "Queues carry jobs to workers.", "x"]
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    fake = FakeUpstream()
-    yield fake
-    fake.close()
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +82,8 @@ def gateway(dbgpt_config: Path, gateway_port: int, start_worker: StartWorker,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     start_worker("tiny-chat", EMBED, "tiny-reranker", "api-reranker", "dbgpt-reranker",
                  config=dbgpt_config)
-    url = f"http://127.0.0.1:{gateway_port}"
-    log = tmp_path_factory.mktemp("rerank-gateway") / "gateway.log"
-    process = start_service("gateway", dbgpt_config, log, f"{url}/healthz", "--port", str(gateway_port))
-    yield url
-    process.terminate()
-    process.wait(timeout=15)
+    with gateway_process(dbgpt_config, tmp_path_factory.mktemp("rerank-gateway"), gateway_port) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

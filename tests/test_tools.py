@@ -40,7 +40,7 @@ from smmf_queue.jobs import ChatRequest, ToolCall
 from smmf_queue.providers import TEXT_TOOL_CALLS, TOOL_FIELDS
 from smmf_queue.tool_calls import assemble
 
-from .conftest import StartWorker, free_port, llama_cpp_server, start_service, wait_until
+from .conftest import StartWorker, gateway_process, llama_cpp_server, wait_until
 from .fake_upstream import FakeUpstream, chat_chunk
 
 KEY = "sk-tool-server-31"
@@ -69,13 +69,6 @@ def tool_server(gguf_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     with llama_cpp_server(gguf_model, log, KEY, "--chat_format", "chatml-function-calling",
                           "--logits_all", "true") as base:
         yield base
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    fake = FakeUpstream()
-    yield fake
-    fake.close()
 
 
 @pytest.fixture(scope="module")
@@ -172,13 +165,8 @@ def _models_for_the_table(fake: str, models: Path) -> str:
 def gateway(tools_config: Path, start_worker: StartWorker,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     start_worker(*SERVED, config=tools_config)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("tools-gateway") / "gateway.log"
-    process = start_service("gateway", tools_config, log, f"{url}/healthz", "--port", str(port))
-    yield url
-    process.terminate()
-    process.wait(timeout=15)
+    with gateway_process(tools_config, tmp_path_factory.mktemp("tools-gateway")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -625,3 +613,20 @@ def test_logit_bias_and_user_reach_an_openai_compatible_api(oai: openai.OpenAI,
                                 user="team-a/alice")
     sent = upstream.requests[0].body
     assert (sent["logit_bias"], sent["user"]) == ({"42": -100}, "team-a/alice")
+
+
+def test_a_tool_result_reaches_a_function_calling_llama_cpp_model(oai: openai.OpenAI) -> None:
+    # llama-cpp-python's function-calling template shows a `tool` message's role, not its
+    # content: the provider turns it into a user turn, so the result's length shows in the prompt
+    # (`llama.cpp.server` does the same, unseen here: its server streams no usage)
+    model = "gguf-tools"
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+
+    def prompt_tokens(result: str) -> int:
+        turn = [*ASK, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": result}]
+        reply = oai.chat.completions.create(model=model, messages=turn, max_tokens=2)  # type: ignore[arg-type]
+        assert reply.usage is not None
+        return reply.usage.prompt_tokens
+
+    assert prompt_tokens("sunny and warm, 24 degrees, light wind from the west") > prompt_tokens("x") + 20

@@ -84,7 +84,8 @@ class LlamaCppProvider(Provider):
         kwargs: dict[str, Any] = request.params.given()
         stops = StopFilter(kwargs.pop("stop", []))  # ours: llama.cpp's would hide where it cut
         kwargs.update(self._structure(request))
-        messages: Any = [m.as_dict() for m in request.messages]
+        messages: Any = shown_tool_results([m.as_dict() for m in request.messages],
+                                           self.model.options.get("chat_format"))
         counter = _SampleCounter(kwargs.get("max_tokens"))
         calls = FragmentCleaner()
         engine_finish = None
@@ -158,6 +159,18 @@ class LlamaCppProvider(Provider):
 
     def _gpu_layers(self) -> int:
         return int(self.model.options.get("n_gpu_layers", 0))
+
+
+def shown_tool_results(messages: list[dict[str, Any]], chat_format: str | None) -> list[dict[str, Any]]:
+    """The messages as llama-cpp-python's function-calling chat format can show them: its
+    template renders a `tool` message's role but not its content, so the model would never see
+    a tool's result; such a message becomes a user turn that says which call it answers."""
+    if chat_format != "chatml-function-calling":
+        return messages
+    names = {call["id"]: call["function"]["name"] for m in messages for call in m.get("tool_calls") or ()}
+    return [{"role": "user", "content": f"functions.{names.get(m.get('tool_call_id'), 'tool')} "
+                                        f"returned:\n{m.get('content', '')}"}
+            if m["role"] == "tool" else m for m in messages]
 
 
 def json_schema_as_grammar_format(response_format: dict[str, Any]) -> dict[str, Any]:

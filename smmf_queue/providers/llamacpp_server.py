@@ -30,7 +30,7 @@ from ..errors import ProviderUnavailable
 from ..jobs import ChatRequest, Usage
 from ..tool_calls import FragmentCleaner
 from .base import ChatChunk
-from .llamacpp import DEFAULT_N_CTX, auto_tools, json_schema_as_grammar_format
+from .llamacpp import DEFAULT_N_CTX, auto_tools, json_schema_as_grammar_format, shown_tool_results
 from .openai_api import OpenAIProvider, retryable
 
 log = logging.getLogger("smmf_queue.providers.llamacpp_server")
@@ -80,8 +80,11 @@ class LlamaCppServerProvider(OpenAIProvider):
 
     def chat_kwargs(self, request: ChatRequest) -> dict[str, Any]:
         """As for any OpenAI-compatible API, but a JSON schema response format in the form the
-        server takes (its JSON mode with a schema, sampled under a grammar)."""
+        server takes (its JSON mode with a schema, sampled under a grammar), and tool results
+        as its function-calling template can show them (llamacpp.shown_tool_results)."""
         kwargs = super().chat_kwargs(request)
+        if "messages" in kwargs:
+            kwargs["messages"] = shown_tool_results(kwargs["messages"], self.model.options.get("chat_format"))
         if "response_format" in kwargs:
             kwargs["response_format"] = json_schema_as_grammar_format(kwargs["response_format"])
         return kwargs
