@@ -3,13 +3,13 @@
 Every provider honours the common sampling fields: temperature, top_p, max_tokens
 (max_completion_tokens), stop, seed. A field that would change the reply beyond those reaches
 a model only if its provider says it honours it (`ProviderSpec.supports`, refined per model by
-`providers.honoured`): tools, response_format, penalties and image parts travel on the wire
-(jobs.py, wire 2) to those that do. Any other such field gets a 400
+`providers.honoured`): tools, response_format, logprobs, penalties, logit_bias, a completion's
+prompt and image parts travel on the wire (jobs.py, wire 2) to those that do. Any other such field gets a 400
 `unsupported_parameter` naming the field and the model (the gateway) or `UnsupportedParameter`
 (the SDK), before anything is enqueued; a model with `drop_params = true` (LiteLLM's name) has
 them dropped instead, and the gateway says which in the `x-smmf-dropped-params` header. Fields
-that change nothing in the reply (`user`, `metadata`, `store`, ...) are accepted and not sent on.
-Nothing reaches a model that would silently ignore it.
+that change nothing in the reply (`metadata`, `store`, ...) are accepted and not sent on; `user`
+goes to the APIs that take it (proxies). Nothing reaches a model that would silently ignore it.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def refuse_or_drop(fields: dict[str, Any], messages: list[dict[str, Any]], model
 def split(fields: dict[str, Any], dropped: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(top-level ChatRequest fields, sampling params) of what is not dropped; idle values
     (`tool_choice: "none"` without tools, `n: 1`...) are not sent on, and fields that change
-    nothing in the reply (`user`, `metadata`) are left out here."""
+    nothing in the reply (`metadata`, `store`...) are left out here."""
     kept = {name: value for name, value in fields.items() if name not in dropped
             and name not in NEUTRAL and value not in OUTPUT_CHANGING.get(name, (None,))}
     top = {name: value for name, value in kept.items() if name in REQUEST_FIELDS}
