@@ -116,11 +116,12 @@ class LlamaCppServerProvider(OpenAIProvider):
 
 def _start_server(args: list[str], key: str, name: str,
                   timeout_s: float) -> tuple[str, subprocess.Popen[bytes]]:
-    """Start the server on a free local port; its base URL once it answers."""
+    """Start the server on a free local port; its base URL once it answers. (`--api_key=KEY`
+    in one argument: a key that begins with "-" would read as an option.)"""
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", *args, "--host", "127.0.0.1", "--port", str(port),
-         "--api_key", key], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+         f"--api_key={key}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         preexec_fn=_die_with_parent)
     atexit.register(_stop, server)
     url = f"http://127.0.0.1:{port}/v1"
