@@ -630,3 +630,12 @@ def test_a_tool_result_reaches_a_function_calling_llama_cpp_model(oai: openai.Op
         return reply.usage.prompt_tokens
 
     assert prompt_tokens("sunny and warm, 24 degrees, light wind from the west") > prompt_tokens("x") + 20
+
+
+def test_the_llama_cpp_server_child_takes_a_key_that_begins_with_a_dash(gguf_model: Path) -> None:
+    from smmf_queue.providers.llamacpp_server import _start_server, _stop
+
+    url, server = _start_server(["--model", str(gguf_model), "--n_threads", "1"], "-starts-with-a-dash",
+                                "m", 60)
+    _stop(server)
+    assert url.startswith("http://127.0.0.1:")
