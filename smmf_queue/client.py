@@ -28,7 +28,14 @@ from pydantic import ValidationError
 from . import chat_fields, keys, redis_clients, registry
 from .batch.chunks import ChunkResult, embed_chunks
 from .config import ModelKind, SmmfConfig, load_config
-from .errors import BrokerUnavailable, NoLiveWorker, RequestError, UnknownJob, UnsupportedParameter
+from .errors import (
+    BrokerUnavailable,
+    NoLiveWorker,
+    QueueFull,
+    RequestError,
+    UnknownJob,
+    UnsupportedParameter,
+)
 from .jobs import (
     PLAIN_WIRE,
     ChatDelta,
@@ -48,6 +55,8 @@ from .stream_hub import StreamHub, ThreadHub
 from .streaming import JobReader, LogEntries, LogRange, decode_log, embedding_result, rerank_result
 
 T = TypeVar("T")
+#: seconds a producer whose job met a full queue should wait before sending it again.
+QUEUE_FULL_RETRY_S = 1.0
 
 
 class _BaseClient:
@@ -60,6 +69,8 @@ class _BaseClient:
         self._celery = make_celery_app(self.config, store_results=False)
         self._sender = JobSender(self._celery)
         self._liveness = registry.LivenessCache()
+        #: a blocking client for the depth of bounded queues, made when first needed.
+        self._depth_redis: redis.Redis | None = None
 
     def _chat_request(self, model: str, messages: list[dict[str, Any]], fields: dict[str, Any],
                       job_id: str | None, reply_to: str) -> ChatRequest:
@@ -149,6 +160,23 @@ class _BaseClient:
                                "penalties or content parts); retry once they are upgraded",
                                model=model)
 
+    def _check_depth(self, kind: ModelKind, model: str) -> None:
+        """QueueFull when the model's queue is at its max_queue_depth (a Redis broker's only).
+
+        One blocking round trip, right before the (blocking) enqueue, with no await between:
+        the jobs of one client never overshoot the bound; several producers that read the same
+        depth at once may each add one job."""
+        limit = self.config.model(model, kind).max_queue_depth
+        if limit is None or self.config.queue.broker_url != self.config.queue.redis:
+            return
+        if self._depth_redis is None:
+            self._depth_redis = redis_clients.connect(self.config.queue)
+        depth = _depth(self._depth_redis, kind, model)
+        if depth >= limit:
+            raise QueueFull(f"model '{model}' has {depth} jobs waiting (max_queue_depth {limit}); "
+                            f"try again in {QUEUE_FULL_RETRY_S:g} s", retry_after_s=QUEUE_FULL_RETRY_S,
+                            model=model)
+
     def _enqueue(self, hub: StreamHub | ThreadHub, kind: ModelKind, request: dict[str, Any],
                  expires_s: float) -> None:
         """Enqueue a job whose events `hub` already routes (`open`); stop routing them if the
@@ -156,8 +184,12 @@ class _BaseClient:
         task = keys.TASK_OF_KIND[kind]
         priority = keys.BATCH_PRIORITY if request.get("lane") == "batch" else keys.INTERACTIVE_PRIORITY
         try:
+            self._check_depth(kind, request["model"])
             self._sender.send(task, kind, request, expires_s=expires_s, priority=priority)
-        except Exception as exc:  # kombu raises OperationalError and socket errors
+        except QueueFull:
+            hub.close(request["job_id"])
+            raise
+        except Exception as exc:  # kombu raises OperationalError and socket errors, redis-py its own
             hub.close(request["job_id"])
             raise BrokerUnavailable(f"cannot enqueue on the broker: {type(exc).__name__}: {exc}",
                                     model=request["model"], job_id=request["job_id"]) from None
@@ -166,6 +198,8 @@ class _BaseClient:
             raise
 
     def _close_sender(self) -> None:
+        if self._depth_redis is not None:
+            self._depth_redis.close()
         self._sender.close()
         self._celery.close()
 
@@ -381,6 +415,14 @@ async def _next(inbox: asyncio.Queue[bytes], timeout: float) -> bytes | None:
             return await inbox.get()
     except TimeoutError:
         return None
+
+
+def _depth(client: redis.Redis, kind: str, model: str) -> int:
+    """Jobs waiting in a model's queue (all lanes), in one round trip."""
+    pipe = client.pipeline(transaction=False)
+    for lane in keys.queue_lanes(kind, model):
+        pipe.llen(lane)
+    return sum(pipe.execute())
 
 
 def _unreachable(exc: BaseException, model: str) -> BrokerUnavailable:

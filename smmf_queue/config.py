@@ -194,6 +194,9 @@ class ModelConfig(BaseModel):
     batch_wait_ms: float = Field(default=2.0, ge=0)
     #: most texts in one merged forward pass.
     max_batch_texts: int = Field(default=256, ge=1)
+    #: most jobs its queue may hold (all lanes): past it a new job is refused at once
+    #: (QueueFull; 429 from the gateway) instead of filling Redis; None: no bound.
+    max_queue_depth: int | None = Field(default=None, ge=1)
     #: drop request fields this model cannot honour (e.g. `tools`) instead of refusing the
     #: request with a 400 (LiteLLM's name for it; see chat_fields.py).
     drop_params: bool = False

@@ -9,7 +9,8 @@
     │   └── WrongModelKind
     ├── DispatchError                     the job could not be handed to a worker
     │   ├── BrokerUnavailable
-    │   └── NoLiveWorker
+    │   ├── NoLiveWorker
+    │   └── QueueFull                     the model's queue is at max_queue_depth
     ├── JobError                          the job was taken but did not succeed
     │   ├── JobFailed
     │   └── JobTimeout (also a TimeoutError)
@@ -72,6 +73,15 @@ class BrokerUnavailable(DispatchError):
 
 class NoLiveWorker(DispatchError):
     """Raised, when the caller asks to fail fast, if no live worker serves the model."""
+
+
+class QueueFull(DispatchError):
+    """Raised when a model's queue holds `max_queue_depth` jobs already: nothing was enqueued;
+    try again after `retry_after_s`."""
+
+    def __init__(self, message: str, *, retry_after_s: float, model: str | None = None):
+        super().__init__(message, model=model)
+        self.retry_after_s = retry_after_s
 
 
 class JobError(SmmfError):

@@ -11,6 +11,7 @@ from .errors import (
     JobFailed,
     JobTimeout,
     NoLiveWorker,
+    QueueFull,
     RequestError,
     SmmfError,
     UnknownJob,
@@ -26,6 +27,7 @@ STATUS: list[tuple[type[SmmfError], int, str, str | None]] = [
     (UnknownJob, 404, "invalid_request_error", "stream_not_found"),
     (UnsupportedParameter, 400, "invalid_request_error", "unsupported_parameter"),
     (RequestError, 400, "invalid_request_error", None),
+    (QueueFull, 429, "rate_limit_error", "queue_full"),
     (NoLiveWorker, 503, "server_error", "no_live_worker"),
     (BrokerUnavailable, 503, "server_error", "broker_unavailable"),
     (JobTimeout, 504, "server_error", "job_timeout"),
@@ -42,9 +44,9 @@ def classify(exc: SmmfError) -> tuple[int, str, str | None]:
 
 
 def error_response(status: int, message: str, kind: str, code: str | None,
-           param: str | None = None) -> JSONResponse:
-    """An OpenAI-shaped error; a 503 (Redis, or every worker of the model, down) also says when
-    to try again, as clients and load balancers expect."""
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+                   param: str | None = None) -> JSONResponse:
+    """An OpenAI-shaped error; a 503 (Redis, or every worker of the model, down) and a 429 (the
+    model's queue is full) also say when to try again, as clients and load balancers expect."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status, headers=headers)

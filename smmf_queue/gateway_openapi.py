@@ -26,9 +26,10 @@ ERROR = {
     }},
 }
 _WHY = {400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknown model or stream",
-        413: "Request body too large", 502: "The job failed on its worker",
+        413: "Request body too large", 429: "The model's queue is full (with Retry-After)",
+        502: "The job failed on its worker",
         503: "No live worker, or Redis unreachable (with Retry-After)", 504: "The job's deadline passed"}
-_JOB_ERRORS = [400, 401, 404, 413, 502, 503, 504]
+_JOB_ERRORS = [400, 401, 404, 413, 429, 502, 503, 504]
 #: (path, method) → the error statuses it may answer.
 ROUTE_ERRORS = {
     ("/v1/chat/completions", "post"): _JOB_ERRORS,

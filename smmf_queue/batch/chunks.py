@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import tenacity
 
-from ..errors import BrokerUnavailable, JobFailed, JobTimeout
+from ..errors import BrokerUnavailable, JobFailed, JobTimeout, QueueFull
 from ..jobs import StreamEvent, new_job_id
 
 if TYPE_CHECKING:
@@ -168,10 +168,19 @@ class _ChunkRunner:
                 finished = await self._finished(retry_id)
                 if finished is not None:
                     return finished
-                return await self.client.embedding_job(
-                    self.model, texts, normalize=self.normalize, fail_fast=False,
-                    job_id=retry_id, lane="batch")
+                return await self._when_queue_has_room(texts, retry_id)
         raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    async def _when_queue_has_room(self, texts: list[str], job_id: str) -> StreamEvent:
+        """Run the chunk's job, waiting while the model's queue is full (max_queue_depth): a
+        batch run is patient where an interactive caller gets QueueFull at once."""
+        while True:
+            try:
+                return await self.client.embedding_job(
+                    self.model, texts, normalize=self.normalize, fail_fast=False, job_id=job_id,
+                    lane="batch")
+            except QueueFull as full:
+                await asyncio.sleep(full.retry_after_s)
 
     async def _finished(self, job_id: str) -> StreamEvent | None:
         events = await self.client.logged_events(job_id)
