@@ -91,25 +91,25 @@ def create_app(config: SmmfConfig) -> FastAPI:
         error = exc.errors()[0]
         param = ".".join(str(p) for p in error["loc"] if p != "body")
         return error_response(400, f"{param}: {error['msg']}" if param else error["msg"],
-                      "invalid_request_error", None, param or None)
+                              "invalid_request_error", None, param or None)
 
     @app.exception_handler(StarletteHTTPException)
-    async def httperror_response(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         """Starlette's own refusals (no such route, wrong method, a body that is not UTF-8)."""
         error = error_response(exc.status_code, str(exc.detail), "invalid_request_error", None)
         error.headers.update(exc.headers or {})  # e.g. a 405's Allow
         return error
 
     @app.exception_handler(SmmfError)
-    async def smmferror_response(request: Request, exc: SmmfError) -> JSONResponse:
+    async def smmf_error(request: Request, exc: SmmfError) -> JSONResponse:
         status, kind, code = classify(exc)
         return error_response(status, exc.message, kind, code, getattr(exc, "param", None))
 
     @app.exception_handler(redis.RedisError)
     async def redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
         """Redis unreachable where a route reads it directly (models, metrics): a 503 too."""
-        return error_response(503, f"cannot reach Redis: {type(exc).__name__}: {exc}", "service_unavailable",
-                      "broker_unavailable")
+        return error_response(503, f"cannot reach Redis: {type(exc).__name__}: {exc}", "server_error",
+                              "broker_unavailable")
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request,
@@ -143,7 +143,7 @@ def create_app(config: SmmfConfig) -> FastAPI:
                       + ("&include_usage=true" if include_usage else ""))
             return StreamingResponse(
                 sse(body.model, job_id, first, stream, include_usage, NOTHING_SEEN,
-                     lambda: app.state.left_streams.left(job_id, None), config.gateway.keepalive_s),
+                    lambda: app.state.left_streams.left(job_id, None), config.gateway.keepalive_s),
                 media_type="text/event-stream",
                 headers={"x-smmf-resume": resume, **SSE_HEADERS, **headers})
         result = await client.chat(body.model, messages, fail_fast=fail_fast, job_id=job_id,
@@ -209,7 +209,7 @@ def create_app(config: SmmfConfig) -> FastAPI:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(
                 sse(body.model, job_id, first, stream, include_usage, NOTHING_SEEN, lambda: None,
-                     config.gateway.keepalive_s, COMPLETION, echo),
+                    config.gateway.keepalive_s, COMPLETION, echo),
                 media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
         result = await client.chat(body.model, [], fail_fast=fail_fast, job_id=job_id,
                                    **deadlines, **fields)
@@ -237,8 +237,8 @@ def create_app(config: SmmfConfig) -> FastAPI:
         first = asyncio.ensure_future(next_or_none(stream))
         await first  # UnknownJob: a 404
         return StreamingResponse(sse(model, job_id, first, stream, include_usage, after,
-                                      lambda: left_streams.left(job_id, token),
-                                      config.gateway.keepalive_s),
+                                     lambda: left_streams.left(job_id, token),
+                                     config.gateway.keepalive_s),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
 
     @app.post("/v1/embeddings")
@@ -374,7 +374,8 @@ class _Guard:
         length = headers.get("content-length")
         if length and length.isdigit() and int(length) > self.max_body_bytes:
             return error_response(413, f"Request body of {length} bytes exceeds the limit of "
-                          f"{self.max_body_bytes} bytes.", "invalid_request_error", "request_too_large")
+                                  f"{self.max_body_bytes} bytes.", "invalid_request_error",
+                                  "request_too_large")
         return None
 
 
