@@ -47,7 +47,7 @@ from .gateway_resume import (
     LeftStreams,
     parse_last_event_id,
 )
-from .gateway_sse import COMPLETION, SSE_HEADERS, first_of, next_or_none, observe_ttft, sse, whole_choice
+from .gateway_sse import COMPLETION, SSE_HEADERS, next_or_none, observe_ttft, queued_stream, sse, whole_choice
 from .jobs import JOB_ID_PATTERN, new_job_id, pack_vectors
 
 log = logging.getLogger("smmf_queue.gateway")
@@ -130,15 +130,10 @@ def create_app(config: SmmfConfig) -> FastAPI:
             return await _choices(body, messages, fields, n, deadlines, headers)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            queued = asyncio.Event()
-            stream = client.stream_chat(body.model, messages, fail_fast=fail_fast, job_id=job_id,
-                                        cancel_on_leave=False, on_queued=queued.set,
-                                        **deadlines, **fields)
-            first = asyncio.ensure_future(next_or_none(stream))
+            stream, first = await queued_stream(client, body.model, messages, fail_fast=fail_fast,
+                                                job_id=job_id, cancel_on_leave=False,
+                                                **deadlines, **fields)
             first.add_done_callback(partial(observe_ttft, body.model, arrived))
-            await first_of(first, queued)
-            if first.done():
-                first.result()  # a refusal (before anything was queued) is a plain 4xx/5xx
             resume = (f"/v1/chat/completions/chatcmpl-{job_id}/stream?model={quote(body.model)}"
                       + ("&include_usage=true" if include_usage else ""))
             return StreamingResponse(
@@ -197,15 +192,10 @@ def create_app(config: SmmfConfig) -> FastAPI:
         request.state.request_id = job_id = new_job_id()
         echo = body.text() if body.echo else ""
         if body.stream:
-            queued = asyncio.Event()
             # No resume for this API: a client that leaves cancels its job at once.
-            stream = client.stream_chat(body.model, [], fail_fast=fail_fast, job_id=job_id,
-                                        cancel_on_leave=True, on_queued=queued.set,
-                                        **deadlines, **fields)
-            first = asyncio.ensure_future(next_or_none(stream))
-            await first_of(first, queued)
-            if first.done():
-                first.result()  # a refusal is a plain 4xx/5xx
+            stream, first = await queued_stream(client, body.model, [], fail_fast=fail_fast,
+                                                job_id=job_id, cancel_on_leave=True,
+                                                **deadlines, **fields)
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(
                 sse(body.model, job_id, first, stream, include_usage, NOTHING_SEEN, lambda: None,

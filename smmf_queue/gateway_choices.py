@@ -19,7 +19,7 @@ from typing import Any
 from .client import AsyncClient
 from .errors import JobFailed, SmmfError
 from .gateway_errors import classify
-from .gateway_sse import KEEPALIVE, chat_choice, data, first_of, next_or_none, whole_choice
+from .gateway_sse import KEEPALIVE, chat_choice, data, next_or_none, queued_stream, whole_choice
 from .jobs import ChatDelta, ChatResult, Usage, new_job_id
 
 
@@ -56,13 +56,10 @@ async def start(client: AsyncClient, model: str, messages: list[dict[str, Any]],
     firsts: list[asyncio.Future[Any]] = []
     try:
         for choice_fields in per_choice(fields, n):
-            queued = asyncio.Event()
-            streams.append(client.stream_chat(model, messages, job_id=new_job_id(),
-                                              on_queued=queued.set, **call, **choice_fields))
-            firsts.append(asyncio.ensure_future(next_or_none(streams[-1])))
-            await first_of(firsts[-1], queued)
-            if firsts[-1].done():
-                firsts[-1].result()
+            stream, first = await queued_stream(client, model, messages, job_id=new_job_id(),
+                                                **call, **choice_fields)
+            streams.append(stream)
+            firsts.append(first)
     except BaseException:
         await _close(streams, firsts)
         raise

@@ -13,13 +13,16 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import metrics, tool_calls
 from .errors import JobFailed, SmmfError
 from .gateway_errors import classify
 from .gateway_resume import ROLE_FRAME, FrameId, frame_id_text
 from .jobs import ChatDelta, ChatResult
+
+if TYPE_CHECKING:
+    from .client import AsyncClient
 
 #: headers of every SSE response: no cache, and no buffering by a proxy such as nginx.
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -45,6 +48,19 @@ async def first_of(first: asyncio.Future[Any], queued: asyncio.Event) -> None:
     waiting = asyncio.ensure_future(queued.wait())
     await asyncio.wait({first, waiting}, return_when=asyncio.FIRST_COMPLETED)
     waiting.cancel()
+
+
+async def queued_stream(client: AsyncClient, model: str, messages: list[dict[str, Any]],
+                        **call: Any) -> tuple[AsyncIterator[ChatDelta], asyncio.Future[Any]]:
+    """A streamed job, once it is on its queue: (its deltas, the future of the first one). A
+    refusal, which comes before anything is queued, raises here: a plain 4xx/5xx, not a frame."""
+    queued = asyncio.Event()
+    stream = client.stream_chat(model, messages, on_queued=queued.set, **call)
+    first = asyncio.ensure_future(next_or_none(stream))
+    await first_of(first, queued)
+    if first.done():
+        first.result()
+    return stream, first
 
 
 def chat_choice(delta: ChatDelta | None, finish: str | None) -> dict[str, Any]:
