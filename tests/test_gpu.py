@@ -92,3 +92,31 @@ def test_embeddings_on_the_gpu_match_sentence_transformers_on_the_cpu(gpu_client
                                 device="cpu").encode(texts)
     assert len(result.vectors) == len(texts)
     assert min(cosine(got, want) for got, want in zip(result.vectors, local.tolist())) > 0.999
+
+
+def test_logprobs_on_the_gpu_match_the_same_model_on_the_cpu(gpu_client: Client, gpu_config: Path) -> None:
+    # Given the same tiny model on the CPU in this process
+    cpu_entry = load_config(gpu_config).model(GPU_CHAT).model_copy(update={"device": "cpu"})
+    provider = load_provider(cpu_entry)
+    provider.load()
+    request = ChatRequest(model=GPU_CHAT, messages=HELLO, params={"max_tokens": 6, "temperature": 0},
+                          logprobs=True, top_logprobs=2)
+    on_cpu = [entry for chunk in provider.stream_chat(request) for entry in chunk.logprobs]
+    # When the worker's GPU answers the same greedy request with logprobs
+    result = gpu_client.chat(GPU_CHAT, HELLO, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    # Then it chose the same tokens with the same log-probabilities (float32 on both sides)
+    assert [e["token"] for e in result.logprobs] == [e["token"] for e in on_cpu]
+    assert [e["logprob"] for e in result.logprobs] == pytest.approx([e["logprob"] for e in on_cpu], abs=1e-3)
+
+
+def test_a_json_schema_reply_on_the_gpu_parses_and_has_the_schema_keys(gpu_client: Client) -> None:
+    import json
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "rank": {"type": "integer"}},
+              "required": ["city", "rank"], "additionalProperties": False}
+    result = gpu_client.chat(GPU_CHAT, HELLO, max_tokens=200,
+                             response_format={"type": "json_schema",
+                                              "json_schema": {"name": "answer", "schema": schema}})
+    answer = json.loads(result.text)
+    assert set(answer) == {"city", "rank"}
+    assert isinstance(answer["city"], str) and isinstance(answer["rank"], int)

@@ -58,3 +58,30 @@ def test_embedding_jobs_draw_no_progress_bar_in_a_worker_log(capfd: pytest.Captu
     assert len(result.vectors) == 2
     written = capfd.readouterr()
     assert not any(bar in written.err + written.out for bar in ("Batches", "it/s]"))
+
+
+def test_sampled_json_schema_replies_hold_no_character_a_json_string_refuses(tiny_models: Path) -> None:
+    # Given the tiny random-weight chat model, whose sampled replies once carried tabs, other
+    # control characters and broken UTF-8 into JSON strings under lm-format-enforcer
+    import json
+
+    from smmf_queue.jobs import ChatRequest
+
+    provider = load_provider(ModelConfig(name="tiny", provider="hf", kind="llm", device="cpu",
+                                         path=str(tiny_models / "tiny-noise-chat")))
+    provider.load()
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "rank": {"type": "integer"}},
+              "required": ["city", "rank"], "additionalProperties": False}
+    for seed in range(6):
+        # When it samples a reply under the schema
+        request = ChatRequest(model="tiny", messages=[{"role": "user", "content": "hello there"}],
+                              params={"max_tokens": 60, "seed": seed},
+                              response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+        chunks = list(provider.stream_chat(request))
+        text = "".join(chunk.text for chunk in chunks)
+        # Then nothing in it breaks JSON: a finished reply parses, a cut one only ran out of tokens
+        assert not [char for char in text if ord(char) < 0x20 or char == "\ufffd"], (seed, text)
+        if chunks[-1].finish_reason == "stop":
+            assert set(json.loads(text)) == {"city", "rank"}
+        else:
+            assert chunks[-1].finish_reason == "length"

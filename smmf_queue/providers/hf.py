@@ -43,6 +43,19 @@ def _lm_format_enforcer() -> Any:
     return integration
 
 
+def _json_safe_tokens(data: Any) -> Any:
+    """lm-format-enforcer's tokenizer data without the tokens that can break a JSON string: it
+    lets any token without a quote, backslash or newline into a string, so a tab, another
+    control character, or a piece of a UTF-8 character (decoded alone as U+FFFD) got in, and
+    sampled replies failed json.loads (seen on the GPU). Spaces remain for JSON's whitespace;
+    non-ASCII text comes from tokens that hold whole characters."""
+    from lmformatenforcer import TokenEnforcerTokenizerData
+
+    safe = [token for token in data.regular_tokens
+            if "\ufffd" not in token[1] and not any(ord(char) < 0x20 for char in token[1])]
+    return TokenEnforcerTokenizerData(safe, data.decoder, data.eos_token_id, data.use_bitmask, data.vocab_size)
+
+
 class _HandOverStreamer(TextIteratorStreamer):
     """transformers' streamer for a job thread: after queueing text it yields the CPU, so the
     job thread publishes it now instead of after the next token (see base.hand_over). With a
@@ -307,7 +320,7 @@ class HFProvider(Provider):
         lmfe = _lm_format_enforcer()
         with self._constraint_lock:
             if self._tokenizer_data is None:
-                self._tokenizer_data = lmfe.build_token_enforcer_tokenizer_data(self.tokenizer)
+                self._tokenizer_data = _json_safe_tokens(lmfe.build_token_enforcer_tokenizer_data(self.tokenizer))
         schema = ((response_format.get("json_schema") or {}).get("schema")
                   if response_format.get("type") == "json_schema" else response_format.get("schema"))
         from lmformatenforcer import JsonSchemaParser
