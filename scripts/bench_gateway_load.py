@@ -3,15 +3,18 @@ OpenAI-compatible backend; against that backend called directly, in the same run
 
 The backend is a FAKE of ours (Starlette under uvicorn, one process): it answers every streamed
 chat with the same 16 one-word chunks at once, so the figures measure smmf-queue, not a model.
-Starts its own Redis, the backend, one worker (or `--workers` of them) serving a `proxy/openai`
-model with 64 slots that points at the backend, and one gateway process; then, with 64 clients
-at a time (httpx):
+Starts its own Redis, the backend, `--workers` worker processes serving a `proxy/openai` model
+with 64 slots each that points at the backend, and `--gateways` gateway processes; then, with
+64 clients at a time (httpx), spread over `--client-procs` load processes:
   1. direct: streamed POSTs to the backend (its own limit on this machine, the baseline);
-  2. gateway: the same POSTs to the gateway, through the queue, the worker and the backend;
+  2. gateway: the same POSTs to the gateways (clients take them in turn), through the queue, the
+     worker and the backend;
   3. SDK: AsyncClient.stream_chat through the queue (no gateway).
-Prints chats/s and first-token p50 for each and the ratios.
+Prints chats/s and first-token p50 for each and the ratios. `--curve` measures the scale-out
+curve instead: workers 1, 2, 4 by gateways 1, 2, each as a ratio to the direct rate of the run.
 
     .venv/bin/python scripts/bench_gateway_load.py [--n 2000] [--clients 64] [--workers 1]
+        [--gateways 1] [--client-procs 1] [--curve]
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import httpx
 from bench_gateway import run_clients, wait_healthy
@@ -100,14 +106,8 @@ def streamed_post(http: httpx.AsyncClient, path: str, model: str) -> Callable[[]
     return chat
 
 
-async def measure(backend: int, gateway: int, config: str, n: int, clients: int) -> dict[str, tuple[float, float]]:
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    direct = httpx.AsyncClient(base_url=f"http://127.0.0.1:{backend}", timeout=60, limits=limits)
-    through = httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway}", timeout=60, limits=limits)
-    await wait_healthy(through)
-    sdk = AsyncClient(config)
-
-    async def sdk_chat() -> float:
+def sdk_chat(sdk: AsyncClient) -> Callable[[], Awaitable[float]]:
+    async def chat() -> float:
         start = time.perf_counter()
         first = 0.0
         async for delta in sdk.stream_chat(MODEL, MESSAGES, max_tokens=16):
@@ -115,18 +115,153 @@ async def measure(backend: int, gateway: int, config: str, n: int, clients: int)
                 first = time.perf_counter() - start
         return first
 
-    paths = {"direct": streamed_post(direct, "/v1/chat/completions", "fast"),
-             "gateway": streamed_post(through, "/v1/chat/completions", MODEL), "SDK": sdk_chat}
-    for chat in paths.values():  # warm-up
-        await load(chat, clients * 2, clients)
-    results = {}
-    for name, chat in paths.items():  # each row as soon as it is measured (a run may be cut short)
-        rate, ttft = results[name] = await load(chat, n, clients)
-        print(f"  {name:<8} {rate:8.1f} chats/s   first token p50 {ttft:8.2f} ms", flush=True)
-    await direct.aclose()
-    await through.aclose()
-    await sdk.aclose()
-    return results
+    return chat
+
+
+def in_turn(chats: list[Callable[[], Awaitable[float]]]) -> Callable[[], Awaitable[float]]:
+    """One chat function that sends each call to the next of `chats` (clients spread over gateways)."""
+    turn = iter(range(1 << 62))
+
+    async def chat() -> float:
+        return await chats[next(turn) % len(chats)]()
+
+    return chat
+
+
+async def load_path(path: str, ports: list[int], config: str, n: int, clients: int,
+                    warm_up: bool = True) -> tuple[list[float], float, float]:
+    """(first-token times, start, end on the monotonic clock) of n chats on one path:
+    "direct" to the backend at ports[0], "gateway" over the gateways at `ports`, or "SDK"."""
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    https = [httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60, limits=limits)
+             for port in ports]
+    sdk = AsyncClient(config)
+    if path == "direct":
+        chat = streamed_post(https[0], "/v1/chat/completions", "fast")
+    elif path == "gateway":
+        chat = in_turn([streamed_post(http, "/v1/chat/completions", MODEL) for http in https])
+    else:
+        chat = sdk_chat(sdk)
+    try:
+        if warm_up:
+            await run_clients(chat, clients * 2, clients)
+        start = time.monotonic()
+        ttfts, _ = await run_clients(chat, n, clients)
+        return ttfts, start, time.monotonic()
+    finally:
+        for http in https:
+            await http.aclose()
+        await sdk.aclose()
+
+
+def _load_process(args: tuple, ready: multiprocessing.Barrier, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    """One load process: warm up, wait for the others, measure, report."""
+    path, ports, config, n, clients = args
+
+    async def run() -> tuple[list[float], float, float]:
+        await load_path(path, ports, config, clients * 2, clients, warm_up=False)
+        ready.wait()
+        return await load_path(path, ports, config, n, clients, warm_up=False)
+
+    results.put(asyncio.run(run()))
+
+
+def measure_path(path: str, ports: list[int], config: str, n: int, clients: int,
+                 procs: int) -> tuple[float, float]:
+    """(chats per second, first-token p50 in ms) of n chats on `path`, spread over `procs` load
+    processes (one asyncio loop each) started together; the rate counts from the first start to
+    the last end."""
+    if procs == 1:
+        ttfts, start, end = asyncio.run(load_path(path, ports, config, n, clients))
+        return n / (end - start), sorted(ttfts)[len(ttfts) // 2] * 1000
+    context = multiprocessing.get_context("spawn")
+    ready, results = context.Barrier(procs), context.Queue()
+    share = (path, ports, config, n // procs, max(1, clients // procs))
+    children = [context.Process(target=_load_process, args=(share, ready, results)) for _ in range(procs)]
+    for child in children:
+        child.start()
+    runs = [results.get(timeout=600) for _ in children]
+    for child in children:
+        child.join()
+    ttfts = sorted(t for run in runs for t in run[0])
+    start, end = min(run[1] for run in runs), max(run[2] for run in runs)
+    return len(ttfts) / (end - start), ttfts[len(ttfts) // 2] * 1000
+
+
+@contextmanager
+def gateways(config: Path, count: int) -> Iterator[list[int]]:
+    """`count` gateway processes on free ports of one config (their ports)."""
+    ports = [free_port() for _ in range(count)]
+    processes = [start_process("gateway", config, config.with_name(f"gateway{i}.log"), "--port", str(port))
+                 for i, port in enumerate(ports)]
+    try:
+        for port in ports:
+            asyncio.run(_healthy(port))
+        yield ports
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=15)
+
+
+async def _healthy(port: int) -> None:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+        await wait_healthy(http)
+
+
+def row(name: str, rate: float, ttft: float, direct: float | None = None) -> None:
+    ratio = f"   {rate / direct:5.2f}x direct" if direct else ""
+    print(f"  {name:<26} {rate:8.1f} chats/s   first token p50 {ttft:8.2f} ms{ratio}", flush=True)
+
+
+@contextmanager
+def fake_backend() -> Iterator[int]:
+    """The FAKE backend in its own process (its port)."""
+    port = free_port()
+    backend = subprocess.Popen([sys.executable, __file__, "--backend", str(port)])
+    try:
+        yield port
+    finally:
+        backend.terminate()
+        backend.wait(timeout=15)
+
+
+def one_stack(args: argparse.Namespace, backend: int) -> None:
+    """direct, gateway and SDK rows for one stack of args.workers workers and args.gateways gateways."""
+    with ExitStack() as stack:
+        config, _ = stack.enter_context(worker_stack(models_toml(backend), [MODEL], workers=args.workers))
+        ports = stack.enter_context(gateways(config, args.gateways))
+        print(f"{args.n} streamed chats of 16 chunks per row, {args.clients} clients at a time in "
+              f"{args.client_procs} load process(es), {args.workers} worker process(es), "
+              f"{args.gateways} gateway process(es), {os.cpu_count()} cores; backend: a fast FAKE "
+              "(Starlette, one process)", flush=True)
+        rates = {}
+        for path, at in (("direct", [backend]), ("gateway", ports), ("SDK", ports)):
+            rates[path] = measure_path(path, at, str(config), args.n, args.clients, args.client_procs)
+            row(path, *rates[path], rates["direct"][0] if path != "direct" else None)
+    print("project target: gateway >= 400 chats/s (judged on a 16-core host)")
+
+
+def curve(args: argparse.Namespace, backend: int) -> None:
+    """The scale-out curve: gateway and SDK rates for workers 1, 2, 4 by gateways 1, 2, each as a
+    ratio to the direct rate measured first in the same run."""
+    print(f"scale-out: {args.n} streamed chats of 16 chunks per row, {args.clients} clients at a time "
+          f"in {args.client_procs} load process(es), {os.cpu_count()} cores; backend: a fast FAKE", flush=True)
+    direct = None
+    for workers in (1, 2, 4):
+        for count in (1, 2):
+            with ExitStack() as stack:
+                config, _ = stack.enter_context(worker_stack(models_toml(backend), [MODEL], workers=workers))
+                ports = stack.enter_context(gateways(config, count))
+                if direct is None:
+                    direct = measure_path("direct", [backend], str(config), args.n, args.clients, args.client_procs)
+                    row("direct", *direct)
+                rate = measure_path("gateway", ports, str(config), args.n, args.clients, args.client_procs)
+                row(f"{workers} worker(s), {count} gateway(s)", *rate, direct[0])
+                if count == 1:
+                    rate = measure_path("SDK", ports, str(config), args.n, args.clients, args.client_procs)
+                    row(f"{workers} worker(s), SDK", *rate, direct[0])
 
 
 def main() -> None:
@@ -134,32 +269,17 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1, help="worker processes for the model")
+    parser.add_argument("--gateways", type=int, default=1, help="gateway processes")
+    parser.add_argument("--client-procs", type=int, default=1, help="load-client processes")
+    parser.add_argument("--curve", action="store_true", help="workers 1, 2, 4 by gateways 1, 2")
     parser.add_argument("--backend", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.backend:
         import uvicorn
         uvicorn.run(backend_app(), host="127.0.0.1", port=args.backend, log_level="warning")
         return
-    backend_port, gateway_port = free_port(), free_port()
-    backend = subprocess.Popen([sys.executable, __file__, "--backend", str(backend_port)])
-    try:
-        with worker_stack(models_toml(backend_port), [MODEL], f"[gateway]\nport = {gateway_port}\n",
-                          workers=args.workers) as (config, _):
-            gateway = start_process("gateway", config, config.with_name("gateway.log"))
-            print(f"{args.n} streamed chats of 16 chunks per row, {args.clients} clients at a time, "
-                  f"{args.workers} worker process(es), {os.cpu_count()} cores; backend: a fast FAKE "
-                  "(Starlette, one process)", flush=True)
-            try:
-                results = asyncio.run(measure(backend_port, gateway_port, str(config), args.n, args.clients))
-            finally:
-                gateway.terminate()
-                gateway.wait(timeout=15)
-    finally:
-        backend.terminate()
-        backend.wait(timeout=15)
-    direct_rate = results["direct"][0]
-    print(f"ratios to direct: gateway {results['gateway'][0] / direct_rate:.2f}x, "
-          f"SDK {results['SDK'][0] / direct_rate:.2f}x (project target: gateway >= 400 chats/s)")
+    with fake_backend() as backend:
+        (curve if args.curve else one_stack)(args, backend)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The checks that need an NVIDIA GPU, in one go: the GPU tests (the hf provider on `cuda` through
 # the queue, the vLLM refusals on a GPU host, the extras' imports), then the dispatch and
-# embedding benchmarks with the models on the GPU, and dispatch once more on this host's CPUs.
-# CI has no GPU; run this where one is lent, with smmf-queue and the `hf` extra importable by
-# $PYTHON (default .venv/bin/python).
+# embedding benchmarks with the models on the GPU, dispatch once more on this host's CPUs, the
+# scale-out curve on its cores, and the embedding profile (py-spy). About 9 minutes on an H200
+# host with 16 cores. CI has no GPU; run this where one is lent, with smmf-queue and the `hf`
+# extra importable by $PYTHON (default .venv/bin/python): scripts/gpu_carry.sh says how.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
@@ -20,4 +21,6 @@ tests=0
 "$python" scripts/bench_dispatch.py --n "${DISPATCH_N:-200}" --device cuda
 "$python" scripts/bench_dispatch.py --n "${DISPATCH_N:-200}" --device cpu
 "$python" scripts/bench_embed.py --n "${EMBED_N:-20000}" --device cuda
+"$python" scripts/bench_gateway_load.py --curve --n 2000 --clients 128 --client-procs 4
+"$python" scripts/profile_embed.py --n "${EMBED_N:-20000}" --device cuda --rate 40 --out "${OUT:-profiles}"
 exit "$tests"
