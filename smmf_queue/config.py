@@ -137,6 +137,9 @@ class GatewaySettings(_Strict):
     port: int = Field(default=8000, ge=0, le=65535)
     #: bearer keys clients must send; empty means no authentication.
     api_keys: list[SecretStr] = Field(default_factory=list)
+    #: the admin key of virtual keys (`/key/*` routes); SMMF_MASTER_KEY if unset. With one,
+    #: keys made through it (`sk-...`, kept hashed in Redis) are accepted too.
+    master_key: SecretStr | None = None
     #: largest request body accepted, bytes (413 above it).
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     #: with no live worker for a model: false answers 503 at once, true queues and waits.

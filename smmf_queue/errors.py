@@ -63,6 +63,28 @@ class WrongModelKind(RequestError):
     """Raised when a chat goes to an embedding model or an embedding to an LLM."""
 
 
+class InvalidKey(SmmfError):
+    """Raised when a request's API key is unknown, revoked or expired (virtual_keys.py)."""
+
+
+class ModelNotAllowed(SmmfError):
+    """Raised when a virtual key may not call the model a request names."""
+
+
+class RateLimited(SmmfError):
+    """Raised when a virtual key is over its requests or tokens per minute: nothing was
+    enqueued; try again after `retry_after_s`. `headers`: OpenAI's `x-ratelimit-*` values."""
+
+    def __init__(self, message: str, *, retry_after_s: float, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.headers = headers or {}
+
+
+class BudgetExceeded(RateLimited):
+    """Raised when a virtual key has used its token budget for the current period."""
+
+
 class DispatchError(SmmfError):
     """Raised when a job cannot be handed to the queues."""
 

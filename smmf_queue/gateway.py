@@ -4,16 +4,19 @@
 It enqueues onto the same per-model queues as the SDK (it is an AsyncClient behind FastAPI).
 Its parts: the request bodies (gateway_models.py), streamed replies (gateway_sse.py), errors
 in OpenAI's shape (gateway_errors.py), resuming a stream (gateway_resume.py) and the OpenAPI
-document (gateway_openapi.py); here are the routes, API keys and the request counter.
+document (gateway_openapi.py), virtual keys' admin API (gateway_keys.py); here are the routes,
+API keys and the request counter.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Annotated, Any
@@ -29,11 +32,12 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import chat_fields, gateway_choices, gateway_openapi, metrics, registry
+from . import chat_fields, gateway_choices, gateway_openapi, metrics, redis_clients, registry
 from .client import AsyncClient
 from .config import SmmfConfig
-from .errors import RequestError, SmmfError
+from .errors import RateLimited, RequestError, SmmfError
 from .gateway_errors import classify, error_response
+from .gateway_keys import admin_router
 from .gateway_models import (
     COMPLETION_REFUSES,
     ChatCompletionRequest,
@@ -48,7 +52,8 @@ from .gateway_resume import (
     parse_last_event_id,
 )
 from .gateway_sse import COMPLETION, SSE_HEADERS, next_or_none, observe_ttft, queued_stream, sse, whole_choice
-from .jobs import JOB_ID_PATTERN, new_job_id, pack_vectors
+from .jobs import JOB_ID_PATTERN, Usage, new_job_id, pack_vectors
+from .virtual_keys import KEY_PREFIX, Admission, Gatekeeper, KeyStore
 
 log = logging.getLogger("smmf_queue.gateway")
 
@@ -58,16 +63,31 @@ MAX_DEADLINE_S = 7 * 24 * 3600
 _HEADER_SAFE_ID = re.compile(JOB_ID_PATTERN)
 #: the paths that take API keys and count requests: the API, and Cohere's rerank path.
 GUARDED = ("/v1/", "/rerank")
+#: the admin API of virtual keys, for the master key only.
+ADMIN = "/key/"
+
+
+def master_key(config: SmmfConfig) -> str | None:
+    """The master key: `[gateway] master_key`, else SMMF_MASTER_KEY. With one, the gateway
+    serves virtual keys and their admin API."""
+    configured = config.gateway.master_key
+    return configured.get_secret_value() if configured else os.environ.get("SMMF_MASTER_KEY") or None
 def create_app(config: SmmfConfig) -> FastAPI:
     """The gateway for one config; its AsyncClient lives as long as the app."""
+
+    master = master_key(config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.client = AsyncClient(config)
         app.state.left_streams = LeftStreams(app.state.client, config.gateway.resume_grace_s)
+        keys_redis = redis_clients.connect_async(config.queue) if master else None
+        app.state.gatekeeper = Gatekeeper(keys_redis) if keys_redis else None
         yield
         await app.state.left_streams.aclose()
         await app.state.client.aclose()
+        if keys_redis is not None:
+            await keys_redis.aclose()
 
     app = FastAPI(title="smmf-queue gateway", lifespan=lifespan)
 
@@ -83,8 +103,33 @@ def create_app(config: SmmfConfig) -> FastAPI:
     started = int(time.time())
 
     app.add_middleware(_Guard, keys={k.get_secret_value() for k in config.gateway.api_keys},
-                       models={m.name for m in config.models},
+                       master=master, models={m.name for m in config.models},
                        max_body_bytes=config.gateway.max_body_bytes)
+    if master:
+        app.include_router(admin_router(KeyStore(redis_clients.connect(config.queue))))
+
+    async def admit(request: Request, model: str, reserve: int = 0) -> Admission | None:
+        """Admit a request made with a virtual key (virtual_keys.py); None for any other."""
+        key = getattr(request.state, "virtual_key", None)
+        if key is None:
+            return None
+        admission = await app.state.gatekeeper.admit(key, model, reserve)
+        request.state.ratelimit_headers = admission.headers
+        return admission
+
+    async def settle(admission: Admission | None, usage: Usage | None) -> None:
+        if admission is not None:
+            await app.state.gatekeeper.settle(admission, usage)
+
+    async def settled(admission: Admission | None, call: Awaitable[Any]) -> Any:
+        """`call`'s result, its usage counted to the admitted key (nothing, if it fails)."""
+        try:
+            result = await call
+        except BaseException:
+            await settle(admission, None)
+            raise
+        await settle(admission, result.usage)
+        return result
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -103,7 +148,9 @@ def create_app(config: SmmfConfig) -> FastAPI:
     @app.exception_handler(SmmfError)
     async def smmf_error(request: Request, exc: SmmfError) -> JSONResponse:
         status, kind, code = classify(exc)
-        return error_response(status, exc.message, kind, code, getattr(exc, "param", None))
+        return error_response(status, exc.message, kind, code, getattr(exc, "param", None),
+                              getattr(exc, "retry_after_s", None),
+                              exc.headers if isinstance(exc, RateLimited) else None)
 
     @app.exception_handler(redis.RedisError)
     async def redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
@@ -126,13 +173,14 @@ def create_app(config: SmmfConfig) -> FastAPI:
         if n > config.gateway.max_n:
             raise RequestError(f"n: at most {config.gateway.max_n} choices (gateway.max_n)",
                                model=body.model)
+        admission = await admit(request, body.model, n * fields.get("max_tokens", 0))
         if n > 1:
-            return await _choices(body, messages, fields, n, deadlines, headers)
+            return await _choices(body, messages, fields, n, deadlines, headers, admission)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             stream, first = await queued_stream(client, body.model, messages, fail_fast=fail_fast,
                                                 job_id=job_id, cancel_on_leave=False,
-                                                **deadlines, **fields)
+                                                on_end=partial(settle, admission), **deadlines, **fields)
             first.add_done_callback(partial(observe_ttft, body.model, arrived))
             resume = (f"/v1/chat/completions/chatcmpl-{job_id}/stream?model={quote(body.model)}"
                       + ("&include_usage=true" if include_usage else ""))
@@ -141,8 +189,8 @@ def create_app(config: SmmfConfig) -> FastAPI:
                     lambda: app.state.left_streams.left(job_id, None), config.gateway.keepalive_s),
                 media_type="text/event-stream",
                 headers={"x-smmf-resume": resume, **SSE_HEADERS, **headers})
-        result = await client.chat(body.model, messages, fail_fast=fail_fast, job_id=job_id,
-                                   **deadlines, **fields)
+        result = await settled(admission, client.chat(body.model, messages, fail_fast=fail_fast,
+                                                      job_id=job_id, **deadlines, **fields))
         return JSONResponse({
             "id": f"chatcmpl-{job_id}", "object": "chat.completion",
             "created": int(time.time()), "model": body.model,
@@ -152,13 +200,21 @@ def create_app(config: SmmfConfig) -> FastAPI:
 
     async def _choices(body: ChatCompletionRequest, messages: list[dict[str, Any]],
                        fields: dict[str, Any], n: int, deadlines: dict[str, float],
-                       headers: dict[str, str]) -> Response:
-        """n choices, one job each (gateway_choices.py)."""
+                       headers: dict[str, str], admission: Admission | None) -> Response:
+        """n choices, one job each (gateway_choices.py). A virtual key is charged the usage of
+        whole choices, and what it reserved for streamed ones (their usage is not summed)."""
         client: AsyncClient = app.state.client
         call = {"fail_fast": fail_fast, **deadlines}
         if not body.stream:
-            return JSONResponse(await gateway_choices.whole(client, body.model, messages, fields, n,
-                                                            **call), headers=headers)
+            try:
+                answer = await gateway_choices.whole(client, body.model, messages, fields, n, **call)
+            except BaseException:
+                await settle(admission, None)
+                raise
+            await settle(admission, Usage(**answer["usage"]))
+            return JSONResponse(answer, headers=headers)
+        reserved = Usage(completion_tokens=admission.reserved) if admission else None
+        await settle(admission, reserved)
         streams, firsts = await gateway_choices.start(client, body.model, messages, fields, n, **call)
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(
@@ -191,18 +247,19 @@ def create_app(config: SmmfConfig) -> FastAPI:
         fields = {name: value for name, value in fields.items() if name not in dropped}
         request.state.request_id = job_id = new_job_id()
         echo = body.text() if body.echo else ""
+        admission = await admit(request, body.model, fields.get("max_tokens") or 0)
         if body.stream:
             # No resume for this API: a client that leaves cancels its job at once.
             stream, first = await queued_stream(client, body.model, [], fail_fast=fail_fast,
                                                 job_id=job_id, cancel_on_leave=True,
-                                                **deadlines, **fields)
+                                                on_end=partial(settle, admission), **deadlines, **fields)
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(
                 sse(body.model, job_id, first, stream, include_usage, NOTHING_SEEN, lambda: None,
                     config.gateway.keepalive_s, COMPLETION, echo),
                 media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
-        result = await client.chat(body.model, [], fail_fast=fail_fast, job_id=job_id,
-                                   **deadlines, **fields)
+        result = await settled(admission, client.chat(body.model, [], fail_fast=fail_fast,
+                                                      job_id=job_id, **deadlines, **fields))
         return JSONResponse({
             "id": f"cmpl-{job_id}", "object": "text_completion", "created": int(time.time()),
             "model": body.model, "usage": result.usage.model_dump(),
@@ -218,6 +275,8 @@ def create_app(config: SmmfConfig) -> FastAPI:
         one), from the job's event log and then live; see gateway_resume.py."""
         request.state.model = model
         config.model(model, "llm")
+        if getattr(request.state, "virtual_key", None) is not None:
+            await app.state.gatekeeper.admit(request.state.virtual_key, model, check_only=True)
         after = parse_last_event_id(last_event_id)
         request.state.request_id = job_id = completion_id.removeprefix("chatcmpl-")
         left_streams: LeftStreams = app.state.left_streams
@@ -236,8 +295,10 @@ def create_app(config: SmmfConfig) -> FastAPI:
                          deadlines: Deadlines) -> dict[str, Any]:
         request.state.model = body.model
         request.state.request_id = job_id = new_job_id()
-        result = await app.state.client.embed(body.model, body.texts(), fail_fast=fail_fast,
-                                              job_id=job_id, dimensions=body.dimensions, **deadlines)
+        admission = await admit(request, body.model)
+        result = await settled(admission, app.state.client.embed(
+            body.model, body.texts(), fail_fast=fail_fast, job_id=job_id, dimensions=body.dimensions,
+            **deadlines))
         return {"object": "list", "model": body.model,
                 "data": [{"object": "embedding", "index": i,
                           "embedding": _encode(vector, body.encoding_format)}
@@ -252,9 +313,10 @@ def create_app(config: SmmfConfig) -> FastAPI:
         rerank APIs (which vLLM and Xinference serve too)."""
         request.state.model = body.model
         request.state.request_id = job_id = new_job_id()
-        result = await app.state.client.rerank(body.model, body.query, body.texts(), top_n=body.top_n,
-                                               return_documents=body.return_documents,
-                                               fail_fast=fail_fast, job_id=job_id, **deadlines)
+        admission = await admit(request, body.model)
+        result = await settled(admission, app.state.client.rerank(
+            body.model, body.query, body.texts(), top_n=body.top_n,
+            return_documents=body.return_documents, fail_fast=fail_fast, job_id=job_id, **deadlines))
         return {"id": f"rerank-{job_id}", "model": body.model,
                 "results": [{"index": item.index, "relevance_score": item.relevance_score,
                              **({"document": {"text": item.document}} if item.document is not None else {})}
@@ -262,7 +324,9 @@ def create_app(config: SmmfConfig) -> FastAPI:
                 "usage": {"total_tokens": result.usage.total_tokens}}
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(request: Request) -> dict[str, Any]:
+        if getattr(request.state, "virtual_key", None) is not None:
+            await app.state.gatekeeper.admit(request.state.virtual_key, "", check_only=True)
         workers = await app.state.client.live_workers()
         return {"object": "list", "data": [
             {"id": m.name, "object": "model", "created": started, "owned_by": "smmf-queue", "kind": m.kind,
@@ -310,17 +374,23 @@ Deadlines = Annotated[dict[str, float], Depends(_deadlines)]
 
 
 class _Guard:
-    """API keys and the body-size limit for the API (`GUARDED`), the request counter, and
-    `x-request-id`.
+    """API keys and the body-size limit for the API (`GUARDED`) and the master key for the admin
+    API (`ADMIN`), the request counter, `x-request-id`, and a virtual key's `x-ratelimit-*`.
+
+    A static key (`gateway.api_keys`) or the master key passes here; a virtual key (`sk-...`,
+    with a master key configured) is handed to its route, which admits it with the model the
+    request names (one Redis script: virtual_keys.py).
 
     Pure ASGI: Starlette's `@app.middleware("http")` passes every streamed response through a
     task and a memory stream, which cost the gateway about 1 ms per request. The counter's
     labels are bounded, whatever clients send: the route's template (not the raw path) and a
     configured model's name (anything else counts as "unknown")."""
 
-    def __init__(self, app: ASGIApp, keys: set[str], models: set[str], max_body_bytes: int):
+    def __init__(self, app: ASGIApp, keys: set[str], master: str | None, models: set[str],
+                 max_body_bytes: int):
         self.app = app
         self.keys = keys
+        self.master = master
         self.models = models
         self.max_body_bytes = max_body_bytes
 
@@ -338,14 +408,21 @@ class _Guard:
                 request_id = scope.get("state", {}).get("request_id") or ""
                 if not _HEADER_SAFE_ID.fullmatch(request_id):  # e.g. a resume of a bogus id
                     request_id = new_job_id()
+                limits = scope.get("state", {}).get("ratelimit_headers") or {}
                 message["headers"] = [*message.get("headers", []),
-                                      (b"x-request-id", request_id.encode())]
+                                      (b"x-request-id", request_id.encode()),
+                                      *((name.encode(), value.encode()) for name, value in limits.items())]
             await send(message)
 
+        if scope["path"].startswith(ADMIN) and self.master:
+            bearer = Headers(scope=scope).get("authorization", "").removeprefix("Bearer ")
+            if not secrets.compare_digest(bearer.encode(), self.master.encode()):
+                await _invalid_key()(scope, receive, send_with_request_id)
+                return
         if not scope["path"].startswith(GUARDED):
             await self.app(scope, receive, send_with_request_id)
             return
-        refusal = self._refusal(Headers(scope=scope))
+        refusal = self._refusal(scope)
         if refusal is not None:
             await refusal(scope, receive, send_with_request_id)
             return
@@ -358,15 +435,23 @@ class _Guard:
                                     model if model in self.models or not model else "unknown",
                                     str(status)).inc()
 
-    def _refusal(self, headers: Headers) -> JSONResponse | None:
-        if self.keys and headers.get("authorization", "").removeprefix("Bearer ") not in self.keys:
-            return error_response(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+    def _refusal(self, scope: Scope) -> JSONResponse | None:
+        headers = Headers(scope=scope)
+        bearer = headers.get("authorization", "").removeprefix("Bearer ")
+        if self.master and bearer.startswith(KEY_PREFIX) and bearer not in self.keys:
+            scope.setdefault("state", {})["virtual_key"] = bearer
+        elif (self.keys or self.master) and bearer not in self.keys and bearer != self.master:
+            return _invalid_key()
         length = headers.get("content-length")
         if length and length.isdigit() and int(length) > self.max_body_bytes:
             return error_response(413, f"Request body of {length} bytes exceeds the limit of "
                                   f"{self.max_body_bytes} bytes.", "invalid_request_error",
                                   "request_too_large")
         return None
+
+
+def _invalid_key() -> JSONResponse:
+    return error_response(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
 
 
 def _encode(vector: list[float], encoding: str) -> list[float] | str:

@@ -4,14 +4,20 @@
 
 from __future__ import annotations
 
+import math
+
 from fastapi.responses import JSONResponse
 
 from .errors import (
     BrokerUnavailable,
+    BudgetExceeded,
+    InvalidKey,
     JobFailed,
     JobTimeout,
+    ModelNotAllowed,
     NoLiveWorker,
     QueueFull,
+    RateLimited,
     RequestError,
     SmmfError,
     UnknownJob,
@@ -27,6 +33,10 @@ STATUS: list[tuple[type[SmmfError], int, str, str | None]] = [
     (UnknownJob, 404, "invalid_request_error", "stream_not_found"),
     (UnsupportedParameter, 400, "invalid_request_error", "unsupported_parameter"),
     (RequestError, 400, "invalid_request_error", None),
+    (InvalidKey, 401, "invalid_request_error", "invalid_api_key"),
+    (ModelNotAllowed, 403, "invalid_request_error", "model_not_allowed"),
+    (BudgetExceeded, 429, "insufficient_quota", "insufficient_quota"),
+    (RateLimited, 429, "rate_limit_error", "rate_limit_exceeded"),
     (QueueFull, 429, "rate_limit_error", "queue_full"),
     (NoLiveWorker, 503, "server_error", "no_live_worker"),
     (BrokerUnavailable, 503, "server_error", "broker_unavailable"),
@@ -44,9 +54,13 @@ def classify(exc: SmmfError) -> tuple[int, str, str | None]:
 
 
 def error_response(status: int, message: str, kind: str, code: str | None,
-                   param: str | None = None) -> JSONResponse:
-    """An OpenAI-shaped error; a 503 (Redis, or every worker of the model, down) and a 429 (the
-    model's queue is full) also say when to try again, as clients and load balancers expect."""
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+                   param: str | None = None, retry_after_s: float | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """An OpenAI-shaped error; a 503 (Redis, or every worker of the model, down) and a 429 (a
+    full queue, a key over its limits) also say when to try again, as clients and load
+    balancers expect: `retry_after_s` where the error knows it, else RETRY_AFTER_S."""
+    if status in (429, 503):
+        wait = RETRY_AFTER_S if retry_after_s is None else max(1, math.ceil(retry_after_s))
+        headers = {"Retry-After": str(wait), **(headers or {})}
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status, headers=headers)

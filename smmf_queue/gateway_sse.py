@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,7 @@ from . import metrics, tool_calls
 from .errors import JobFailed, SmmfError
 from .gateway_errors import classify
 from .gateway_resume import ROLE_FRAME, FrameId, frame_id_text
-from .jobs import ChatDelta, ChatResult
+from .jobs import ChatDelta, ChatResult, Usage
 
 if TYPE_CHECKING:
     from .client import AsyncClient
@@ -51,16 +51,32 @@ async def first_of(first: asyncio.Future[Any], queued: asyncio.Event) -> None:
 
 
 async def queued_stream(client: AsyncClient, model: str, messages: list[dict[str, Any]],
+                        on_end: Callable[[Usage | None], Awaitable[None]] | None = None,
                         **call: Any) -> tuple[AsyncIterator[ChatDelta], asyncio.Future[Any]]:
     """A streamed job, once it is on its queue: (its deltas, the future of the first one). A
-    refusal, which comes before anything is queued, raises here: a plain 4xx/5xx, not a frame."""
+    refusal, which comes before anything is queued, raises here: a plain 4xx/5xx, not a frame.
+    `on_end` gets the job's usage when its stream ends (None if it ended without one)."""
     queued = asyncio.Event()
     stream = client.stream_chat(model, messages, on_queued=queued.set, **call)
+    if on_end is not None:
+        stream = _ending(stream, on_end)
     first = asyncio.ensure_future(next_or_none(stream))
     await first_of(first, queued)
     if first.done():
         first.result()
     return stream, first
+
+
+async def _ending(stream: AsyncIterator[ChatDelta],
+                  on_end: Callable[[Usage | None], Awaitable[None]]) -> AsyncIterator[ChatDelta]:
+    """`stream`, calling `on_end` with its usage once it is over, however it ends."""
+    usage = None
+    try:
+        async for delta in stream:
+            usage = delta.usage or usage
+            yield delta
+    finally:
+        await on_end(usage)
 
 
 def chat_choice(delta: ChatDelta | None, finish: str | None) -> dict[str, Any]:

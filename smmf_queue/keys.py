@@ -114,3 +114,19 @@ def worker_heartbeat(worker_id: str) -> str:
 
 #: Set of the ids of workers that beat (a reader drops those whose heartbeat key expired).
 WORKERS = f"{PREFIX}:workers"
+
+
+def virtual_key(key_hash: str) -> str:
+    """Hash holding one virtual key's record (virtual_keys.py), under the SHA-256 of the key."""
+    return f"{PREFIX}:vkey:{key_hash}"
+
+
+#: the set of every virtual key's hash, and the hash from alias to key hash.
+VIRTUAL_KEYS = f"{PREFIX}:vkeys"
+VIRTUAL_KEY_ALIASES = f"{PREFIX}:vkeys:aliases"
+
+
+def virtual_key_counters(token: str) -> str:
+    """Prefix of one virtual key's counters: requests and tokens per minute window, tokens per
+    budget period, and its usage (the admission script adds the rest of each name)."""
+    return f"{PREFIX}:vkey:{token}:"

@@ -1,0 +1,181 @@
+"""Virtual keys (#18): made and revoked at run time through LiteLLM's admin paths, stored hashed,
+with model lists, rpm, tpm, a token budget and an expiry enforced by one Redis script that two
+gateway processes share. Real gateways, real workers, the session's Redis."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from .conftest import CHAT, EMBED, GATEWAY_KEY, WorkerProcess, gateway_process
+
+MASTER = "sk-master-of-keys"
+ASK = [{"role": "user", "content": "hello"}]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gateways(config_path: Path, tmp_path_factory: pytest.TempPathFactory, chat_worker: WorkerProcess,
+             embed_worker: WorkerProcess) -> Iterator[tuple[str, str, list[Path]]]:
+    """Two gateway processes on one Redis, with a master key (from SMMF_MASTER_KEY): their
+    URLs and log folders."""
+    folders = [tmp_path_factory.mktemp("keys-gateway") for _ in range(2)]
+    os.environ["SMMF_MASTER_KEY"] = MASTER
+    try:
+        with ExitStack() as stack:
+            first, second = (stack.enter_context(gateway_process(config_path, folder)) for folder in folders)
+            del os.environ["SMMF_MASTER_KEY"]
+            yield first, second, folders
+    finally:
+        os.environ.pop("SMMF_MASTER_KEY", None)
+
+
+def admin(url: str, path: str, body: dict | None = None, key: str = MASTER) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"}
+    if body is None:
+        return httpx.get(url + path, headers=headers, timeout=30)
+    return httpx.post(url + path, json=body, headers=headers, timeout=30)
+
+
+def new_key(url: str, **fields: object) -> str:
+    response = admin(url, "/key/generate", fields)
+    assert response.status_code == 200, response.text
+    return str(response.json()["key"])
+
+
+def chat(url: str, key: str, model: str = CHAT, max_tokens: int = 4) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                      json={"model": model, "messages": ASK, "max_tokens": max_tokens, "temperature": 0})
+
+
+def well_inside_a_minute_window(redis_client: redis.Redis, needed_s: int = 15) -> None:
+    """Wait for a new minute on Redis' clock if fewer than `needed_s` seconds are left in this
+    one: the limits count in fixed minute windows, and a test's requests must share one."""
+    seconds = int(redis_client.time()[0]) % 60
+    if seconds > 60 - needed_s:
+        time.sleep(60 - seconds + 0.5)
+
+
+def test_a_key_is_shown_once_and_stored_only_hashed(gateways: tuple[str, str, list[Path]],
+                                                    redis_client: redis.Redis) -> None:
+    first, second, folders = gateways
+    # When the master key makes a key, with LiteLLM's field names
+    made = admin(first, "/key/generate", {"key_alias": "team-a", "models": [CHAT], "rpm_limit": 100,
+                                          "metadata": {"team": "a"}}).json()
+    key = made["key"]
+    # Then the key answers once, and its record (from either gateway) never holds it
+    assert key.startswith("sk-") and made["key_alias"] == "team-a" and made["rpm_limit"] == 100
+    assert chat(second, key).status_code == 200
+    info = admin(second, f"/key/info?key={key}").json()
+    assert info["info"]["metadata"] == {"team": "a"} and "key" not in info["info"]
+    assert info["info"]["key_name"] == f"sk-...{key[-4:]}"
+    stored = [redis_client.dump(name) or b"" for name in redis_client.scan_iter("smmf:vkey*")]
+    assert stored and not any(key.encode() in value for value in stored)
+    assert not any(key in (folder / "gateway.log").read_text() for folder in folders)
+    listed = admin(first, "/key/list").json()
+    assert made["token"] in listed["keys"] and key not in str(listed)
+
+
+def test_only_the_master_key_reaches_the_admin_api(gateways: tuple[str, str, list[Path]]) -> None:
+    first, _, _ = gateways
+    key = new_key(first)
+    for wrong in (GATEWAY_KEY, key, "sk-guess"):
+        response = admin(first, "/key/generate", {}, key=wrong)
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_rpm_5_gives_exactly_5_successes_across_both_gateways(gateways: tuple[str, str, list[Path]],
+                                                             redis_client: redis.Redis) -> None:
+    first, second, _ = gateways
+    key = new_key(first, rpm_limit=5)
+    well_inside_a_minute_window(redis_client)
+    # When eight requests go to the two gateways in turn
+    answers = [chat((first, second)[i % 2], key, max_tokens=1) for i in range(8)]
+    # Then exactly five succeed, and the rest get OpenAI's 429 with when to come back
+    assert [a.status_code for a in answers] == [200] * 5 + [429] * 3
+    assert answers[4].headers["x-ratelimit-remaining-requests"] == "0"
+    refused = answers[5]
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.headers["x-ratelimit-limit-requests"] == "5"
+    assert refused.headers["x-ratelimit-reset-requests"].endswith("s")
+
+
+def test_tpm_stops_a_key_after_the_tokens_it_really_used(gateways: tuple[str, str, list[Path]],
+                                                         redis_client: redis.Redis) -> None:
+    first, second, _ = gateways
+    key = new_key(first, tpm_limit=60)
+    well_inside_a_minute_window(redis_client)
+    totals: list[int] = []
+    # When a key with tpm = 60 sends chats that reserve 8 tokens each (max_tokens)
+    while len(totals) < 30:
+        answer = chat((first, second)[len(totals) % 2], key, max_tokens=8)
+        if answer.status_code == 429:
+            break
+        assert answer.status_code == 200, answer.text
+        totals.append(answer.json()["usage"]["total_tokens"])
+    # Then it is refused once the tokens really used (prompt and reply, not the 8 reserved)
+    # leave no room for another reservation, and not before
+    assert answer.status_code == 429 and answer.headers["x-ratelimit-limit-tokens"] == "60"
+    assert sum(totals[:-1]) + 8 <= 60 < sum(totals) + 8
+    assert int(answer.headers["x-ratelimit-remaining-tokens"]) == max(0, 60 - sum(totals))
+
+
+def test_a_revoked_key_is_refused_by_both_gateways_on_its_next_request(
+        gateways: tuple[str, str, list[Path]]) -> None:
+    first, second, _ = gateways
+    key = new_key(first, key_alias="to-revoke")
+    assert chat(first, key).status_code == chat(second, key).status_code == 200
+    deleted = admin(second, "/key/delete", {"key_aliases": ["to-revoke"]}).json()
+    assert len(deleted["deleted_keys"]) == 1
+    for url in (first, second):
+        refused = chat(url, key)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+
+
+def test_a_key_calls_only_its_models_and_lives_only_its_duration(gateways: tuple[str, str, list[Path]]) -> None:
+    first, second, _ = gateways
+    embed_only = new_key(first, models=["all-*"])
+    embedded = httpx.post(f"{second}/v1/embeddings", headers={"Authorization": f"Bearer {embed_only}"},
+                          json={"model": EMBED, "input": ["one text"]}, timeout=60)
+    assert embedded.status_code == 200, embedded.text
+    refused = chat(second, embed_only)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "model_not_allowed"
+    short_lived = new_key(first, duration="1s")
+    time.sleep(2)
+    expired = chat(first, short_lived)
+    assert expired.status_code == 401 and "expired" in expired.json()["error"]["message"]
+
+
+def test_a_token_budget_stops_a_key_and_usage_adds_up(gateways: tuple[str, str, list[Path]]) -> None:
+    first, second, _ = gateways
+    key = new_key(first, token_budget=40, budget_duration="30d")
+    totals = []
+    while len(totals) < 20:
+        answer = chat((first, second)[len(totals) % 2], key, max_tokens=6)
+        if answer.status_code != 200:
+            break
+        totals.append(answer.json()["usage"])
+    assert answer.status_code == 429 and answer.json()["error"]["type"] == "insufficient_quota"
+    assert sum(u["total_tokens"] for u in totals) >= 40 > sum(u["total_tokens"] for u in totals[:-1])
+    usage = admin(first, f"/key/info?key={key}").json()["info"]["usage"]
+    assert usage == {"requests": len(totals),
+                     "prompt_tokens": sum(u["prompt_tokens"] for u in totals),
+                     "completion_tokens": sum(u["completion_tokens"] for u in totals)}
+
+
+def test_static_keys_still_work_beside_virtual_ones(gateways: tuple[str, str, list[Path]]) -> None:
+    first, _, _ = gateways
+    assert chat(first, GATEWAY_KEY).status_code == 200
+    assert chat(first, "sk-never-made").status_code == 401
+    assert chat(first, "not-a-key").status_code == 401
