@@ -491,3 +491,9 @@ def _call(work: Any) -> Any:
         return work()
     except SmmfError as exc:
         _fail(exc.message)
+
+
+# Command groups in modules of their own; they import this module's helpers, hence down here.
+from .cli_keys import keys_app  # noqa: E402
+
+app.add_typer(keys_app, name="keys")

@@ -63,6 +63,10 @@ class WrongModelKind(RequestError):
     """Raised when a chat goes to an embedding model or an embedding to an LLM."""
 
 
+class UnknownKey(RequestError):
+    """Raised when an admin call names a virtual key that does not exist (never made, or revoked)."""
+
+
 class InvalidKey(SmmfError):
     """Raised when a request's API key is unknown, revoked or expired (virtual_keys.py)."""
 

@@ -21,6 +21,7 @@ from .errors import (
     RequestError,
     SmmfError,
     UnknownJob,
+    UnknownKey,
     UnknownModel,
     UnsupportedParameter,
 )
@@ -31,6 +32,7 @@ RETRY_AFTER_S = 2
 STATUS: list[tuple[type[SmmfError], int, str, str | None]] = [
     (UnknownModel, 404, "invalid_request_error", "model_not_found"),
     (UnknownJob, 404, "invalid_request_error", "stream_not_found"),
+    (UnknownKey, 404, "invalid_request_error", "key_not_found"),
     (UnsupportedParameter, 400, "invalid_request_error", "unsupported_parameter"),
     (RequestError, 400, "invalid_request_error", None),
     (InvalidKey, 401, "invalid_request_error", "invalid_api_key"),

@@ -31,11 +31,13 @@ import redis.asyncio
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from . import keys
-from .errors import BudgetExceeded, InvalidKey, ModelNotAllowed, RateLimited, RequestError
+from .errors import BudgetExceeded, InvalidKey, ModelNotAllowed, RateLimited, RequestError, UnknownKey
 from .jobs import Usage
 
 #: what a made key starts with (as OpenAI's and LiteLLM's do).
 KEY_PREFIX = "sk-"
+#: a key's token: the SHA-256 of the key, in hex.
+_TOKEN = re.compile(r"[0-9a-f]{64}")
 _DURATION = re.compile(r"^(\d+)(s|m|h|d|w|mo)$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "mo": 30 * 86400}
 
@@ -136,8 +138,8 @@ class KeyStore:
         pipe.execute()
         return {"key": key, **self._public(record)}
 
-    def info(self, key_or_token: str) -> dict[str, Any]:
-        record = self._record(self._token(key_or_token))
+    def info(self, named: str) -> dict[str, Any]:
+        record = self._record(self._token(named))
         return self._public(record)
 
     def records(self) -> list[dict[str, Any]]:
@@ -145,9 +147,10 @@ class KeyStore:
         records = [self._load(token) for token in tokens]
         return [self._public(record) for record in records if record]
 
-    def update(self, key_or_token: str, changes: dict[str, Any]) -> dict[str, Any]:
-        """Change the given fields only (a KeySpec's, validated by the caller)."""
-        token = self._token(key_or_token)
+    def update(self, named: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change the given fields only (a KeySpec's, validated by the caller) of the key named
+        by the key itself, its token, or its alias."""
+        token = self._token(named)
         record = self._record(token)
         alias = changes.get("key_alias")
         if alias and alias != record.get("key_alias"):
@@ -161,12 +164,7 @@ class KeyStore:
     def delete(self, keys_or_tokens: list[str], aliases: list[str]) -> list[str]:
         """Revoke keys, named by key, token or alias; the tokens revoked. The next request with
         one of them is refused by every replica (nothing caches a record)."""
-        tokens = [self._token(k) for k in keys_or_tokens]
-        for alias in aliases:
-            token = self.redis.hget(keys.VIRTUAL_KEY_ALIASES, alias)
-            if token is None:
-                raise RequestError(f"no key has the alias '{alias}'")
-            tokens.append(_text(token))
+        tokens = [self._token(name) for name in [*keys_or_tokens, *aliases]]
         for token in tokens:
             record = self._record(token)
             pipe = self.redis.pipeline()
@@ -177,9 +175,16 @@ class KeyStore:
             pipe.execute()
         return tokens
 
-    @staticmethod
-    def _token(key_or_token: str) -> str:
-        return key_hash(key_or_token) if key_or_token.startswith(KEY_PREFIX) else key_or_token
+    def _token(self, named: str) -> str:
+        """The token of a key named by the key itself, its token, or its alias."""
+        if named.startswith(KEY_PREFIX):
+            return key_hash(named)
+        if _TOKEN.fullmatch(named):
+            return named
+        token = self.redis.hget(keys.VIRTUAL_KEY_ALIASES, named)
+        if token is None:
+            raise UnknownKey(f"no key has the alias '{named}'")
+        return _text(token)
 
     def _load(self, token: str) -> dict[str, str]:
         raw = self.redis.hgetall(keys.virtual_key(token))
@@ -188,7 +193,7 @@ class KeyStore:
     def _record(self, token: str) -> dict[str, str]:
         record = self._load(token)
         if not record:
-            raise InvalidKey("no such key (never made, or revoked)")
+            raise UnknownKey("no such key (never made, or revoked)")
         return record
 
     def _public(self, record: dict[str, str]) -> dict[str, Any]:

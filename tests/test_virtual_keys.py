@@ -4,7 +4,10 @@ gateway processes share. Real gateways, real workers, the session's Redis."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -179,3 +182,36 @@ def test_static_keys_still_work_beside_virtual_ones(gateways: tuple[str, str, li
     assert chat(first, GATEWAY_KEY).status_code == 200
     assert chat(first, "sk-never-made").status_code == 401
     assert chat(first, "not-a-key").status_code == 401
+
+
+def smmf(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "smmf_queue", "keys", *args, "-c", str(config)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_command_line_makes_and_revokes_keys_the_gateways_honour(
+        gateways: tuple[str, str, list[Path]], config_path: Path) -> None:
+    first, second, _ = gateways
+    # When `smmf-queue keys generate` makes a key
+    made = smmf(config_path, "generate", "--alias", "from-cli", "--model", CHAT, "--rpm", "50", "--json")
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)["key"]
+    # Then a gateway takes it, `keys list` shows it without the key, and `keys info` by alias
+    # counts its request
+    assert chat(first, key).status_code == 200
+    listed = smmf(config_path, "list", "--json")
+    assert "from-cli" in listed.stdout and key not in listed.stdout
+    info = json.loads(smmf(config_path, "info", "from-cli", "--json").stdout)
+    assert info["usage"]["requests"] == 1 and info["rpm_limit"] == 50
+    # And once revoked there, both gateways refuse it
+    assert smmf(config_path, "delete", "--alias", "from-cli").returncode == 0
+    assert chat(first, key).status_code == chat(second, key).status_code == 401
+    gone = admin(second, "/key/info?key=from-cli")
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "key_not_found"
+
+
+def test_the_command_line_names_a_bad_option(config_path: Path) -> None:
+    for args, expected in ((["--rpm", "0"], "--rpm"), (["--duration", "soon"], "--duration"),
+                           (["--metadata", "{not json"], "--metadata")):
+        refused = smmf(config_path, "generate", *args)
+        assert refused.returncode == 1 and expected in refused.stderr, refused.stderr
