@@ -12,9 +12,12 @@ with 64 slots each that points at the backend, and `--gateways` gateway processe
   3. SDK: AsyncClient.stream_chat through the queue (no gateway).
 Prints chats/s and first-token p50 for each and the ratios. `--curve` measures the scale-out
 curve instead: workers 1, 2, 4 by gateways 1, 2, each as a ratio to the direct rate of the run.
+`--virtual-key` measures what a virtual key costs instead (virtual_keys.py: the admission
+script, rpm and tpm counted, usage settled): the gateway with a static key and with a virtual
+key, in turn, `--rounds` times each, and the difference of their first-token p50s.
 
     .venv/bin/python scripts/bench_gateway_load.py [--n 2000] [--clients 64] [--workers 1]
-        [--gateways 1] [--client-procs 1] [--curve]
+        [--gateways 1] [--client-procs 1] [--curve | --virtual-key [--rounds 3]]
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from smmf_queue.standalone import start_process
 
 WORDS = [f" word{i}" for i in range(16)]
 MODEL = "fast-proxy"
+#: the gateways' static API key, and their master key (with which virtual keys are served).
+STATIC_KEY, MASTER_KEY = "bench-static-key", "bench-master-key"
 
 
 def backend_app():  # type: ignore[no-untyped-def]
@@ -75,6 +80,9 @@ def backend_app():  # type: ignore[no-untyped-def]
 
 def models_toml(backend: int) -> str:
     return f"""
+[gateway]
+api_keys = ["{STATIC_KEY}"]
+
 [[models.llms]]
 name = "{MODEL}"
 provider = "proxy/openai"
@@ -129,12 +137,13 @@ def in_turn(chats: list[Callable[[], Awaitable[float]]]) -> Callable[[], Awaitab
 
 
 async def load_path(path: str, ports: list[int], config: str, n: int, clients: int,
-                    warm_up: bool = True) -> tuple[list[float], float, float]:
+                    warm_up: bool = True, key: str = STATIC_KEY) -> tuple[list[float], float, float]:
     """(first-token times, start, end on the monotonic clock) of n chats on one path:
-    "direct" to the backend at ports[0], "gateway" over the gateways at `ports`, or "SDK"."""
+    "direct" to the backend at ports[0], "gateway" over the gateways at `ports` (with `key`),
+    or "SDK"."""
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    https = [httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60, limits=limits)
-             for port in ports]
+    https = [httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60, limits=limits,
+                               headers={"Authorization": f"Bearer {key}"}) for port in ports]
     sdk = AsyncClient(config)
     if path == "direct":
         chat = streamed_post(https[0], "/v1/chat/completions", "fast")
@@ -264,6 +273,33 @@ def curve(args: argparse.Namespace, backend: int) -> None:
                     row(f"{workers} worker(s), SDK", *rate, direct[0])
 
 
+def virtual_key(args: argparse.Namespace, backend: int) -> None:
+    """The gateway with a static key and with a virtual key (rpm and tpm set, far above what
+    the run uses), row by row in turn; the p50s and their difference."""
+    import redis
+
+    from smmf_queue.virtual_keys import KeySpec, KeyStore
+
+    with ExitStack() as stack:
+        config, server = stack.enter_context(worker_stack(models_toml(backend), [MODEL], workers=args.workers))
+        ports = stack.enter_context(gateways(config, args.gateways))
+        made = KeyStore(redis.Redis.from_url(server.url)).generate(
+            KeySpec(key_alias="bench", rpm_limit=10**9, tpm_limit=10**12))
+        print(f"{args.n} streamed chats of 16 chunks per row, {args.clients} client(s) at a time, "
+              f"{args.workers} worker process(es), {os.cpu_count()} cores; static key and virtual key in turn",
+              flush=True)
+        p50s: dict[str, list[float]] = {"static key": [], "virtual key": []}
+        for _ in range(args.rounds):
+            for name, key in (("static key", STATIC_KEY), ("virtual key", made["key"])):
+                ttfts, start, end = asyncio.run(load_path("gateway", ports, str(config), args.n,
+                                                          args.clients, key=key))
+                p50s[name].append(sorted(ttfts)[len(ttfts) // 2] * 1000)
+                row(f"gateway, {name}", args.n / (end - start), p50s[name][-1])
+    static, virtual = (sorted(p50s[name])[len(p50s[name]) // 2] for name in p50s)
+    print(f"first token p50, median of {args.rounds} rows: static key {static:.2f} ms, virtual key "
+          f"{virtual:.2f} ms; added by the virtual key {virtual - static:+.2f} ms (target: under 0.3 ms)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000)
@@ -272,14 +308,17 @@ def main() -> None:
     parser.add_argument("--gateways", type=int, default=1, help="gateway processes")
     parser.add_argument("--client-procs", type=int, default=1, help="load-client processes")
     parser.add_argument("--curve", action="store_true", help="workers 1, 2, 4 by gateways 1, 2")
+    parser.add_argument("--virtual-key", action="store_true", help="what a virtual key costs")
+    parser.add_argument("--rounds", type=int, default=3, help="--virtual-key: rows of each")
     parser.add_argument("--backend", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.backend:
         import uvicorn
         uvicorn.run(backend_app(), host="127.0.0.1", port=args.backend, log_level="warning")
         return
+    os.environ["SMMF_MASTER_KEY"] = MASTER_KEY  # inherited by the gateways
     with fake_backend() as backend:
-        (curve if args.curve else one_stack)(args, backend)
+        (curve if args.curve else virtual_key if args.virtual_key else one_stack)(args, backend)
 
 
 if __name__ == "__main__":
