@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -30,6 +31,7 @@ from .batch.chunks import ChunkResult, embed_chunks
 from .config import ModelKind, SmmfConfig, load_config
 from .errors import (
     BrokerUnavailable,
+    JobFailed,
     NoLiveWorker,
     QueueFull,
     RequestError,
@@ -57,6 +59,10 @@ from .streaming import JobReader, LogEntries, LogRange, decode_log, embedding_re
 T = TypeVar("T")
 #: seconds a producer whose job met a full queue should wait before sending it again.
 QUEUE_FULL_RETRY_S = 1.0
+#: what sends a chat to its model's next fallback: no live worker, a full queue, or a failure
+#: (before the first token, for a stream).
+FALLS_BACK = (NoLiveWorker, QueueFull, JobFailed)
+log = logging.getLogger("smmf_queue.client")
 
 
 class _BaseClient:
@@ -71,6 +77,21 @@ class _BaseClient:
         self._liveness = registry.LivenessCache()
         #: a blocking client for the depth of bounded queues, made when first needed.
         self._depth_redis: redis.Redis | None = None
+
+    def _attempts(self, model: str, job_id: str | None,
+                  fail_fast: bool | None) -> Iterator[tuple[str, str | None, bool | None, bool]]:
+        """(model, job id, fail_fast, whether it is the last) for each try of a chat: `model`
+        under `job_id`, then each of its fallbacks under a new id. A model with a fallback after
+        it fails fast: with no live worker its chat goes on rather than waiting."""
+        names = [model, *self.config.model(model, "llm").fallbacks]
+        for i, name in enumerate(names):
+            last = i == len(names) - 1
+            yield name, job_id if i == 0 else None, fail_fast if last else True, last
+
+    @staticmethod
+    def _falling_back(model: str, exc: Exception) -> None:
+        log.warning("model %s could not take the chat (%s: %s); trying its next fallback",
+                    model, type(exc).__name__, getattr(exc, "message", exc))
 
     def _chat_request(self, model: str, messages: list[dict[str, Any]], fields: dict[str, Any],
                       job_id: str | None, reply_to: str) -> ChatRequest:
@@ -217,13 +238,21 @@ class AsyncClient(_BaseClient):
                    fail_fast: bool | None = None, job_id: str | None = None,
                    **params: Any) -> ChatResult:
         """Run a chat job and return the whole reply. `timeout`: seconds for the whole job;
-        `queue_timeout`: seconds it may wait for a worker to start it (JobTimeout after either)."""
-        request = self._chat_request(model, messages, params, job_id, self._hub.reply_channel)
-        reader = JobReader(request.job_id, model, self._timeout(timeout))
-        async for _ in self._run("llm", request.message(), reader, fail_fast,
-                                 queue_timeout):
-            pass
-        return reader.assembler.chat_result()
+        `queue_timeout`: seconds it may wait for a worker to start it (JobTimeout after either).
+        A model with `fallbacks` hands a chat it cannot take to the next (FALLS_BACK);
+        `ChatResult.model` names the one that answered."""
+        for name, attempt_id, attempt_fail_fast, last in self._attempts(model, job_id, fail_fast):
+            try:
+                request = self._chat_request(name, messages, params, attempt_id, self._hub.reply_channel)
+                reader = JobReader(request.job_id, name, self._timeout(timeout))
+                async for _ in self._run("llm", request.message(), reader, attempt_fail_fast, queue_timeout):
+                    pass
+                return reader.assembler.chat_result()
+            except FALLS_BACK as exc:
+                if last:
+                    raise
+                self._falling_back(name, exc)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def stream_chat(self, model: str, messages: list[dict[str, Any]], *,
                           timeout: float | None = None, queue_timeout: float | None = None,
@@ -232,12 +261,25 @@ class AsyncClient(_BaseClient):
                           **params: Any) -> AsyncIterator[ChatDelta]:
         """Yield the reply's deltas as the worker produces them. Leaving early cancels the job,
         unless `cancel_on_leave` is false (a reader may `replay` it; the caller cancels later).
-        `on_queued` is called once the job is on its queue (every refusal comes before)."""
-        request = self._chat_request(model, messages, params, job_id, self._hub.reply_channel)
-        reader = JobReader(request.job_id, model, self._timeout(timeout))
-        async for delta in self._run("llm", request.message(), reader, fail_fast,
-                                     queue_timeout, cancel_on_leave, on_queued):
-            yield delta
+        `on_queued` is called once the job is on its queue (every refusal comes before). A
+        model with `fallbacks` hands a chat it cannot take, before its first delta, to the next;
+        the deltas of a fallback's reply name it (`ChatDelta.model`)."""
+        for name, attempt_id, attempt_fail_fast, last in self._attempts(model, job_id, fail_fast):
+            started = False
+            try:
+                request = self._chat_request(name, messages, params, attempt_id, self._hub.reply_channel)
+                reader = JobReader(request.job_id, name, self._timeout(timeout))
+                async for delta in self._run("llm", request.message(), reader, attempt_fail_fast,
+                                             queue_timeout, cancel_on_leave, on_queued):
+                    started = True
+                    if name != model:
+                        delta.model = name
+                    yield delta
+                return
+            except FALLS_BACK as exc:
+                if started or last:
+                    raise
+                self._falling_back(name, exc)
 
     async def complete(self, model: str, prompt: str, **kwargs: Any) -> ChatResult:
         """The completions API: `prompt` continued as it is (no chat template); the same
@@ -466,7 +508,26 @@ class Client(_BaseClient):
                     timeout: float | None = None, queue_timeout: float | None = None,
                     fail_fast: bool | None = None, job_id: str | None = None,
                     **params: Any) -> Iterator[ChatDelta]:
-        """Yield the reply's deltas as the worker produces them; leaving early cancels the job."""
+        """Yield the reply's deltas as the worker produces them; leaving early cancels the job.
+        Fallbacks as AsyncClient.stream_chat's."""
+        for name, attempt_id, attempt_fail_fast, last in self._attempts(model, job_id, fail_fast):
+            started = False
+            try:
+                for delta in self._stream_once(name, messages, params, timeout, queue_timeout,
+                                               attempt_fail_fast, attempt_id):
+                    started = True
+                    if name != model:
+                        delta.model = name
+                    yield delta
+                return
+            except FALLS_BACK as exc:
+                if started or last:
+                    raise
+                self._falling_back(name, exc)
+
+    def _stream_once(self, model: str, messages: list[dict[str, Any]], params: dict[str, Any],
+                     timeout: float | None, queue_timeout: float | None, fail_fast: bool | None,
+                     job_id: str | None) -> Iterator[ChatDelta]:
         request = self._chat_request(model, messages, params, job_id, self._hub.reply_channel)
         reader = JobReader(request.job_id, model, self._timeout(timeout))
         try:

@@ -203,6 +203,9 @@ class ModelConfig(BaseModel):
     #: drop request fields this model cannot honour (e.g. `tools`) instead of refusing the
     #: request with a 400 (LiteLLM's name for it; see chat_fields.py).
     drop_params: bool = False
+    #: LLMs to send a chat to, in order, when this one cannot take it: no live worker, a full
+    #: queue, or a failure before the first token (client.py). LiteLLM's name.
+    fallbacks: list[str] = Field(default_factory=list)
 
     @field_validator("provider")
     @classmethod
@@ -308,6 +311,7 @@ def _build(raw: dict[str, Any], source: Path) -> SmmfConfig:
         flower=_section(FlowerSettings, raw, "flower", source),
     )
     _check_defaults(config)
+    _check_fallbacks(config)
     return config
 
 
@@ -360,6 +364,20 @@ def _warn_unknown_keys(model: ModelConfig, source: Path, where: str) -> None:
         warnings.warn(
             f"{source}: {where}: unknown keys for provider '{model.provider}' ignored: "
             f"{', '.join(unknown)}", ConfigWarning, stacklevel=4)
+
+
+def _check_fallbacks(config: SmmfConfig) -> None:
+    """Fallbacks name other configured LLMs. Embedding models and rerankers take none: another
+    model's vectors or scores are not comparable with theirs."""
+    llms = {m.name for m in config.llms}
+    for model in config.models:
+        where = f"{config.source}: model '{model.name}': key 'fallbacks'"
+        if model.fallbacks and model.kind != "llm":
+            raise ConfigError(f"{where}: only LLMs fall back (another {model.kind}'s vectors or "
+                              "scores are not comparable with this one's)")
+        for name in model.fallbacks:
+            if name not in llms or name == model.name:
+                raise ConfigError(f"{where}: expected the name of another configured LLM, got '{name}'")
 
 
 def _check_defaults(config: SmmfConfig) -> None:

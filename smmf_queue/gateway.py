@@ -182,21 +182,22 @@ def create_app(config: SmmfConfig) -> FastAPI:
                                                 job_id=job_id, cancel_on_leave=False,
                                                 on_end=partial(settle, admission), **deadlines, **fields)
             first.add_done_callback(partial(observe_ttft, body.model, arrived))
-            resume = (f"/v1/chat/completions/chatcmpl-{job_id}/stream?model={quote(body.model)}"
-                      + ("&include_usage=true" if include_usage else ""))
+            if not config.model(body.model).fallbacks:  # a fallback's job has another id
+                headers["x-smmf-resume"] = (f"/v1/chat/completions/chatcmpl-{job_id}/stream?"
+                                            f"model={quote(body.model)}"
+                                            + ("&include_usage=true" if include_usage else ""))
             return StreamingResponse(
                 sse(body.model, job_id, first, stream, include_usage, NOTHING_SEEN,
                     lambda: app.state.left_streams.left(job_id, None), config.gateway.keepalive_s),
-                media_type="text/event-stream",
-                headers={"x-smmf-resume": resume, **SSE_HEADERS, **headers})
+                media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
         result = await settled(admission, client.chat(body.model, messages, fail_fast=fail_fast,
                                                       job_id=job_id, **deadlines, **fields))
         return JSONResponse({
-            "id": f"chatcmpl-{job_id}", "object": "chat.completion",
-            "created": int(time.time()), "model": body.model,
+            "id": f"chatcmpl-{result.job_id}", "object": "chat.completion",
+            "created": int(time.time()), "model": result.model,
             "choices": [whole_choice(result, bool(fields.get("logprobs")))],
             "usage": result.usage.model_dump(),
-        }, headers=headers)
+        }, headers={"x-smmf-model": result.model, **headers})
 
     async def _choices(body: ChatCompletionRequest, messages: list[dict[str, Any]],
                        fields: dict[str, Any], n: int, deadlines: dict[str, float],
@@ -261,10 +262,11 @@ def create_app(config: SmmfConfig) -> FastAPI:
         result = await settled(admission, client.chat(body.model, [], fail_fast=fail_fast,
                                                       job_id=job_id, **deadlines, **fields))
         return JSONResponse({
-            "id": f"cmpl-{job_id}", "object": "text_completion", "created": int(time.time()),
-            "model": body.model, "usage": result.usage.model_dump(),
+            "id": f"cmpl-{result.job_id}", "object": "text_completion", "created": int(time.time()),
+            "model": result.model, "usage": result.usage.model_dump(),
             "choices": [{"index": 0, "text": echo + result.text, "logprobs": None,
-                         "finish_reason": result.finish_reason}]}, headers=headers)
+                         "finish_reason": result.finish_reason}]},
+            headers={"x-smmf-model": result.model, **headers})
 
     @app.get("/v1/chat/completions/{completion_id}/stream", response_model=None)
     async def resume_chat_stream(completion_id: str, model: str, request: Request,

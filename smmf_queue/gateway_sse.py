@@ -139,6 +139,7 @@ async def sse(model: str, job_id: str, first: asyncio.Future[ChatDelta | None],
             yield KEEPALIVE
         delta = first.result()
         while delta is not None:
+            model = delta.model or model  # a fallback answers: its chunks name it
             if delta.restart and sent:
                 # An OpenAI stream cannot take back what it sent: end it; the caller retries.
                 raise JobFailed("the worker streaming this reply was lost after part of it was "

@@ -281,6 +281,8 @@ class ChatDelta(BaseModel):
     usage: Usage | None = None
     #: the `seq` of the event it came from: where a reader that drops may resume (SSE ids).
     seq: int = 0
+    #: the model that answered, when it is a fallback of the one asked (config `fallbacks`).
+    model: str | None = None
 
 
 class ChatResult(BaseModel):

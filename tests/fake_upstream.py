@@ -86,8 +86,10 @@ class FakeUpstream:
                           delay_s=delay_s))
 
     def sse(self, events: list[dict[str, Any]], cut_after: int | None = None,
-            hold: threading.Event | None = None) -> None:
-        lines = [f"data: {json.dumps(event)}\n\n" for event in events] + ["data: [DONE]\n\n"]
+            hold: threading.Event | None = None, done: bool = True) -> None:
+        """Stream `events` as SSE, then `[DONE]` unless `done` is false (with `hold`: a reply
+        still under way until the event is set)."""
+        lines = [f"data: {json.dumps(event)}\n\n" for event in events] + (["data: [DONE]\n\n"] if done else [])
         self._queue(Reply(lines=lines, content_type="text/event-stream", cut_after=cut_after,
                           hold=hold))
 
