@@ -494,6 +494,7 @@ def _call(work: Any) -> Any:
 
 
 # Command groups in modules of their own; they import this module's helpers, hence down here.
-from .cli_keys import keys_app  # noqa: E402
+from .cli_keys import keys_app, usage  # noqa: E402
 
 app.add_typer(keys_app, name="keys")
+app.command("usage")(usage)

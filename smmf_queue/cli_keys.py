@@ -141,3 +141,23 @@ def delete(keys: Annotated[list[str] | None, typer.Argument(help="Keys (or token
         console.print_json(json.dumps({"deleted_keys": tokens}))
         return
     console.print(f"revoked {len(tokens)} key(s)")
+
+
+def usage(config: ConfigOption = DEFAULT_CONFIG,
+          key: Annotated[str | None, typer.Option("--key", help="One key (the key, its token or alias); default: all.")] = None,
+          since: Annotated[str, typer.Option(help="How far back, in whole UTC days: 1d, 7d, 30d...")] = "1d",
+          as_json: JsonOption = False) -> None:
+    """Requests, tokens and failures through the gateway by virtual key and model."""
+    with _store(config) as store:
+        try:
+            rows = store.usage(key, since)
+        except ValueError as exc:
+            _fail(f"--since: {exc}")
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table("key", "model", "requests", "prompt tokens", "completion tokens", "failed")
+    for row in rows:
+        table.add_row(row["key_alias"] or row["token"][:12], row["model"], str(row["requests"]),
+                      str(row["prompt_tokens"]), str(row["completion_tokens"]), str(row["failed"]))
+    console.print(table if rows else f"no usage in the last {since}")

@@ -64,7 +64,7 @@ _HEADER_SAFE_ID = re.compile(JOB_ID_PATTERN)
 #: the paths that take API keys and count requests: the API, and Cohere's rerank path.
 GUARDED = ("/v1/", "/rerank")
 #: the admin API of virtual keys, for the master key only.
-ADMIN = "/key/"
+ADMIN = ("/key/", "/usage")
 
 
 def master_key(config: SmmfConfig) -> str | None:

@@ -130,3 +130,12 @@ def virtual_key_counters(token: str) -> str:
     """Prefix of one virtual key's counters: requests and tokens per minute window, tokens per
     budget period, and its usage (the admission script adds the rest of each name)."""
     return f"{PREFIX}:vkey:{token}:"
+
+
+#: hashes of one UTC day's usage by virtual key and model, this prefix and the day's number
+#: (days since 1970-01-01); fields `<token>|<model>|<measure>` (virtual_keys.py).
+USAGE_DAY_PREFIX = f"{PREFIX}:usage:"
+
+
+def usage_day(day: int) -> str:
+    return f"{USAGE_DAY_PREFIX}{day}"

@@ -35,3 +35,7 @@ QUEUE_DEPTH = Gauge("smmf_queue_depth", "Jobs waiting in a model's queue (Redis 
                     ["model", "kind"])
 LIVE_WORKERS = Gauge("smmf_live_workers", "Workers with a current heartbeat per model.",
                      ["model", "kind"])
+KEY_TOKENS = Counter("smmf_gateway_key_tokens_total",
+                     "Tokens used through the gateway by virtual key (its alias; 'none' for a key "
+                     "without one) and model, prompt and completion apart.",
+                     ["key_alias", "model", "kind"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import secrets
 import time
@@ -30,12 +31,16 @@ import redis
 import redis.asyncio
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from . import keys
+from . import keys, metrics
 from .errors import BudgetExceeded, InvalidKey, ModelNotAllowed, RateLimited, RequestError, UnknownKey
 from .jobs import Usage
 
 #: what a made key starts with (as OpenAI's and LiteLLM's do).
 KEY_PREFIX = "sk-"
+#: days a day's usage by key and model is kept.
+USAGE_DAYS = 400
+#: what a day's usage counts per key and model.
+_MEASURES = ("requests", "prompt_tokens", "completion_tokens", "failed")
 #: a key's token: the SHA-256 of the key, in hex.
 _TOKEN = re.compile(r"[0-9a-f]{64}")
 _DURATION = re.compile(r"^(\d+)(s|m|h|d|w|mo)$")
@@ -175,6 +180,26 @@ class KeyStore:
             pipe.execute()
         return tokens
 
+    def usage(self, named: str | None, since: str) -> list[dict[str, Any]]:
+        """Usage by key and model over the UTC days that `since` ("7d", "24h") reaches back
+        into, today's included; one key's (by key, token or alias) or every key's."""
+        token = self._token(named) if named else None
+        days = max(1, math.ceil(parse_duration(since) / 86400))
+        today = int(self.redis.time()[0]) // 86400
+        pipe = self.redis.pipeline(transaction=False)
+        for day in range(today - days + 1, today + 1):
+            pipe.hgetall(keys.usage_day(day))
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        for day_usage in pipe.execute():
+            for field_name, count in day_usage.items():
+                row_token, model, measure = _text(field_name).split("|")
+                if token is None or row_token == token:
+                    row = rows.setdefault((row_token, model), {"token": row_token, "model": model})
+                    row[measure] = row.get(measure, 0) + int(count)
+        aliases = {_text(t): _text(a) for a, t in self.redis.hgetall(keys.VIRTUAL_KEY_ALIASES).items()}
+        return [{"key_alias": aliases.get(row["token"]), **{m: 0 for m in _MEASURES}, **row}
+                for row in sorted(rows.values(), key=lambda r: (r["token"], r["model"]))]
+
     def _token(self, named: str) -> str:
         """The token of a key named by the key itself, its token, or its alias."""
         if named.startswith(KEY_PREFIX):
@@ -217,7 +242,7 @@ class KeyStore:
 
 ADMIT = """
 local r = redis.call('HMGET', KEYS[1], 'counters', 'expires_at', 'patterns', 'rpm_limit',
-                     'tpm_limit', 'token_budget', 'budget_s')
+                     'tpm_limit', 'token_budget', 'budget_s', 'token', 'key_alias')
 if not r[1] then return {'unknown'} end
 local now = tonumber(redis.call('TIME')[1])
 local expires = tonumber(r[2]) or 0
@@ -229,7 +254,7 @@ if ARGV[1] ~= '' and r[3] and r[3] ~= '' then
   end
   if not allowed then return {'model'} end
 end
-if ARGV[3] == 'check' then return {'ok', r[1], 0, 0, 0, 0, 0, 0, 0, 0} end
+if ARGV[3] == 'check' then return {'ok', r[1], 0, 0, 0, 0, 0, 0, 0, 0, r[8], r[9] or ''} end
 local budget, period_s = tonumber(r[6]) or 0, tonumber(r[7]) or 0
 if budget > 0 then
   local period = period_s > 0 and math.floor(now / period_s) or 0
@@ -255,20 +280,22 @@ if tpm > 0 then
   redis.call('INCRBY', tokens_key, reserve)
   redis.call('EXPIRE', tokens_key, 120)
 end
-return {'ok', r[1], window, reset, rpm, requests + 1, tpm, tokens + reserve, budget, period_s}
+return {'ok', r[1], window, reset, rpm, requests + 1, tpm, tokens + reserve, budget, period_s,
+        r[8], r[9] or ''}
 """
 
 SETTLE = """
 local counters, window, reserved = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local prompt, completion = tonumber(ARGV[4]), tonumber(ARGV[5])
 local used = prompt + completion
+local now = tonumber(redis.call('TIME')[1])
 if tonumber(ARGV[6]) > 0 then
   local tokens_key = counters .. 'tpm:' .. window
   if redis.call('EXISTS', tokens_key) == 1 then redis.call('INCRBY', tokens_key, used - reserved) end
 end
 if tonumber(ARGV[7]) > 0 then
   local period_s = tonumber(ARGV[8])
-  local period = period_s > 0 and math.floor(tonumber(redis.call('TIME')[1]) / period_s) or 0
+  local period = period_s > 0 and math.floor(now / period_s) or 0
   local budget_key = counters .. 'budget:' .. period
   redis.call('INCRBY', budget_key, used)
   if period_s > 0 then redis.call('EXPIRE', budget_key, 2 * period_s) end
@@ -276,6 +303,13 @@ end
 redis.call('HINCRBY', counters .. 'usage', 'requests', 1)
 redis.call('HINCRBY', counters .. 'usage', 'prompt_tokens', prompt)
 redis.call('HINCRBY', counters .. 'usage', 'completion_tokens', completion)
+local day = ARGV[9] .. math.floor(now / 86400)
+local field = ARGV[10] .. '|' .. ARGV[11] .. '|'
+redis.call('HINCRBY', day, field .. 'requests', 1)
+redis.call('HINCRBY', day, field .. 'prompt_tokens', prompt)
+redis.call('HINCRBY', day, field .. 'completion_tokens', completion)
+if ARGV[12] ~= 'ok' then redis.call('HINCRBY', day, field .. 'failed', 1) end
+redis.call('EXPIRE', day, USAGE_DAYS * 86400)
 """
 
 
@@ -289,6 +323,9 @@ class Admission:
     tpm: int
     budget: int
     budget_s: int
+    token: str
+    alias: str
+    model: str
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -308,7 +345,7 @@ class Gatekeeper:
 
     def __init__(self, client: redis.asyncio.Redis):
         self._admit = client.register_script(ADMIT)
-        self._settle = client.register_script(SETTLE)
+        self._settle = client.register_script(SETTLE.replace("USAGE_DAYS", str(USAGE_DAYS)))
 
     async def admit(self, key: str, model: str, reserve: int = 0, check_only: bool = False) -> Admission:
         """Admit one request of `key` for `model` (empty: a route with no model), reserving
@@ -334,14 +371,20 @@ class Gatekeeper:
             raise RateLimited(f"Rate limit reached for {what} per minute on this API key: limit "
                               f"{limit}; try again in {reset} s.", retry_after_s=reset,
                               headers=ratelimit_headers(reset, rpm, requests, tpm, tokens))
-        counters, window, reset, rpm, requests, tpm, tokens, budget, budget_s = answer[1:10]
+        counters, window, reset, rpm, requests, tpm, tokens, budget, budget_s, token, alias = answer[1:12]
         return Admission(counters.decode(), int(window), reserve, int(tpm), int(budget), int(budget_s),
+                         token.decode(), alias.decode(), model,
                          ratelimit_headers(int(reset), int(rpm), int(requests), int(tpm), int(tokens)))
 
     async def settle(self, admission: Admission, usage: Usage | None) -> None:
-        """Count what the job really used (nothing, for one that failed)."""
+        """Count what the job really used (nothing, for one that failed): to the key's limits
+        and usage, to the day's usage by key and model, and to the Prometheus counter."""
         prompt = usage.prompt_tokens if usage else 0
         completion = usage.completion_tokens if usage else 0
         await self._settle(args=[admission.counters, admission.window, admission.reserved, prompt,
-                                 completion, admission.tpm, admission.budget, admission.budget_s])
+                                 completion, admission.tpm, admission.budget, admission.budget_s,
+                                 keys.USAGE_DAY_PREFIX, admission.token, admission.model,
+                                 "ok" if usage else "failed"])
+        for kind, count in (("prompt", prompt), ("completion", completion)):
+            metrics.KEY_TOKENS.labels(admission.alias or "none", admission.model, kind).inc(count)
 

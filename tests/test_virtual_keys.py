@@ -184,8 +184,8 @@ def test_static_keys_still_work_beside_virtual_ones(gateways: tuple[str, str, li
     assert chat(first, "not-a-key").status_code == 401
 
 
-def smmf(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "smmf_queue", "keys", *args, "-c", str(config)],
+def smmf(config: Path, *args: str, command: str = "keys") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "smmf_queue", *command.split(), *args, "-c", str(config)],
                           capture_output=True, text=True, timeout=60)
 
 
@@ -215,3 +215,32 @@ def test_the_command_line_names_a_bad_option(config_path: Path) -> None:
                            (["--metadata", "{not json"], "--metadata")):
         refused = smmf(config_path, "generate", *args)
         assert refused.returncode == 1 and expected in refused.stderr, refused.stderr
+
+
+def test_usage_is_reported_by_key_and_model(gateways: tuple[str, str, list[Path]], config_path: Path) -> None:
+    first, second, _ = gateways
+    key = new_key(first, key_alias="usage-team")
+    # When the key makes two chats and an embedding, through both gateways
+    chats = [chat(url, key).json()["usage"] for url in (first, second)]
+    embedded = httpx.post(f"{second}/v1/embeddings", headers={"Authorization": f"Bearer {key}"},
+                          json={"model": EMBED, "input": ["one", "two"]}, timeout=60).json()["usage"]
+    # Then /usage, `smmf-queue usage` and the gateways' Prometheus counters say the same
+    want = {(CHAT, "requests"): 2, (CHAT, "prompt_tokens"): sum(u["prompt_tokens"] for u in chats),
+            (CHAT, "completion_tokens"): sum(u["completion_tokens"] for u in chats),
+            (EMBED, "requests"): 1, (EMBED, "prompt_tokens"): embedded["prompt_tokens"],
+            (EMBED, "completion_tokens"): 0}
+    rows = admin(first, "/usage?key=usage-team&since=1d").json()["data"]
+    assert {(r["model"], m): r[m] for r in rows for m in ("requests", "prompt_tokens", "completion_tokens")} == want
+    assert all(r["key_alias"] == "usage-team" and r["failed"] == 0 for r in rows)
+    from_cli = smmf(config_path, "--key", "usage-team", "--since", "7d", "--json", command="usage")
+    assert json.loads(from_cli.stdout) == rows
+    scraped = sum(_counter(url, "usage-team", CHAT, "completion") for url in (first, second))
+    assert scraped == want[(CHAT, "completion_tokens")]
+
+
+def _counter(url: str, alias: str, model: str, kind: str) -> float:
+    """smmf_gateway_key_tokens_total for one alias, model and kind, from a gateway's /metrics."""
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {GATEWAY_KEY}"}).text
+    labels = f'key_alias="{alias}",kind="{kind}",model="{model}"'
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("smmf_gateway_key_tokens_total{") and labels in line)
