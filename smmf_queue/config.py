@@ -166,6 +166,14 @@ class FlowerSettings(_Strict):
     basic_auth: list[SecretStr] = Field(default_factory=list)
 
 
+class UsageSettings(_Strict):
+    """Usage accounting beyond Redis' counters (usage_ledger.py)."""
+
+    #: PostgreSQL to keep a row per job the gateway ran (`postgresql://user@host/db`); none: no
+    #: ledger. The gateway needs the `ledger` extra (asyncpg) for it.
+    database_url: SecretStr | None = None
+
+
 class ModelConfig(BaseModel):
     """One `[[models.llms]]`, `[[models.embeddings]]` or `[[models.rerankers]]` entry, as DB-GPT
     writes it.
@@ -252,6 +260,7 @@ class SmmfConfig(BaseModel):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
+    usage: UsageSettings = Field(default_factory=UsageSettings)
 
     @property
     def models(self) -> list[ModelConfig]:
@@ -309,6 +318,7 @@ def _build(raw: dict[str, Any], source: Path) -> SmmfConfig:
         worker=_section(WorkerSettings, raw, "worker", source),
         gateway=_section(GatewaySettings, raw, "gateway", source),
         flower=_section(FlowerSettings, raw, "flower", source),
+        usage=_section(UsageSettings, raw, "usage", source),
     )
     _check_defaults(config)
     _check_fallbacks(config)

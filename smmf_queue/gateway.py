@@ -16,7 +16,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Annotated, Any
@@ -52,8 +52,9 @@ from .gateway_resume import (
     parse_last_event_id,
 )
 from .gateway_sse import COMPLETION, SSE_HEADERS, next_or_none, observe_ttft, queued_stream, sse, whole_choice
+from .gateway_usage import Accounting, Ticket
 from .jobs import JOB_ID_PATTERN, Usage, new_job_id, pack_vectors
-from .virtual_keys import KEY_PREFIX, Admission, Gatekeeper, KeyStore
+from .virtual_keys import KEY_PREFIX, KeyStore
 
 log = logging.getLogger("smmf_queue.gateway")
 
@@ -81,13 +82,12 @@ def create_app(config: SmmfConfig) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.client = AsyncClient(config)
         app.state.left_streams = LeftStreams(app.state.client, config.gateway.resume_grace_s)
-        keys_redis = redis_clients.connect_async(config.queue) if master else None
-        app.state.gatekeeper = Gatekeeper(keys_redis) if keys_redis else None
+        app.state.accounting = Accounting(config, master)
+        app.state.accounting.start()
         yield
         await app.state.left_streams.aclose()
         await app.state.client.aclose()
-        if keys_redis is not None:
-            await keys_redis.aclose()
+        await app.state.accounting.aclose()
 
     app = FastAPI(title="smmf-queue gateway", lifespan=lifespan)
 
@@ -108,28 +108,8 @@ def create_app(config: SmmfConfig) -> FastAPI:
     if master:
         app.include_router(admin_router(KeyStore(redis_clients.connect(config.queue))))
 
-    async def admit(request: Request, model: str, reserve: int = 0) -> Admission | None:
-        """Admit a request made with a virtual key (virtual_keys.py); None for any other."""
-        key = getattr(request.state, "virtual_key", None)
-        if key is None:
-            return None
-        admission = await app.state.gatekeeper.admit(key, model, reserve)
-        request.state.ratelimit_headers = admission.headers
-        return admission
-
-    async def settle(admission: Admission | None, usage: Usage | None) -> None:
-        if admission is not None:
-            await app.state.gatekeeper.settle(admission, usage)
-
-    async def settled(admission: Admission | None, call: Awaitable[Any]) -> Any:
-        """`call`'s result, its usage counted to the admitted key (nothing, if it fails)."""
-        try:
-            result = await call
-        except BaseException:
-            await settle(admission, None)
-            raise
-        await settle(admission, result.usage)
-        return result
+    def accounting() -> Accounting:
+        return app.state.accounting  # type: ignore[no-any-return]
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -173,14 +153,15 @@ def create_app(config: SmmfConfig) -> FastAPI:
         if n > config.gateway.max_n:
             raise RequestError(f"n: at most {config.gateway.max_n} choices (gateway.max_n)",
                                model=body.model)
-        admission = await admit(request, body.model, n * fields.get("max_tokens", 0))
+        ticket = await accounting().admit(request.state, body.model, job_id,
+                                          reserve=n * fields.get("max_tokens", 0))
         if n > 1:
-            return await _choices(body, messages, fields, n, deadlines, headers, admission)
+            return await _choices(body, messages, fields, n, deadlines, headers, ticket)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             stream, first = await queued_stream(client, body.model, messages, fail_fast=fail_fast,
                                                 job_id=job_id, cancel_on_leave=False,
-                                                on_end=partial(settle, admission), **deadlines, **fields)
+                                                on_end=partial(accounting().settle, ticket), **deadlines, **fields)
             first.add_done_callback(partial(observe_ttft, body.model, arrived))
             if not config.model(body.model).fallbacks:  # a fallback's job has another id
                 headers["x-smmf-resume"] = (f"/v1/chat/completions/chatcmpl-{job_id}/stream?"
@@ -190,8 +171,8 @@ def create_app(config: SmmfConfig) -> FastAPI:
                 sse(body.model, job_id, first, stream, include_usage, NOTHING_SEEN,
                     lambda: app.state.left_streams.left(job_id, None), config.gateway.keepalive_s),
                 media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
-        result = await settled(admission, client.chat(body.model, messages, fail_fast=fail_fast,
-                                                      job_id=job_id, **deadlines, **fields))
+        result = await accounting().settled(ticket, client.chat(
+            body.model, messages, fail_fast=fail_fast, job_id=job_id, **deadlines, **fields))
         return JSONResponse({
             "id": f"chatcmpl-{result.job_id}", "object": "chat.completion",
             "created": int(time.time()), "model": result.model,
@@ -201,7 +182,7 @@ def create_app(config: SmmfConfig) -> FastAPI:
 
     async def _choices(body: ChatCompletionRequest, messages: list[dict[str, Any]],
                        fields: dict[str, Any], n: int, deadlines: dict[str, float],
-                       headers: dict[str, str], admission: Admission | None) -> Response:
+                       headers: dict[str, str], ticket: Ticket) -> Response:
         """n choices, one job each (gateway_choices.py). A virtual key is charged the usage of
         whole choices, and what it reserved for streamed ones (their usage is not summed)."""
         client: AsyncClient = app.state.client
@@ -210,12 +191,12 @@ def create_app(config: SmmfConfig) -> FastAPI:
             try:
                 answer = await gateway_choices.whole(client, body.model, messages, fields, n, **call)
             except BaseException:
-                await settle(admission, None)
+                await accounting().settle(ticket, None)
                 raise
-            await settle(admission, Usage(**answer["usage"]))
+            await accounting().settle(ticket, Usage(**answer["usage"]))
             return JSONResponse(answer, headers=headers)
-        reserved = Usage(completion_tokens=admission.reserved) if admission else None
-        await settle(admission, reserved)
+        reserved = ticket.admission.reserved if ticket.admission else 0
+        await accounting().settle(ticket, Usage(completion_tokens=reserved, total_tokens=reserved))
         streams, firsts = await gateway_choices.start(client, body.model, messages, fields, n, **call)
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(
@@ -248,19 +229,20 @@ def create_app(config: SmmfConfig) -> FastAPI:
         fields = {name: value for name, value in fields.items() if name not in dropped}
         request.state.request_id = job_id = new_job_id()
         echo = body.text() if body.echo else ""
-        admission = await admit(request, body.model, fields.get("max_tokens") or 0)
+        ticket = await accounting().admit(request.state, body.model, job_id,
+                                          reserve=fields.get("max_tokens") or 0)
         if body.stream:
             # No resume for this API: a client that leaves cancels its job at once.
             stream, first = await queued_stream(client, body.model, [], fail_fast=fail_fast,
                                                 job_id=job_id, cancel_on_leave=True,
-                                                on_end=partial(settle, admission), **deadlines, **fields)
+                                                on_end=partial(accounting().settle, ticket), **deadlines, **fields)
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(
                 sse(body.model, job_id, first, stream, include_usage, NOTHING_SEEN, lambda: None,
                     config.gateway.keepalive_s, COMPLETION, echo),
                 media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
-        result = await settled(admission, client.chat(body.model, [], fail_fast=fail_fast,
-                                                      job_id=job_id, **deadlines, **fields))
+        result = await accounting().settled(ticket, client.chat(
+            body.model, [], fail_fast=fail_fast, job_id=job_id, **deadlines, **fields))
         return JSONResponse({
             "id": f"cmpl-{result.job_id}", "object": "text_completion", "created": int(time.time()),
             "model": result.model, "usage": result.usage.model_dump(),
@@ -277,8 +259,7 @@ def create_app(config: SmmfConfig) -> FastAPI:
         one), from the job's event log and then live; see gateway_resume.py."""
         request.state.model = model
         config.model(model, "llm")
-        if getattr(request.state, "virtual_key", None) is not None:
-            await app.state.gatekeeper.admit(request.state.virtual_key, model, check_only=True)
+        await accounting().check(request.state, model)
         after = parse_last_event_id(last_event_id)
         request.state.request_id = job_id = completion_id.removeprefix("chatcmpl-")
         left_streams: LeftStreams = app.state.left_streams
@@ -297,9 +278,10 @@ def create_app(config: SmmfConfig) -> FastAPI:
                          deadlines: Deadlines) -> dict[str, Any]:
         request.state.model = body.model
         request.state.request_id = job_id = new_job_id()
-        admission = await admit(request, body.model)
-        result = await settled(admission, app.state.client.embed(
-            body.model, body.texts(), fail_fast=fail_fast, job_id=job_id, dimensions=body.dimensions,
+        texts = body.texts()
+        ticket = await accounting().admit(request.state, body.model, job_id, "embedding", inputs=len(texts))
+        result = await accounting().settled(ticket, app.state.client.embed(
+            body.model, texts, fail_fast=fail_fast, job_id=job_id, dimensions=body.dimensions,
             **deadlines))
         return {"object": "list", "model": body.model,
                 "data": [{"object": "embedding", "index": i,
@@ -315,8 +297,9 @@ def create_app(config: SmmfConfig) -> FastAPI:
         rerank APIs (which vLLM and Xinference serve too)."""
         request.state.model = body.model
         request.state.request_id = job_id = new_job_id()
-        admission = await admit(request, body.model)
-        result = await settled(admission, app.state.client.rerank(
+        ticket = await accounting().admit(request.state, body.model, job_id, "reranker",
+                                          inputs=len(body.documents))
+        result = await accounting().settled(ticket, app.state.client.rerank(
             body.model, body.query, body.texts(), top_n=body.top_n,
             return_documents=body.return_documents, fail_fast=fail_fast, job_id=job_id, **deadlines))
         return {"id": f"rerank-{job_id}", "model": body.model,
@@ -327,8 +310,7 @@ def create_app(config: SmmfConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
-        if getattr(request.state, "virtual_key", None) is not None:
-            await app.state.gatekeeper.admit(request.state.virtual_key, "", check_only=True)
+        await accounting().check(request.state)
         workers = await app.state.client.live_workers()
         return {"object": "list", "data": [
             {"id": m.name, "object": "model", "created": started, "owned_by": "smmf-queue", "kind": m.kind,

@@ -139,3 +139,7 @@ USAGE_DAY_PREFIX = f"{PREFIX}:usage:"
 
 def usage_day(day: int) -> str:
     return f"{USAGE_DAY_PREFIX}{day}"
+
+
+#: the stream of finished jobs' rows on their way to the usage ledger (usage_ledger.py).
+USAGE_LEDGER = f"{PREFIX}:usage:ledger"

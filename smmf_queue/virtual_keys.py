@@ -310,6 +310,7 @@ redis.call('HINCRBY', day, field .. 'prompt_tokens', prompt)
 redis.call('HINCRBY', day, field .. 'completion_tokens', completion)
 if ARGV[12] ~= 'ok' then redis.call('HINCRBY', day, field .. 'failed', 1) end
 redis.call('EXPIRE', day, USAGE_DAYS * 86400)
+if ARGV[13] ~= '' then redis.call('XADD', ARGV[13], '*', 'row', ARGV[14]) end
 """
 
 
@@ -376,15 +377,17 @@ class Gatekeeper:
                          token.decode(), alias.decode(), model,
                          ratelimit_headers(int(reset), int(rpm), int(requests), int(tpm), int(tokens)))
 
-    async def settle(self, admission: Admission, usage: Usage | None) -> None:
+    async def settle(self, admission: Admission, usage: Usage | None, ledger_row: str | None = None) -> None:
         """Count what the job really used (nothing, for one that failed): to the key's limits
-        and usage, to the day's usage by key and model, and to the Prometheus counter."""
+        and usage, to the day's usage by key and model, and to the Prometheus counter; and
+        queue its `ledger_row` for the usage ledger (usage_ledger.py), if given."""
         prompt = usage.prompt_tokens if usage else 0
         completion = usage.completion_tokens if usage else 0
         await self._settle(args=[admission.counters, admission.window, admission.reserved, prompt,
                                  completion, admission.tpm, admission.budget, admission.budget_s,
                                  keys.USAGE_DAY_PREFIX, admission.token, admission.model,
-                                 "ok" if usage else "failed"])
+                                 "ok" if usage else "failed",
+                                 keys.USAGE_LEDGER if ledger_row else "", ledger_row or ""])
         for kind, count in (("prompt", prompt), ("completion", completion)):
             metrics.KEY_TOKENS.labels(admission.alias or "none", admission.model, kind).inc(count)
 

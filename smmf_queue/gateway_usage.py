@@ -1,0 +1,90 @@
+"""What the gateway counts for each request: a virtual key's admission before its job and
+settlement after it (virtual_keys.py), and the job's row for the usage ledger (usage_ledger.py)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.datastructures import State
+
+from . import keys, redis_clients
+from .config import SmmfConfig
+from .jobs import Usage
+from .usage_ledger import LedgerWriter, ledger_row
+from .virtual_keys import Admission, Gatekeeper
+
+
+@dataclass
+class Ticket:
+    """An admitted request, until its job ends."""
+
+    job_id: str
+    model: str
+    kind: str
+    inputs: int
+    started: float
+    admission: Admission | None
+
+
+class Accounting:
+    """Virtual keys (with a master key) and the usage ledger (with `[usage] database_url`)."""
+
+    def __init__(self, config: SmmfConfig, master: str | None):
+        database = config.usage.database_url
+        self.redis = redis_clients.connect_async(config.queue) if master or database else None
+        self.gatekeeper = Gatekeeper(self.redis) if master and self.redis else None
+        self.ledger = LedgerWriter(self.redis, database.get_secret_value()) if database and self.redis else None
+
+    def start(self) -> None:
+        if self.ledger is not None:
+            self.ledger.start()
+
+    async def aclose(self) -> None:
+        if self.ledger is not None:
+            await self.ledger.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    async def admit(self, state: State, model: str, job_id: str, kind: str = "llm",
+                    reserve: int = 0, inputs: int = 0) -> Ticket:
+        """A request's ticket; a virtual key (`state.virtual_key`, set by the guard) is admitted
+        first, and its `x-ratelimit-*` headers put on `state` for the response."""
+        key = getattr(state, "virtual_key", None)
+        admission = None
+        if key is not None and self.gatekeeper is not None:
+            admission = await self.gatekeeper.admit(key, model, reserve)
+            state.ratelimit_headers = admission.headers
+        return Ticket(job_id, model, kind, inputs, time.monotonic(), admission)
+
+    async def check(self, state: State, model: str = "") -> None:
+        """A route that runs no job: a virtual key must still exist, be in date, and (with a
+        model) be allowed it."""
+        key = getattr(state, "virtual_key", None)
+        if key is not None and self.gatekeeper is not None:
+            await self.gatekeeper.admit(key, model, check_only=True)
+
+    async def settle(self, ticket: Ticket, usage: Usage | None) -> None:
+        """Count what the ticket's job used (None: it failed)."""
+        admission = ticket.admission
+        row = None
+        if self.ledger is not None:
+            row = ledger_row(ticket.job_id, ticket.model, ticket.kind, usage, ticket.inputs,
+                             time.monotonic() - ticket.started,
+                             admission.token if admission else None, admission.alias if admission else None)
+        if admission is not None and self.gatekeeper is not None:
+            await self.gatekeeper.settle(admission, usage, row)
+        elif row is not None and self.redis is not None:
+            await self.redis.xadd(keys.USAGE_LEDGER, {"row": row})
+
+    async def settled(self, ticket: Ticket, call: Awaitable[Any]) -> Any:
+        """`call`'s result, its usage counted (none, if it fails)."""
+        try:
+            result = await call
+        except BaseException:
+            await self.settle(ticket, None)
+            raise
+        await self.settle(ticket, result.usage)
+        return result
