@@ -73,6 +73,8 @@ def master_key(config: SmmfConfig) -> str | None:
     serves virtual keys and their admin API."""
     configured = config.gateway.master_key
     return configured.get_secret_value() if configured else os.environ.get("SMMF_MASTER_KEY") or None
+
+
 def create_app(config: SmmfConfig) -> FastAPI:
     """The gateway for one config; its AsyncClient lives as long as the app."""
 
@@ -161,7 +163,7 @@ def create_app(config: SmmfConfig) -> FastAPI:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             stream, first = await queued_stream(client, body.model, messages, fail_fast=fail_fast,
                                                 job_id=job_id, cancel_on_leave=False,
-                                                on_end=partial(accounting().settle, ticket), **deadlines, **fields)
+                                                on_end=accounting().on_end(ticket), **deadlines, **fields)
             first.add_done_callback(partial(observe_ttft, body.model, arrived))
             if not config.model(body.model).fallbacks:  # a fallback's job has another id
                 headers["x-smmf-resume"] = (f"/v1/chat/completions/chatcmpl-{job_id}/stream?"
@@ -235,7 +237,7 @@ def create_app(config: SmmfConfig) -> FastAPI:
             # No resume for this API: a client that leaves cancels its job at once.
             stream, first = await queued_stream(client, body.model, [], fail_fast=fail_fast,
                                                 job_id=job_id, cancel_on_leave=True,
-                                                on_end=partial(accounting().settle, ticket), **deadlines, **fields)
+                                                on_end=accounting().on_end(ticket), **deadlines, **fields)
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(
                 sse(body.model, job_id, first, stream, include_usage, NOTHING_SEEN, lambda: None,

@@ -4,8 +4,9 @@ settlement after it (virtual_keys.py), and the job's row for the usage ledger (u
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from starlette.datastructures import State
@@ -78,6 +79,13 @@ class Accounting:
             await self.gatekeeper.settle(admission, usage, row)
         elif row is not None and self.redis is not None:
             await self.redis.xadd(keys.USAGE_LEDGER, {"row": row})
+
+    def on_end(self, ticket: Ticket) -> Callable[[Usage | None], Awaitable[None]] | None:
+        """What a stream calls when it ends (its usage), or None where nothing is counted (no
+        virtual key, no ledger): the stream then goes without the wrapper that watches it."""
+        if ticket.admission is None and self.ledger is None:
+            return None
+        return partial(self.settle, ticket)
 
     async def settled(self, ticket: Ticket, call: Awaitable[Any]) -> Any:
         """`call`'s result, its usage counted (none, if it fails)."""

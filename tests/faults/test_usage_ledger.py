@@ -18,7 +18,7 @@ import pytest
 
 from smmf_queue.embedded_redis import EmbeddedRedis
 
-from .conftest import (
+from ..conftest import (
     CHAT,
     EMBED,
     GATEWAY_KEY,
