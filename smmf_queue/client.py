@@ -34,6 +34,7 @@ from .errors import (
     JobFailed,
     NoLiveWorker,
     QueueFull,
+    RateLimited,
     RequestError,
     UnknownJob,
     UnsupportedParameter,
@@ -51,6 +52,7 @@ from .jobs import (
     StreamEvent,
     new_job_id,
 )
+from .model_limits import ModelLimits
 from .providers import USER
 from .queues import JobSender, make_celery_app
 from .stream_hub import StreamHub, ThreadHub
@@ -59,9 +61,9 @@ from .streaming import JobReader, LogEntries, LogRange, decode_log, embedding_re
 T = TypeVar("T")
 #: seconds a producer whose job met a full queue should wait before sending it again.
 QUEUE_FULL_RETRY_S = 1.0
-#: what sends a chat to its model's next fallback: no live worker, a full queue, or a failure
-#: (before the first token, for a stream).
-FALLS_BACK = (NoLiveWorker, QueueFull, JobFailed)
+#: what sends a chat to its model's next fallback: no live worker, a full queue, its rate
+#: limits, or a failure (before the first token, for a stream).
+FALLS_BACK = (NoLiveWorker, QueueFull, RateLimited, JobFailed)
 log = logging.getLogger("smmf_queue.client")
 
 
@@ -75,8 +77,10 @@ class _BaseClient:
         self._celery = make_celery_app(self.config, store_results=False)
         self._sender = JobSender(self._celery)
         self._liveness = registry.LivenessCache()
-        #: a blocking client for the depth of bounded queues, made when first needed.
+        #: a blocking client for the depth of bounded queues and models' limits, made when
+        #: first needed.
         self._depth_redis: redis.Redis | None = None
+        self._limits: ModelLimits | None = None
 
     def _attempts(self, model: str, job_id: str | None,
                   fail_fast: bool | None) -> Iterator[tuple[str, str | None, bool | None, bool]]:
@@ -198,6 +202,18 @@ class _BaseClient:
                             f"try again in {QUEUE_FULL_RETRY_S:g} s", retry_after_s=QUEUE_FULL_RETRY_S,
                             model=model)
 
+    def _check_limits(self, kind: ModelKind, model: str) -> None:
+        """RateLimited when the model has used its rpm or tpm this minute (model_limits.py);
+        else the job is counted. One blocking round trip, for models with limits only."""
+        entry = self.config.model(model, kind)
+        if entry.rpm is None and entry.tpm is None:
+            return
+        if self._depth_redis is None:
+            self._depth_redis = redis_clients.connect(self.config.queue)
+        if self._limits is None:
+            self._limits = ModelLimits(self._depth_redis)
+        self._limits.admit(entry)
+
     def _enqueue(self, hub: StreamHub | ThreadHub, kind: ModelKind, request: dict[str, Any],
                  expires_s: float) -> None:
         """Enqueue a job whose events `hub` already routes (`open`); stop routing them if the
@@ -206,8 +222,9 @@ class _BaseClient:
         priority = keys.BATCH_PRIORITY if request.get("lane") == "batch" else keys.INTERACTIVE_PRIORITY
         try:
             self._check_depth(kind, request["model"])
+            self._check_limits(kind, request["model"])
             self._sender.send(task, kind, request, expires_s=expires_s, priority=priority)
-        except QueueFull:
+        except (QueueFull, RateLimited):
             hub.close(request["job_id"])
             raise
         except Exception as exc:  # kombu raises OperationalError and socket errors, redis-py its own

@@ -214,6 +214,10 @@ class ModelConfig(BaseModel):
     #: LLMs to send a chat to, in order, when this one cannot take it: no live worker, a full
     #: queue, or a failure before the first token (client.py). LiteLLM's name.
     fallbacks: list[str] = Field(default_factory=list)
+    #: requests and tokens per minute for this model across every producer and worker
+    #: (model_limits.py); past either, RateLimited / 429. LiteLLM's names.
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
 
     @field_validator("provider")
     @classmethod

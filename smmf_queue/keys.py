@@ -143,3 +143,8 @@ def usage_day(day: int) -> str:
 
 #: the stream of finished jobs' rows on their way to the usage ledger (usage_ledger.py).
 USAGE_LEDGER = f"{PREFIX}:usage:ledger"
+
+
+def model_limits(model: str) -> str:
+    """Prefix of one model's requests and tokens per minute window (model_limits.py)."""
+    return f"{PREFIX}:limit:{safe_name(model)}:"

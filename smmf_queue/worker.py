@@ -41,6 +41,7 @@ from .jobs import (
     Usage,
     pack_vectors,
 )
+from .model_limits import ModelLimits
 from .providers import load_provider
 from .providers.base import Provider, close_chunks, provider_errors
 from .queues import make_celery_app
@@ -72,6 +73,7 @@ class WorkerRuntime:
         self.models = [config.model(name) for name in model_names]
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.redis = redis_clients.connect(config.queue)
+        self.limits = ModelLimits(self.redis)
         self.deliveries = Deliveries(self.redis, self.worker_id, lease_s=config.worker.lease_s,
                                      max_attempts=config.worker.max_attempts,
                                      record_ttl_s=config.queue.result_ttl_s,
@@ -252,7 +254,18 @@ class WorkerRuntime:
             metrics.JOBS.labels(model_name, kind, "lost_lease").inc()
             return None
         metrics.JOBS.labels(model_name, kind, "done").inc()
+        self._count_tokens(model, event)
         return result
+
+    def _count_tokens(self, model: ModelConfig, end: StreamEvent) -> None:
+        """A finished job's tokens, to its model's tpm (model_limits.py); a Redis error here
+        only logs: the job is done."""
+        if model.tpm is None or end.usage is None:
+            return
+        try:
+            self.limits.count(model, end.usage.prompt_tokens + end.usage.completion_tokens)
+        except redis.RedisError as exc:
+            log.warning("tokens of a job of model %s not counted to its tpm: %s", model.name, exc)
 
     def _resolve(self, kind: str, payload: dict[str, Any],
                  job_id: str) -> tuple[ModelConfig, Provider, JobRequest]:
