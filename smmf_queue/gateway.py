@@ -18,6 +18,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from fnmatch import fnmatchcase
 from functools import partial
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -312,12 +313,12 @@ def create_app(config: SmmfConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
-        await accounting().check(request.state)
+        allowed = await accounting().check(request.state)  # a virtual key sees its models only
         workers = await app.state.client.live_workers()
         return {"object": "list", "data": [
             {"id": m.name, "object": "model", "created": started, "owned_by": "smmf-queue", "kind": m.kind,
              "provider": m.provider, "live_workers": registry.replicas(workers, m.kind, m.name)}
-            for m in config.models]}
+            for m in config.models if not allowed or any(fnmatchcase(m.name, p) for p in allowed)]}
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

@@ -60,12 +60,13 @@ class Accounting:
             state.ratelimit_headers = admission.headers
         return Ticket(job_id, model, kind, inputs, time.monotonic(), admission)
 
-    async def check(self, state: State, model: str = "") -> None:
+    async def check(self, state: State, model: str = "") -> list[str]:
         """A route that runs no job: a virtual key must still exist, be in date, and (with a
-        model) be allowed it."""
+        model) be allowed it. The models it may call (names or patterns); empty for all."""
         key = getattr(state, "virtual_key", None)
-        if key is not None and self.gatekeeper is not None:
-            await self.gatekeeper.admit(key, model, check_only=True)
+        if key is None or self.gatekeeper is None:
+            return []
+        return await self.gatekeeper.check(key, model)
 
     async def settle(self, ticket: Ticket, usage: Usage | None) -> None:
         """Count what the ticket's job used (None: it failed)."""

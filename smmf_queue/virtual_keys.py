@@ -242,7 +242,7 @@ class KeyStore:
 
 ADMIT = """
 local r = redis.call('HMGET', KEYS[1], 'counters', 'expires_at', 'patterns', 'rpm_limit',
-                     'tpm_limit', 'token_budget', 'budget_s', 'token', 'key_alias')
+                     'tpm_limit', 'token_budget', 'budget_s', 'token', 'key_alias', 'models')
 if not r[1] then return {'unknown'} end
 local now = tonumber(redis.call('TIME')[1])
 local expires = tonumber(r[2]) or 0
@@ -254,7 +254,7 @@ if ARGV[1] ~= '' and r[3] and r[3] ~= '' then
   end
   if not allowed then return {'model'} end
 end
-if ARGV[3] == 'check' then return {'ok', r[1], 0, 0, 0, 0, 0, 0, 0, 0, r[8], r[9] or ''} end
+if ARGV[3] == 'check' then return {'ok', r[1], 0, 0, 0, 0, 0, 0, 0, 0, r[8], r[9] or '', r[10]} end
 local budget, period_s = tonumber(r[6]) or 0, tonumber(r[7]) or 0
 if budget > 0 then
   local period = period_s > 0 and math.floor(now / period_s) or 0
@@ -348,12 +348,27 @@ class Gatekeeper:
         self._admit = client.register_script(ADMIT)
         self._settle = client.register_script(SETTLE.replace("USAGE_DAYS", str(USAGE_DAYS)))
 
-    async def admit(self, key: str, model: str, reserve: int = 0, check_only: bool = False) -> Admission:
-        """Admit one request of `key` for `model` (empty: a route with no model), reserving
-        `reserve` tokens; raises InvalidKey, ModelNotAllowed, RateLimited or BudgetExceeded.
-        `check_only`: the key's existence, expiry and models only, nothing counted."""
-        answer = await self._admit(keys=[keys.virtual_key(key_hash(key))],
-                                   args=[model, reserve, "check" if check_only else "count"])
+    async def admit(self, key: str, model: str, reserve: int = 0) -> Admission:
+        """Admit one request of `key` for `model`, reserving `reserve` tokens; raises
+        InvalidKey, ModelNotAllowed, RateLimited or BudgetExceeded."""
+        answer = await self._admit(keys=[keys.virtual_key(key_hash(key))], args=[model, reserve, "count"])
+        self._refuse(answer, model)
+        counters, window, reset, rpm, requests, tpm, tokens, budget, budget_s, token, alias = answer[1:12]
+        return Admission(counters.decode(), int(window), reserve, int(tpm), int(budget), int(budget_s),
+                         token.decode(), alias.decode(), model,
+                         ratelimit_headers(int(reset), int(rpm), int(requests), int(tpm), int(tokens)))
+
+    async def check(self, key: str, model: str = "") -> list[str]:
+        """For a route that runs no job: the key exists, has not expired and (given a model) may
+        call it, or InvalidKey / ModelNotAllowed; the models (names or patterns) it may call,
+        empty for all. Nothing is counted."""
+        answer = await self._admit(keys=[keys.virtual_key(key_hash(key))], args=[model, 0, "check"])
+        self._refuse(answer, model)
+        return list(json.loads(answer[12]))
+
+    @staticmethod
+    def _refuse(answer: list[Any], model: str) -> None:
+        """Raise what ADMIT's answer refuses, if it does."""
         verdict = answer[0].decode()
         if verdict == "unknown":
             raise InvalidKey("Incorrect API key provided (unknown or revoked).")
@@ -372,10 +387,6 @@ class Gatekeeper:
             raise RateLimited(f"Rate limit reached for {what} per minute on this API key: limit "
                               f"{limit}; try again in {reset} s.", retry_after_s=reset,
                               headers=ratelimit_headers(reset, rpm, requests, tpm, tokens))
-        counters, window, reset, rpm, requests, tpm, tokens, budget, budget_s, token, alias = answer[1:12]
-        return Admission(counters.decode(), int(window), reserve, int(tpm), int(budget), int(budget_s),
-                         token.decode(), alias.decode(), model,
-                         ratelimit_headers(int(reset), int(rpm), int(requests), int(tpm), int(tokens)))
 
     async def settle(self, admission: Admission, usage: Usage | None, ledger_row: str | None = None) -> None:
         """Count what the job really used (nothing, for one that failed): to the key's limits

@@ -154,6 +154,8 @@ def test_a_key_calls_only_its_models_and_lives_only_its_duration(gateways: tuple
     assert embedded.status_code == 200, embedded.text
     refused = chat(second, embed_only)
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "model_not_allowed"
+    listed = httpx.get(f"{first}/v1/models", headers={"Authorization": f"Bearer {embed_only}"}).json()
+    assert [m["id"] for m in listed["data"]] == [EMBED]
     short_lived = new_key(first, duration="1s")
     time.sleep(2)
     expired = chat(first, short_lived)
