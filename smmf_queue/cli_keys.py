@@ -47,14 +47,19 @@ _OPTION = {"key_alias": "--alias", "models": "--model", "rpm_limit": "--rpm", "t
            "metadata": "--metadata"}
 
 
-def _spec(given: dict[str, Any]) -> dict[str, Any]:
+def _spec(alias: str | None, models: list[str] | None, rpm: int | None, tpm: int | None,
+          budget: int | None, budget_duration: str | None, duration: str | None,
+          metadata: str | None) -> dict[str, Any]:
     """The options given, as KeySpec fields (validated; exits with the reason)."""
-    fields = {name: value for name, value in given.items() if value is not None}
-    if "metadata" in fields:
+    given: dict[str, Any] = {"key_alias": alias, "models": models, "rpm_limit": rpm, "tpm_limit": tpm,
+                             "token_budget": budget, "budget_duration": budget_duration,
+                             "duration": duration}
+    if metadata is not None:
         try:
-            fields["metadata"] = json.loads(fields["metadata"])
+            given["metadata"] = json.loads(metadata)
         except json.JSONDecodeError as exc:
             _fail(f"--metadata: not JSON ({exc})")
+    fields = {name: value for name, value in given.items() if value is not None}
     try:
         KeySpec(**fields)
     except ValidationError as exc:
@@ -77,9 +82,7 @@ def generate(config: ConfigOption = DEFAULT_CONFIG, alias: Alias = None, models:
              budget_duration: BudgetDuration = None, duration: Duration = None,
              metadata: Metadata = None, as_json: JsonOption = False) -> None:
     """Make a key. It is printed once: only its hash is kept."""
-    fields = _spec({"key_alias": alias, "models": models, "rpm_limit": rpm, "tpm_limit": tpm,
-                    "token_budget": budget, "budget_duration": budget_duration,
-                    "duration": duration, "metadata": metadata})
+    fields = _spec(alias, models, rpm, tpm, budget, budget_duration, duration, metadata)
     with _store(config) as store:
         record = store.generate(KeySpec(**fields))
     if not as_json:
@@ -120,9 +123,7 @@ def update(key: Annotated[str, typer.Argument(help="The key, its token, or its a
            budget_duration: BudgetDuration = None, duration: Duration = None,
            metadata: Metadata = None, as_json: JsonOption = False) -> None:
     """Change the given limits of a key; every gateway applies them from its next request."""
-    fields = _spec({"key_alias": alias, "models": models, "rpm_limit": rpm, "tpm_limit": tpm,
-                    "token_budget": budget, "budget_duration": budget_duration,
-                    "duration": duration, "metadata": metadata})
+    fields = _spec(alias, models, rpm, tpm, budget, budget_duration, duration, metadata)
     with _store(config) as store:
         _show(store.update(key, fields), as_json)
 

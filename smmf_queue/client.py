@@ -93,7 +93,11 @@ class _BaseClient:
             yield name, job_id if i == 0 else None, fail_fast if last else True, last
 
     @staticmethod
-    def _falling_back(model: str, exc: Exception) -> None:
+    def _fall_back(model: str, exc: Exception, started: bool, last: bool) -> None:
+        """Go on to the next fallback after `exc` (one of FALLS_BACK), or raise it: the reply
+        had started, or `model` was the last to try."""
+        if started or last:
+            raise exc
         log.warning("model %s could not take the chat (%s: %s); trying its next fallback",
                     model, type(exc).__name__, getattr(exc, "message", exc))
 
@@ -266,9 +270,7 @@ class AsyncClient(_BaseClient):
                     pass
                 return reader.assembler.chat_result()
             except FALLS_BACK as exc:
-                if last:
-                    raise
-                self._falling_back(name, exc)
+                self._fall_back(name, exc, False, last)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def stream_chat(self, model: str, messages: list[dict[str, Any]], *,
@@ -294,9 +296,7 @@ class AsyncClient(_BaseClient):
                     yield delta
                 return
             except FALLS_BACK as exc:
-                if started or last:
-                    raise
-                self._falling_back(name, exc)
+                self._fall_back(name, exc, started, last)
 
     async def complete(self, model: str, prompt: str, **kwargs: Any) -> ChatResult:
         """The completions API: `prompt` continued as it is (no chat template); the same
@@ -538,9 +538,7 @@ class Client(_BaseClient):
                     yield delta
                 return
             except FALLS_BACK as exc:
-                if started or last:
-                    raise
-                self._falling_back(name, exc)
+                self._fall_back(name, exc, started, last)
 
     def _stream_once(self, model: str, messages: list[dict[str, Any]], params: dict[str, Any],
                      timeout: float | None, queue_timeout: float | None, fail_fast: bool | None,
