@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import chat_fields, dead_letters, keys, redis_clients, registry
-from .client import Client
+from .client import Client, queued_jobs
 from .config import DEFAULT_CONFIG, ModelConfig, ModelKind, SmmfConfig, load_config
 from .errors import SmmfError
 from .providers import PROVIDERS, ProviderSpec, missing_extra
@@ -95,8 +95,8 @@ def models(config: ConfigOption = DEFAULT_CONFIG,
     with _redis_errors(loaded):
         workers = registry.live_workers(client)
         broker_is_redis = loaded.queue.broker_url == loaded.queue.redis
-        rows = [_model_row(m, workers, sum(client.llen(lane) for lane in keys.queue_lanes(m.kind, m.name))
-                           if broker_is_redis else None) for m in loaded.models]
+        rows = [_model_row(m, workers, queued_jobs(client, m.kind, m.name) if broker_is_redis else None)
+                for m in loaded.models]
     if as_json:
         console.print_json(json.dumps(rows))
         return

@@ -200,7 +200,7 @@ class _BaseClient:
             return
         if self._depth_redis is None:
             self._depth_redis = redis_clients.connect(self.config.queue)
-        depth = _depth(self._depth_redis, kind, model)
+        depth = queued_jobs(self._depth_redis, kind, model)
         if depth >= limit:
             raise QueueFull(f"model '{model}' has {depth} jobs waiting (max_queue_depth {limit}); "
                             f"try again in {QUEUE_FULL_RETRY_S:g} s", retry_after_s=QUEUE_FULL_RETRY_S,
@@ -476,8 +476,9 @@ async def _next(inbox: asyncio.Queue[bytes], timeout: float) -> bytes | None:
         return None
 
 
-def _depth(client: redis.Redis, kind: str, model: str) -> int:
-    """Jobs waiting in a model's queue (all lanes), in one round trip."""
+def queued_jobs(client: redis.Redis, kind: str, model: str) -> int:
+    """Jobs waiting in a model's queue (all lanes), in one round trip (AsyncClient.queue_depth
+    is its twin on an event loop)."""
     pipe = client.pipeline(transaction=False)
     for lane in keys.queue_lanes(kind, model):
         pipe.llen(lane)
