@@ -43,6 +43,8 @@ class Reply:
     delay_s: float = 0.0
     #: keep the body open after the last line until this is set (a server that holds the stream)
     hold: threading.Event | None = None
+    #: more response headers (e.g. a 429's Retry-After)
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class FakeUpstream:
@@ -81,9 +83,10 @@ class FakeUpstream:
             self.requests.clear()
             self._replies.clear()
 
-    def reply(self, status: int = 200, json_body: Any = None, delay_s: float = 0.0) -> None:
+    def reply(self, status: int = 200, json_body: Any = None, delay_s: float = 0.0,
+              headers: dict[str, str] | None = None) -> None:
         self._queue(Reply(status=status, json_body=json_body if json_body is not None else {},
-                          delay_s=delay_s))
+                          delay_s=delay_s, headers=headers or {}))
 
     def sse(self, events: list[dict[str, Any]], cut_after: int | None = None,
             hold: threading.Event | None = None, done: bool = True) -> None:
@@ -119,6 +122,8 @@ class FakeUpstream:
             handler.send_response(reply.status)
             handler.send_header("content-type", "application/json")
             handler.send_header("content-length", str(len(data)))
+            for name, value in reply.headers.items():
+                handler.send_header(name, value)
             handler.end_headers()
             handler.wfile.write(data)
             return

@@ -392,6 +392,20 @@ def test_429_and_5xx_are_retried_before_the_first_token(providers: Client, upstr
     assert len(upstream.requests) == 3
 
 
+def test_a_429_that_says_when_to_come_back_waits_without_spending_a_retry(
+        providers: Client, upstream: FakeUpstream) -> None:
+    # Given an upstream that rate-limits five times, saying when to come back (flaky-chat has
+    # max_retries = 3: five ordinary failures would fail the job)
+    upstream.reset()
+    for _ in range(5):
+        upstream.reply(429, {"error": {"message": "slow down", "type": "rate_limit"}},
+                       headers={"retry-after": "0.1"})
+    upstream.sse([chat_chunk("ok"), chat_chunk(finish="stop")])
+    # When a chat is sent, then the job waits each time, and is answered
+    assert providers.chat("flaky-chat", HELLO).text == "ok"
+    assert len(upstream.requests) == 6
+
+
 def test_retries_give_up_with_the_providers_message(providers: Client, upstream: FakeUpstream) -> None:
     upstream.reset()
     for _ in range(4):

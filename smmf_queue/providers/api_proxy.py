@@ -3,7 +3,8 @@
 Retries follow one rule for every proxy: a 429, a 5xx or a connection error is retried with
 exponential backoff and jitter only until the first chunk of a reply has arrived. After that,
 text has been streamed to the caller and cannot be taken back, so a failure becomes the job's
-`error` event instead.
+`error` event instead. A 429 that says when to come back (`Retry-After`) delays the job that long
+instead of spending one of its retries, up to RATE_LIMIT_WAIT_S in all.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_MAX_RETRIES = 3
 #: first backoff in seconds; doubled each retry, with full jitter, capped at 30 s.
 DEFAULT_RETRY_BACKOFF_S = 0.5
+#: most seconds one call waits in all on 429s that say `Retry-After`; past it they count as retries.
+RATE_LIMIT_WAIT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -76,24 +79,40 @@ class RetryPolicy:
         return cls(max_retries=int(options.get("max_retries", DEFAULT_MAX_RETRIES)),
                    backoff_s=float(options.get("retry_backoff_s", DEFAULT_RETRY_BACKOFF_S)))
 
-    def retrying(self, retryable: Callable[[BaseException], bool]) -> tenacity.Retrying:
-        return tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.max_retries + 1),
-            wait=tenacity.wait_random_exponential(multiplier=self.backoff_s, max=30),
-            retry=tenacity.retry_if_exception(retryable),
-            reraise=True,
-        )
+    def retrying(self, retryable: Callable[[BaseException], bool],
+                 retry_after: Callable[[BaseException], float | None]) -> tenacity.Retrying:
+        """tenacity's loop for one call: `retry_after` reads a 429's `Retry-After` (None where
+        there is none): such a wait does not count against `max_retries`."""
+        backoff = tenacity.wait_random_exponential(multiplier=self.backoff_s, max=30)
+        told_waits: list[float] = []
 
-    def call(self, function: Callable[[], T], retryable: Callable[[BaseException], bool]) -> T:
+        def wait(state: tenacity.RetryCallState) -> float:
+            told = _told_wait(state, retry_after)
+            if told is not None and sum(told_waits) + told <= RATE_LIMIT_WAIT_S:
+                told_waits.append(told)
+                return told
+            return float(backoff(state))
+
+        def stop(state: tenacity.RetryCallState) -> bool:
+            told = _told_wait(state, retry_after)
+            if told is not None and sum(told_waits) + told <= RATE_LIMIT_WAIT_S:
+                return False
+            return state.attempt_number - len(told_waits) > self.max_retries
+
+        return tenacity.Retrying(stop=stop, wait=wait, retry=tenacity.retry_if_exception(retryable),
+                                 reraise=True)
+
+    def call(self, function: Callable[[], T], retryable: Callable[[BaseException], bool],
+             retry_after: Callable[[BaseException], float | None] = lambda exc: None) -> T:
         """Call `function`, retrying the errors `retryable` accepts."""
-        return self.retrying(retryable)(function)
+        return self.retrying(retryable, retry_after)(function)
 
-    def stream(self, start: Callable[[], Iterator[T]],
-               retryable: Callable[[BaseException], bool]) -> Iterator[T]:
+    def stream(self, start: Callable[[], Iterator[T]], retryable: Callable[[BaseException], bool],
+               retry_after: Callable[[BaseException], float | None] = lambda exc: None) -> Iterator[T]:
         """Items of the stream `start()` opens; opening it and its first item are retried, the rest never."""
         stream: Iterator[T] = iter(())
         first: object = _NOTHING
-        for attempt in self.retrying(retryable):
+        for attempt in self.retrying(retryable, retry_after):
             with attempt:
                 stream = iter(start())
                 first = next(stream, _NOTHING)
@@ -103,6 +122,22 @@ class RetryPolicy:
 
 
 _NOTHING = object()
+
+
+def _told_wait(state: tenacity.RetryCallState,
+               retry_after: Callable[[BaseException], float | None]) -> float | None:
+    """The seconds the failed try's 429 said to wait, if it said."""
+    exc = state.outcome.exception() if state.outcome is not None else None
+    return retry_after(exc) if exc is not None else None
+
+
+def retry_after_header(value: str | None) -> float | None:
+    """Seconds from a `Retry-After` header in seconds (its HTTP-date form is not used by the
+    APIs we proxy); None for anything else."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
 
 
 def split(items: list[T], size: int) -> Iterator[list[T]]:

@@ -29,6 +29,7 @@ from .api_proxy import (
     embed_in_batches,
     require_api_key,
     rerank_scores,
+    retry_after_header,
     timeout_s,
 )
 from .base import ChatChunk, Embeddings, Provider, Reranked, read_ahead
@@ -62,6 +63,13 @@ RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APIConnec
 
 def retryable(exc: BaseException) -> bool:
     return isinstance(exc, RETRYABLE)
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """What a 429 said to wait (RetryPolicy waits it out without spending a retry)."""
+    if isinstance(exc, openai.RateLimitError):
+        return retry_after_header(exc.response.headers.get("retry-after"))
+    return None
 
 
 #: what `_stream_chunks` yields for `[DONE]`.
@@ -122,7 +130,7 @@ class OpenAIProvider(Provider):
 
     def stream_chat(self, request: ChatRequest) -> Iterator[ChatChunk]:
         kwargs = self.chat_kwargs(request)
-        stream = self.retry.stream(partial(self._stream_chunks, kwargs), retryable)
+        stream = self.retry.stream(partial(self._stream_chunks, kwargs), retryable, retry_after)
         return read_ahead(self._chunks(stream), request.job_id)
 
     def _stream_chunks(self, kwargs: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -218,7 +226,7 @@ class OpenAIProvider(Provider):
         path = "" if self.model.api_url else RERANK_PATH.get(self.model.provider, "/rerank")
         body = {"model": self.model.upstream_name, "query": query, "documents": documents}
         reply = self.retry.call(partial(self.client.post, self._base_url() + path, body=body,
-                                        cast_to=object), retryable)
+                                        cast_to=object), retryable, retry_after)
         return rerank_scores(reply, len(documents))
 
     # embeddings
@@ -238,6 +246,6 @@ class OpenAIProvider(Provider):
 
     def _embed_batch(self, texts: list[str], extra: dict[str, Any]) -> tuple[list[list[float]], int]:
         response = self.retry.call(partial(self.client.embeddings.create, model=self.model.upstream_name,
-                                           input=texts, encoding_format="float", **extra), retryable)
+                                           input=texts, encoding_format="float", **extra), retryable, retry_after)
         vectors = [item.embedding for item in sorted(response.data, key=lambda d: d.index)]
         return vectors, response.usage.prompt_tokens if response.usage else 0
