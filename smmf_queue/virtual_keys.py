@@ -134,9 +134,9 @@ class KeyStore:
         if spec.key_alias and not self.redis.hsetnx(keys.VIRTUAL_KEY_ALIASES, spec.key_alias, token):
             raise RequestError(f"key_alias '{spec.key_alias}' is taken by another key")
         now = time.time()
-        record: dict[Any, Any] = {"token": token, "key_name": f"{KEY_PREFIX}...{key[-4:]}", "created_at": str(int(now)),
-                  "counters": keys.virtual_key_counters(token),
-                  **_record_fields(spec.model_dump(), now)}
+        record: dict[Any, Any] = {"token": token, "key_name": f"{KEY_PREFIX}...{key[-4:]}",
+                                  "created_at": str(int(now)), "counters": keys.virtual_key_counters(token),
+                                  **_record_fields(spec.model_dump(), now)}
         pipe = self.redis.pipeline()
         pipe.hset(keys.virtual_key(token), mapping=record)
         pipe.sadd(keys.VIRTUAL_KEYS, token)
@@ -192,7 +192,8 @@ class KeyStore:
         rows: dict[tuple[str, str], dict[str, Any]] = {}
         for day_usage in pipe.execute():
             for field_name, count in day_usage.items():
-                row_token, model, measure = _text(field_name).split("|")
+                row_token, rest = _text(field_name).split("|", 1)  # a model's name may hold "|"
+                model, measure = rest.rsplit("|", 1)
                 if token is None or row_token == token:
                     row = rows.setdefault((row_token, model), {"token": row_token, "model": model})
                     row[measure] = row.get(measure, 0) + int(count)
