@@ -76,8 +76,8 @@ class ModelNotAllowed(SmmfError):
 
 
 class RateLimited(SmmfError):
-    """Raised when a virtual key is over its requests or tokens per minute: nothing was
-    enqueued; try again after `retry_after_s`. `headers`: OpenAI's `x-ratelimit-*` values."""
+    """Raised when a virtual key or a model is over its requests or tokens per minute: nothing
+    was enqueued; try again after `retry_after_s`. `headers`: OpenAI's `x-ratelimit-*` values."""
 
     def __init__(self, message: str, *, retry_after_s: float, headers: dict[str, str] | None = None):
         super().__init__(message)
