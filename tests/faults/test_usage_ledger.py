@@ -10,11 +10,13 @@ import asyncio
 import contextlib
 import socket
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from smmf_queue.embedded_redis import EmbeddedRedis
 
@@ -173,3 +175,24 @@ def test_a_database_outage_fails_no_request_and_loses_no_row(ledger_gateway: tup
     # And once PostgreSQL is back, every row arrives, once
     wait_until(lambda: len(rows(job_ids)) == len(job_ids), 60, "the rows written during the outage")
     assert sorted(row["job_id"] for row in rows(job_ids)) == sorted(job_ids)
+
+
+def test_rows_a_dead_gateway_had_read_are_written_by_another(ledger_gateway: tuple[str, Path],
+                                                              redis_client: redis.Redis) -> None:
+    from smmf_queue import keys
+    from smmf_queue.usage_ledger import CLAIM_IDLE_S, GROUP, ledger_row
+
+    # Given a row that a gateway read from the stream and died with, unwritten (its idle time
+    # set past CLAIM_IDLE_S, as if it had died that long ago)
+    job_id = f"ledger-orphan-{uuid.uuid4().hex}"
+    transaction = redis_client.pipeline(transaction=True)  # read before the live writer can
+    transaction.xadd(keys.USAGE_LEDGER, {"row": ledger_row(job_id, CHAT, "llm", None, 0, 0.5)})
+    transaction.xreadgroup(GROUP, "a-dead-gateway", {keys.USAGE_LEDGER: ">"}, count=100)
+    _, entries = transaction.execute()
+    [orphan] = [entry_id for entry_id, fields in entries[0][1] if job_id.encode() in fields[b"row"]]
+    redis_client.xclaim(keys.USAGE_LEDGER, GROUP, "a-dead-gateway", 0, [orphan],
+                        idle=(CLAIM_IDLE_S + 60) * 1000)
+    # Then the live gateway's writer takes it over and writes it, once
+    wait_until(lambda: len(rows([job_id])) == 1, 60, "the orphaned row in the ledger")
+    assert rows([job_id])[0]["status"] == "failed"
+    assert redis_client.xpending(keys.USAGE_LEDGER, GROUP)["pending"] == 0
