@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from .conftest import (
     free_port,
     llama_cpp_server,
     start_service,
+    wait_until,
 )
 from .fake_upstream import FakeUpstream, chat_chunk
 
@@ -404,6 +406,27 @@ def test_a_429_that_says_when_to_come_back_waits_without_spending_a_retry(
     # When a chat is sent, then the job waits each time, and is answered
     assert providers.chat("flaky-chat", HELLO).text == "ok"
     assert len(upstream.requests) == 6
+
+
+def test_a_429_cools_down_the_accounts_other_jobs_too(providers: Client, upstream: FakeUpstream) -> None:
+    # Given a chat that met a 429 saying to come back in 4 s (flaky-chat has two slots)
+    upstream.reset()
+    upstream.reply(429, {"error": {"message": "slow down", "type": "rate_limit"}}, headers={"retry-after": "4"})
+    for _ in range(2):
+        upstream.sse([chat_chunk("ok"), chat_chunk(finish="stop")])
+    answers: list[str] = []
+    first = threading.Thread(target=lambda: answers.append(providers.chat("flaky-chat", HELLO).text))
+    first.start()
+    wait_until(lambda: len(upstream.requests) == 1, 10, "the first chat's 429")
+    # When a second chat of the same account starts during the cool-down
+    second = threading.Thread(target=lambda: answers.append(providers.chat("flaky-chat", HELLO).text))
+    second.start()
+    time.sleep(1.5)
+    # Then it waits for the cool-down too, instead of calling the upstream (and meeting the 429)
+    assert len(upstream.requests) == 1
+    first.join(30)
+    second.join(30)
+    assert answers == ["ok", "ok"] and len(upstream.requests) == 3
 
 
 def test_retries_give_up_with_the_providers_message(providers: Client, upstream: FakeUpstream) -> None:

@@ -4,12 +4,17 @@ Retries follow one rule for every proxy: a 429, a 5xx or a connection error is r
 exponential backoff and jitter only until the first chunk of a reply has arrived. After that,
 text has been streamed to the caller and cannot be taken back, so a failure becomes the job's
 `error` event instead. A 429 that says when to come back (`Retry-After`) delays the job that long
-instead of spending one of its retries, up to RATE_LIMIT_WAIT_S in all.
+instead of spending one of its retries, up to RATE_LIMIT_WAIT_S in all; and every other job of
+the same upstream account (endpoint and key) in this worker process waits with it before its
+next call, rather than meeting the 429 too (COOLDOWNS).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -68,16 +73,46 @@ def timeout_s(model: ModelConfig) -> float:
     return float(model.options.get("timeout_s", DEFAULT_TIMEOUT_S))
 
 
+class Cooldowns:
+    """Until when each upstream account must not be called (a 429 said so), for every job of
+    this process."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def hold(self, account: str, seconds: float) -> None:
+        with self._lock:
+            self._until[account] = max(self._until.get(account, 0.0), time.monotonic() + seconds)
+
+    def wait(self, account: str) -> None:
+        """Sleep out the account's cool-down, if one is on."""
+        delay = self._until.get(account, 0.0) - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+
+COOLDOWNS = Cooldowns()
+
+
+def account(base: str, key: str | None) -> str:
+    """An upstream account's name for COOLDOWNS: its endpoint and a digest of its key."""
+    return base + "|" + hashlib.sha256((key or "").encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     max_retries: int = DEFAULT_MAX_RETRIES
     backoff_s: float = DEFAULT_RETRY_BACKOFF_S
+    #: the upstream account whose cool-down this policy keeps (`account`); "" for none.
+    account: str = ""
 
     @classmethod
-    def of(cls, model: ModelConfig) -> RetryPolicy:
+    def of(cls, model: ModelConfig, account: str = "") -> RetryPolicy:
         options = model.options
         return cls(max_retries=int(options.get("max_retries", DEFAULT_MAX_RETRIES)),
-                   backoff_s=float(options.get("retry_backoff_s", DEFAULT_RETRY_BACKOFF_S)))
+                   backoff_s=float(options.get("retry_backoff_s", DEFAULT_RETRY_BACKOFF_S)),
+                   account=account)
 
     def retrying(self, retryable: Callable[[BaseException], bool],
                  retry_after: Callable[[BaseException], float | None]) -> tenacity.Retrying:
@@ -90,8 +125,14 @@ class RetryPolicy:
             told = _told_wait(state, retry_after)
             if told is not None and sum(told_waits) + told <= RATE_LIMIT_WAIT_S:
                 told_waits.append(told)
+                if self.account:
+                    COOLDOWNS.hold(self.account, told)
                 return told
             return float(backoff(state))
+
+        def before(state: tenacity.RetryCallState) -> None:
+            if self.account:
+                COOLDOWNS.wait(self.account)
 
         def stop(state: tenacity.RetryCallState) -> bool:
             told = _told_wait(state, retry_after)
@@ -99,8 +140,8 @@ class RetryPolicy:
                 return False
             return state.attempt_number - len(told_waits) > self.max_retries
 
-        return tenacity.Retrying(stop=stop, wait=wait, retry=tenacity.retry_if_exception(retryable),
-                                 reraise=True)
+        return tenacity.Retrying(stop=stop, wait=wait, before=before,
+                                 retry=tenacity.retry_if_exception(retryable), reraise=True)
 
     def call(self, function: Callable[[], T], retryable: Callable[[BaseException], bool],
              retry_after: Callable[[BaseException], float | None] = lambda exc: None) -> T:

@@ -24,6 +24,7 @@ from ..tool_calls import FragmentCleaner
 from .api_proxy import (
     Endpoint,
     RetryPolicy,
+    account,
     api_key,
     base_url,
     embed_in_batches,
@@ -97,7 +98,7 @@ class OpenAIProvider(Provider):
         return f"api {urlsplit(self._base_url()).netloc}"
 
     def load(self) -> None:
-        self.retry = RetryPolicy.of(self.model)
+        self.retry = RetryPolicy.of(self.model, account(self._base_url(), self._api_key()))
         self.client = self._client()
 
     def _client(self) -> openai.OpenAI:
