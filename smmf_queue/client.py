@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from . import chat_fields, keys, redis_clients, registry
 from .batch.chunks import ChunkResult, embed_chunks
-from .config import ModelKind, SmmfConfig, load_config
+from .config import ModelConfig, ModelKind, SmmfConfig, load_config
 from .errors import (
     BrokerUnavailable,
     JobFailed,
@@ -189,33 +189,34 @@ class _BaseClient:
                                "penalties or content parts); retry once they are upgraded",
                                model=model)
 
-    def _check_depth(self, kind: ModelKind, model: str) -> None:
+    def _blocking_redis(self) -> redis.Redis:
+        """The blocking client for queue depths and models' limits, made when first needed."""
+        if self._depth_redis is None:
+            self._depth_redis = redis_clients.connect(self.config.queue)
+        return self._depth_redis
+
+    def _check_depth(self, entry: ModelConfig) -> None:
         """QueueFull when the model's queue is at its max_queue_depth (a Redis broker's only).
 
         One blocking round trip, right before the (blocking) enqueue, with no await between:
         the jobs of one client never overshoot the bound; several producers that read the same
         depth at once may each add one job."""
-        limit = self.config.model(model, kind).max_queue_depth
+        limit = entry.max_queue_depth
         if limit is None or self.config.queue.broker_url != self.config.queue.redis:
             return
-        if self._depth_redis is None:
-            self._depth_redis = redis_clients.connect(self.config.queue)
-        depth = queued_jobs(self._depth_redis, kind, model)
+        depth = queued_jobs(self._blocking_redis(), entry.kind, entry.name)
         if depth >= limit:
-            raise QueueFull(f"model '{model}' has {depth} jobs waiting (max_queue_depth {limit}); "
+            raise QueueFull(f"model '{entry.name}' has {depth} jobs waiting (max_queue_depth {limit}); "
                             f"try again in {QUEUE_FULL_RETRY_S:g} s", retry_after_s=QUEUE_FULL_RETRY_S,
-                            model=model)
+                            model=entry.name)
 
-    def _check_limits(self, kind: ModelKind, model: str) -> None:
+    def _check_limits(self, entry: ModelConfig) -> None:
         """RateLimited when the model has used its rpm or tpm this minute (model_limits.py);
         else the job is counted. One blocking round trip, for models with limits only."""
-        entry = self.config.model(model, kind)
         if entry.rpm is None and entry.tpm is None:
             return
-        if self._depth_redis is None:
-            self._depth_redis = redis_clients.connect(self.config.queue)
         if self._limits is None:
-            self._limits = ModelLimits(self._depth_redis)
+            self._limits = ModelLimits(self._blocking_redis())
         self._limits.admit(entry)
 
     def _enqueue(self, hub: StreamHub | ThreadHub, kind: ModelKind, request: dict[str, Any],
@@ -224,9 +225,10 @@ class _BaseClient:
         broker refuses it."""
         task = keys.TASK_OF_KIND[kind]
         priority = keys.BATCH_PRIORITY if request.get("lane") == "batch" else keys.INTERACTIVE_PRIORITY
+        entry = self.config.model(request["model"], kind)
         try:
-            self._check_depth(kind, request["model"])
-            self._check_limits(kind, request["model"])
+            self._check_depth(entry)
+            self._check_limits(entry)
             self._sender.send(task, kind, request, expires_s=expires_s, priority=priority)
         except (QueueFull, RateLimited):
             hub.close(request["job_id"])
