@@ -121,24 +121,28 @@ class RetryPolicy:
         backoff = tenacity.wait_random_exponential(multiplier=self.backoff_s, max=30)
         told_waits: list[float] = []
 
-        def wait(state: tenacity.RetryCallState) -> float:
+        def told_within_budget(state: tenacity.RetryCallState) -> float | None:
+            """The failed try's 429 wait, if it said one and RATE_LIMIT_WAIT_S has room for it."""
             told = _told_wait(state, retry_after)
-            if told is not None and sum(told_waits) + told <= RATE_LIMIT_WAIT_S:
-                told_waits.append(told)
-                if self.account:
-                    COOLDOWNS.hold(self.account, told)
-                return told
-            return float(backoff(state))
+            return told if told is not None and sum(told_waits) + told <= RATE_LIMIT_WAIT_S else None
+
+        def stop(state: tenacity.RetryCallState) -> bool:
+            if told_within_budget(state) is not None:
+                return False
+            return state.attempt_number - len(told_waits) > self.max_retries
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            told = told_within_budget(state)
+            if told is None:
+                return float(backoff(state))
+            told_waits.append(told)
+            if self.account:
+                COOLDOWNS.hold(self.account, told)
+            return told
 
         def before(state: tenacity.RetryCallState) -> None:
             if self.account:
                 COOLDOWNS.wait(self.account)
-
-        def stop(state: tenacity.RetryCallState) -> bool:
-            told = _told_wait(state, retry_after)
-            if told is not None and sum(told_waits) + told <= RATE_LIMIT_WAIT_S:
-                return False
-            return state.attempt_number - len(told_waits) > self.max_retries
 
         return tenacity.Retrying(stop=stop, wait=wait, before=before,
                                  retry=tenacity.retry_if_exception(retryable), reraise=True)
