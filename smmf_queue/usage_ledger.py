@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -31,6 +32,8 @@ GROUP = "ledger"
 BATCH = 500
 #: seconds a row read by a writer may stay unacknowledged before another writer takes it.
 CLAIM_IDLE_S = 60
+#: seconds between a writer's looks for such rows (one XAUTOCLAIM), at least.
+CLAIM_EVERY_S = 1.0
 #: seconds between tries while PostgreSQL is unreachable, at most.
 MAX_BACKOFF_S = 10.0
 
@@ -83,6 +86,9 @@ class LedgerWriter:
         self.database_url = database_url
         self.consumer = f"gateway-{os.getpid()}"
         self._task: asyncio.Task[None] | None = None
+        #: whether rows this writer read may still be unwritten (at start, after a failure).
+        self._own_pending = True
+        self._next_claim = 0.0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="usage-ledger")
@@ -110,10 +116,12 @@ class LedgerWriter:
                 log.warning("usage ledger: PostgreSQL unreachable (%s: %s); rows wait in Redis, "
                             "next try in %.1f s", type(exc).__name__, exc, backoff)
                 connection = None
+                self._own_pending = True
                 await asyncio.sleep(backoff)
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
             except redis.RedisError as exc:
                 log.warning("usage ledger: Redis unreachable (%s); next try in %.1f s", exc, backoff)
+                self._own_pending = True
                 await asyncio.sleep(backoff)
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
 
@@ -125,10 +133,15 @@ class LedgerWriter:
                 raise
 
     async def _move_batch(self, connection: Any) -> bool:
-        """Insert one batch: this writer's own unacknowledged rows first (a batch whose insert
-        failed), then rows idle under a dead writer, then new ones (waiting up to a second for
-        them). Whether a batch was written (more may be waiting)."""
-        entries = await self._pending() or await self._claimed() or await self._new()
+        """Insert one batch: this writer's own unacknowledged rows first (after a failure), then
+        rows idle under a dead writer (looked for every CLAIM_EVERY_S), then new ones (waiting up
+        to a second for them). Whether a batch was written (more may be waiting)."""
+        entries = await self._pending() if self._own_pending else []
+        self._own_pending = bool(entries)
+        if not entries and time.monotonic() >= self._next_claim:
+            entries = await self._claimed()
+            self._next_claim = time.monotonic() + (0 if entries else CLAIM_EVERY_S)
+        entries = entries or await self._new()
         if not entries:
             return False
         await connection.executemany(INSERT, [_record(fields[b"row"]) for _, fields in entries])
