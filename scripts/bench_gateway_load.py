@@ -144,13 +144,13 @@ async def load_path(path: str, ports: list[int], config: str, n: int, clients: i
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     https = [httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60, limits=limits,
                                headers={"Authorization": f"Bearer {key}"}) for port in ports]
-    sdk = AsyncClient(config)
-    if path == "direct":
-        chat = streamed_post(https[0], "/v1/chat/completions", "fast")
-    elif path == "gateway":
-        chat = in_turn([streamed_post(http, "/v1/chat/completions", MODEL) for http in https])
-    else:
+    sdk = AsyncClient(config) if path == "SDK" else None
+    if sdk is not None:
         chat = sdk_chat(sdk)
+    elif path == "direct":
+        chat = streamed_post(https[0], "/v1/chat/completions", "fast")
+    else:
+        chat = in_turn([streamed_post(http, "/v1/chat/completions", MODEL) for http in https])
     try:
         if warm_up:
             await run_clients(chat, clients * 2, clients)
@@ -160,7 +160,8 @@ async def load_path(path: str, ports: list[int], config: str, n: int, clients: i
     finally:
         for http in https:
             await http.aclose()
-        await sdk.aclose()
+        if sdk is not None:
+            await sdk.aclose()
 
 
 def _load_process(args: tuple, ready: multiprocessing.Barrier, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
