@@ -249,12 +249,14 @@ class WorkerRuntime:
                 outcome = "cancelled" if exc.error_type == "Cancelled" else "failed"
                 metrics.JOBS.labels(model_name, kind, outcome).inc()
                 attempt.fail(exc)
+        # Counted before the end is published: a caller's next job, admitted once it saw this
+        # one's result, must see its tokens (they were generated, whoever finishes the job).
+        self._count_tokens(model, event)
         if not attempt.finish(event):
             log.warning("job %s: lost its lease before finishing; result dropped", job_id)
             metrics.JOBS.labels(model_name, kind, "lost_lease").inc()
             return None
         metrics.JOBS.labels(model_name, kind, "done").inc()
-        self._count_tokens(model, event)
         return result
 
     def _count_tokens(self, model: ModelConfig, end: StreamEvent) -> None:
