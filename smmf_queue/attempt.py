@@ -89,8 +89,16 @@ class Deliveries:
         self._release = client.register_script(lua.RELEASE)
         self._append = client.register_script(lua.APPEND)
         self._finish = client.register_script(lua.FINISH)
-        self._running: dict[str, str] = {}  # job id → owner, for lease renewal
+        #: owner → job id of each delivery running here, for lease renewal. By owner: a second
+        #: delivery of a running job (a visibility timeout's) must not hide the first's lease.
+        self._running: dict[str, str] = {}
         self._running_lock = threading.Lock()
+
+    def load_claim(self) -> None:
+        """Load CLAIM into Redis' script cache: PendingClaim sends it without waiting for the
+        answer, so a NOSCRIPT (a fresh Redis) would leave a first delivery unclaimed until its
+        first event, which a wait for an upstream account (upstream_accounts.py) may defer."""
+        self.client.script_load(lua.CLAIM)
 
     def run(self, job_id: str, reply_to: str | None, work: Callable[[Attempt], R], *,
             ahead: bool = False) -> R | None:
@@ -150,7 +158,7 @@ class Deliveries:
         if not leases:
             return
         pipe = self.client.pipeline(transaction=False)
-        for job_id, owner in leases.items():
+        for owner, job_id in leases.items():
             self._renew(keys=[keys.job_record(job_id), keys.LEASES], args=[owner, self.lease_ms, job_id],
                         client=pipe)
         pipe.execute()
@@ -161,7 +169,7 @@ class Deliveries:
         with self._running_lock:
             leases = dict(self._running)
         pipe = self.client.pipeline(transaction=False)
-        for job_id, owner in leases.items():
+        for owner, job_id in leases.items():
             self._release(keys=[keys.job_record(job_id), keys.LEASES], args=[owner, job_id], client=pipe)
         return sum(pipe.execute()) if leases else 0
 
@@ -179,12 +187,12 @@ class Deliveries:
     def _holding(self, job_id: str, owner: str) -> Iterator[None]:
         """Count the job as running here (its lease renewed by the heartbeat) while it runs."""
         with self._running_lock:
-            self._running[job_id] = owner
+            self._running[owner] = job_id
         try:
             yield
         finally:
             with self._running_lock:
-                self._running.pop(job_id, None)
+                self._running.pop(owner, None)
 
 
 class Attempt:

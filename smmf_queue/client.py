@@ -52,7 +52,7 @@ from .jobs import (
     StreamEvent,
     new_job_id,
 )
-from .model_limits import ModelLimits
+from .model_limits import RateWindows
 from .providers import USER
 from .queues import JobSender, make_celery_app
 from .stream_hub import StreamHub, ThreadHub
@@ -80,14 +80,17 @@ class _BaseClient:
         #: a blocking client for the depth of bounded queues and models' limits, made when
         #: first needed.
         self._depth_redis: redis.Redis | None = None
-        self._limits: ModelLimits | None = None
+        self._limits: RateWindows | None = None
 
-    def _attempts(self, model: str, job_id: str | None,
-                  fail_fast: bool | None) -> Iterator[tuple[str, str | None, bool | None, bool]]:
+    def _attempts(self, model: str, job_id: str | None, fail_fast: bool | None,
+                  fallbacks: list[str] | None) -> Iterator[tuple[str, str | None, bool | None, bool]]:
         """(model, job id, fail_fast, whether it is the last) for each try of a chat: `model`
-        under `job_id`, then each of its fallbacks under a new id. A model with a fallback after
-        it fails fast: with no live worker its chat goes on rather than waiting."""
-        names = [model, *self.config.model(model, "llm").fallbacks]
+        under `job_id`, then each of its fallbacks (`fallbacks`, else its configured ones) under
+        a new id. A model with a fallback after it fails fast: with no live worker its chat goes
+        on rather than waiting."""
+        if fallbacks is None:
+            fallbacks = self.config.model(model, "llm").fallbacks
+        names = [model, *fallbacks]
         for i, name in enumerate(names):
             last = i == len(names) - 1
             yield name, job_id if i == 0 else None, fail_fast if last else True, last
@@ -216,7 +219,7 @@ class _BaseClient:
         if entry.rpm is None and entry.tpm is None:
             return
         if self._limits is None:
-            self._limits = ModelLimits(self._blocking_redis())
+            self._limits = RateWindows(self._blocking_redis())
         self._limits.admit(entry)
 
     def _enqueue(self, hub: StreamHub | ThreadHub, kind: ModelKind, request: dict[str, Any],
@@ -259,12 +262,12 @@ class AsyncClient(_BaseClient):
     async def chat(self, model: str, messages: list[dict[str, Any]], *,
                    timeout: float | None = None, queue_timeout: float | None = None,
                    fail_fast: bool | None = None, job_id: str | None = None,
-                   **params: Any) -> ChatResult:
+                   fallbacks: list[str] | None = None, **params: Any) -> ChatResult:
         """Run a chat job and return the whole reply. `timeout`: seconds for the whole job;
         `queue_timeout`: seconds it may wait for a worker to start it (JobTimeout after either).
-        A model with `fallbacks` hands a chat it cannot take to the next (FALLS_BACK);
-        `ChatResult.model` names the one that answered."""
-        for name, attempt_id, attempt_fail_fast, last in self._attempts(model, job_id, fail_fast):
+        A model with `fallbacks` (the config's, unless given) hands a chat it cannot take to the
+        next (FALLS_BACK); `ChatResult.model` names the one that answered."""
+        for name, attempt_id, attempt_fail_fast, last in self._attempts(model, job_id, fail_fast, fallbacks):
             try:
                 request = self._chat_request(name, messages, params, attempt_id, self._hub.reply_channel)
                 reader = JobReader(request.job_id, name, self._timeout(timeout))
@@ -279,13 +282,13 @@ class AsyncClient(_BaseClient):
                           timeout: float | None = None, queue_timeout: float | None = None,
                           fail_fast: bool | None = None, job_id: str | None = None,
                           cancel_on_leave: bool = True, on_queued: Callable[[], None] | None = None,
-                          **params: Any) -> AsyncIterator[ChatDelta]:
+                          fallbacks: list[str] | None = None, **params: Any) -> AsyncIterator[ChatDelta]:
         """Yield the reply's deltas as the worker produces them. Leaving early cancels the job,
         unless `cancel_on_leave` is false (a reader may `replay` it; the caller cancels later).
         `on_queued` is called once the job is on its queue (every refusal comes before). A
         model with `fallbacks` hands a chat it cannot take, before its first delta, to the next;
         the deltas of a fallback's reply name it (`ChatDelta.model`)."""
-        for name, attempt_id, attempt_fail_fast, last in self._attempts(model, job_id, fail_fast):
+        for name, attempt_id, attempt_fail_fast, last in self._attempts(model, job_id, fail_fast, fallbacks):
             started = False
             try:
                 request = self._chat_request(name, messages, params, attempt_id, self._hub.reply_channel)
@@ -527,10 +530,10 @@ class Client(_BaseClient):
     def stream_chat(self, model: str, messages: list[dict[str, Any]], *,
                     timeout: float | None = None, queue_timeout: float | None = None,
                     fail_fast: bool | None = None, job_id: str | None = None,
-                    **params: Any) -> Iterator[ChatDelta]:
+                    fallbacks: list[str] | None = None, **params: Any) -> Iterator[ChatDelta]:
         """Yield the reply's deltas as the worker produces them; leaving early cancels the job.
         Fallbacks as AsyncClient.stream_chat's."""
-        for name, attempt_id, attempt_fail_fast, last in self._attempts(model, job_id, fail_fast):
+        for name, attempt_id, attempt_fail_fast, last in self._attempts(model, job_id, fail_fast, fallbacks):
             started = False
             try:
                 for delta in self._stream_once(name, messages, params, timeout, queue_timeout,

@@ -174,6 +174,14 @@ class UsageSettings(_Strict):
     database_url: SecretStr | None = None
 
 
+class AccountSettings(_Strict):
+    """An upstream account (one API key at one provider) that several models call: its limits
+    hold across every worker calling it, each upstream call counted (upstream_accounts.py)."""
+
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+
+
 class ModelConfig(BaseModel):
     """One `[[models.llms]]`, `[[models.embeddings]]` or `[[models.rerankers]]` entry, as DB-GPT
     writes it.
@@ -218,6 +226,10 @@ class ModelConfig(BaseModel):
     #: (model_limits.py); past either, RateLimited / 429. LiteLLM's names.
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
+    #: the `[accounts.<name>]` this API proxy calls: its rpm and tpm, and a 429's cool-down,
+    #: are shared with every model on the same account. None: the endpoint and key alone name
+    #: the account (its cool-down is still shared; it has no limits).
+    account: str | None = None
 
     @field_validator("provider")
     @classmethod
@@ -265,6 +277,8 @@ class SmmfConfig(BaseModel):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
     usage: UsageSettings = Field(default_factory=UsageSettings)
+    #: upstream accounts by name, with the limits every model on one shares.
+    accounts: dict[str, AccountSettings] = Field(default_factory=dict)
 
     @property
     def models(self) -> list[ModelConfig]:
@@ -323,24 +337,37 @@ def _build(raw: dict[str, Any], source: Path) -> SmmfConfig:
         gateway=_section(GatewaySettings, raw, "gateway", source),
         flower=_section(FlowerSettings, raw, "flower", source),
         usage=_section(UsageSettings, raw, "usage", source),
+        accounts=_accounts(raw, source),
     )
     _check_defaults(config)
     _check_fallbacks(config)
+    _check_accounts(config)
     return config
 
 
 _S = TypeVar("_S", bound=_Strict)
 
 
-def _section(cls: type[_S], raw: dict[str, Any], name: str, source: Path) -> _S:
-    """One of our own sections; its keys are named `section.key` in errors."""
+def _section(cls: type[_S], raw: dict[str, Any], name: str, source: Path, prefix: str = "") -> _S:
+    """One of our own sections; its keys are named `section.key` (or `prefix` + key) in errors."""
+    prefix = prefix or f"{name}."
     values = raw.get(name, {})
     if not isinstance(values, dict):
-        raise ConfigError(f"{source}: key '{name}': expected a table, got {type(values).__name__}")
+        raise ConfigError(f"{source}: key '{prefix.rstrip('.')}': expected a table, got {type(values).__name__}")
     try:
         return cls(**values)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, source, "", prefix=f"{name}.")) from None
+        raise ConfigError(_describe(exc, source, "", prefix=prefix)) from None
+
+
+def _accounts(raw: dict[str, Any], source: Path) -> dict[str, AccountSettings]:
+    """`[accounts.<name>]` tables; keys named `accounts.<name>.key` in errors."""
+    tables = raw.get("accounts", {})
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{source}: key 'accounts': expected a table of [accounts.<name>] tables, "
+                          f"got {type(tables).__name__}")
+    return {name: _section(AccountSettings, tables, name, source, prefix=f"accounts.{name}.")
+            for name in tables}
 
 
 def _model_entries(models: dict[str, Any], kind: ModelKind, source: Path) -> list[ModelConfig]:
@@ -392,6 +419,21 @@ def _check_fallbacks(config: SmmfConfig) -> None:
         for name in model.fallbacks:
             if name not in llms or name == model.name:
                 raise ConfigError(f"{where}: expected the name of another configured LLM, got '{name}'")
+
+
+def _check_accounts(config: SmmfConfig) -> None:
+    """A model's account is a configured `[accounts.<name>]`, and only API proxies call one."""
+    for model in config.models:
+        if model.account is None:
+            continue
+        where = f"{config.source}: model '{model.name}': key 'account'"
+        if not PROVIDERS[model.provider].calls_an_api:
+            raise ConfigError(f"{where}: only API proxies call an upstream account "
+                              f"('{model.provider}' runs the model itself)")
+        if model.account not in config.accounts:
+            known = ", ".join(sorted(config.accounts)) or "none"
+            raise ConfigError(f"{where}: expected the name of an [accounts.<name>] table, got "
+                              f"'{model.account}' (configured: {known})")
 
 
 def _check_defaults(config: SmmfConfig) -> None:

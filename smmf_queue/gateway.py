@@ -18,7 +18,6 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from fnmatch import fnmatchcase
 from functools import partial
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -55,7 +54,7 @@ from .gateway_resume import (
 from .gateway_sse import COMPLETION, SSE_HEADERS, next_or_none, observe_ttft, queued_stream, sse, whole_choice
 from .gateway_usage import Accounting, Ticket
 from .jobs import JOB_ID_PATTERN, Usage, new_job_id, pack_vectors
-from .virtual_keys import KEY_PREFIX, KeyStore
+from .virtual_keys import KEY_PREFIX, KeyStore, may_call
 
 log = logging.getLogger("smmf_queue.gateway")
 
@@ -158,15 +157,20 @@ def create_app(config: SmmfConfig) -> FastAPI:
                                model=body.model)
         ticket = await accounting().admit(request.state, body.model, job_id,
                                           reserve=n * fields.get("max_tokens", 0))
+        fallbacks = ticket.fallbacks(config.model(body.model).fallbacks)
+        call: dict[str, Any] = {**deadlines, "fallbacks": fallbacks}
         if n > 1:
-            return await _choices(body, messages, fields, n, deadlines, headers, ticket)
+            return await _choices(body, messages, fields, n, call, headers, ticket)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
+            # Resumable (a fallback's job has another id): its job runs on when its reader leaves.
+            resumable = not fallbacks
+            follow = partial(client.replay, job_id, body.model) if resumable else None
             stream, first = await queued_stream(client, body.model, messages, fail_fast=fail_fast,
                                                 job_id=job_id, cancel_on_leave=False,
-                                                on_end=accounting().on_end(ticket), **deadlines, **fields)
+                                                on_end=accounting().on_end(ticket, follow), **call, **fields)
             first.add_done_callback(partial(observe_ttft, body.model, arrived))
-            if not config.model(body.model).fallbacks:  # a fallback's job has another id
+            if resumable:
                 headers["x-smmf-resume"] = (f"/v1/chat/completions/chatcmpl-{job_id}/stream?"
                                             f"model={quote(body.model)}"
                                             + ("&include_usage=true" if include_usage else ""))
@@ -175,7 +179,7 @@ def create_app(config: SmmfConfig) -> FastAPI:
                     lambda: app.state.left_streams.left(job_id, None), config.gateway.keepalive_s),
                 media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
         result = await accounting().settled(ticket, client.chat(
-            body.model, messages, fail_fast=fail_fast, job_id=job_id, **deadlines, **fields))
+            body.model, messages, fail_fast=fail_fast, job_id=job_id, **call, **fields))
         return JSONResponse({
             "id": f"chatcmpl-{result.job_id}", "object": "chat.completion",
             "created": int(time.time()), "model": result.model,
@@ -184,12 +188,11 @@ def create_app(config: SmmfConfig) -> FastAPI:
         }, headers={"x-smmf-model": result.model, **headers})
 
     async def _choices(body: ChatCompletionRequest, messages: list[dict[str, Any]],
-                       fields: dict[str, Any], n: int, deadlines: dict[str, float],
+                       fields: dict[str, Any], n: int, call: dict[str, Any],
                        headers: dict[str, str], ticket: Ticket) -> Response:
-        """n choices, one job each (gateway_choices.py). A virtual key is charged the usage of
-        whole choices, and what it reserved for streamed ones (their usage is not summed)."""
+        """n choices, one job each (gateway_choices.py); a virtual key is charged their usage."""
         client: AsyncClient = app.state.client
-        call = {"fail_fast": fail_fast, **deadlines}
+        call = {"fail_fast": fail_fast, **call}
         if not body.stream:
             try:
                 answer = await gateway_choices.whole(client, body.model, messages, fields, n, **call)
@@ -198,13 +201,15 @@ def create_app(config: SmmfConfig) -> FastAPI:
                 raise
             await accounting().settle(ticket, Usage(**answer["usage"]))
             return JSONResponse(answer, headers=headers)
-        reserved = ticket.admission.reserved if ticket.admission else 0
-        await accounting().settle(ticket, Usage(completion_tokens=reserved, total_tokens=reserved))
-        streams, firsts = await gateway_choices.start(client, body.model, messages, fields, n, **call)
+        try:
+            streams, firsts = await gateway_choices.start(client, body.model, messages, fields, n, **call)
+        except BaseException:
+            await accounting().settle(ticket, None)
+            raise
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(
             gateway_choices.streamed(body.model, streams, firsts, include_usage,
-                                     config.gateway.keepalive_s),
+                                     config.gateway.keepalive_s, accounting().on_end(ticket)),
             media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
     def _refuse_or_drop(body: ChatCompletionRequest) -> list[str]:
@@ -234,18 +239,19 @@ def create_app(config: SmmfConfig) -> FastAPI:
         echo = body.text() if body.echo else ""
         ticket = await accounting().admit(request.state, body.model, job_id,
                                           reserve=fields.get("max_tokens") or 0)
+        call: dict[str, Any] = {**deadlines, "fallbacks": ticket.fallbacks(entry.fallbacks)}
         if body.stream:
             # No resume for this API: a client that leaves cancels its job at once.
             stream, first = await queued_stream(client, body.model, [], fail_fast=fail_fast,
                                                 job_id=job_id, cancel_on_leave=True,
-                                                on_end=accounting().on_end(ticket), **deadlines, **fields)
+                                                on_end=accounting().on_end(ticket), **call, **fields)
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(
                 sse(body.model, job_id, first, stream, include_usage, NOTHING_SEEN, lambda: None,
                     config.gateway.keepalive_s, COMPLETION, echo),
                 media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
         result = await accounting().settled(ticket, client.chat(
-            body.model, [], fail_fast=fail_fast, job_id=job_id, **deadlines, **fields))
+            body.model, [], fail_fast=fail_fast, job_id=job_id, **call, **fields))
         return JSONResponse({
             "id": f"cmpl-{result.job_id}", "object": "text_completion", "created": int(time.time()),
             "model": result.model, "usage": result.usage.model_dump(),
@@ -318,7 +324,7 @@ def create_app(config: SmmfConfig) -> FastAPI:
         return {"object": "list", "data": [
             {"id": m.name, "object": "model", "created": started, "owned_by": "smmf-queue", "kind": m.kind,
              "provider": m.provider, "live_workers": registry.replicas(workers, m.kind, m.name)}
-            for m in config.models if not allowed or any(fnmatchcase(m.name, p) for p in allowed)]}
+            for m in config.models if may_call(allowed, m.name)]}
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

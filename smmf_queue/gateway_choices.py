@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from .client import AsyncClient
@@ -67,10 +67,11 @@ async def start(client: AsyncClient, model: str, messages: list[dict[str, Any]],
 
 
 async def streamed(model: str, streams: list[AsyncIterator[ChatDelta]],
-                   firsts: list[asyncio.Future[Any]], include_usage: bool,
-                   keepalive_s: float) -> AsyncIterator[bytes]:
+                   firsts: list[asyncio.Future[Any]], include_usage: bool, keepalive_s: float,
+                   on_end: Callable[[Usage | None], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:
     """SSE frames of chat.completion.chunk objects whose choices carry their index, in the
-    order the choices' deltas arrive; `[DONE]` once every choice has ended."""
+    order the choices' deltas arrive; `[DONE]` once every choice has ended. `on_end` gets the
+    usage of the choices that finished, however the reply ends (None if none did)."""
     merged: asyncio.Queue[tuple[int, ChatDelta | SmmfError | None]] = asyncio.Queue()
     pumps = [asyncio.ensure_future(_pump(index, streams[index], firsts[index], merged))
              for index in range(len(streams))]
@@ -118,6 +119,8 @@ async def streamed(model: str, streams: list[AsyncIterator[ChatDelta]],
         for pump in pumps:
             pump.cancel()
         await _close(streams, firsts)
+        if on_end is not None:
+            await on_end(_usage(usages) if usages else None)
     yield b"data: [DONE]\n\n"
 
 

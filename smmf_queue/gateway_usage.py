@@ -3,19 +3,26 @@ settlement after it (virtual_keys.py), and the job's row for the usage ledger (u
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import redis
 from starlette.datastructures import State
 
 from . import keys, redis_clients
 from .config import SmmfConfig
-from .jobs import Usage
+from .errors import SmmfError
+from .jobs import ChatDelta, Usage
 from .usage_ledger import LedgerWriter, ledger_row
-from .virtual_keys import Admission, Gatekeeper
+from .virtual_keys import Admission, Gatekeeper, may_call
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,6 +36,11 @@ class Ticket:
     started: float
     admission: Admission | None
 
+    def fallbacks(self, configured: list[str]) -> list[str]:
+        """The model's fallbacks that the request's virtual key (if any) may call too."""
+        allowed = self.admission.models if self.admission else []
+        return [name for name in configured if may_call(allowed, name)]
+
 
 class Accounting:
     """Virtual keys (with a master key) and the usage ledger (with `[usage] database_url`)."""
@@ -38,12 +50,16 @@ class Accounting:
         self.redis = redis_clients.connect_async(config.queue) if master or database else None
         self.gatekeeper = Gatekeeper(self.redis) if master and self.redis else None
         self.ledger = LedgerWriter(self.redis, database.get_secret_value()) if database and self.redis else None
+        #: left streams whose jobs run on, waited for to settle (_follow).
+        self._following: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         if self.ledger is not None:
             self.ledger.start()
 
     async def aclose(self) -> None:
+        for task in list(self._following):
+            task.cancel()
         if self.ledger is not None:
             await self.ledger.aclose()
         if self.redis is not None:
@@ -81,12 +97,38 @@ class Accounting:
         elif row is not None and self.redis is not None:
             await self.redis.xadd(keys.USAGE_LEDGER, {"row": row})
 
-    def on_end(self, ticket: Ticket) -> Callable[[Usage | None], Awaitable[None]] | None:
+    def on_end(self, ticket: Ticket, follow: Callable[[], AsyncIterator[ChatDelta]] | None = None,
+               ) -> Callable[[Usage | None], Awaitable[None]] | None:
         """What a stream calls when it ends (its usage), or None where nothing is counted (no
-        virtual key, no ledger): the stream then goes without the wrapper that watches it."""
+        virtual key, no ledger): the stream then goes without the wrapper that watches it.
+        With `follow` (a resumable stream's job, read again from its log): a stream that ended
+        without usage, its reader gone while the job runs on, is settled once the job ends."""
         if ticket.admission is None and self.ledger is None:
             return None
-        return partial(self.settle, ticket)
+        if follow is None:
+            return partial(self.settle, ticket)
+        return partial(self._settle_or_follow, ticket, follow)
+
+    async def _settle_or_follow(self, ticket: Ticket, follow: Callable[[], AsyncIterator[ChatDelta]],
+                                usage: Usage | None) -> None:
+        if usage is not None:
+            await self.settle(ticket, usage)
+            return
+        task = asyncio.get_running_loop().create_task(self._follow(ticket, follow))
+        self._following.add(task)
+        task.add_done_callback(self._following.discard)
+
+    async def _follow(self, ticket: Ticket, follow: Callable[[], AsyncIterator[ChatDelta]]) -> None:
+        """Settle a left stream with the usage its job ends with (none if it failed or was
+        cancelled, unresumed)."""
+        usage = None
+        try:
+            with contextlib.suppress(SmmfError):
+                async for delta in follow():
+                    usage = delta.usage or usage
+            await self.settle(ticket, usage)
+        except (OSError, redis.RedisError) as exc:
+            log.warning("job %s: usage of its left stream not counted: %s", ticket.job_id, exc)
 
     async def settled(self, ticket: Ticket, call: Awaitable[Any]) -> Any:
         """`call`'s result, its usage counted (none, if it fails)."""

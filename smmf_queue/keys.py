@@ -148,3 +148,13 @@ USAGE_LEDGER = f"{PREFIX}:usage:ledger"
 def model_limits(model: str) -> str:
     """Prefix of one model's requests and tokens per minute window (model_limits.py)."""
     return f"{PREFIX}:limit:{safe_name(model)}:"
+
+
+def account_limits(account: str) -> str:
+    """Prefix of one upstream account's requests and tokens per minute window (upstream_accounts.py)."""
+    return f"{PREFIX}:account:{safe_name(account)}:"
+
+
+def account_cooldown(account: str) -> str:
+    """Set, with a time to live, while an upstream account asked (429) not to be called."""
+    return f"{PREFIX}:cooldown:{safe_name(account)}"

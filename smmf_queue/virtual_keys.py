@@ -282,7 +282,7 @@ if tpm > 0 then
   redis.call('EXPIRE', tokens_key, 120)
 end
 return {'ok', r[1], window, reset, rpm, requests + 1, tpm, tokens + reserve, budget, period_s,
-        r[8], r[9] or ''}
+        r[8], r[9] or '', r[10]}
 """
 
 SETTLE = """
@@ -329,6 +329,13 @@ class Admission:
     alias: str
     model: str
     headers: dict[str, str] = field(default_factory=dict)
+    #: the models (names or patterns) the key may call; empty for all.
+    models: list[str] = field(default_factory=list)
+
+
+def may_call(models: list[str], name: str) -> bool:
+    """Whether a key allowed `models` (names or patterns, as ADMIT reads them) may call `name`."""
+    return not models or any(re.fullmatch(re.escape(m).replace(r"\*", ".*"), name) for m in models)
 
 
 def ratelimit_headers(reset_s: int, rpm: int, requests: int, tpm: int, tokens: int) -> dict[str, str]:
@@ -354,10 +361,11 @@ class Gatekeeper:
         InvalidKey, ModelNotAllowed, RateLimited or BudgetExceeded."""
         answer = await self._admit(keys=[keys.virtual_key(key_hash(key))], args=[model, reserve, "count"])
         self._refuse(answer, model)
-        counters, window, reset, rpm, requests, tpm, tokens, budget, budget_s, token, alias = answer[1:12]
+        counters, window, reset, rpm, requests, tpm, tokens, budget, budget_s, token, alias, models = answer[1:13]
         return Admission(counters.decode(), int(window), reserve, int(tpm), int(budget), int(budget_s),
                          token.decode(), alias.decode(), model,
-                         ratelimit_headers(int(reset), int(rpm), int(requests), int(tpm), int(tokens)))
+                         ratelimit_headers(int(reset), int(rpm), int(requests), int(tpm), int(tokens)),
+                         json.loads(models))
 
     async def check(self, key: str, model: str = "") -> list[str]:
         """For a route that runs no job: the key exists, has not expired and (given a model) may

@@ -41,13 +41,14 @@ from .jobs import (
     Usage,
     pack_vectors,
 )
-from .model_limits import ModelLimits
+from .model_limits import RateWindows
 from .providers import load_provider
 from .providers.base import Provider, close_chunks, provider_errors
 from .queues import make_celery_app
 from .reaper import Reaper
 from .streaming import DEADLINE_EXCEEDED
 from .tool_calls import assemble
+from .upstream_accounts import ACCOUNTS
 
 log = logging.getLogger("smmf_queue.worker")
 
@@ -73,7 +74,8 @@ class WorkerRuntime:
         self.models = [config.model(name) for name in model_names]
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.redis = redis_clients.connect(config.queue)
-        self.limits = ModelLimits(self.redis)
+        self.limits = RateWindows(self.redis)
+        ACCOUNTS.share(self.redis, config.accounts)
         self.deliveries = Deliveries(self.redis, self.worker_id, lease_s=config.worker.lease_s,
                                      max_attempts=config.worker.max_attempts,
                                      record_ttl_s=config.queue.result_ttl_s,
@@ -123,6 +125,7 @@ class WorkerRuntime:
             wire=WIRE_VERSION)
 
     def start_heartbeat(self, reaper: Reaper) -> None:
+        self.deliveries.load_claim()
         registry.beat(self.redis, self.info(), self.config.worker.heartbeat_ttl_s)
         threading.Thread(target=self._heartbeat_loop, args=(reaper,), name="smmf-heartbeat",
                          daemon=True).start()
@@ -177,7 +180,7 @@ class WorkerRuntime:
                                        lambda attempt: self._run(kind, payload, attempt),
                                        ahead=kind == "llm" and _first_delivery(task))
         except LeaseBusy as busy:
-            raise task.retry(countdown=busy.retry_in_s, max_retries=None) from None
+            raise task.retry(countdown=busy.retry_in_s) from None
         except JobFailed as exc:
             if exc.error_type in DEAD_ON:
                 self._keep_dead(self._dead_job(task, kind, payload, exc))
@@ -260,12 +263,17 @@ class WorkerRuntime:
         return result
 
     def _count_tokens(self, model: ModelConfig, end: StreamEvent) -> None:
-        """A finished job's tokens, to its model's tpm (model_limits.py); a Redis error here
-        only logs: the job is done."""
-        if model.tpm is None or end.usage is None:
+        """A finished job's tokens, to its model's tpm (model_limits.py) and its upstream
+        account's (upstream_accounts.py); a Redis error here only logs: the job is done."""
+        if end.usage is None:
+            return
+        tokens = end.usage.prompt_tokens + end.usage.completion_tokens
+        if model.account is not None:
+            ACCOUNTS.count_tokens(model.account, tokens)
+        if model.tpm is None:
             return
         try:
-            self.limits.count(model, end.usage.prompt_tokens + end.usage.completion_tokens)
+            self.limits.count(keys.model_limits(model.name), tokens)
         except redis.RedisError as exc:
             log.warning("tokens of a job of model %s not counted to its tpm: %s", model.name, exc)
 
@@ -376,17 +384,19 @@ def _reply_channel(payload: dict[str, Any]) -> str | None:
 
 
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
-    """Bind the chat, embedding and rerank tasks of `app` to this process's runtime."""
+    """Bind the chat, embedding and rerank tasks of `app` to this process's runtime. Their only
+    retry is a delivery waiting for another that holds its job (LeaseBusy): unbounded, since
+    Celery's default of three would drop the job's message while it still runs elsewhere."""
 
-    @app.task(name=keys.CHAT_TASK, bind=True)
+    @app.task(name=keys.CHAT_TASK, bind=True, max_retries=None)
     def chat(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
         return runtime.execute(task, "llm", _payload(args, kwargs))
 
-    @app.task(name=keys.EMBED_TASK, bind=True)
+    @app.task(name=keys.EMBED_TASK, bind=True, max_retries=None)
     def embed(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
         return runtime.execute(task, "embedding", _payload(args, kwargs))
 
-    @app.task(name=keys.RERANK_TASK, bind=True)
+    @app.task(name=keys.RERANK_TASK, bind=True, max_retries=None)
     def rerank(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
         return runtime.execute(task, "reranker", _payload(args, kwargs))
 

@@ -171,3 +171,25 @@ def test_a_provider_is_refused_for_a_kind_it_does_not_serve(tmp_path: Path) -> N
     message = error_of(write(tmp_path, '[[models.embeddings]]\nname = "e"\nprovider = "mlx"\n'))
     assert "models.embeddings[0] (model 'e'): key 'provider': provider 'mlx' serves no embedding models" \
         in message
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('[[models.llms]]\nname = "m"\nprovider = "proxy/openai"\naccount = "teem"\n\n[accounts.team]\nrpm = 5\n',
+     "model 'm': key 'account': expected the name of an [accounts.<name>] table, got 'teem' (configured: team)"),
+    ('[[models.llms]]\nname = "m"\nprovider = "hf"\naccount = "team"\n\n[accounts.team]\n',
+     "model 'm': key 'account': only API proxies call an upstream account"),
+    ("[accounts.team]\nrpm = 0\n", "key 'accounts.team.rpm': expected: Input should be greater than or equal to 1"),
+    ("[accounts.team]\nrmp = 5\n", "key 'accounts.team.rmp': unknown key"),
+    ('accounts = "team"\n', "key 'accounts': expected a table of [accounts.<name>] tables, got str"),
+])
+def test_upstream_account_mistakes_are_named(tmp_path: Path, text: str, expected: str) -> None:
+    message = error_of(write(tmp_path, text))
+    assert expected in message and str(tmp_path / "c.toml") in message
+
+
+def test_models_share_a_configured_upstream_account(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[accounts.team]\nrpm = 5\ntpm = 900\n\n'
+                                         '[[models.llms]]\nname = "a"\nprovider = "proxy/openai"\naccount = "team"\n\n'
+                                         '[[models.llms]]\nname = "b"\nprovider = "proxy/deepseek"\naccount = "team"\n'))
+    assert {m.account for m in config.llms} == {"team"}
+    assert (config.accounts["team"].rpm, config.accounts["team"].tpm) == (5, 900)

@@ -172,3 +172,25 @@ def test_embedding_models_take_no_fallbacks(tmp_path: Path) -> None:
                     '[[models.embeddings]]\nname = "vec"\nprovider = "proxy/openai"\nfallbacks = ["chat"]\n')
     with pytest.raises(ConfigError, match="only LLMs fall back"):
         load_config(path)
+
+
+def test_a_virtual_key_falls_back_only_to_models_it_may_call(fallback_config: Path, sdk: Client,
+                                                             tmp_path_factory: pytest.TempPathFactory,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    master = {"Authorization": "Bearer sk-fallback-master"}
+    monkeypatch.setenv("SMMF_MASTER_KEY", "sk-fallback-master")
+    with gateway_process(fallback_config, tmp_path_factory.mktemp("fallback-keys")) as url:
+        def key_for(models: list[str]) -> dict[str, str]:
+            made = httpx.post(f"{url}/key/generate", json={"models": models}, headers=master, timeout=30)
+            return {"Authorization": f"Bearer {made.json()['key']}"}
+
+        def ask(headers: dict[str, str]) -> httpx.Response:
+            return httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=60,
+                              json={"model": DOWN, "messages": ASK, "max_tokens": 4})
+
+        # When a key that may call only the model without a worker asks it
+        narrow, wide = ask(key_for([DOWN])), ask(key_for([DOWN, "tiny-*"]))
+    # Then the fallback it may not call is skipped, and the model's own error stands
+    assert narrow.status_code == 503 and narrow.json()["error"]["code"] == "no_live_worker"
+    # While a key that may call the fallback (by pattern) gets its answer
+    assert wide.status_code == 200 and wide.json()["model"] == CHAT

@@ -16,6 +16,8 @@ from smmf_queue.jobs import StreamEvent, pack_vectors, unpack_vectors
 from smmf_queue.providers.base import StopFilter, drain
 from smmf_queue.streaming import EventAssembler, JobReader, decode_log
 
+from .conftest import wait_until
+
 
 def test_stop_filter_cuts_at_a_stop_split_across_pieces() -> None:
     stops = StopFilter(["END"])
@@ -165,6 +167,37 @@ def test_a_delivery_runs_its_work_once_and_a_second_one_finds_it_busy_then_finis
     # And a delivery after the finish runs nothing at all
     assert deliveries.run("run-1", None, lambda _: "again") is None
     assert seen == [1]
+
+
+def test_a_second_delivery_of_a_running_job_leaves_the_first_ones_lease_renewed(
+        deliveries: Deliveries, redis_client: redis.Redis) -> None:
+    def lease_until() -> int:
+        return int(redis_client.hget(keys.job_record("renew-1"), "lease_until") or 0)
+
+    def work(attempt: Attempt) -> None:
+        # When a second delivery of the running job arrives at the same worker and backs off
+        with pytest.raises(LeaseBusy):
+            deliveries.run("renew-1", None, lambda _: "twice")
+        # Then the first is still counted here, and the heartbeat's renewal extends its lease
+        before = lease_until()
+        time.sleep(0.01)
+        deliveries.renew_leases()
+        assert deliveries.in_flight == 1 and lease_until() > before
+        attempt.finish(attempt.next_event("end"))
+
+    deliveries.run("renew-1", None, work, ahead=True)
+
+
+def test_a_claim_sent_ahead_is_in_redis_before_its_answer_is_read(deliveries: Deliveries,
+                                                                  redis_client: redis.Redis) -> None:
+    # Given a Redis whose script cache is empty (a fresh or restarted server), once the worker
+    # loaded its claim script
+    redis_client.script_flush()
+    deliveries.load_claim()
+    # When a claim is sent ahead, then the job is held (leased) before its answer is read
+    pending = PendingClaim(deliveries, "ahead-loaded", "A")
+    wait_until(lambda: redis_client.hget(keys.job_record("ahead-loaded"), "owner") == b"A", 5, "the claim")
+    pending.confirm()
 
 
 def test_a_delivery_started_ahead_of_a_refused_claim_publishes_nothing_and_restarts(

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from .conftest import CHAT, EMBED, GATEWAY_KEY, WorkerProcess, gateway_process
+from .conftest import CHAT, EMBED, GATEWAY_KEY, WorkerProcess, gateway_process, wait_until
 
 MASTER = "sk-master-of-keys"
 ASK = [{"role": "user", "content": "hello"}]
@@ -246,3 +246,54 @@ def _counter(url: str, alias: str, model: str, kind: str) -> float:
     labels = f'key_alias="{alias}",kind="{kind}",model="{model}"'
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("smmf_gateway_key_tokens_total{") and labels in line)
+
+
+def _usage_frame(lines: list[str]) -> dict[str, int]:
+    """The `usage` of a streamed reply's last chunk that has one (include_usage)."""
+    usages = [json.loads(line[6:])["usage"] for line in lines
+              if line.startswith("data: {") and json.loads(line[6:]).get("usage")]
+    return dict(usages[-1])
+
+
+def _key_usage(url: str, key: str) -> dict[str, int]:
+    return dict(admin(url, f"/key/info?key={key}").json()["info"]["usage"])
+
+
+def test_streamed_choices_are_charged_what_they_used(gateways: tuple[str, str, list[Path]]) -> None:
+    first, _, _ = gateways
+    key = new_key(first)
+    # When a key streams a reply of two choices
+    with httpx.stream("POST", f"{first}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                      json={"model": CHAT, "messages": ASK, "max_tokens": 16, "n": 2, "stream": True,
+                            "stream_options": {"include_usage": True}}, timeout=60) as response:
+        used = _usage_frame(list(response.iter_lines()))
+    # Then the key is charged the reply's usage (the prompt once), not what it reserved
+    assert used["prompt_tokens"] > 0
+    wait_until(lambda: _key_usage(first, key)["requests"] == 1, 10, "the reply's usage counted")
+    assert _key_usage(first, key) == {"requests": 1, "prompt_tokens": used["prompt_tokens"],
+                                      "completion_tokens": used["completion_tokens"]}
+
+
+def test_a_left_stream_is_charged_what_its_job_used_once_it_ends(
+        config_path: Path, tmp_path_factory: pytest.TempPathFactory, chat_worker: WorkerProcess,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a gateway that lets a left stream's job run on for 30 s, for its reader to resume it
+    graceful = tmp_path_factory.mktemp("left-stream") / "graceful.toml"
+    graceful.write_text(config_path.read_text().replace("resume_grace_s = 0", "resume_grace_s = 30"))
+    monkeypatch.setenv("SMMF_MASTER_KEY", MASTER)
+    with gateway_process(graceful, graceful.parent) as url:
+        key = new_key(url)
+        headers = {"Authorization": f"Bearer {key}"}
+        # When a key's stream is left after its first piece
+        with httpx.stream("POST", f"{url}/v1/chat/completions", headers=headers, timeout=60,
+                          json={"model": CHAT, "messages": ASK, "max_tokens": 24, "stream": True,
+                                "stream_options": {"include_usage": True}}) as response:
+            resume = response.headers["x-smmf-resume"]
+            next(line for line in response.iter_lines() if '"content":"' in line and '"content":""' not in line)
+        # and resumed to its end
+        with httpx.stream("GET", url + resume, headers=headers, timeout=60) as resumed:
+            used = _usage_frame(list(resumed.iter_lines()))
+        # Then the key is charged what the job used, once, as a request that did not fail
+        wait_until(lambda: _key_usage(url, key)["requests"] == 1, 10, "the left stream's usage counted")
+        assert _key_usage(url, key) == {"requests": 1, "prompt_tokens": used["prompt_tokens"],
+                                        "completion_tokens": used["completion_tokens"]}

@@ -45,6 +45,11 @@ class ProviderSpec:
     #: (chat_fields.py); requests asking for any other are refused (or dropped, drop_params).
     supports: frozenset[str] = frozenset()
 
+    @property
+    def calls_an_api(self) -> bool:
+        """An API proxy: its calls go to an upstream account (upstream_accounts.py)."""
+        return self.extra == "proxy"
+
 
 #: the tool-calling fields; llama.cpp honours them only with a chat format that parses calls.
 TOOL_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls"})

@@ -4,17 +4,16 @@ Retries follow one rule for every proxy: a 429, a 5xx or a connection error is r
 exponential backoff and jitter only until the first chunk of a reply has arrived. After that,
 text has been streamed to the caller and cannot be taken back, so a failure becomes the job's
 `error` event instead. A 429 that says when to come back (`Retry-After`) delays the job that long
-instead of spending one of its retries, up to RATE_LIMIT_WAIT_S in all; and every other job of
-the same upstream account (endpoint and key) in this worker process waits with it before its
-next call, rather than meeting the 429 too (COOLDOWNS).
+instead of spending one of its retries, up to RATE_LIMIT_WAIT_S in all; and every call of the
+same upstream account, from any worker, waits with it rather than meeting the 429 too. Each
+call passes its account's gate first (upstream_accounts.py: that cool-down, and the rpm/tpm of
+an `[accounts.<name>]`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -24,6 +23,7 @@ import tenacity
 from ..config import ModelConfig
 from ..errors import ProviderUnavailable
 from ..jobs import Usage
+from ..upstream_accounts import ACCOUNTS
 from .base import Embeddings, Reranked, unit_vectors
 
 T = TypeVar("T")
@@ -73,38 +73,17 @@ def timeout_s(model: ModelConfig) -> float:
     return float(model.options.get("timeout_s", DEFAULT_TIMEOUT_S))
 
 
-class Cooldowns:
-    """Until when each upstream account must not be called (a 429 said so), for every job of
-    this process."""
-
-    def __init__(self) -> None:
-        self._until: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def hold(self, account: str, seconds: float) -> None:
-        with self._lock:
-            self._until[account] = max(self._until.get(account, 0.0), time.monotonic() + seconds)
-
-    def wait(self, account: str) -> None:
-        """Sleep out the account's cool-down, if one is on."""
-        delay = self._until.get(account, 0.0) - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-
-
-COOLDOWNS = Cooldowns()
-
-
-def account(base: str, key: str | None) -> str:
-    """An upstream account's name for COOLDOWNS: its endpoint and a digest of its key."""
-    return base + "|" + hashlib.sha256((key or "").encode()).hexdigest()[:16]
+def account(model: ModelConfig, base: str, key: str | None) -> str:
+    """The upstream account a model calls (upstream_accounts.py): its `account`, else its
+    endpoint and a digest of its key."""
+    return model.account or base + "|" + hashlib.sha256((key or "").encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
     max_retries: int = DEFAULT_MAX_RETRIES
     backoff_s: float = DEFAULT_RETRY_BACKOFF_S
-    #: the upstream account whose cool-down this policy keeps (`account`); "" for none.
+    #: the upstream account whose gate each call passes (`account`); "" for none.
     account: str = ""
 
     @classmethod
@@ -137,12 +116,12 @@ class RetryPolicy:
                 return float(backoff(state))
             told_waits.append(told)
             if self.account:
-                COOLDOWNS.hold(self.account, told)
+                ACCOUNTS.hold(self.account, told)
             return told
 
         def before(state: tenacity.RetryCallState) -> None:
             if self.account:
-                COOLDOWNS.wait(self.account)
+                ACCOUNTS.enter(self.account)
 
         return tenacity.Retrying(stop=stop, wait=wait, before=before,
                                  retry=tenacity.retry_if_exception(retryable), reraise=True)

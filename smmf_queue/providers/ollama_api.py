@@ -16,7 +16,7 @@ import httpx
 import ollama
 
 from ..jobs import ChatRequest, Usage
-from .api_proxy import Endpoint, RetryPolicy, base_url, embed_in_batches, timeout_s
+from .api_proxy import Endpoint, RetryPolicy, account, base_url, embed_in_batches, timeout_s
 from .base import ChatChunk, Embeddings, Provider, read_ahead
 
 ENDPOINT = Endpoint("http://localhost:11434", "OLLAMA_API_BASE", None)
@@ -37,7 +37,7 @@ class OllamaProvider(Provider):
         return f"api {urlsplit(self._host()).netloc}"
 
     def load(self) -> None:
-        self.retry = RetryPolicy.of(self.model)
+        self.retry = RetryPolicy.of(self.model, account(self.model, self._host(), None))
         # ollama.Client passes further keywords on to its httpx client: http_proxy reaches it.
         self.client = ollama.Client(host=self._host(), timeout=timeout_s(self.model),
                                     proxy=self.model.options.get("http_proxy"))

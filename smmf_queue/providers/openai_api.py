@@ -98,7 +98,7 @@ class OpenAIProvider(Provider):
         return f"api {urlsplit(self._base_url()).netloc}"
 
     def load(self) -> None:
-        self.retry = RetryPolicy.of(self.model, account(self._base_url(), self._api_key()))
+        self.retry = RetryPolicy.of(self.model, account(self.model, self._base_url(), self._api_key()))
         self.client = self._client()
 
     def _client(self) -> openai.OpenAI:
