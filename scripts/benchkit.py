@@ -70,7 +70,7 @@ def chat_stack(extra_toml: str = "", device: str = "cpu",
 
 def make_models() -> None:
     """The tiny random-weight chat model, and SmolLM2's transformers folder (each made once)."""
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_models.py"), str(MODELS)],
+    subprocess.run([sys.executable, "-m", "smmf_queue.tiny_models", str(MODELS)],
                    check=True, capture_output=True)
     make_smollm2_folder(MODELS)
 

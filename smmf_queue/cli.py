@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
+import importlib.metadata
 import json
 import logging
 import math
@@ -20,18 +23,37 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import chat_fields, dead_letters, keys, redis_clients, registry
+from . import chat_fields, dead_letters, keys, redis_clients, registry, starter
 from .client import Client, queued_jobs
-from .config import DEFAULT_CONFIG, ModelConfig, ModelKind, SmmfConfig, load_config
+from .config import CONFIG_ENV, STARTER_CONFIG, ModelConfig, ModelKind, SmmfConfig, find_config, load_config
 from .errors import SmmfError
 from .providers import PROVIDERS, ProviderSpec, missing_extra
+from .starter import PROXIES
 
 app = typer.Typer(help="Many LLM, embedding and reranker models behind one interface, on per-model queues.",
                   no_args_is_help=True, add_completion=False)
 console = Console()
 errors = Console(stderr=True)
 
-ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Config file (TOML).")]
+ConfigOption = Annotated[Path | None, typer.Option(
+    "--config", "-c", show_default=False,
+    help=f"Config file (TOML); default: ${CONFIG_ENV}, else the first of ./smmf.toml, configs/local.toml "
+         "and the user config folder.")]
+#: `embed-batch`'s exit code when some texts could not be embedded (the rest were): neither
+#: success (0), nor a failed run (1), nor Click's code for a usage error (2).
+PARTIAL_FAILURE = 3
+
+
+class LogLevel(str, enum.Enum):
+    """The log levels `--loglevel` accepts (any case)."""
+
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+    CRITICAL = "CRITICAL"
+
+
 ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Model name; default: the config's default.")]
 
 
@@ -49,11 +71,15 @@ def _model_name(loaded: SmmfConfig, model: str | None, kind: ModelKind) -> str:
     return name
 
 
-def _load(path: Path) -> SmmfConfig:
+def _load(path: Path | None) -> SmmfConfig:
+    """The config a command runs on; which file it is, and why, goes to stderr."""
     try:
-        return load_config(path)
+        source, why = find_config(path)
+        loaded = load_config(source)
     except SmmfError as exc:
         _fail(exc.message)
+    errors.print(f"[dim]config: {escape(str(source))} ({why})[/dim]", highlight=False, soft_wrap=True)
+    return loaded
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
@@ -63,8 +89,41 @@ def _show_warning(message: Warning | str, category: type[Warning], *args: Any, *
 warnings.showwarning = _show_warning  # type: ignore[assignment]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"smmf-queue {importlib.metadata.version('smmf-queue')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print the version and exit.")] = False) -> None:
+    """Many LLM, embedding and reranker models behind one interface, on per-model queues."""
+
+
 @app.command()
-def config(config: ConfigOption = DEFAULT_CONFIG) -> None:
+def init(proxy: Annotated[str | None, typer.Option(
+             help=f"Write a config for an API provider instead: {', '.join(PROXIES)}.")] = None,
+         output: Annotated[Path, typer.Option("--output", "-o", help="Where to write it.")] = STARTER_CONFIG,
+         force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False) -> None:
+    """Write a commented starter config: offline by default (the packaged all-MiniLM-L6-v2
+    embedding model and a tiny random-weight chat model, made here), or --proxy's."""
+    if proxy is not None and proxy not in PROXIES:
+        _fail(f"--proxy: expected one of {', '.join(PROXIES)}, got '{proxy}'")
+    if output.exists() and not force:
+        _fail(f"{output} exists; --force overwrites it")
+    if proxy is None:
+        if missing_extra("hf"):
+            _fail("the offline starter runs hf models: pip install 'smmf-queue[hf]' (or use --proxy)")
+        made = starter.make_offline_models(output.parent)
+        console.print(f"made the tiny chat model in {made}", highlight=False)
+    output.write_text(starter.proxy_config(proxy) if proxy else starter.offline_config(), encoding="utf-8")
+    console.print(f"wrote {output}; start it with: smmf-queue up --demo"
+                  + ("" if output == STARTER_CONFIG else f" -c {output}"), highlight=False)
+
+
+@app.command()
+def config(config: ConfigOption = None) -> None:
     """Validate a config file and print it resolved, with secrets masked."""
     loaded = _load(config)
     console.print_json(json.dumps(loaded.model_dump(mode="json")))
@@ -72,22 +131,22 @@ def config(config: ConfigOption = DEFAULT_CONFIG) -> None:
 
 @app.command()
 def worker(models: Annotated[list[str], typer.Option("--model", "-m", help="Model to serve (repeatable).")],
-           config: ConfigOption = DEFAULT_CONFIG,
-           loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+           config: ConfigOption = None,
+           loglevel: Annotated[LogLevel, typer.Option(case_sensitive=False, help="Log level.")] = LogLevel.INFO,
            metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None) -> None:
     """Serve one or more models: load them once, consume only their queues."""
     from .worker import run_worker
 
-    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=loglevel.value, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     loaded = _load(config)
     try:
-        run_worker(loaded, models, loglevel=loglevel, metrics_port=metrics_port)
+        run_worker(loaded, models, loglevel=loglevel.value, metrics_port=metrics_port)
     except SmmfError as exc:
         _fail(exc.message)
 
 
 @app.command()
-def models(config: ConfigOption = DEFAULT_CONFIG,
+def models(config: ConfigOption = None,
            as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False) -> None:
     """List configured models, their live workers and queue depth."""
     loaded = _load(config)
@@ -132,7 +191,7 @@ def _redis(loaded: SmmfConfig) -> redis.Redis:
 
 
 @jobs_app.command("list")
-def jobs_list(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False,
+def jobs_list(config: ConfigOption = None, as_json: JsonOption = False,
               limit: Annotated[int, typer.Option(help="Most letters to list, newest first.")] = 100) -> None:
     """List dead letters (no prompt text: sizes only)."""
     loaded = _load(config)
@@ -151,7 +210,7 @@ def jobs_list(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False
 
 @jobs_app.command("show")
 def jobs_show(job_id: Annotated[str, typer.Argument(help="The job's id.")],
-              config: ConfigOption = DEFAULT_CONFIG) -> None:
+              config: ConfigOption = None) -> None:
     """Print one dead letter as JSON, its request (prompt included) too."""
     loaded = _load(config)
     with _redis_errors(loaded):
@@ -163,7 +222,7 @@ def jobs_show(job_id: Annotated[str, typer.Argument(help="The job's id.")],
 
 @jobs_app.command("requeue")
 def jobs_requeue(job_ids: Annotated[list[str], typer.Argument(help="Jobs to send again.")],
-                 config: ConfigOption = DEFAULT_CONFIG) -> None:
+                 config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Send dead jobs again under their own ids, as new jobs (their letters are dropped)."""
     from .queues import JobSender, make_celery_app
 
@@ -175,6 +234,7 @@ def jobs_requeue(job_ids: Annotated[list[str], typer.Argument(help="Jobs to send
     if missing:
         _fail(f"no dead letter for job {', '.join(missing)}")
     sender = JobSender(make_celery_app(loaded, store_results=False))
+    requeued: list[dict[str, str]] = []
     try:
         for letter in filter(None, letters):
             with _redis_errors(loaded):
@@ -182,15 +242,20 @@ def jobs_requeue(job_ids: Annotated[list[str], typer.Argument(help="Jobs to send
                     dead_letters.requeue(client, sender, letter)
                 except ValueError as exc:
                     _fail(str(exc))
-            console.print(f"requeued {letter.job_id} on {letter.queue}", highlight=False)
+            requeued.append({"job_id": letter.job_id, "queue": letter.queue})
+            if not as_json:
+                console.print(f"requeued {letter.job_id} on {letter.queue}", highlight=False)
     finally:
         sender.close()
+    if as_json:
+        console.print_json(json.dumps({"requeued": requeued}))
 
 
 @jobs_app.command("purge")
 def jobs_purge(job_ids: Annotated[list[str] | None, typer.Argument(help="Jobs to drop.")] = None,
-               config: ConfigOption = DEFAULT_CONFIG,
-               purge_all: Annotated[bool, typer.Option("--all", help="Drop every dead letter.")] = False) -> None:
+               config: ConfigOption = None,
+               purge_all: Annotated[bool, typer.Option("--all", help="Drop every dead letter.")] = False,
+               as_json: JsonOption = False) -> None:
     """Drop dead letters: the ones named, or --all."""
     if purge_all == bool(job_ids):
         _fail("name the jobs to drop, or give --all (not both)")
@@ -199,6 +264,9 @@ def jobs_purge(job_ids: Annotated[list[str] | None, typer.Argument(help="Jobs to
     with _redis_errors(loaded):
         targets = job_ids or [letter.job_id for letter in dead_letters.listed(client, limit=1_000_000)]
         dropped = dead_letters.forget(client, list(targets))
+    if as_json:
+        console.print_json(json.dumps({"dropped": dropped}))
+        return
     console.print(f"dropped {dropped} dead letters")
 
 
@@ -244,11 +312,13 @@ def _redis_errors(loaded: SmmfConfig) -> Iterator[None]:
 
 @app.command()
 def chat(prompt: Annotated[str, typer.Argument(help="What to say.")],
-         config: ConfigOption = DEFAULT_CONFIG, model: ModelOption = None,
+         config: ConfigOption = None, model: ModelOption = None,
          system: Annotated[str | None, typer.Option(help="System message.")] = None,
          temperature: Annotated[float | None, typer.Option(help="Sampling temperature; 0 is greedy.")] = None,
          max_tokens: Annotated[int | None, typer.Option(help="Most tokens to generate.")] = None,
-         seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None) -> None:
+         seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+         as_json: Annotated[bool, typer.Option("--json", help="Print the whole reply as JSON (not streamed).")] = False,
+         ) -> None:
     """Stream a reply in the terminal."""
     loaded = _load(config)
     name = _model_name(loaded, model, "llm")
@@ -257,12 +327,16 @@ def chat(prompt: Annotated[str, typer.Argument(help="What to say.")],
     params = {k: v for k, v in {"temperature": temperature, "max_tokens": max_tokens,
                                 "seed": seed}.items() if v is not None}
     with _client(loaded) as client:
+        if as_json:
+            result = _call(lambda: client.chat(name, messages, **params))
+            console.print_json(result.model_dump_json())
+            return
         _stream(client, name, messages, params)
 
 
 @app.command()
 def embed(texts: Annotated[list[str], typer.Argument(help="Texts to embed.")],
-          config: ConfigOption = DEFAULT_CONFIG, model: ModelOption = None,
+          config: ConfigOption = None, model: ModelOption = None,
           as_json: Annotated[bool, typer.Option("--json", help="Print the vectors as JSON.")] = False) -> None:
     """Print vectors, or with several texts their cosine similarities."""
     loaded = _load(config)
@@ -278,7 +352,7 @@ def embed(texts: Annotated[list[str], typer.Argument(help="Texts to embed.")],
 @app.command()
 def rerank(query: Annotated[str, typer.Argument(help="What the documents are ranked against.")],
            documents: Annotated[list[str], typer.Argument(help="Documents to rank.")],
-           config: ConfigOption = DEFAULT_CONFIG, model: ModelOption = None,
+           config: ConfigOption = None, model: ModelOption = None,
            top_n: Annotated[int | None, typer.Option(help="Print only the best n.")] = None,
            as_json: JsonOption = False) -> None:
     """Print the documents by falling relevance to the query, with their scores."""
@@ -300,7 +374,7 @@ def rerank(query: Annotated[str, typer.Argument(help="What the documents are ran
 def embed_batch(
         input: Annotated[Path, typer.Option("--input", "-i", help="Texts: .txt (a line each), .jsonl, .csv or .parquet.")],
         output: Annotated[Path, typer.Option("--output", "-o", help="Vectors: .npy, .jsonl or .parquet (id + vector).")],
-        config: ConfigOption = DEFAULT_CONFIG, model: ModelOption = None,
+        config: ConfigOption = None, model: ModelOption = None,
         field: Annotated[str, typer.Option("--field", "--column", help="The text's field (.jsonl) or column (.csv, .parquet).")] = "text",
         id_field: Annotated[str | None, typer.Option("--id-field", "--id-column", help="The id's field or column; default: the text's number from 0.")] = None,
         resume: Annotated[bool, typer.Option(help="Continue an interrupted run into the same output.")] = False,
@@ -308,8 +382,10 @@ def embed_batch(
         max_texts: Annotated[int, typer.Option(help="Most texts in one chunk.")] = 256,
         window: Annotated[int, typer.Option(help="Chunks in flight at once.")] = 8,
         normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Unit-length vectors; default: the model's setting.")] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the run's report as JSON.")] = False,
 ) -> None:
-    """Embed a file of texts through the model's queue, in chunks, resumably."""
+    """Embed a file of texts through the model's queue, in chunks, resumably. Exits 3 when some
+    texts could not be embedded (each is in OUTPUT.errors.jsonl; the others have vectors)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .batch.files import InputSpec, count_records
@@ -333,16 +409,21 @@ def embed_batch(
         report = _call(lambda: run_embed_batch(
             client, name, spec, output, resume=resume, normalize=normalize, max_tokens=max_tokens,
             max_texts=max_texts, window=window, on_progress=advance))
-    console.print(f"{report.embedded} texts embedded into {output} in {report.seconds:.1f} s"
-                  + (f" ({report.resumed_chunks} chunks kept from the interrupted run)" if report.resumed_chunks else ""))
+    failures = output.with_name(output.name + ".errors.jsonl")
+    if as_json:
+        console.print_json(json.dumps({**dataclasses.asdict(report), "output": str(output),
+                                       "errors": str(failures) if report.failed else None}))
+    else:
+        console.print(f"{report.embedded} texts embedded into {output} in {report.seconds:.1f} s"
+                      + (f" ({report.resumed_chunks} chunks kept from the interrupted run)" if report.resumed_chunks else ""))
+        if report.failed:
+            console.print(f"[yellow]{report.failed} texts could not be embedded: see {failures}[/yellow]")
     if report.failed:
-        console.print(f"[yellow]{report.failed} texts could not be embedded: see "
-                      f"{output.with_name(output.name + '.errors.jsonl')}[/yellow]")
-        raise typer.Exit(code=2)
+        raise typer.Exit(code=PARTIAL_FAILURE)
 
 
 @app.command()
-def gateway(config: ConfigOption = DEFAULT_CONFIG,
+def gateway(config: ConfigOption = None,
             host: Annotated[str | None, typer.Option(help="Address; default: gateway.host.")] = None,
             port: Annotated[int | None, typer.Option(help="Port; default: gateway.port.")] = None) -> None:
     """Serve the OpenAI-compatible HTTP API over the queues."""
@@ -352,7 +433,7 @@ def gateway(config: ConfigOption = DEFAULT_CONFIG,
 
 
 @app.command()
-def flower(config: ConfigOption = DEFAULT_CONFIG) -> None:
+def flower(config: ConfigOption = None) -> None:
     """Run Flower (Celery's monitoring UI) against the configured broker, with basic auth from config."""
     from .queues import run_flower
 
@@ -360,7 +441,7 @@ def flower(config: ConfigOption = DEFAULT_CONFIG) -> None:
 
 
 @app.command()
-def up(config: ConfigOption = DEFAULT_CONFIG,
+def up(config: ConfigOption = None,
        demo: Annotated[bool, typer.Option(help="Send a chat and an embedding through the queues, then stop.")] = False,
        flower: Annotated[bool, typer.Option(help="Also run Flower.")] = False) -> None:
     """Run the standalone stack: embedded Redis (if configured), one worker per model, the gateway."""

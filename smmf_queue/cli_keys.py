@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from . import redis_clients
-from .cli import DEFAULT_CONFIG, ConfigOption, JsonOption, _fail, _load, _redis_errors, console
+from .cli import ConfigOption, JsonOption, _fail, _load, _redis_errors, console
 from .errors import SmmfError
 from .virtual_keys import KeySpec, KeyStore
 
@@ -77,7 +77,7 @@ def _show(record: dict[str, Any], as_json: bool) -> None:
 
 
 @keys_app.command("generate")
-def generate(config: ConfigOption = DEFAULT_CONFIG, alias: Alias = None, models: Models = None,
+def generate(config: ConfigOption = None, alias: Alias = None, models: Models = None,
              rpm: Rpm = None, tpm: Tpm = None, budget: Budget = None,
              budget_duration: BudgetDuration = None, duration: Duration = None,
              metadata: Metadata = None, as_json: JsonOption = False) -> None:
@@ -92,14 +92,14 @@ def generate(config: ConfigOption = DEFAULT_CONFIG, alias: Alias = None, models:
 
 @keys_app.command("info")
 def info(key: Annotated[str, typer.Argument(help="The key, its token, or its alias.")],
-         config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False) -> None:
+         config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Show a key's limits and usage."""
     with _store(config) as store:
         _show(store.info(key), as_json)
 
 
 @keys_app.command("list")
-def list_keys(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False) -> None:
+def list_keys(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """List every key (never the keys themselves)."""
     with _store(config) as store:
         records = store.records()
@@ -118,7 +118,7 @@ def list_keys(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False
 
 @keys_app.command("update")
 def update(key: Annotated[str, typer.Argument(help="The key, its token, or its alias.")],
-           config: ConfigOption = DEFAULT_CONFIG, alias: Alias = None, models: Models = None,
+           config: ConfigOption = None, alias: Alias = None, models: Models = None,
            rpm: Rpm = None, tpm: Tpm = None, budget: Budget = None,
            budget_duration: BudgetDuration = None, duration: Duration = None,
            metadata: Metadata = None, as_json: JsonOption = False) -> None:
@@ -130,7 +130,7 @@ def update(key: Annotated[str, typer.Argument(help="The key, its token, or its a
 
 @keys_app.command("delete")
 def delete(keys: Annotated[list[str] | None, typer.Argument(help="Keys (or tokens) to revoke.")] = None,
-           config: ConfigOption = DEFAULT_CONFIG,
+           config: ConfigOption = None,
            aliases: Annotated[list[str] | None, typer.Option("--alias", help="Revoke by alias; repeat.")] = None,
            as_json: JsonOption = False) -> None:
     """Revoke keys: every gateway refuses them from its next request."""
@@ -144,7 +144,7 @@ def delete(keys: Annotated[list[str] | None, typer.Argument(help="Keys (or token
     console.print(f"revoked {len(tokens)} key(s)")
 
 
-def usage(config: ConfigOption = DEFAULT_CONFIG,
+def usage(config: ConfigOption = None,
           key: Annotated[str | None, typer.Option("--key", help="One key (the key, its token or alias); default: all.")] = None,
           since: Annotated[str, typer.Option(help="How far back, in whole UTC days: 1d, 7d, 30d...")] = "1d",
           as_json: JsonOption = False) -> None:

@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import platformdirs
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -37,6 +38,31 @@ from .providers import PROVIDERS, honoured, known_providers, suggest_provider
 
 #: The config used when none is given: offline, embedded Redis, local models.
 DEFAULT_CONFIG = Path("configs/local.toml")
+#: the environment variable naming a config file, for every command and the SDK.
+CONFIG_ENV = "SMMF_CONFIG"
+#: what `smmf-queue init` writes, and the first place looked in.
+STARTER_CONFIG = Path("smmf.toml")
+
+
+def user_config() -> Path:
+    """The config in the user's config folder (~/.config/smmf-queue/smmf.toml on Linux)."""
+    return platformdirs.user_config_path("smmf-queue") / "smmf.toml"
+
+
+def find_config(given: str | os.PathLike[str] | None = None) -> tuple[Path, str]:
+    """The config file to read, and where its name came from: `given` (`-c`), else
+    $SMMF_CONFIG, else the first that exists of ./smmf.toml, configs/local.toml (a checkout of
+    this repository) and the user's config folder. ConfigError naming each place if none does."""
+    if given is not None:
+        return Path(given), "from -c"
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV]), f"from ${CONFIG_ENV}"
+    places = [STARTER_CONFIG, DEFAULT_CONFIG, user_config()]
+    for place in places:
+        if place.is_file():
+            return place, f"the first found of {', '.join(str(p) for p in places)}"
+    raise ConfigError(f"no config file: none given (-c or {CONFIG_ENV}) and none at "
+                      f"{', '.join(str(p) for p in places)}; `smmf-queue init` writes a starter {STARTER_CONFIG}")
 
 ModelKind = Literal["llm", "embedding", "reranker"]
 _SECTION_OF_KIND: dict[ModelKind, str] = {"llm": "llms", "embedding": "embeddings",
@@ -306,8 +332,9 @@ class SmmfConfig(BaseModel):
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> SmmfConfig:
-    """Read, interpolate and validate a config file; ConfigError names file, key and what was expected."""
-    source = Path(path) if path is not None else DEFAULT_CONFIG
+    """Read, interpolate and validate a config file (`path`, else as find_config looks);
+    ConfigError names file, key and what was expected."""
+    source, _ = find_config(path)
     try:
         raw = tomllib.loads(source.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -56,7 +56,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
 
 @pytest.fixture(scope="session")
 def tiny_models() -> Path:
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_models.py"), str(MODELS)],
+    subprocess.run([sys.executable, "-m", "smmf_queue.tiny_models", str(MODELS)],
                    check=True, capture_output=True)
     return MODELS
 

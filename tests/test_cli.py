@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import json
 from pathlib import Path
@@ -45,7 +46,7 @@ def test_models_shows_live_workers_and_queue_depth(config_path: Path, chat_worke
                                                    embed_worker: WorkerProcess) -> None:
     result = runner.invoke(app, ["models", "-c", str(config_path), "--json"])
     assert result.exit_code == 0, result.output
-    rows = {row["model"]: row for row in json.loads(result.output)}
+    rows = {row["model"]: row for row in json.loads(result.stdout)}
     assert rows[CHAT]["live_workers"] == 1 and rows[CHAT]["queue"] == "smmf.llm.tiny-noise-chat"
     assert rows[EMBED]["live_workers"] == 1 and rows[EMBED]["queued"] == 0
     assert rows[SPARE]["live_workers"] == 0
@@ -92,9 +93,61 @@ def test_providers_lists_the_table_and_the_readme_shows_every_provider() -> None
 
     result = runner.invoke(app, ["providers", "--json"])
     assert result.exit_code == 0, result.output
-    rows = {row["provider"]: row for row in json.loads(result.output)}
+    rows = {row["provider"]: row for row in json.loads(result.stdout)}
     assert set(rows) == set(PROVIDERS)
     assert rows["hf"]["installed"] and rows["proxy/openai"]["default_concurrency"] == 64
     assert rows["mlx"]["kinds"] == ["llm"]
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert all(f"| `{name}` |" in readme for name in PROVIDERS)
+
+
+def test_version_and_known_log_levels_only() -> None:
+    assert runner.invoke(app, ["--version"]).stdout.strip() == f"smmf-queue {importlib.metadata.version('smmf-queue')}"
+    refused = runner.invoke(app, ["worker", "-m", CHAT, "--loglevel", "chatty"])
+    assert refused.exit_code == 2 and "'chatty' is not one of" in refused.output
+
+
+def test_commands_find_their_config_and_say_which(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a folder with no config, then one with ./smmf.toml, then SMMF_CONFIG set
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SMMF_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    missing = runner.invoke(app, ["config"])
+    assert missing.exit_code == 1 and "no config file" in missing.output and "smmf-queue init" in missing.output
+    (tmp_path / "smmf.toml").write_text('[[models.llms]]\nname = "here"\nprovider = "proxy/openai"\n')
+    (tmp_path / "other.toml").write_text('[[models.llms]]\nname = "there"\nprovider = "proxy/openai"\n')
+    found = runner.invoke(app, ["config"])
+    assert json.loads(found.stdout)["llms"][0]["name"] == "here"
+    assert "config: smmf.toml (the first found of smmf.toml" in found.stderr
+    monkeypatch.setenv("SMMF_CONFIG", "other.toml")
+    named = runner.invoke(app, ["config"])
+    assert json.loads(named.stdout)["llms"][0]["name"] == "there"
+    assert "config: other.toml (from $SMMF_CONFIG)" in named.stderr
+    # And -c wins over both
+    given = runner.invoke(app, ["config", "-c", "smmf.toml"])
+    assert json.loads(given.stdout)["llms"][0]["name"] == "here" and "(from -c)" in given.stderr
+
+
+@pytest.mark.parametrize("name", ["openai", "deepseek", "tongyi", "siliconflow", "ollama"])
+def test_init_writes_a_proxy_config_that_loads(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from smmf_queue.providers.openai_api import ENDPOINTS
+    from smmf_queue.starter import PROXIES
+
+    starter = PROXIES[name]
+    if starter.key_env:  # the starter reads the key from the variable the provider documents
+        assert starter.key_env == ENDPOINTS[starter.provider].key_env
+        monkeypatch.setenv(starter.key_env, "sk-from-env")
+    made = runner.invoke(app, ["init", "--proxy", name, "-o", str(tmp_path / "p.toml")])
+    assert made.exit_code == 0, made.output
+    loaded = smmf_queue.load_config(tmp_path / "p.toml")
+    assert {m.provider for m in loaded.models} == {starter.provider}
+    assert loaded.default_llm == starter.llm and loaded.queue.embedded_redis
+
+
+def test_init_refuses_to_overwrite_and_names_unknown_proxies(tmp_path: Path) -> None:
+    target = tmp_path / "smmf.toml"
+    target.write_text("# mine\n")
+    kept = runner.invoke(app, ["init", "-o", str(target)])
+    assert kept.exit_code == 1 and "--force" in kept.output and target.read_text() == "# mine\n"
+    unknown = runner.invoke(app, ["init", "--proxy", "openia", "-o", str(tmp_path / "x.toml")])
+    assert unknown.exit_code == 1 and "expected one of openai, deepseek" in unknown.output

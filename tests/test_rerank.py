@@ -1,5 +1,5 @@
 """Rerankers, DB-GPT's third model kind, end to end: a DB-GPT-style config with all three kinds;
-`hf` runs a tiny random-weight cross-encoder (scripts/make_tiny_models.py) with
+`hf` runs a tiny random-weight cross-encoder (smmf_queue/tiny_models.py) with
 sentence-transformers' CrossEncoder; `proxy/siliconflow` calls a real rerank API in Cohere's
 shape (our own gateway's `/v1/rerank`, as vLLM and Xinference serve it); `proxy/openapi`
 (DB-GPT's relevance API) is checked against a FAKE upstream (tests/fake_upstream.py).

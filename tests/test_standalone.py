@@ -187,3 +187,22 @@ def _answers(client: redis.Redis) -> bool:
         return bool(client.ping())
     except redis.RedisError:
         return False
+
+
+def test_init_then_up_in_an_empty_folder_runs_a_chat_and_an_embedding(tmp_path: Path) -> None:
+    # Given an empty folder where `smmf-queue init` wrote its offline starter, on free ports
+    env = {**os.environ, "SMMF_REDIS_PORT": str(free_port()), "SMMF_GATEWAY_PORT": str(free_port()),
+           "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "COLUMNS": "200"}
+    env.pop("SMMF_CONFIG", None)
+    made = subprocess.run([sys.executable, "-m", "smmf_queue", "init"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    # When `up --demo` runs there with no -c
+    demo = subprocess.run([sys.executable, "-m", "smmf_queue", "up", "--demo"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    # Then it took ./smmf.toml, and a chat (SDK and gateway) and an embedding went through
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "config: smmf.toml (the first found of" in demo.stderr
+    assert "(tiny-noise-chat, first token after" in demo.stdout
+    assert "3 vectors of 384 dimensions from all-MiniLM-L6-v2" in demo.stdout
+    assert "/v1/chat/completions (tiny-noise-chat)" in demo.stdout and "finish_reason" in demo.stdout

@@ -72,7 +72,7 @@ def test_a_prompt_that_kills_its_worker_ends_as_a_dead_letter_after_max_attempts
         # And an operator finds it among the dead letters, with its request
         listed = runner.invoke(app, ["jobs", "list", "--json", "-c", str(poison_config)])
         assert listed.exit_code == 0, listed.output
-        [row] = [r for r in json.loads(listed.output) if r["job_id"] == job_id]
+        [row] = [r for r in json.loads(listed.stdout) if r["job_id"] == job_id]
         assert (row["model"], row["attempts"], row["error_type"], row["size"]) == (
             MODEL, 3, "WorkerLost", "1 messages")
         assert POISON[0]["content"] not in listed.output  # a listing shows no prompt

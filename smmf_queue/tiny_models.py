@@ -8,13 +8,16 @@ second, but the text it writes is noise: it is a test fixture, not a language mo
 packaged all-MiniLM-L6-v2's WordPiece tokenizer: sentence-transformers' CrossEncoder runs it for
 real, and its scores mean nothing.
 
-    python scripts/make_tiny_models.py [OUTPUT_DIR]     (default: .smmf/models)
+    python -m smmf_queue.tiny_models [OUTPUT_DIR]     (default: .smmf/models)
+
+`smmf-queue init` makes tiny-noise-chat with this code for its offline starter config.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
@@ -30,7 +33,7 @@ _CORPUS = [
 ]
 
 
-def make_tokenizer(out: Path):  # type: ignore[no-untyped-def]
+def make_tokenizer(out: Path) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -85,7 +88,7 @@ def make_cross_encoder(out: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(Path(package.submodule_search_locations[0]) / "model")
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=512,
-                        num_labels=1, initializer_range=0.5)
+                        num_labels=1, initializer_range=0.5)  # type: ignore[call-arg]  # a PretrainedConfig keyword
     target.mkdir(parents=True, exist_ok=True)
     BertForSequenceClassification(config).save_pretrained(target)
     tokenizer.save_pretrained(target)
