@@ -7,8 +7,8 @@ import dataclasses
 import enum
 import importlib.metadata
 import json
-import logging
 import math
+import os
 import signal
 import time
 import urllib.request
@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import chat_fields, dead_letters, keys, redis_clients, registry, starter
+from . import chat_fields, dead_letters, keys, logs, redis_clients, registry, starter
 from .client import Client, queued_jobs
 from .config import CONFIG_ENV, STARTER_CONFIG, ModelConfig, ModelKind, SmmfConfig, find_config, load_config
 from .errors import SmmfError
@@ -97,8 +97,14 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                               help="Print the version and exit.")] = False) -> None:
+                                               help="Print the version and exit.")] = False,
+         log_format: Annotated[logs.LogFormat, typer.Option(
+             envvar=logs.LOG_FORMAT_ENV, case_sensitive=False,
+             help="Logs as text, or one JSON object per line (workers, gateway, and what `up` starts).")]
+         = logs.LogFormat.TEXT) -> None:
     """Many LLM, embedding and reranker models behind one interface, on per-model queues."""
+    if log_format is logs.LogFormat.JSON:  # for this process and the ones it starts
+        os.environ[logs.LOG_FORMAT_ENV] = log_format.value
 
 
 @app.command()
@@ -137,7 +143,7 @@ def worker(models: Annotated[list[str], typer.Option("--model", "-m", help="Mode
     """Serve one or more models: load them once, consume only their queues."""
     from .worker import run_worker
 
-    logging.basicConfig(level=loglevel.value, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(loglevel.value)
     loaded = _load(config)
     try:
         run_worker(loaded, models, loglevel=loglevel.value, metrics_port=metrics_port)
@@ -425,11 +431,14 @@ def embed_batch(
 @app.command()
 def gateway(config: ConfigOption = None,
             host: Annotated[str | None, typer.Option(help="Address; default: gateway.host.")] = None,
-            port: Annotated[int | None, typer.Option(help="Port; default: gateway.port.")] = None) -> None:
+            port: Annotated[int | None, typer.Option(help="Port; default: gateway.port.")] = None,
+            loglevel: Annotated[LogLevel, typer.Option(
+                case_sensitive=False, help="Log level; info logs a line per request.")] = LogLevel.WARNING,
+            ) -> None:
     """Serve the OpenAI-compatible HTTP API over the queues."""
     from .gateway import serve
 
-    serve(_load(config), host, port)
+    serve(_load(config), host, port, loglevel.value)
 
 
 @app.command()

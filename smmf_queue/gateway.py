@@ -32,7 +32,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import chat_fields, gateway_choices, gateway_openapi, metrics, redis_clients, registry
+from . import chat_fields, gateway_choices, gateway_openapi, logs, metrics, redis_clients, registry
 from .client import AsyncClient
 from .config import SmmfConfig
 from .errors import RateLimited, RequestError, SmmfError
@@ -57,6 +57,8 @@ from .jobs import JOB_ID_PATTERN, Usage, new_job_id, pack_vectors
 from .virtual_keys import KEY_PREFIX, KeyStore, may_call
 
 log = logging.getLogger("smmf_queue.gateway")
+#: one line per API request at INFO (`_log_access`); `smmf-queue gateway --loglevel info` shows it.
+ACCESS_LOG = logging.getLogger("smmf_queue.access")
 
 #: the longest deadline a request may carry, seconds.
 MAX_DEADLINE_S = 7 * 24 * 3600
@@ -392,6 +394,7 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         status = 500
+        started = time.perf_counter()
 
         async def send_with_request_id(message: Message) -> None:
             """Every response says `x-request-id`: its job's id where it has one."""
@@ -418,6 +421,7 @@ class _Guard:
         refusal = self._refusal(scope)
         if refusal is not None:
             await refusal(scope, receive, send_with_request_id)
+            _log_access(scope, status, started)
             return
         try:
             await self.app(scope, receive, send_with_request_id)
@@ -427,6 +431,7 @@ class _Guard:
             metrics.REQUESTS.labels(getattr(route, "path", "unmatched"),
                                     model if model in self.models or not model else "unknown",
                                     str(status)).inc()
+            _log_access(scope, status, started)
 
     def _refusal(self, scope: Scope) -> JSONResponse | None:
         headers = Headers(scope=scope)
@@ -443,6 +448,18 @@ class _Guard:
         return None
 
 
+def _log_access(scope: Scope, status: int, started: float) -> None:
+    """One access line per API request, at INFO: method, route, status, duration, job id."""
+    if not ACCESS_LOG.isEnabledFor(logging.INFO):
+        return
+    route = getattr(scope.get("route"), "path", scope["path"])
+    job_id = scope.get("state", {}).get("request_id")
+    duration_ms = round((time.perf_counter() - started) * 1000, 2)
+    ACCESS_LOG.info("%s %s %d %.2f ms job %s", scope["method"], route, status, duration_ms, job_id or "-",
+                    extra={"method": scope["method"], "route": route, "status": status,
+                           "duration_ms": duration_ms, "job_id": job_id})
+
+
 def _invalid_key() -> JSONResponse:
     return error_response(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
 
@@ -454,11 +471,14 @@ def _encode(vector: list[float], encoding: str) -> list[float] | str:
     return packed
 
 
-def serve(config: SmmfConfig, host: str | None = None, port: int | None = None) -> None:
-    """Run the gateway with uvicorn until stopped."""
+def serve(config: SmmfConfig, host: str | None = None, port: int | None = None,
+          loglevel: str = "WARNING") -> None:
+    """Run the gateway with uvicorn until stopped; at INFO each request gets an access line
+    (`_Guard`: uvicorn's own, which knows no route or job, is off), in logs.py's format."""
     import uvicorn
 
+    logs.configure(loglevel)
     uvicorn.run(create_app(config), host=host or config.gateway.host,
-                port=port or config.gateway.port, log_level="warning",
-                timeout_graceful_shutdown=config.gateway.shutdown_grace_s)
+                port=port or config.gateway.port, log_level=loglevel.lower(), log_config=None,
+                access_log=False, timeout_graceful_shutdown=config.gateway.shutdown_grace_s)
 

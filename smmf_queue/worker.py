@@ -25,7 +25,7 @@ import redis
 from celery import Celery, Task, signals
 from pydantic import ValidationError
 
-from . import dead_letters, keys, metrics, redis_clients, registry
+from . import dead_letters, keys, logs, metrics, redis_clients, registry
 from .attempt import WORKER_LOST, Attempt, Deliveries, LeaseBusy
 from .config import ModelConfig, SmmfConfig
 from .dynamic_batching import EmbedBatcher
@@ -176,9 +176,10 @@ class WorkerRuntime:
         before, and a retry when another replica holds the job)."""
         job_id = str(task.request.id)
         try:
-            return self.deliveries.run(job_id, _reply_channel(payload),
-                                       lambda attempt: self._run(kind, payload, attempt),
-                                       ahead=kind == "llm" and _first_delivery(task))
+            with logs.job_scope(job_id=job_id, model=str(payload.get("model", "?"))):
+                return self.deliveries.run(job_id, _reply_channel(payload),
+                                           lambda attempt: self._run(kind, payload, attempt),
+                                           ahead=kind == "llm" and _first_delivery(task))
         except LeaseBusy as busy:
             raise task.retry(countdown=busy.retry_in_s) from None
         except JobFailed as exc:
@@ -236,7 +237,7 @@ class WorkerRuntime:
         """Run the job and finish it with its terminal event, if this attempt still holds it."""
         job_id = attempt.job_id
         model_name = str(payload.get("model", "?"))
-        with metrics.IN_FLIGHT.labels(model_name, kind).track_inprogress():
+        with metrics.IN_FLIGHT.labels(model_name, kind).track_inprogress(), logs.job_scope(attempt=attempt.number):
             try:
                 model, provider, request = self._resolve(kind, payload, job_id)
                 metrics.QUEUE_WAIT.labels(model.name, kind).observe(
@@ -251,6 +252,8 @@ class WorkerRuntime:
             except JobFailed as exc:
                 outcome = "cancelled" if exc.error_type == "Cancelled" else "failed"
                 metrics.JOBS.labels(model_name, kind, outcome).inc()
+                log.log(logging.INFO if outcome == "cancelled" else logging.WARNING,
+                        "job %s %s: %s: %s", job_id, outcome, exc.error_type, exc.message[:300])
                 attempt.fail(exc)
         # Counted before the end is published: a caller's next job, admitted once it saw this
         # one's result, must see its tokens (they were generated, whoever finishes the job).
@@ -439,6 +442,8 @@ def run_worker(config: SmmfConfig, model_names: list[str], *, loglevel: str = "I
         prometheus_client.start_http_server(metrics_port)
     app = make_celery_app(config)
     register_tasks(app, runtime)
+    # Our handler, in the format asked for (logs.py), instead of the one Celery would install.
+    signals.setup_logging.connect(lambda **_: logs.configure(loglevel.upper()), weak=False)
     signals.worker_ready.connect(lambda **_: runtime.start_heartbeat(Reaper(runtime.redis, app)),
                                  weak=False)
     signals.worker_shutting_down.connect(lambda **_: runtime.stop_within_grace(), weak=False)

@@ -230,12 +230,13 @@ def start_service(command: str, config: Path, log: Path, health_url: str,
 
 
 @contextlib.contextmanager
-def gateway_process(config: Path, log_folder: Path, port: int | None = None) -> Iterator[str]:
+def gateway_process(config: Path, log_folder: Path, port: int | None = None,
+                    loglevel: str = "warning") -> Iterator[str]:
     """`smmf-queue gateway` on `config` in a child process; yields its URL once it answers."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     process = start_service("gateway", config, log_folder / "gateway.log", f"{url}/healthz",
-                            "--port", str(port))
+                            "--port", str(port), "--loglevel", loglevel)
     try:
         yield url
     finally:
