@@ -25,6 +25,7 @@ from transformers import (
     TextIteratorStreamer,
 )
 
+from .. import hub
 from ..errors import JobFailed, ProviderUnavailable
 from ..jobs import ChatRequest, ToolCallDelta, Usage
 from ..tool_parsers import HermesParser
@@ -147,6 +148,9 @@ def _tally_tokens(sentence_model: Any) -> _TokenTally:
 class HFProvider(Provider):
     """A transformers model on CPU or GPU."""
 
+    #: the model's folder, once found (`_path`).
+    _folder: str | None = None
+
     def check_hardware(self) -> None:
         device = self._device()
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -156,10 +160,7 @@ class HFProvider(Provider):
         if device == "mps" and not torch.backends.mps.is_available():
             raise ProviderUnavailable(f"model '{self.model.name}' asks for device 'mps' but "
                                       "Apple's Metal backend is not available", model=self.model.name)
-        if not Path(self._path()).is_dir():
-            raise ProviderUnavailable(f"model '{self.model.name}': path '{self._path()}' is not a "
-                                      "folder (HF models load from local folders here)",
-                                      model=self.model.name)
+        self._path()  # a missing folder or hub model refuses the worker before any loads
 
     def hardware(self) -> str:
         device = self._device()
@@ -386,7 +387,18 @@ class HFProvider(Provider):
             getattr(self.lm.config, "max_position_embeddings", None) or 2**31)
 
     def _path(self) -> str:
-        return self.model.path or self.model.upstream_name
+        """The model's folder: `path` (else the name), or the cache folder of a hub id (hub.py)."""
+        if self._folder is None:
+            given = self.model.path or self.model.upstream_name
+            if hub.is_hub_id(given):
+                options = self.model.options
+                given = str(hub.local_folder(self.model.name, given, offline=bool(options.get("offline")),
+                                             revision=options.get("revision")))
+            elif not Path(given).is_dir():
+                raise ProviderUnavailable(f"model '{self.model.name}': path '{given}' is neither a "
+                                          "folder nor a hub id (owner/name)", model=self.model.name)
+            self._folder = given
+        return self._folder
 
     def _device(self) -> str:
         device = self.model.device or "auto"
