@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Create .venv in the repo root and install smmf-queue with the extras named in $1 (default
-# "hf"; the tests ask for "hf,llamacpp,proxy,dev"). Idempotent: installs again only when
+# "hf,standalone": the offline stack; the tests ask for "hf,llamacpp,proxy,dev"). Idempotent: installs again only when
 # pyproject.toml, this script or the extras changed. Used by run.sh and test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras=${1:-hf}
+extras=${1:-hf,standalone}
 LLAMA_CPP_VERSION=0.3.36
 python=${PYTHON:-python3}
 stamp=".venv/.installed-$( (sha1sum pyproject.toml scripts/bootstrap.sh; echo "$extras") | sha1sum | cut -c1-12)"

@@ -58,7 +58,7 @@ ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Model na
 
 
 def _fail(message: str) -> NoReturn:
-    errors.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    errors.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=1)
 
 
@@ -83,7 +83,7 @@ def _load(path: Path | None) -> SmmfConfig:
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-    errors.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+    errors.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 warnings.showwarning = _show_warning  # type: ignore[assignment]
@@ -446,7 +446,11 @@ def flower(config: ConfigOption = None) -> None:
     """Run Flower (Celery's monitoring UI) against the configured broker, with basic auth from config."""
     from .queues import run_flower
 
-    run_flower(_load(config))
+    loaded = _load(config)
+    try:
+        run_flower(loaded)
+    except SmmfError as exc:
+        _fail(exc.message)
 
 
 @app.command()

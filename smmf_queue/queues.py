@@ -16,6 +16,7 @@ from celery import Celery
 
 from . import keys
 from .config import SmmfConfig
+from .providers import require_extra
 
 #: seconds between kombu's sweeps that return unacknowledged jobs of dead workers to their queue.
 UNACKED_RESTORE_INTERVAL_S = 5
@@ -141,6 +142,7 @@ def run_flower(config: SmmfConfig) -> None:
     """
     import os
 
+    require_extra("flower", "Flower")
     if config.flower.basic_auth:
         os.environ["FLOWER_BASIC_AUTH"] = ",".join(
             pair.get_secret_value() for pair in config.flower.basic_auth)

@@ -20,7 +20,7 @@ from . import redis_clients, registry
 from .config import ModelConfig, SmmfConfig
 from .embedded_redis import EmbeddedRedis
 from .errors import SmmfError
-from .providers import missing_extra
+from .providers import missing_extra, require_extra
 
 #: seconds to wait for every worker to load its model and report live.
 READY_TIMEOUT_S = 300.0
@@ -56,6 +56,10 @@ class Stack:
         return f"http://{self.config.gateway.host}:{self.config.gateway.port}"
 
     def start(self) -> None:
+        if self.config.queue.embedded_redis:
+            require_extra("standalone", "an embedded Redis (queue.embedded_redis = true)")
+        if self.with_flower:
+            require_extra("flower", "Flower")
         if self.config.queue.embedded_redis:
             self.redis = EmbeddedRedis.for_url(self.config.queue.redis,
                                                self.config.queue.embedded_redis_dir,

