@@ -25,7 +25,7 @@ from rich.table import Table
 
 from . import chat_fields, dead_letters, keys, logs, redis_clients, registry, starter
 from .client import Client, queued_jobs
-from .config import CONFIG_ENV, STARTER_CONFIG, ModelConfig, ModelKind, SmmfConfig, find_config, load_config
+from .config import CONFIG_ENV, SECTIONS, STARTER_CONFIG, ModelConfig, ModelKind, SmmfConfig, find_config, load_config
 from .errors import SmmfError
 from .providers import PROVIDERS, ProviderSpec, missing_extra
 from .starter import PROXIES
@@ -129,10 +129,26 @@ def init(proxy: Annotated[str | None, typer.Option(
 
 
 @app.command()
-def config(config: ConfigOption = None) -> None:
+def config(config: ConfigOption = None,
+           origins: Annotated[bool, typer.Option(
+               "--origins", help="List our sections' keys, their values and where each came from: the "
+                                 "file, an SMMF_<SECTION>__<KEY> variable, or the default.")] = False,
+           as_json: Annotated[bool, typer.Option("--json", help="With --origins: JSON rows.")] = False) -> None:
     """Validate a config file and print it resolved, with secrets masked."""
     loaded = _load(config)
-    console.print_json(json.dumps(loaded.model_dump(mode="json")))
+    dumped = loaded.model_dump(mode="json")
+    if not origins:
+        console.print_json(json.dumps(dumped))
+        return
+    rows = [{"key": f"{section}.{key}", "value": value, "from": loaded.origins.get(f"{section}.{key}", "default")}
+            for section in SECTIONS for key, value in dumped[section].items()]
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table("key", "value", "from")
+    for row in rows:
+        table.add_row(row["key"], escape(json.dumps(row["value"])), row["from"])
+    console.print(table)
 
 
 @app.command()

@@ -32,12 +32,15 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError, UnknownModel, WrongModelKind
 from .providers import PROVIDERS, honoured, known_providers, suggest_provider
 
 #: The config used when none is given: offline, embedded Redis, local models.
 DEFAULT_CONFIG = Path("configs/local.toml")
+#: the prefix of the environment variables that set our sections' keys (`_FromEnvironment`).
+ENV_PREFIX = "SMMF_"
 #: the environment variable naming a config file, for every command and the SDK.
 CONFIG_ENV = "SMMF_CONFIG"
 #: what `smmf-queue init` writes, and the first place looked in.
@@ -200,6 +203,12 @@ class UsageSettings(_Strict):
     database_url: SecretStr | None = None
 
 
+#: our own sections, by their table's name.
+SECTIONS: dict[str, type[_Strict]] = {"queue": QueueSettings, "worker": WorkerSettings,
+                                       "gateway": GatewaySettings, "flower": FlowerSettings,
+                                       "usage": UsageSettings}
+
+
 class AccountSettings(_Strict):
     """An upstream account (one API key at one provider) that several models call: its limits
     hold across every worker calling it, each upstream call counted (upstream_accounts.py)."""
@@ -305,6 +314,8 @@ class SmmfConfig(BaseModel):
     usage: UsageSettings = Field(default_factory=UsageSettings)
     #: upstream accounts by name, with the limits every model on one shares.
     accounts: dict[str, AccountSettings] = Field(default_factory=dict)
+    #: where each of our sections' keys that is not a default came from ("file" or "$VAR").
+    origins: dict[str, str] = Field(default_factory=dict, exclude=True)
 
     @property
     def models(self) -> list[ModelConfig]:
@@ -353,18 +364,17 @@ def _build(raw: dict[str, Any], source: Path) -> SmmfConfig:
         warnings.warn(f"{source}: models.{ignored} is not served by smmf-queue; ignored",
                       ConfigWarning, stacklevel=3)
     entries = {kind: _model_entries(models, kind, source) for kind in _SECTION_OF_KIND}
+    from_env = _environment()
     config = SmmfConfig(
         source=source,
         **{key: models.get(key) for key in _DEFAULT_KEY.values()},
         llms=entries["llm"],
         embeddings=entries["embedding"],
         rerankers=entries["reranker"],
-        queue=_section(QueueSettings, raw, "queue", source),
-        worker=_section(WorkerSettings, raw, "worker", source),
-        gateway=_section(GatewaySettings, raw, "gateway", source),
-        flower=_section(FlowerSettings, raw, "flower", source),
-        usage=_section(UsageSettings, raw, "usage", source),
+        **{name: _section(cls, raw, name, source, overrides=from_env.get(name, {}))
+           for name, cls in SECTIONS.items()},
         accounts=_accounts(raw, source),
+        origins=_origins(raw, from_env),
     )
     _check_defaults(config)
     _check_fallbacks(config)
@@ -375,16 +385,54 @@ def _build(raw: dict[str, Any], source: Path) -> SmmfConfig:
 _S = TypeVar("_S", bound=_Strict)
 
 
-def _section(cls: type[_S], raw: dict[str, Any], name: str, source: Path, prefix: str = "") -> _S:
-    """One of our own sections; its keys are named `section.key` (or `prefix` + key) in errors."""
+def _section(cls: type[_S], raw: dict[str, Any], name: str, source: Path, prefix: str = "",
+             overrides: dict[str, Any] | None = None) -> _S:
+    """One of our own sections, the file's keys and then the environment's (`overrides`); its
+    keys are named `section.key` (or `prefix` + key) in errors."""
     prefix = prefix or f"{name}."
     values = raw.get(name, {})
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: key '{prefix.rstrip('.')}': expected a table, got {type(values).__name__}")
     try:
-        return cls(**values)
+        return cls(**{**values, **(overrides or {})})
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source, "", prefix=prefix)) from None
+
+
+class _FromEnvironment(BaseSettings):
+    """Our sections' keys set in the environment, `SMMF_<SECTION>__<KEY>` (SMMF_QUEUE__BROKER_URL;
+    lists and tables as JSON), read by pydantic-settings; they win over the file's."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore")
+
+    queue: QueueSettings | None = None
+    worker: WorkerSettings | None = None
+    gateway: GatewaySettings | None = None
+    flower: FlowerSettings | None = None
+    usage: UsageSettings | None = None
+
+
+def _environment() -> dict[str, dict[str, Any]]:
+    """The keys of our sections the environment sets, by section; ConfigError naming the
+    variable for one that is not a setting or not valid."""
+    try:
+        return _FromEnvironment().model_dump(exclude_unset=True)
+    except ValidationError as exc:
+        names = ", ".join(_env_name(*map(str, error["loc"][:2])) for error in exc.errors())
+        raise ConfigError(f"{_describe(exc, 'environment', '')} (set by {names})") from None
+
+
+def _env_name(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
+
+
+def _origins(raw: dict[str, Any], from_env: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Where each key of our sections that is not a default came from: the file or a variable."""
+    origins = {f"{name}.{key}": "file" for name in SECTIONS
+               if isinstance(raw.get(name), dict) for key in raw[name]}
+    for name, keys in from_env.items():
+        origins |= {f"{name}.{key}": f"${_env_name(name, key)}" for key in keys}
+    return origins
 
 
 def _accounts(raw: dict[str, Any], source: Path) -> dict[str, AccountSettings]:
@@ -471,7 +519,7 @@ def _check_defaults(config: SmmfConfig) -> None:
                               f"configured {kind} model, got '{name}'")
 
 
-def _describe(exc: ValidationError, source: Path, where: str, prefix: str = "") -> str:
+def _describe(exc: ValidationError, source: Path | str, where: str, prefix: str = "") -> str:
     """Turn pydantic's errors into one line per problem, naming file, entry and key."""
     lines = []
     for error in exc.errors():

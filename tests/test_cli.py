@@ -151,3 +151,13 @@ def test_init_refuses_to_overwrite_and_names_unknown_proxies(tmp_path: Path) -> 
     assert kept.exit_code == 1 and "--force" in kept.output and target.read_text() == "# mine\n"
     unknown = runner.invoke(app, ["init", "--proxy", "openia", "-o", str(tmp_path / "x.toml")])
     assert unknown.exit_code == 1 and "expected one of openai, deepseek" in unknown.output
+
+
+def test_config_origins_says_where_each_value_came_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[gateway]\nport = 8123\n")
+    monkeypatch.setenv("SMMF_GATEWAY__HOST", "0.0.0.0")
+    result = runner.invoke(app, ["config", "-c", str(path), "--origins", "--json"])
+    rows = {row["key"]: row for row in json.loads(result.stdout)}
+    assert rows["gateway.host"] == {"key": "gateway.host", "value": "0.0.0.0", "from": "$SMMF_GATEWAY__HOST"}
+    assert rows["gateway.port"]["from"] == "file" and rows["worker.lease_s"]["from"] == "default"

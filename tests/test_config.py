@@ -193,3 +193,26 @@ def test_models_share_a_configured_upstream_account(tmp_path: Path) -> None:
                                          '[[models.llms]]\nname = "b"\nprovider = "proxy/deepseek"\naccount = "team"\n'))
     assert {m.account for m in config.llms} == {"team"}
     assert (config.accounts["team"].rpm, config.accounts["team"].tpm) == (5, 900)
+
+
+def test_the_environment_sets_our_sections_keys_over_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, '[queue]\nbroker_url = "redis://file:6379/0"\nembedded_redis = true\n\n'
+                           '[gateway]\nport = 8001\n')
+    monkeypatch.setenv("SMMF_QUEUE__BROKER_URL", "redis://from-env:6379/0")
+    monkeypatch.setenv("SMMF_GATEWAY__API_KEYS", '["k-one", "k-two"]')
+    loaded = load_config(path)
+    assert loaded.queue.broker_url == "redis://from-env:6379/0" and loaded.queue.embedded_redis
+    assert [key.get_secret_value() for key in loaded.gateway.api_keys] == ["k-one", "k-two"]
+    assert loaded.gateway.port == 8001
+    assert loaded.origins["queue.broker_url"] == "$SMMF_QUEUE__BROKER_URL"
+    assert loaded.origins["queue.embedded_redis"] == loaded.origins["gateway.port"] == "file"
+    assert "worker.lease_s" not in loaded.origins  # a default
+
+
+def test_a_bad_environment_key_is_named_by_its_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMMF_GATEWAY__PORTT", "9000")
+    message = error_of(write(tmp_path, ""))
+    assert "key 'gateway.portt': unknown key" in message and "SMMF_GATEWAY__PORTT" in message
+    monkeypatch.delenv("SMMF_GATEWAY__PORTT")
+    monkeypatch.setenv("SMMF_WORKER__LEASE_S", "soon")
+    assert "SMMF_WORKER__LEASE_S" in error_of(write(tmp_path, ""))
