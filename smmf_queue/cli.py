@@ -25,7 +25,16 @@ from rich.table import Table
 
 from . import chat_fields, dead_letters, keys, logs, redis_clients, registry, starter
 from .client import Client, queued_jobs
-from .config import CONFIG_ENV, SECTIONS, STARTER_CONFIG, ModelConfig, ModelKind, SmmfConfig, find_config, load_config
+from .config import (
+    CONFIG_ENV,
+    SECTIONS,
+    STARTER_CONFIG,
+    ModelConfig,
+    ModelKind,
+    SmmfConfig,
+    find_config,
+    load_config,
+)
 from .errors import SmmfError
 from .providers import PROVIDERS, ProviderSpec, missing_extra
 from .starter import PROXIES

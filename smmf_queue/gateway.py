@@ -15,9 +15,12 @@ import logging
 import os
 import re
 import secrets
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import astuple, dataclass
 from functools import partial
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -34,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import chat_fields, gateway_choices, gateway_openapi, logs, metrics, redis_clients, registry
 from .client import AsyncClient
-from .config import SmmfConfig
+from .config import SmmfConfig, load_config
 from .errors import RateLimited, RequestError, SmmfError
 from .gateway_errors import classify, error_response
 from .gateway_keys import admin_router
@@ -88,6 +91,9 @@ def create_app(config: SmmfConfig) -> FastAPI:
         app.state.left_streams = LeftStreams(app.state.client, config.gateway.resume_grace_s)
         app.state.accounting = Accounting(config, master)
         app.state.accounting.start()
+        if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+            # (a TestClient runs the app in another thread, where no signal can be handled)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
         yield
         await app.state.left_streams.aclose()
         await app.state.client.aclose()
@@ -106,9 +112,30 @@ def create_app(config: SmmfConfig) -> FastAPI:
     #: when this gateway started: `created` of the models it lists.
     started = int(time.time())
 
-    app.add_middleware(_Guard, keys={k.get_secret_value() for k in config.gateway.api_keys},
-                       master=master, models={m.name for m in config.models},
-                       max_body_bytes=config.gateway.max_body_bytes)
+    guarded = _GuardSettings.of(config)
+    app.add_middleware(_Guard, settings=guarded, master=master)
+
+    def reload() -> None:
+        """SIGHUP: read the config file again. New models are served and removed ones answer
+        404 from the next request; streams under way go on. A new [queue] section, master key
+        or ledger needs a restart: a config that changes [queue] (or does not load) is refused
+        and the old one stays."""
+        nonlocal config, fail_fast
+        try:
+            new = load_config(config.source)
+        except SmmfError as exc:
+            log.error("config not reloaded, the running one stays: %s", exc.message)
+            return
+        if new.queue != config.queue:
+            log.error("config not reloaded: its [queue] section changed, which needs a restart")
+            return
+        before, after = {m.name for m in config.models}, {m.name for m in new.models}
+        config = app.state.client.config = new
+        fail_fast = not new.gateway.wait_for_worker
+        guarded.update(new)
+        app.openapi_schema = None
+        log.warning("config reloaded from %s: models added %s, removed %s", new.source,
+                    sorted(after - before) or "none", sorted(before - after) or "none")
     if master:
         app.include_router(admin_router(KeyStore(redis_clients.connect(config.queue))))
 
@@ -368,6 +395,24 @@ def _deadlines(x_smmf_timeout: float | None = Header(default=None, gt=0, le=MAX_
 Deadlines = Annotated[dict[str, float], Depends(_deadlines)]
 
 
+@dataclass
+class _GuardSettings:
+    """What the guard takes from the config: the static keys, the models (its counter's
+    labels) and the body limit; `update` puts a reloaded config's in place."""
+
+    keys: set[str]
+    models: set[str]
+    max_body_bytes: int
+
+    @classmethod
+    def of(cls, config: SmmfConfig) -> _GuardSettings:
+        return cls({k.get_secret_value() for k in config.gateway.api_keys},
+                   {m.name for m in config.models}, config.gateway.max_body_bytes)
+
+    def update(self, config: SmmfConfig) -> None:
+        self.keys, self.models, self.max_body_bytes = astuple(self.of(config))
+
+
 class _Guard:
     """API keys and the body-size limit for the API (`GUARDED`) and the master key for the admin
     API (`ADMIN`), the request counter, `x-request-id`, and a virtual key's `x-ratelimit-*`.
@@ -381,13 +426,10 @@ class _Guard:
     labels are bounded, whatever clients send: the route's template (not the raw path) and a
     configured model's name (anything else counts as "unknown")."""
 
-    def __init__(self, app: ASGIApp, keys: set[str], master: str | None, models: set[str],
-                 max_body_bytes: int):
+    def __init__(self, app: ASGIApp, settings: _GuardSettings, master: str | None):
         self.app = app
-        self.keys = keys
+        self.settings = settings
         self.master = master
-        self.models = models
-        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -429,21 +471,22 @@ class _Guard:
             model = scope.get("state", {}).get("model", "")  # set by the endpoint, unchecked
             route = scope.get("route")  # set by FastAPI's router when a route matched
             metrics.REQUESTS.labels(getattr(route, "path", "unmatched"),
-                                    model if model in self.models or not model else "unknown",
+                                    model if model in self.settings.models or not model else "unknown",
                                     str(status)).inc()
             _log_access(scope, status, started)
 
     def _refusal(self, scope: Scope) -> JSONResponse | None:
         headers = Headers(scope=scope)
         bearer = headers.get("authorization", "").removeprefix("Bearer ")
-        if self.master and bearer.startswith(KEY_PREFIX) and bearer not in self.keys:
+        keys, limit = self.settings.keys, self.settings.max_body_bytes
+        if self.master and bearer.startswith(KEY_PREFIX) and bearer not in keys:
             scope.setdefault("state", {})["virtual_key"] = bearer
-        elif (self.keys or self.master) and bearer not in self.keys and bearer != self.master:
+        elif (keys or self.master) and bearer not in keys and bearer != self.master:
             return _invalid_key()
         length = headers.get("content-length")
-        if length and length.isdigit() and int(length) > self.max_body_bytes:
+        if length and length.isdigit() and int(length) > limit:
             return error_response(413, f"Request body of {length} bytes exceeds the limit of "
-                                  f"{self.max_body_bytes} bytes.", "invalid_request_error",
+                                  f"{limit} bytes.", "invalid_request_error",
                                   "request_too_large")
         return None
 
