@@ -74,6 +74,8 @@ _SECTION_OF_KIND: dict[ModelKind, str] = {"llm": "llms", "embedding": "embedding
 _DEFAULT_KEY: dict[ModelKind, str] = {"llm": "default_llm", "embedding": "default_embedding",
                                       "reranker": "default_reranker"}
 _PLACEHOLDER = re.compile(r"\$\{(env|pkg):([^}:]+)(?::-([^}]*))?\}")
+#: the key of a value inside one model entry (`models.llms[0].api_key`).
+_MODEL_ENTRY = re.compile(r"models\.(llms|embeddings|rerankers)\[\d+\]\.")
 
 
 class ConfigWarning(UserWarning):
@@ -280,6 +282,17 @@ class ModelConfig(BaseModel):
     def supports(self) -> frozenset[str]:
         """OpenAI chat fields beyond the common sampling ones that it honours (providers.honoured)."""
         return honoured(self.provider, self.options)
+
+    def unresolved(self) -> list[str]:
+        """What this entry's `${env:...}` and `${pkg:...}` lack here (left as written when it
+        was loaded: config._resolve); a worker serving the model refuses to start with them."""
+        problems = []
+        for key, value in self.model_dump().items():
+            text = value.get_secret_value() if isinstance(value, SecretStr) else value
+            if isinstance(text, str):
+                problems += [f"key '{key}': {problem}" for match in _PLACEHOLDER.finditer(text)
+                             if (problem := _unresolvable(match))]
+        return problems
 
     @property
     def upstream_name(self) -> str:
@@ -548,15 +561,35 @@ def _interpolate(value: Any, source: Path, key: str) -> Any:
 
 
 def _resolve(match: re.Match[str], source: Path, key: str) -> str:
+    """A placeholder's value. One that cannot be resolved here is a ConfigError, except in a
+    model entry: there it stays as written, for only a worker serving that model needs it
+    (a gateway need not hold a provider's key or an engine's package), and that worker
+    refuses to start, naming it (ModelConfig.unresolved)."""
+    problem = _unresolvable(match)
+    if problem is None:
+        return _value(match)
+    if _MODEL_ENTRY.match(key):
+        return match.group(0)
+    raise ConfigError(f"{source}: key '{key}': {problem}")
+
+
+def _unresolvable(match: re.Match[str]) -> str | None:
+    """Why a placeholder has no value here, or None."""
     scheme, name, default = match.group(1), match.group(2), match.group(3)
     if scheme == "env":
-        if name in os.environ:
-            return os.environ[name]
-        if default is not None:
-            return default
-        raise ConfigError(f"{source}: key '{key}': environment variable {name} is not set "
-                          f"(write ${{env:{name}:-default}} to give a default)")
+        if name in os.environ or default is not None:
+            return None
+        return f"environment variable {name} is not set (write ${{env:{name}:-default}} to give a default)"
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"{source}: key '{key}': Python package '{name}' is not installed")
+        return f"Python package '{name}' is not installed"
+    return None
+
+
+def _value(match: re.Match[str]) -> str:
+    scheme, name, default = match.group(1), match.group(2), match.group(3)
+    if scheme == "env":
+        return os.environ.get(name, default or "")
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.submodule_search_locations  # _unresolvable said so
     return str(Path(next(iter(spec.submodule_search_locations))))

@@ -44,6 +44,8 @@ class Stack:
             if extra is not None:
                 self.skipped[model.name] = (f"provider '{model.provider}' needs the '{extra}' extra: "
                                             f"pip install 'smmf-queue[{extra}]'")
+            elif problems := model.unresolved():
+                self.skipped[model.name] = "; ".join(problems)
         self.gateway: subprocess.Popen[bytes] | None = None
 
     @property

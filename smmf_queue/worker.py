@@ -29,7 +29,7 @@ from . import dead_letters, keys, logs, metrics, redis_clients, registry
 from .attempt import WORKER_LOST, Attempt, Deliveries, LeaseBusy
 from .config import ModelConfig, SmmfConfig
 from .dynamic_batching import EmbedBatcher
-from .errors import JobFailed
+from .errors import JobFailed, ProviderUnavailable
 from .jobs import (
     WIRE_VERSION,
     ChatRequest,
@@ -102,6 +102,10 @@ class WorkerRuntime:
 
     def prepare(self) -> None:
         """Check every model can run here (refusing before any is loaded), then load them."""
+        for model in self.models:
+            if problems := model.unresolved():
+                raise ProviderUnavailable(f"{self.config.source}: model '{model.name}': "
+                                          f"{'; '.join(problems)}", model=model.name)
         built = [(model, load_provider(model)) for model in self.models]
         for _, provider in built:
             provider.check_hardware()

