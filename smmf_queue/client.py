@@ -24,9 +24,10 @@ from typing import Any, TypeVar, cast
 
 import redis
 import redis.asyncio
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
-from . import chat_fields, keys, redis_clients, registry
+from . import chat_fields, keys, redis_clients, registry, tracing
 from .batch.chunks import ChunkResult, embed_chunks
 from .config import ModelConfig, ModelKind, SmmfConfig, load_config
 from .errors import (
@@ -232,7 +233,10 @@ class _BaseClient:
         try:
             self._check_depth(entry)
             self._check_limits(entry)
-            self._sender.send(task, kind, request, expires_s=expires_s, priority=priority)
+            with tracing.span(f"smmf.enqueue {kind}", SpanKind.PRODUCER,
+                              {"smmf.model": entry.name, "smmf.job_id": request["job_id"]}):
+                self._sender.send(task, kind, request, expires_s=expires_s, priority=priority,
+                                  headers=tracing.headers())
         except (QueueFull, RateLimited):
             hub.close(request["job_id"])
             raise

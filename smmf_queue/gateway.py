@@ -35,7 +35,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import chat_fields, gateway_choices, gateway_openapi, logs, metrics, redis_clients, registry
+from . import chat_fields, gateway_choices, gateway_openapi, logs, metrics, redis_clients, registry, tracing
 from .client import AsyncClient
 from .config import SmmfConfig, load_config
 from .errors import RateLimited, RequestError, SmmfError
@@ -521,6 +521,7 @@ def serve(config: SmmfConfig, host: str | None = None, port: int | None = None,
     import uvicorn
 
     logs.configure(loglevel)
+    tracing.setup("smmf-queue-gateway")  # FastAPI traces each request itself once a provider is set
     uvicorn.run(create_app(config), host=host or config.gateway.host,
                 port=port or config.gateway.port, log_level=loglevel.lower(), log_config=None,
                 access_log=False, timeout_graceful_shutdown=config.gateway.shutdown_grace_s)

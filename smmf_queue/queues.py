@@ -100,11 +100,14 @@ class JobSender:
         self._lock = threading.Lock()
 
     def send(self, task: str, kind: str, request: dict[str, Any], *, expires_s: float | None,
-             priority: int = keys.INTERACTIVE_PRIORITY) -> None:
+             priority: int = keys.INTERACTIVE_PRIORITY, headers: dict[str, str] | None = None) -> None:
+        """Send one job; `headers` go with its message (a trace's context: tracing.py)."""
         size = _size(request)
         message = self.app.amqp.create_task_message(
             request["job_id"], task, (), {"request": request}, expires=expires_s, argsrepr="()",
             kwargsrepr=f"{{model: {request['model']!r}, {size}}}")
+        if headers:
+            message.headers.update(headers)
         with self._lock:
             if self._producer is None:
                 self._producer = self.app.producer_pool.acquire(block=True)

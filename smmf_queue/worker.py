@@ -23,9 +23,10 @@ from typing import Any
 import prometheus_client
 import redis
 from celery import Celery, Task, signals
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
-from . import dead_letters, keys, logs, metrics, redis_clients, registry
+from . import dead_letters, keys, logs, metrics, redis_clients, registry, tracing
 from .attempt import WORKER_LOST, Attempt, Deliveries, LeaseBusy
 from .config import ModelConfig, SmmfConfig
 from .dynamic_batching import EmbedBatcher
@@ -178,9 +179,11 @@ class WorkerRuntime:
     def execute(self, task: Task, kind: str, payload: dict[str, Any]) -> dict[str, Any] | None:
         """Run one delivery of a job (Celery's side of it: the id, whether it was delivered
         before, and a retry when another replica holds the job)."""
-        job_id = str(task.request.id)
+        job_id, model = str(task.request.id), str(payload.get("model", "?"))
         try:
-            with logs.job_scope(job_id=job_id, model=str(payload.get("model", "?"))):
+            with logs.job_scope(job_id=job_id, model=model), tracing.span(
+                    f"smmf.run {kind}", SpanKind.CONSUMER, {"smmf.model": model, "smmf.job_id": job_id},
+                    parent=_trace_context(task)):
                 return self.deliveries.run(job_id, _reply_channel(payload),
                                            lambda attempt: self._run(kind, payload, attempt),
                                            ahead=kind == "llm" and _first_delivery(task))
@@ -244,8 +247,9 @@ class WorkerRuntime:
         with metrics.IN_FLIGHT.labels(model_name, kind).track_inprogress(), logs.job_scope(attempt=attempt.number):
             try:
                 model, provider, request = self._resolve(kind, payload, job_id)
-                metrics.QUEUE_WAIT.labels(model.name, kind).observe(
-                    max(0.0, time.time() - request.submitted_at))
+                waited = max(0.0, time.time() - request.submitted_at)
+                metrics.QUEUE_WAIT.labels(model.name, kind).observe(waited)
+                tracing.annotate(**{"smmf.attempt": attempt.number, "smmf.queue_wait_s": waited})
                 with self._slots[(kind, model.name)], provider_errors(model, job_id):
                     if isinstance(request, ChatRequest):
                         event, result = self._chat(provider, request, attempt)
@@ -390,6 +394,15 @@ def _reply_channel(payload: dict[str, Any]) -> str | None:
     return reply_to if isinstance(reply_to, str) and keys.is_reply_channel(reply_to) else None
 
 
+def _trace_context(task: Task) -> dict[str, str] | None:
+    """The trace context its producer sent with the job's message (tracing.py), if any."""
+    traceparent = getattr(task.request, "traceparent", None)
+    if not isinstance(traceparent, str):
+        return None
+    state = getattr(task.request, "tracestate", None)
+    return {"traceparent": traceparent, **({"tracestate": state} if isinstance(state, str) else {})}
+
+
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     """Bind the chat, embedding and rerank tasks of `app` to this process's runtime. Their only
     retry is a delivery waiting for another that holds its job (LeaseBusy): unbounded, since
@@ -439,6 +452,7 @@ def run_worker(config: SmmfConfig, model_names: list[str], *, loglevel: str = "I
     """
     runtime = WorkerRuntime(config, model_names)
     runtime.prepare()
+    tracing.setup("smmf-queue-worker")
     if logging.getLevelName(loglevel.upper()) != logging.DEBUG:
         for name in PER_JOB_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)

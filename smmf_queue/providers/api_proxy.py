@@ -15,11 +15,15 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import tenacity
+from opentelemetry.trace import SpanKind
 
+from .. import tracing
 from ..config import ModelConfig
 from ..errors import ProviderUnavailable
 from ..jobs import Usage
@@ -85,13 +89,15 @@ class RetryPolicy:
     backoff_s: float = DEFAULT_RETRY_BACKOFF_S
     #: the upstream account whose gate each call passes (`account`); "" for none.
     account: str = ""
+    #: the upstream's host, for the span of each try (tracing.py).
+    host: str = ""
 
     @classmethod
-    def of(cls, model: ModelConfig, account: str = "") -> RetryPolicy:
+    def of(cls, model: ModelConfig, account: str = "", base_url: str = "") -> RetryPolicy:
         options = model.options
         return cls(max_retries=int(options.get("max_retries", DEFAULT_MAX_RETRIES)),
                    backoff_s=float(options.get("retry_backoff_s", DEFAULT_RETRY_BACKOFF_S)),
-                   account=account)
+                   account=account, host=urlsplit(base_url).netloc)
 
     def retrying(self, retryable: Callable[[BaseException], bool],
                  retry_after: Callable[[BaseException], float | None]) -> tenacity.Retrying:
@@ -129,7 +135,10 @@ class RetryPolicy:
     def call(self, function: Callable[[], T], retryable: Callable[[BaseException], bool],
              retry_after: Callable[[BaseException], float | None] = lambda exc: None) -> T:
         """Call `function`, retrying the errors `retryable` accepts."""
-        return self.retrying(retryable, retry_after)(function)
+        for attempt in self.retrying(retryable, retry_after):
+            with attempt, self._try_span(attempt.retry_state.attempt_number):
+                result = function()
+        return result
 
     def stream(self, start: Callable[[], Iterator[T]], retryable: Callable[[BaseException], bool],
                retry_after: Callable[[BaseException], float | None] = lambda exc: None) -> Iterator[T]:
@@ -137,12 +146,18 @@ class RetryPolicy:
         stream: Iterator[T] = iter(())
         first: object = _NOTHING
         for attempt in self.retrying(retryable, retry_after):
-            with attempt:
+            with attempt, self._try_span(attempt.retry_state.attempt_number):
                 stream = iter(start())
                 first = next(stream, _NOTHING)
         if first is not _NOTHING:
             yield first  # type: ignore[misc]
         yield from stream
+
+
+    def _try_span(self, number: int) -> AbstractContextManager[object]:
+        """The span of one try: the request until its first item (tracing.py)."""
+        return tracing.span("smmf.upstream", SpanKind.CLIENT,
+                            {"server.address": self.host, "smmf.upstream.try": number})
 
 
 _NOTHING = object()

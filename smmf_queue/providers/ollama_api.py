@@ -37,7 +37,7 @@ class OllamaProvider(Provider):
         return f"api {urlsplit(self._host()).netloc}"
 
     def load(self) -> None:
-        self.retry = RetryPolicy.of(self.model, account(self.model, self._host(), None))
+        self.retry = RetryPolicy.of(self.model, account(self.model, self._host(), None), self._host())
         # ollama.Client passes further keywords on to its httpx client: http_proxy reaches it.
         self.client = ollama.Client(host=self._host(), timeout=timeout_s(self.model),
                                     proxy=self.model.options.get("http_proxy"))

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import httpx2
 import openai
 
+from .. import tracing
 from ..jobs import ChatRequest, Usage
 from ..tool_calls import FragmentCleaner
 from .api_proxy import (
@@ -98,7 +99,8 @@ class OpenAIProvider(Provider):
         return f"api {urlsplit(self._base_url()).netloc}"
 
     def load(self) -> None:
-        self.retry = RetryPolicy.of(self.model, account(self.model, self._base_url(), self._api_key()))
+        base = self._base_url()
+        self.retry = RetryPolicy.of(self.model, account(self.model, base, self._api_key()), base)
         self.client = self._client()
 
     def _client(self) -> openai.OpenAI:
@@ -145,7 +147,7 @@ class OpenAIProvider(Provider):
         of CPU per streamed chat (BENCHMARKS.md). Transport errors become the SDK's, as in its
         `Stream`, so retries and error types stay the same."""
         api = self.client.completions if "prompt" in kwargs else self.client.chat.completions
-        with api.with_streaming_response.create(**kwargs) as response:
+        with api.with_streaming_response.create(**kwargs, extra_headers=tracing.headers() or None) as response:
             http = response.http_response
             try:
                 for event in httpx2.EventSource(http):
