@@ -159,9 +159,11 @@ def main() -> None:
     print(summary("through the queue:   total", queue_total))
     print(summary("no-op Celery round trip", noop_times))
     print(summary("bare Redis round trip", bare_times))
-    added_p50 = (percentile(queue_ttft, 50) - percentile(local_ttft, 50)) * 1000
-    added_p99 = (percentile(queue_ttft, 99) - percentile(local_ttft, 99)) * 1000
-    print(f"added time to first token: p50 {added_p50:.2f} ms, p99 {added_p99:.2f} ms "
+    # Each queued chat ran right after an in-process one: the added time is taken pair by pair
+    # (one p99 minus another is no p99 of anything, and came out below the p50).
+    added = [(queued - local) * 1000 for queued, local in zip(queue_ttft, local_ttft)]
+    added_p50, added_p99 = percentile(added, 50), percentile(added, 99)
+    print(f"added time to first token, pair by pair: p50 {added_p50:.2f} ms, p99 {added_p99:.2f} ms "
           f"(target: p50 under 3 ms)")
     print(f"ratios (queue / in-process): first token p50 "
           f"{percentile(queue_ttft, 50) / percentile(local_ttft, 50):.2f}x, total p50 "

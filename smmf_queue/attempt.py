@@ -257,9 +257,9 @@ class Attempt:
 class PendingClaim:
     """A claim on its way to Redis while the worker starts the model: `result()` reads the answer.
 
-    Claiming first and then starting the model put a whole Redis round trip (0.75 ms on this
-    machine) before the first token; sent ahead, it overlaps the model's work (first token
-    0.4–0.5 ms p50 sooner, BENCHMARKS.md).
+    Claiming first and then starting the model put a whole Redis round trip before the first
+    token; sent ahead, it overlaps the model's work (the first token sooner by most of that
+    round trip: docs/performance-log.md).
     The worker reads the answer before it publishes anything. Should reading fail (a broken
     connection; NOSCRIPT after a Redis restart), the same owner claims again the ordinary way.
     """

@@ -1,6 +1,6 @@
 """Two small subclasses that make each job cheaper for Celery and kombu; named in the app's config.
 
-Profiled with py-spy on a worker whose model answers instantly (BENCHMARKS.md), about half of
+Profiled with py-spy on a worker whose model answers instantly (docs/performance-log.md), about half of
 the worker's CPU per job went to two things, both fixed here without changing what is sent:
 
 - kombu's Redis channel built a fresh `redis.Redis` (which copies some 170 response callbacks)

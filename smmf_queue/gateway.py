@@ -422,7 +422,7 @@ class _Guard:
     request names (one Redis script: virtual_keys.py).
 
     Pure ASGI: Starlette's `@app.middleware("http")` passes every streamed response through a
-    task and a memory stream, which cost the gateway about 1 ms per request. The counter's
+    task and a memory stream, which cost the gateway dearly per request (docs/performance-log.md). The counter's
     labels are bounded, whatever clients send: the route's template (not the raw path) and a
     configured model's name (anything else counts as "unknown")."""
 

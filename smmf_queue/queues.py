@@ -82,7 +82,7 @@ class JobSender:
     `amqp.send_task_message` (publish signals, retry policy, delivery mode), through one kombu
     producer that the sender keeps. `app.send_task` does the same plus what our jobs never use
     (routers, parent tasks, result backends) and takes a producer from the pool on every call:
-    together 0.3 to 0.4 ms more before the job leaves a cold client (BENCHMARKS.md). A lock
+    together a measurable delay before the job leaves a cold client (docs/performance-log.md). A lock
     makes the one producer safe for the threads of a blocking `Client`.
 
     Flower shows `kwargsrepr`: it names the model and the job's size, never the prompt text.

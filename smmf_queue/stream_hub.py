@@ -160,8 +160,8 @@ class ThreadHub:
     """StreamHub for threads: whichever thread waits for an event reads the socket itself.
 
     Reading events on the blocking Client's event loop thread would cost every event one more
-    wake-up, from that thread to the caller's (first token 1.2–1.7 ms p50 later on this machine,
-    BENCHMARKS.md). Instead a waiting thread that finds nobody reading takes the socket,
+    wake-up, from that thread to the caller's (a later first token: docs/performance-log.md).
+    Instead a waiting thread that finds nobody reading takes the socket,
     reads one message, routes it to its job's inbox and wakes the other waiters; one of them
     reads next if its own inbox is still empty.
     """

@@ -1,5 +1,5 @@
 """vLLM and MLX cannot run on this machine: their config-to-engine mapping and their refusals
-are tested here; the real vLLM path runs only where a GPU machine is lent (BENCHMARKS.md)."""
+are tested here; the real vLLM path runs only where a GPU machine is lent (docs/performance-log.md)."""
 
 from __future__ import annotations
 

@@ -188,7 +188,7 @@ def read_ahead(chunks: Iterator[ChatChunk], name: str) -> Iterator[ChatChunk]:
     helper lets the source run out instead (an HTTP body read to its end keeps its connection).
     The helper does not `hand_over` after each chunk: the first text has gone out already and
     the rest is merged anyway, while with many streams in one worker every yield passed the
-    GIL around for nothing (single streams no slower without it, BENCHMARKS.md).
+    GIL around for nothing (single streams no slower without it, docs/performance-log.md).
     """
     try:
         for chunk in chunks:
@@ -227,9 +227,8 @@ def hand_over() -> None:
     """Let the thread that was just given work run now, on this core.
 
     Linux wakes a thread on its waker's core; while the waker keeps computing (the next token),
-    the woken job thread waited there about a millisecond before it could publish. Yielding the
-    CPU (and the GIL) lets it run at once: 1.4 → 0.1 ms from the first token to its event in
-    the worker (BENCHMARKS.md)."""
+    the woken job thread waited there before it could publish. Yielding the CPU (and the GIL)
+    lets it run at once (the measured gap: docs/performance-log.md)."""
     if hasattr(os, "sched_yield"):
         os.sched_yield()
 

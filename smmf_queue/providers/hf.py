@@ -130,7 +130,7 @@ class _TokenTally(threading.local):
 def _tally_tokens(sentence_model: Any) -> _TokenTally:
     """Count the tokens `encode` feeds the model from its own tokenization, with a hook on the
     first module: tokenizing the texts a second time to count them took 18% of the embedding
-    time of a worker on a GPU (BENCHMARKS.md). A module that takes no attention mask (a
+    time of a worker on a GPU (docs/performance-log.md). A module that takes no attention mask (a
     StaticEmbedding) gets the tokens of all texts in one flat `input_ids`."""
     tally = _TokenTally()
 

@@ -143,8 +143,8 @@ class OpenAIProvider(Provider):
         Through the SDK's raw streaming response and httpx2's SSE reader rather than the SDK's
         `Stream`, which stops reading at `[DONE]` and closes the response before the body ends,
         so httpx drops the connection (a new TCP, or TLS, connection per chat:
-        openai/openai-python#3440), and which builds a pydantic object per chunk: 11.8 → 5.2 ms
-        of CPU per streamed chat (BENCHMARKS.md). Transport errors become the SDK's, as in its
+        openai/openai-python#3440), and which builds a pydantic object per chunk: about half the
+        worker's CPU per streamed chat (docs/performance-log.md). Transport errors become the SDK's, as in its
         `Stream`, so retries and error types stay the same."""
         api = self.client.completions if "prompt" in kwargs else self.client.chat.completions
         with api.with_streaming_response.create(**kwargs, extra_headers=tracing.headers() or None) as response:

@@ -1,0 +1,55 @@
+"""Every private or semi-private part of Celery, kombu and redis-py that smmf-queue relies on,
+in one place, with the versions it was checked against. The speed of a job's path leans on
+them (BENCHMARKS.md): a release that renames one would break us quietly, so
+tests/test_hooks.py fails, naming the hook, when one is gone, and pyproject.toml pins the three
+to the minor versions in CHECKED.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+#: the minor versions every hook below was checked against (pyproject.toml pins these).
+CHECKED = {"celery": "5.7", "kombu": "5.7", "redis": "8.1"}
+
+
+@dataclass(frozen=True)
+class Hook:
+    """One attribute of a library class that we override, call or read."""
+
+    #: "module:Class"
+    owner: str
+    attribute: str
+    #: where we use it, and why
+    used_by: str
+
+    def present(self) -> bool:
+        module, _, name = self.owner.partition(":")
+        return hasattr(getattr(importlib.import_module(module), name), self.attribute)
+
+
+HOOKS = (
+    Hook("kombu.transport.redis:Channel", "_create_client",
+         "celery_ext.Channel: one redis client per channel instead of one per publish and ack"),
+    Hook("kombu.transport.redis:Channel", "pool", "celery_ext.Channel: the client is kept while this pool is"),
+    Hook("kombu.transport.redis:Channel", "unacked_key", "reaper.py: the unacknowledged messages of lost jobs"),
+    Hook("kombu.transport.redis:Channel", "qos", "reaper.py: QoS.restore_by_tag hands a lost job back"),
+    Hook("kombu.transport.redis:QoS", "restore_by_tag", "reaper.py: a lost job back on its queue, redelivered"),
+    Hook("celery.worker.consumer:Consumer", "on_send_event_buffered",
+         "celery_ext.Consumer: task events published on a timer instead of at once"),
+    Hook("celery.worker.consumer:Consumer", "_flush_events", "celery_ext.Consumer: the timer's flush"),
+    Hook("celery.worker.consumer:Consumer", "on_decode_error",
+         "celery_ext.Consumer: an undecodable message becomes a dead letter"),
+    Hook("celery.app.amqp:AMQP", "create_task_message", "queues.JobSender: Celery's own message, built once"),
+    Hook("celery.app.amqp:AMQP", "send_task_message", "queues.JobSender: sent through one kept producer"),
+    Hook("celery:Celery", "producer_pool", "queues.JobSender: the producer it keeps"),
+    Hook("redis.connection:ConnectionPool", "get_connection", "attempt.PendingClaim: a connection of its own"),
+    Hook("redis.connection:Connection", "send_command", "attempt.PendingClaim: the claim sent ahead"),
+    Hook("redis.connection:Connection", "read_response", "attempt.PendingClaim: its answer read later"),
+)
+
+
+def missing() -> list[Hook]:
+    """The hooks the installed Celery, kombu and redis-py no longer have."""
+    return [hook for hook in HOOKS if not hook.present()]
