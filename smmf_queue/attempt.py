@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -195,6 +196,10 @@ class Deliveries:
                 self._running.pop(owner, None)
 
 
+#: seconds between an attempt's looks at its cancel flag (Attempt.write).
+CANCEL_CHECK_S = 0.1
+
+
 class Attempt:
     """One attempt at one job on this worker: writes its events, numbered from `last_seq + 1`,
     and finishes it if its owner still holds the record."""
@@ -209,6 +214,9 @@ class Attempt:
         self.seq = last_seq
         #: called once, before anything is written: raises ClaimRefused to stop the job unpublished.
         self._gate = gate
+        #: when this attempt last set its log's TTL and looked at its cancel flag (monotonic s).
+        self._ttl_set_at: float | None = None
+        self._cancel_seen_at: float | None = None
 
     def next_event(self, type_: str, **fields: Any) -> StreamEvent:
         """Build the next event in order (not yet written)."""
@@ -216,10 +224,22 @@ class Attempt:
         return StreamEvent(seq=self.seq, attempt=self.number, type=type_, **fields)  # type: ignore[arg-type]
 
     def write(self, event: StreamEvent) -> bool:
-        """Append and publish one event; True when the caller has cancelled the job."""
-        return bool(self._deliveries._append(
+        """Append and publish one event; True when the caller has cancelled the job.
+
+        The log's TTL is set with the attempt's first event and again each half TTL (a log
+        never expires under a running job), and the cancel flag is read with the first event
+        and then at most every CANCEL_CHECK_S: a cancelled job stops within that, at an event."""
+        now = time.monotonic()
+        set_ttl = self._ttl_set_at is None or now - self._ttl_set_at >= self._deliveries.event_ttl_s / 2
+        check = self._cancel_seen_at is None or now - self._cancel_seen_at >= CANCEL_CHECK_S
+        cancelled = self._deliveries._append(
             keys=[keys.event_log(self.job_id), keys.cancel_flag(self.job_id)],
-            args=self._log_args(event)))
+            args=[*self._log_args(event), int(set_ttl), int(check)])
+        if set_ttl:
+            self._ttl_set_at = now
+        if check:
+            self._cancel_seen_at = now
+        return bool(cancelled)
 
     def delta(self, text: str, reasoning: str = "", tool_calls: list[ToolCallDelta] | None = None,
               logprobs: list[dict[str, Any]] | None = None) -> bool:

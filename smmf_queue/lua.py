@@ -53,22 +53,27 @@ redis.call('ZADD', KEYS[2], lease_until, ARGV[3])
 return 1
 """
 
-#: Append one event to the log (a capped Stream whose entry ids are `<seq>-0`), refresh the
-#: log's TTL, publish the event on the job's channel and, prefixed with the job id, on its
-#: producer's reply channel. Shared by APPEND and FINISH.
+#: Append one event to the log (a capped Stream whose entry ids are `<seq>-0`), publish it on the
+#: job's channel and, prefixed with the job id, on its producer's reply channel. Shared by
+#: APPEND and FINISH.
 #: KEYS[1] log; ARGV[1..7]: event json, seq, maxlen, ttl_s, job channel, reply channel ('' for
 #: none), job id.
 _APPEND_BODY = """
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], ARGV[2] .. '-0', 'e', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', ARGV[5], ARGV[1])
 if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7] .. ' ' .. ARGV[1]) end
 """
 
-#: Append and publish one event, answering whether the caller cancelled the job (KEYS[2], the
-#: cancel flag): the check costs no round trip of its own.
-#: KEYS[1] log, KEYS[2] cancel flag; ARGV as _APPEND_BODY.
-APPEND = _APPEND_BODY + "return redis.call('EXISTS', KEYS[2])"
+#: Append and publish one event; when asked (ARGV[8], ARGV[9]: '1' or '0'), set the log's TTL
+#: and answer whether the caller cancelled the job (KEYS[2], the cancel flag). The worker asks
+#: for each only now and then (attempt.Attempt.write): per event, each was one more command on
+#: the Redis every worker and gateway shares.
+#: KEYS[1] log, KEYS[2] cancel flag; ARGV[1..7] as _APPEND_BODY.
+APPEND = _APPEND_BODY + """
+if ARGV[8] == '1' then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+if ARGV[9] == '1' then return redis.call('EXISTS', KEYS[2]) end
+return 0
+"""
 
 #: Mark the job DONE or FAILED and write its terminal event, only if `owner` and `attempt` still
 #: hold the record (answers 1, else 0): a stale worker can never end a stream. The job leaves
@@ -80,7 +85,10 @@ if redis.call('HGET', KEYS[2], 'owner') ~= ARGV[8]
    or redis.call('HGET', KEYS[2], 'attempt') ~= ARGV[9] then return 0 end
 redis.call('HSET', KEYS[2], 'state', ARGV[10])
 redis.call('ZREM', KEYS[3], ARGV[7])
-""" + _APPEND_BODY + "return 1"
+""" + _APPEND_BODY + """
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
 
 #: Give up a running job's lease at once, if `owner` still holds it (answers 1, else 0): a worker
 #: that stops before its job ended, so that the reaper hands the job back on its next pass
