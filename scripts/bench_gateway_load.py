@@ -2,7 +2,8 @@
 OpenAI-compatible backend; against that backend called directly, in the same run.
 
 The backend is a FAKE of ours (Starlette under uvicorn, one process): it answers every streamed
-chat with the same 16 one-word chunks at once, so the figures measure smmf-queue, not a model.
+chat with the same 16 one-word chunks at once (and every embedding with the same vector), so the
+figures measure smmf-queue, not a model.
 Starts its own Redis, the backend, `--workers` worker processes serving a `proxy/openai` model
 with 64 slots each that points at the backend, and `--gateways` gateway processes; then, with
 64 clients at a time (httpx), spread over `--client-procs` load processes:
@@ -24,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import multiprocessing
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -42,6 +45,10 @@ from smmf_queue import AsyncClient
 from smmf_queue.standalone import start_process
 
 WORDS = [f" word{i}" for i in range(16)]
+#: the vector the FAKE backend answers for every text (OpenAI's text-embedding-3-small's size).
+EMBEDDING = [round((i % 97) / 97 - 0.5, 6) for i in range(1536)]
+#: the same, as OpenAI sends it when asked for `encoding_format: base64` (little-endian float32).
+EMBEDDING_B64 = base64.b64encode(struct.pack(f"<{len(EMBEDDING)}f", *EMBEDDING)).decode()
 MODEL = "fast-proxy"
 #: the gateways' static API key, and their master key (with which virtual keys are served).
 STATIC_KEY, MASTER_KEY = "bench-static-key", "bench-master-key"
@@ -75,7 +82,17 @@ def backend_app():  # type: ignore[no-untyped-def]
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    async def embeddings(request: Request):  # type: ignore[no-untyped-def]
+        body = await request.json()
+        texts = body["input"]
+        vector = EMBEDDING_B64 if body.get("encoding_format") == "base64" else EMBEDDING
+        return JSONResponse({"object": "list", "model": "fast",
+                             "data": [{"object": "embedding", "index": i, "embedding": vector}
+                                      for i in range(len(texts))],
+                             "usage": {"prompt_tokens": 4 * len(texts), "total_tokens": 4 * len(texts)}})
+
+    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
+                             Route("/v1/embeddings", embeddings, methods=["POST"])])
 
 
 def models_toml(backend: int) -> str:

@@ -214,9 +214,10 @@ class Attempt:
         self.seq = last_seq
         #: called once, before anything is written: raises ClaimRefused to stop the job unpublished.
         self._gate = gate
-        #: when this attempt last set its log's TTL and looked at its cancel flag (monotonic s).
+        #: when this attempt last set its log's TTL and looked at its cancel flag (monotonic s);
+        #: the claim, just made, looked at the flag.
         self._ttl_set_at: float | None = None
-        self._cancel_seen_at: float | None = None
+        self._cancel_seen_at = time.monotonic()
 
     def next_event(self, type_: str, **fields: Any) -> StreamEvent:
         """Build the next event in order (not yet written)."""
@@ -227,11 +228,11 @@ class Attempt:
         """Append and publish one event; True when the caller has cancelled the job.
 
         The log's TTL is set with the attempt's first event and again each half TTL (a log
-        never expires under a running job), and the cancel flag is read with the first event
-        and then at most every CANCEL_CHECK_S: a cancelled job stops within that, at an event."""
+        never expires under a running job), and the cancel flag, which the claim read, is read
+        again at most every CANCEL_CHECK_S: a cancelled job stops within that, at an event."""
         now = time.monotonic()
         set_ttl = self._ttl_set_at is None or now - self._ttl_set_at >= self._deliveries.event_ttl_s / 2
-        check = self._cancel_seen_at is None or now - self._cancel_seen_at >= CANCEL_CHECK_S
+        check = now - self._cancel_seen_at >= CANCEL_CHECK_S
         cancelled = self._deliveries._append(
             keys=[keys.event_log(self.job_id), keys.cancel_flag(self.job_id)],
             args=[*self._log_args(event), int(set_ttl), int(check)])
@@ -271,7 +272,7 @@ class Attempt:
             gate()
         deliveries = self._deliveries
         return [event.encode(), event.seq, deliveries.max_events, deliveries.event_ttl_s,
-                keys.stream_channel(self.job_id), self.reply_to, self.job_id]
+                self.reply_to, self.job_id]
 
 
 class PendingClaim:

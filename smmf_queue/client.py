@@ -62,6 +62,8 @@ from .streaming import JobReader, LogEntries, LogRange, decode_log, embedding_re
 T = TypeVar("T")
 #: seconds a producer whose job met a full queue should wait before sending it again.
 QUEUE_FULL_RETRY_S = 1.0
+#: seconds before a reader tailing a job's log asks again after Redis failed it.
+TAIL_RETRY_S = 0.2
 #: what sends a chat to its model's next fallback: no live worker, a full queue, its rate
 #: limits, or a failure (before the first token, for a stream).
 FALLS_BACK = (NoLiveWorker, QueueFull, RateLimited, JobFailed)
@@ -380,16 +382,24 @@ class AsyncClient(_BaseClient):
         if not wait_for_start:
             await self._check_known(job_id, model)
         reader = JobReader(job_id, model, self.config.queue.job_timeout_s, from_seq=from_seq)
-        inbox = await self._hub.subscribe(job_id)
-        try:
-            for delta in reader.apply(await self.logged_events(job_id)):
+        while not reader.done:
+            for delta in reader.apply(await self._tail(reader)):
                 yield delta
-            async for delta in self._read(reader, inbox):
-                yield delta
-        finally:
-            await self._hub.unsubscribe(job_id)
         for delta in reader.ending("llm"):
             yield delta
+
+    async def _tail(self, reader: JobReader) -> list[StreamEvent]:
+        """The logged events from the one `reader` wants on, waiting up to its `wait_s` for one
+        to be written (XREAD BLOCK; the log need not exist yet). Someone else's job is read
+        from its log alone: workers publish each event once, to its producer."""
+        log_key, after = keys.event_log(reader.job_id), f"{reader.assembler.want - 1}-0"
+        try:
+            reply = await self._redis.xread({log_key: after}, block=max(1, int(reader.wait_s() * 1000)))
+        except (OSError, redis.RedisError):
+            await asyncio.sleep(TAIL_RETRY_S)  # Redis is away: ask again, until the job's time is up
+            return []
+        streams = cast(list[tuple[bytes, LogEntries]], reply)  # RESP2: [(log key, entries)]
+        return decode_log(streams[0][1]) if streams else []
 
     async def _check_known(self, job_id: str, model: str) -> None:
         """UnknownJob unless the job has an event log, or is running and about to write one."""

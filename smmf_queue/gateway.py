@@ -382,12 +382,13 @@ def create_app(config: SmmfConfig) -> FastAPI:
     return app
 
 
-def _deadlines(x_smmf_timeout: float | None = Header(default=None, gt=0, le=MAX_DEADLINE_S),
-               x_smmf_queue_timeout: float | None = Header(default=None, gt=0, le=MAX_DEADLINE_S),
-               ) -> dict[str, float]:
+async def _deadlines(x_smmf_timeout: float | None = Header(default=None, gt=0, le=MAX_DEADLINE_S),
+                     x_smmf_queue_timeout: float | None = Header(default=None, gt=0, le=MAX_DEADLINE_S),
+                     ) -> dict[str, float]:
     """A request's deadlines, from headers (OpenAI's request body has no place for them):
     `x-smmf-timeout`, seconds for the whole job; `x-smmf-queue-timeout`, seconds it may wait for
-    a worker to start it. Past either the caller gets a 504 `job_timeout`."""
+    a worker to start it. Past either the caller gets a 504 `job_timeout`. (Async, though it
+    waits for nothing: FastAPI runs a plain function in its thread pool, a hop per request.)"""
     given = {"timeout": x_smmf_timeout, "queue_timeout": x_smmf_queue_timeout}
     return {name: seconds for name, seconds in given.items() if seconds is not None}
 

@@ -51,16 +51,6 @@ def queue_lanes(kind: str, model: str) -> list[str]:
     return [name] + [f"{name}{LANE_SEPARATOR}{step}" for step in PRIORITY_STEPS if step]
 
 
-def stream_channel(job_id: str) -> str:
-    """Pub/sub channel carrying one job's live events."""
-    return f"{PREFIX}:stream:{job_id}"
-
-
-def job_of_channel(channel: str) -> str:
-    """The job id whose `stream_channel` this is."""
-    return channel.removeprefix(f"{PREFIX}:stream:")
-
-
 def reply_channel(producer_id: str) -> str:
     """Pub/sub channel on which one producer (SDK client, gateway) receives all its jobs' events,
     each prefixed with its job id and a space."""

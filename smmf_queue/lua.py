@@ -19,22 +19,20 @@ CLAIM = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'cancelled', 0} end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local state = redis.call('HGET', KEYS[1], 'state')
+local record = redis.call('HMGET', KEYS[1], 'state', 'owner', 'lease_until', 'attempt')
+local state = record[1]
 if state == 'DONE' or state == 'FAILED' then return {'finished', 0} end
 if state == 'RUNNING' then
-  local owner = redis.call('HGET', KEYS[1], 'owner')
-  local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until'))
-  if owner ~= ARGV[1] and lease > now_ms then return {'busy', lease - now_ms} end
+  local lease = tonumber(record[3])
+  if record[2] ~= ARGV[1] and lease > now_ms then return {'busy', lease - now_ms} end
 end
-local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+local attempt = tonumber(record[4] or '0') + 1
 local lease_until = now_ms + tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'lease_until', lease_until)
-if attempt > tonumber(ARGV[3]) then
-  redis.call('HSET', KEYS[1], 'state', 'EXHAUSTED')
-  return {'exhausted', attempt}
-end
-redis.call('HSET', KEYS[1], 'state', 'RUNNING')
+if attempt > tonumber(ARGV[3]) then state = 'EXHAUSTED' else state = 'RUNNING' end
+redis.call('HSET', KEYS[1], 'attempt', attempt, 'owner', ARGV[1], 'lease_until', lease_until,
+           'state', state)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+if state == 'EXHAUSTED' then return {'exhausted', attempt} end
 redis.call('ZADD', KEYS[3], lease_until, ARGV[5])
 return {'claimed', attempt}
 """
@@ -43,9 +41,8 @@ return {'claimed', attempt}
 #: (answers 1, else 0).
 #: KEYS[1] record, KEYS[2] lease index; ARGV: owner, lease_ms, job id.
 RENEW = """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1]
-   or redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING'
-   or redis.call('HGET', KEYS[1], 'lease_until') == '0' then return 0 end
+local record = redis.call('HMGET', KEYS[1], 'owner', 'state', 'lease_until')
+if record[1] ~= ARGV[1] or record[2] ~= 'RUNNING' or record[3] == '0' then return 0 end
 local now = redis.call('TIME')
 local lease_until = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'lease_until', lease_until)
@@ -53,38 +50,36 @@ redis.call('ZADD', KEYS[2], lease_until, ARGV[3])
 return 1
 """
 
-#: Append one event to the log (a capped Stream whose entry ids are `<seq>-0`), publish it on the
-#: job's channel and, prefixed with the job id, on its producer's reply channel. Shared by
-#: APPEND and FINISH.
-#: KEYS[1] log; ARGV[1..7]: event json, seq, maxlen, ttl_s, job channel, reply channel ('' for
-#: none), job id.
+#: Append one event to the log (a capped Stream whose entry ids are `<seq>-0`) and publish it,
+#: prefixed with the job id, on its producer's reply channel: the producer reads it live there,
+#: anyone else tails the log (client.AsyncClient.replay). Shared by APPEND and FINISH.
+#: KEYS[1] log; ARGV[1..6]: event json, seq, maxlen, ttl_s, reply channel ('' for none), job id.
 _APPEND_BODY = """
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], ARGV[2] .. '-0', 'e', ARGV[1])
-redis.call('PUBLISH', ARGV[5], ARGV[1])
-if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7] .. ' ' .. ARGV[1]) end
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6] .. ' ' .. ARGV[1]) end
 """
 
-#: Append and publish one event; when asked (ARGV[8], ARGV[9]: '1' or '0'), set the log's TTL
+#: Append and publish one event; when asked (ARGV[7], ARGV[8]: '1' or '0'), set the log's TTL
 #: and answer whether the caller cancelled the job (KEYS[2], the cancel flag). The worker asks
 #: for each only now and then (attempt.Attempt.write): per event, each was one more command on
 #: the Redis every worker and gateway shares.
-#: KEYS[1] log, KEYS[2] cancel flag; ARGV[1..7] as _APPEND_BODY.
+#: KEYS[1] log, KEYS[2] cancel flag; ARGV[1..6] as _APPEND_BODY.
 APPEND = _APPEND_BODY + """
-if ARGV[8] == '1' then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
-if ARGV[9] == '1' then return redis.call('EXISTS', KEYS[2]) end
+if ARGV[7] == '1' then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+if ARGV[8] == '1' then return redis.call('EXISTS', KEYS[2]) end
 return 0
 """
 
 #: Mark the job DONE or FAILED and write its terminal event, only if `owner` and `attempt` still
 #: hold the record (answers 1, else 0): a stale worker can never end a stream. The job leaves
 #: the lease index.
-#: KEYS[1] log, KEYS[2] record, KEYS[3] lease index; ARGV[1..7] as _APPEND_BODY (ARGV[7] is the
-#: job id), ARGV[8] owner, ARGV[9] attempt, ARGV[10] final state.
+#: KEYS[1] log, KEYS[2] record, KEYS[3] lease index; ARGV[1..6] as _APPEND_BODY (ARGV[6] is the
+#: job id), ARGV[7] owner, ARGV[8] attempt, ARGV[9] final state.
 FINISH = """
-if redis.call('HGET', KEYS[2], 'owner') ~= ARGV[8]
-   or redis.call('HGET', KEYS[2], 'attempt') ~= ARGV[9] then return 0 end
-redis.call('HSET', KEYS[2], 'state', ARGV[10])
-redis.call('ZREM', KEYS[3], ARGV[7])
+local record = redis.call('HMGET', KEYS[2], 'owner', 'attempt')
+if record[1] ~= ARGV[7] or record[2] ~= ARGV[8] then return 0 end
+redis.call('HSET', KEYS[2], 'state', ARGV[9])
+redis.call('ZREM', KEYS[3], ARGV[6])
 """ + _APPEND_BODY + """
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
@@ -95,8 +90,8 @@ return 1
 #: instead of when the lease would have run out.
 #: KEYS[1] record, KEYS[2] lease index; ARGV: owner, job id.
 RELEASE = """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1]
-   or redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' then return 0 end
+local record = redis.call('HMGET', KEYS[1], 'owner', 'state')
+if record[1] ~= ARGV[1] or record[2] ~= 'RUNNING' then return 0 end
 redis.call('HSET', KEYS[1], 'lease_until', 0)
 redis.call('ZADD', KEYS[2], 0, ARGV[2])
 return 1
@@ -113,8 +108,8 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, ton
 local lost = {}
 for _, job in ipairs(due) do
   local record = ARGV[1] .. job
-  local state = redis.call('HGET', record, 'state')
-  local lease = tonumber(redis.call('HGET', record, 'lease_until') or '0')
+  local fields = redis.call('HMGET', record, 'state', 'lease_until')
+  local state, lease = fields[1], tonumber(fields[2] or '0')
   if state == 'RUNNING' and lease > now_ms then
     redis.call('ZADD', KEYS[1], lease, job)
   else

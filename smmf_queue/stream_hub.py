@@ -1,14 +1,11 @@
 """One pub/sub connection per process, shared by every job stream the process reads.
 
 A gateway holding hundreds of streams must not open a Redis connection, nor send a SUBSCRIBE,
-per request. The hub keeps one subscription connection and a reader task that routes each
-message to its job's queue:
-
-- its own jobs (`open`, after `start`): every request names the hub's reply channel
-  (`reply_to`), and the worker publishes each event there too, prefixed with the job id. The
-  hub subscribes to that channel once (`start`), before its first job is enqueued, so a job
-  costs no pub/sub command at all.
-- anyone's job (`subscribe`, for replay): the job's own channel, subscribed per job.
+per request. Every request names the hub's reply channel (`reply_to`), and the worker publishes
+each event of the job there, prefixed with the job id. The hub subscribes to that channel once
+(`start`), before its first job is enqueued, so a job costs no pub/sub command at all, and a
+reader task routes each message to its job's queue (`open`). Someone else's job is read from
+its event log instead (client.AsyncClient.replay).
 
 Should an event ever slip by (a reconnect), the reader fills the gap from the job's event log.
 
@@ -73,25 +70,6 @@ class StreamHub:
         """Stop routing the events of one of our own jobs."""
         self._inboxes.pop(job_id, None)
 
-    async def subscribe(self, job_id: str) -> asyncio.Queue[bytes]:
-        """A queue for the events of any job, from its own channel, once Redis has confirmed."""
-        inbox = self.open(job_id)
-        try:
-            await self._subscribe(keys.stream_channel(job_id).encode())
-        except BaseException:
-            await self.unsubscribe(job_id)
-            raise
-        return inbox
-
-    async def unsubscribe(self, job_id: str) -> None:
-        """Stop routing the job's events and leave its channel (see `subscribe`)."""
-        self.close(job_id)
-        channel = keys.stream_channel(job_id).encode()
-        self._confirmed.pop(channel, None)
-        async with self._lock:
-            with contextlib.suppress(Exception):
-                await self._pubsub.unsubscribe(channel)
-
     async def _subscribe(self, channel: bytes) -> None:
         """SUBSCRIBE (unless already sent) and wait for Redis's confirmation."""
         confirmed = self._confirmed.get(channel)
@@ -133,13 +111,9 @@ class StreamHub:
 
     def _route(self, message: dict[str, Any]) -> None:
         channel = message["channel"]
-        if message["type"] == "message":
-            if channel == self._reply_key:
-                job_id, data = _split_reply(message["data"])
-                inbox = self._inboxes.get(job_id)
-            else:
-                data = message["data"]
-                inbox = self._inboxes.get(keys.job_of_channel(channel.decode()))
+        if message["type"] == "message" and channel == self._reply_key:
+            job_id, data = _split_reply(message["data"])
+            inbox = self._inboxes.get(job_id)
             if inbox is not None:
                 inbox.put_nowait(data)
         elif message["type"] == "subscribe":

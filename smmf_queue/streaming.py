@@ -2,9 +2,9 @@
 
 A worker writes every event in one Redis round trip (attempt.py, lua.APPEND) that appends it to
 the job's event log (a capped Redis Stream whose entry ids are `<seq>-0`, with a TTL) and
-publishes it on the job's pub/sub channel and, prefixed with the job id, on its producer's reply
-channel (see stream_hub.py). Pub/sub gives readers the event at once; the log lets a late or
-reconnecting reader replay from any `seq`. Token bursts are coalesced at the source
+publishes it, prefixed with the job id, on its producer's reply channel (see stream_hub.py).
+Pub/sub gives the producer the event at once; anyone else, and a late or reconnecting reader,
+tails the log from any `seq`. Token bursts are coalesced at the source
 (providers.base.drain): while one event is on its way, the tokens that arrive meanwhile are
 merged into the next one, so round trips per second are bounded by Redis latency, not by the
 model's tokens per second.

@@ -275,7 +275,7 @@ def test_an_attempt_passes_its_gate_before_its_first_write_only(deliveries: Deli
     assert redis_client.xlen(keys.event_log("gate-2")) == 0
 
 
-def test_hub_survives_rapid_subscribe_unsubscribe_cycles(redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_hub_routes_each_of_many_short_jobs_to_its_own_inbox(redis_server) -> None:  # type: ignore[no-untyped-def]
     import asyncio
 
     import redis.asyncio
@@ -285,12 +285,13 @@ def test_hub_survives_rapid_subscribe_unsubscribe_cycles(redis_server) -> None: 
     async def cycle() -> int:
         client = redis.asyncio.from_url(redis_server.url)
         hub = StreamHub(client)
+        await asyncio.wait_for(hub.start(), 5)
         delivered = 0
         for i in range(300):
-            inbox = await asyncio.wait_for(hub.subscribe(f"cycle-{i}"), 5)
-            await client.publish(keys.stream_channel(f"cycle-{i}"), b"ping")
-            delivered += (await asyncio.wait_for(inbox.get(), 5)) == b"ping"
-            await hub.unsubscribe(f"cycle-{i}")
+            inbox = hub.open(f"cycle-{i}")
+            await client.publish(hub.reply_channel, f"cycle-{i} ping-{i}".encode())
+            delivered += (await asyncio.wait_for(inbox.get(), 5)) == f"ping-{i}".encode()
+            hub.close(f"cycle-{i}")
         await hub.aclose()
         await client.aclose()
         return delivered
@@ -302,28 +303,27 @@ def test_a_worker_publishes_only_to_reply_channels() -> None:
     from smmf_queue.worker import _reply_channel
 
     assert _reply_channel({"reply_to": keys.reply_channel("abc")}) == "smmf:reply:abc"
-    for other in (keys.stream_channel("someone-else"), "/0.celeryev/task.multi", 42, None):
+    for other in ("smmf:stream:someone-else", "/0.celeryev/task.multi", 42, None):
         assert _reply_channel({"reply_to": other}) is None
 
 
-def test_events_reach_the_reply_channel_prefixed_with_the_job_id(redis_client: redis.Redis) -> None:
-    reply, own = keys.reply_channel("test-reply"), keys.stream_channel("job-r")
+def test_each_event_is_published_once_on_the_reply_channel_prefixed_with_the_job_id(
+        redis_client: redis.Redis) -> None:
+    reply = keys.reply_channel("test-reply")
     pubsub = redis_client.pubsub()
-    pubsub.subscribe(reply, own)
-    for _ in range(2):
-        assert pubsub.get_message(timeout=5)["type"] == "subscribe"  # type: ignore[index]
+    pubsub.psubscribe("smmf:*")  # every channel of ours
+    assert pubsub.get_message(timeout=5)["type"] == "psubscribe"  # type: ignore[index]
     deliveries = Deliveries(redis_client, "w", lease_s=30, max_attempts=2, record_ttl_s=60,
                             event_ttl_s=60, max_events=100)
-    Attempt(deliveries, "job-r", "w", 1, reply).delta("hi")
-    got = {}
-    for _ in range(2):
-        message = pubsub.get_message(timeout=5)
-        assert message is not None
-        got[message["channel"]] = message["data"]
+    attempt = Attempt(deliveries, "job-r", "w", 1, reply)
+    attempt.delta("hi")
+    attempt.delta("there")
+    got = [pubsub.get_message(timeout=5) for _ in range(2)]
+    assert pubsub.get_message(timeout=0.5) is None  # nothing else was published
     pubsub.close()
-    event = got[own.encode()]
-    assert got[reply.encode()] == b"job-r " + event
-    assert StreamEvent.model_validate_json(event).text == "hi"
+    assert [message["channel"] for message in got] == [reply.encode()] * 2  # type: ignore[index]
+    events = [message["data"].removeprefix(b"job-r ") for message in got]  # type: ignore[index]
+    assert [StreamEvent.model_validate_json(event).text for event in events] == ["hi", "there"]
 
 
 def test_job_ids_of_batch_chunks_splits_and_retries_are_valid_on_the_wire() -> None:
@@ -334,3 +334,30 @@ def test_job_ids_of_batch_chunks_splits_and_retries_are_valid_on_the_wire() -> N
         assert EmbeddingRequest(model="m", texts=["x"], job_id=job_id).job_id == job_id
     with pytest.raises(ValueError):
         EmbeddingRequest(model="m", texts=["x"], job_id="has a space")
+
+
+def test_a_replay_begun_before_the_first_event_tails_the_log_to_the_end(
+        config_path, redis_client: redis.Redis) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    from smmf_queue import Client
+
+    # Given a reader of someone else's job that has no event log yet
+    job_id = "tail-before-start"
+    texts: list[str] = []
+    with Client(config_path) as reader:
+        thread = threading.Thread(target=lambda: texts.append(
+            "".join(delta.text for delta in reader.replay(job_id, "tiny-noise-chat"))))
+        thread.start()
+        time.sleep(0.3)  # the reader is waiting on a log that does not exist
+        # When a worker writes the job's events, with no reply channel at all
+        deliveries = Deliveries(redis_client, "w", lease_s=30, max_attempts=2, record_ttl_s=60,
+                                event_ttl_s=60, max_events=100)
+        claim = deliveries.claim(job_id, "w")
+        attempt = Attempt(deliveries, job_id, "w", claim.value, None)
+        for piece in ("tail", "ed ", "log"):
+            attempt.delta(piece)
+        attempt.finish(attempt.next_event("end", finish_reason="stop"))
+        thread.join(10)
+    # Then the reader got them all from the log
+    assert texts == ["tailed log"]

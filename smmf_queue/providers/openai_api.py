@@ -248,7 +248,10 @@ class OpenAIProvider(Provider):
                                 normalize=self.wants_unit_vectors(normalize, default=False))
 
     def _embed_batch(self, texts: list[str], extra: dict[str, Any]) -> tuple[list[list[float]], int]:
+        """One request. The SDK asks for base64 vectors and decodes them with numpy (a server
+        that answers floats anyway is read as well): floats cost the SDK a model object per
+        number, most of the CPU of the whole call (docs/performance-log.md, cost per job)."""
         response = self.retry.call(partial(self.client.embeddings.create, model=self.model.upstream_name,
-                                           input=texts, encoding_format="float", **extra), retryable, retry_after)
+                                           input=texts, **extra), retryable, retry_after)
         vectors = [item.embedding for item in sorted(response.data, key=lambda d: d.index)]
         return vectors, response.usage.prompt_tokens if response.usage else 0
