@@ -1,4 +1,4 @@
-"""Two small subclasses that make each job cheaper for Celery and kombu; named in the app's config.
+"""Small subclasses that make each job cheaper for Celery and kombu; named in the app's config.
 
 Profiled with py-spy on a worker whose model answers instantly (docs/performance-log.md), about half of
 the worker's CPU per job went to two things, both fixed here without changing what is sent:
@@ -11,14 +11,21 @@ the worker's CPU per job went to two things, both fixed here without changing wh
   shows) on the next turn of its event loop, i.e. twice per job, the first time while the job is
   starting. `Consumer` publishes them at most every `EVENT_FLUSH_INTERVAL_S` instead: the same
   events, with their own timestamps, in fewer and larger messages.
+- kombu wrapped its bookkeeping of unacknowledged messages (two writes on taking a message, two
+  on its ack) in MULTI/EXEC: four of the Redis commands of every job. `QoS` sends the same
+  writes in plain pipelines, one round trip each as before (why that is safe: its docstring).
+- Celery's Redis result backend did the same with each result's SETEX and PUBLISH:
+  `ResultBackend` sends them in a plain pipeline (queues.result_backend_url names it).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from celery import signals
+from celery.backends.redis import RedisBackend
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.transport import redis as kombu_redis
 from vine import promise
@@ -27,7 +34,52 @@ from vine import promise
 EVENT_FLUSH_INTERVAL_S = 0.1
 
 
+class QoS(kombu_redis.QoS):
+    """kombu's unacknowledged-message bookkeeping without MULTI/EXEC around each pair of writes.
+
+    The transaction guarded nothing a job needs. Taking a message, the index entry and the
+    message are written after BRPOP has removed it from the queue: a connection lost before they
+    land loses the message with or without a transaction (from its claim on, our lease covers
+    the job: attempt.py). The ack removes the message before its index entry (kombu: the other
+    way round), so that a cut between the two leaves an index entry without a message, which
+    kombu's restore skips, never a message that no index entry leads to. Both pairs are
+    idempotent, so redis-py's retry of a whole pipeline after a reconnect is harmless. The
+    restore (`restore_by_tag`) keeps its own WATCH/MULTI transaction.
+    """
+
+    @contextlib.contextmanager
+    def pipe_or_acquire(self, pipe: Any = None, client: Any = None) -> Iterator[Any]:
+        if pipe:
+            yield pipe
+        else:
+            with self.channel.conn_or_acquire(client) as connected:
+                yield connected.pipeline(transaction=False)
+
+    def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
+        with self.pipe_or_acquire(pipe) as pipe:
+            return pipe.hdel(self.unacked_key, delivery_tag).zrem(self.unacked_index_key, delivery_tag)
+
+
+class ResultBackend(RedisBackend):
+    """Celery's Redis result backend, storing and publishing a result in one plain pipeline.
+
+    Without MULTI/EXEC a waiter still cannot miss the result: Celery's waiter subscribes to
+    the result's channel before it reads the key, and the key is written before the PUBLISH.
+    """
+
+    def _set(self, key: str, value: Any, expires: Any = None) -> None:
+        expires = self.expires if expires is None else expires
+        with self.client.pipeline(transaction=False) as pipe:
+            if expires:
+                pipe.setex(key, expires, value)
+            else:
+                pipe.set(key, value)
+            pipe.publish(key, value)
+            pipe.execute()
+
+
 class Channel(kombu_redis.Channel):
+    QoS = QoS
     _sync_client: Any = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:

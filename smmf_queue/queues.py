@@ -32,7 +32,8 @@ def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery
     included, a second time.
     """
     app = Celery("smmf_queue", broker=config.queue.broker_url,
-                 backend=config.queue.results if store_results else None, set_as_current=False)
+                 backend=result_backend_url(config.queue.results) if store_results else None,
+                 set_as_current=False)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -69,6 +70,13 @@ def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery
         app.conf.task_create_missing_queue_type = "quorum"
         app.conf.worker_detect_quorum_queues = True
     return app
+
+
+def result_backend_url(url: str) -> str:
+    """The result backend Celery should build for `url`: celery_ext.ResultBackend for a plain
+    Redis (by name, as the transport: producers never import it), Celery's own otherwise
+    (Sentinel, TLS, another store)."""
+    return f"smmf_queue.celery_ext:ResultBackend+{url}" if url.startswith("redis://") else url
 
 
 #: how often a producer retries a failed publish before reporting the broker unavailable.

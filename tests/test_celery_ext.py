@@ -1,5 +1,7 @@
-"""Our two subclasses of Celery's and kombu's parts (smmf_queue/celery_ext.py) change cost, not
-behaviour: kombu keeps one redis client per channel, and every task event still arrives."""
+"""Our subclasses of Celery's and kombu's parts (smmf_queue/celery_ext.py) change cost, not
+behaviour: kombu keeps one redis client per channel, every task event still arrives, the
+unacknowledged-message bookkeeping holds a taken message until its ack, and a waiter on the
+result backend gets a result stored after it began waiting."""
 
 from __future__ import annotations
 
@@ -25,6 +27,43 @@ def test_a_channel_keeps_one_redis_client_until_its_pool_is_replaced(redis_serve
             assert client is first and client.ping()
         channel._disconnect_pools()  # what kombu does after a fork or a lost connection
         assert channel._create_client() is not first
+
+
+def test_a_taken_message_is_held_as_unacknowledged_until_its_ack(redis_server) -> None:  # type: ignore[no-untyped-def]
+    client = redis.Redis.from_url(redis_server.url)
+    taken: list[Any] = []
+    with Connection(redis_server.url, transport="smmf_queue.celery_ext:Transport") as conn:
+        queue = conn.SimpleQueue("test-unacked-bookkeeping")
+        queue.put({"n": 1})
+        consumer = conn.Consumer(queue.queue, callbacks=[lambda body, message: taken.append(message)],
+                                 accept=["json"])
+        with consumer:
+            conn.drain_events(timeout=5)
+            [message] = taken
+            tag = message.delivery_tag
+            # Taken: kombu holds the message and indexes it, so a dead worker's copy comes back
+            assert client.hexists("unacked", tag) and client.zscore("unacked_index", tag) is not None
+            message.ack()
+            assert not client.hexists("unacked", tag) and client.zscore("unacked_index", tag) is None
+        queue.close()
+
+
+def test_a_result_stored_after_its_waiter_began_reaches_it(config) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    from smmf_queue.celery_ext import ResultBackend
+    from smmf_queue.queues import make_celery_app
+
+    app = make_celery_app(config)
+    assert isinstance(app.backend, ResultBackend)
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(app.AsyncResult("late-result").get(timeout=10)))
+    waiter.start()
+    time.sleep(0.5)  # the waiter has subscribed and found nothing
+    app.backend.store_result("late-result", {"text": "stored late"}, "SUCCESS")
+    waiter.join(15)
+    app.close()
+    assert got == [{"text": "stored late"}]
 
 
 def task_events(data: bytes) -> list[dict[str, Any]]:
