@@ -43,20 +43,41 @@ class StreamHub:
         self.reply_channel = keys.reply_channel(uuid.uuid4().hex)
         self._reply_key = self.reply_channel.encode()
         self._inboxes: dict[str, asyncio.Queue[bytes]] = {}
-        self._confirmed: dict[bytes, asyncio.Future[None]] = {}
+        #: Redis's confirmation of the reply channel's subscription, while it is awaited.
+        self._confirmation: asyncio.Future[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._has_channels = asyncio.Event()
-        self._lock = asyncio.Lock()
 
     @property
     def started(self) -> bool:
         """Whether Redis has confirmed the reply channel (see `start`)."""
-        return self._reply_key in self._pubsub.channels and self._reply_key not in self._confirmed
+        return self._reply_key in self._pubsub.channels and self._confirmation is None
 
     async def start(self) -> None:
         """Subscribe to the reply channel and wait for Redis to confirm it; at once after that."""
-        if not self.started:
-            await self._subscribe(self._reply_key)
+        if self.started:
+            return
+        confirmation = self._confirmation
+        if confirmation is None:
+            confirmation = self._confirmation = asyncio.get_running_loop().create_future()
+            try:
+                await self._pubsub.subscribe(self._reply_key)
+            except BaseException:
+                # Not sent (Redis down): the next call sends it again. A future left waiting
+                # here would make every later call wait for a confirmation that cannot come.
+                self._confirmation = None
+                raise
+            self._has_channels.set()
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.create_task(self._read(), name="smmf-stream-hub")
+        try:
+            await asyncio.wait_for(asyncio.shield(confirmation), SUBSCRIBE_TIMEOUT_S)
+        except TimeoutError:
+            raise TimeoutError(f"Redis did not confirm the subscription within "
+                               f"{SUBSCRIBE_TIMEOUT_S:.0f} s") from None
+        finally:
+            if confirmation.done() and self._confirmation is confirmation:
+                self._confirmation = None
 
     def open(self, job_id: str) -> asyncio.Queue[bytes]:
         """A queue for the events of one of our own jobs (their requests name `reply_channel`).
@@ -69,31 +90,6 @@ class StreamHub:
     def close(self, job_id: str) -> None:
         """Stop routing the events of one of our own jobs."""
         self._inboxes.pop(job_id, None)
-
-    async def _subscribe(self, channel: bytes) -> None:
-        """SUBSCRIBE (unless already sent) and wait for Redis's confirmation."""
-        confirmed = self._confirmed.get(channel)
-        if confirmed is None:
-            confirmed = self._confirmed[channel] = asyncio.get_running_loop().create_future()
-            try:
-                async with self._lock:
-                    await self._pubsub.subscribe(channel)
-            except BaseException:
-                # Not sent (Redis down): the next call sends it again. A future left waiting
-                # here would make every later call wait for a confirmation that cannot come.
-                self._confirmed.pop(channel, None)
-                raise
-            self._has_channels.set()
-            if self._reader is None or self._reader.done():
-                self._reader = asyncio.create_task(self._read(), name="smmf-stream-hub")
-        try:
-            await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT_S)
-        except TimeoutError:
-            raise TimeoutError(f"Redis did not confirm the subscription within "
-                               f"{SUBSCRIBE_TIMEOUT_S:.0f} s") from None
-        finally:
-            if confirmed.done():
-                self._confirmed.pop(channel, None)
 
     async def _read(self) -> None:
         """Route messages for as long as the process lives; sleep while nothing is subscribed."""
@@ -116,10 +112,9 @@ class StreamHub:
             inbox = self._inboxes.get(job_id)
             if inbox is not None:
                 inbox.put_nowait(data)
-        elif message["type"] == "subscribe":
-            confirmed = self._confirmed.get(channel)
-            if confirmed is not None and not confirmed.done():
-                confirmed.set_result(None)
+        elif message["type"] == "subscribe" and channel == self._reply_key:
+            if self._confirmation is not None and not self._confirmation.done():
+                self._confirmation.set_result(None)
 
     async def aclose(self) -> None:
         if self._reader is not None:
