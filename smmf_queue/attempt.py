@@ -29,13 +29,16 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, NoReturn, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, cast
 
 import redis
 
 from . import keys, lua
 from .errors import JobFailed, SmmfError
 from .jobs import StreamEvent, ToolCallDelta
+
+if TYPE_CHECKING:
+    from .celery_ext import ResultBackend
 
 log = logging.getLogger("smmf_queue.attempt")
 
@@ -85,6 +88,9 @@ class Deliveries:
         #: seconds an event log lives after its last event, and the events it keeps.
         self.event_ttl_s = event_ttl_s
         self.max_events = max_events
+        #: where set (WorkerRuntime.write_results_with_finish), each finish also writes the
+        #: job's Celery result, and the worker's tasks store none.
+        self.results: ResultBackend | None = None
         self._claim = client.register_script(lua.CLAIM)
         self._renew = client.register_script(lua.RENEW)
         self._release = client.register_script(lua.RELEASE)
@@ -147,7 +153,7 @@ class Deliveries:
                                          args=self._claim_args(job_id, owner)))
 
     def _claim_keys(self, job_id: str) -> list[str]:
-        return [keys.job_record(job_id), keys.cancel_flag(job_id), keys.LEASES]
+        return [keys.job_record(job_id), keys.LEASES]
 
     def _claim_args(self, job_id: str, owner: str) -> list[Any]:
         return [owner, self.lease_ms, self.max_attempts, self.record_ttl_s, job_id]
@@ -174,6 +180,14 @@ class Deliveries:
             self._release(keys=[keys.job_record(job_id), keys.LEASES], args=[owner, job_id], client=pipe)
         return sum(pipe.execute()) if leases else 0
 
+    def result_copy(self, job_id: str, result: Any, failure: JobFailed | None) -> tuple[str, Any, Any]:
+        """KEYS[4], ARGV[10] and ARGV[11] of lua.FINISH: the Celery result's key, meta and TTL,
+        or an empty meta (the record's key standing in for the unused key) where the tasks
+        store their results themselves."""
+        if self.results is None:
+            return keys.job_record(job_id), "", 0
+        return (*self.results.result_copy(job_id, result, failure), int(self.results.expires))
+
     @property
     def in_flight(self) -> int:
         with self._running_lock:
@@ -196,7 +210,7 @@ class Deliveries:
                 self._running.pop(owner, None)
 
 
-#: seconds between an attempt's looks at its cancel flag (Attempt.write).
+#: seconds between an attempt's looks for its caller's cancel (Attempt.write).
 CANCEL_CHECK_S = 0.1
 
 
@@ -214,10 +228,11 @@ class Attempt:
         self.seq = last_seq
         #: called once, before anything is written: raises ClaimRefused to stop the job unpublished.
         self._gate = gate
-        #: when this attempt last set its log's TTL and looked at its cancel flag (monotonic s);
-        #: the claim, just made, looked at the flag.
-        self._ttl_set_at: float | None = None
-        self._cancel_seen_at = time.monotonic()
+        #: when this attempt last set its log's TTL and looked for a cancel (monotonic s): a
+        #: first attempt's log needs no TTL before its finish, and the claim, just made, looked.
+        now = time.monotonic()
+        self._ttl_set_at: float | None = now if number == 1 else None
+        self._cancel_seen_at = now
 
     def next_event(self, type_: str, **fields: Any) -> StreamEvent:
         """Build the next event in order (not yet written)."""
@@ -227,14 +242,16 @@ class Attempt:
     def write(self, event: StreamEvent) -> bool:
         """Append and publish one event; True when the caller has cancelled the job.
 
-        The log's TTL is set with the attempt's first event and again each half TTL (a log
-        never expires under a running job), and the cancel flag, which the claim read, is read
-        again at most every CANCEL_CHECK_S: a cancelled job stops within that, at an event."""
+        A first attempt's log gets its TTL from the finish (or from the reaper, should its
+        worker die); a later attempt's, which the reaper gave one, with its first event; a long
+        attempt's again each half TTL, so a log never expires under a running job. The cancel
+        mark, which the claim read, is read again at most every CANCEL_CHECK_S: a cancelled job
+        stops within that, at an event."""
         now = time.monotonic()
         set_ttl = self._ttl_set_at is None or now - self._ttl_set_at >= self._deliveries.event_ttl_s / 2
         check = now - self._cancel_seen_at >= CANCEL_CHECK_S
         cancelled = self._deliveries._append(
-            keys=[keys.event_log(self.job_id), keys.cancel_flag(self.job_id)],
+            keys=[keys.event_log(self.job_id), keys.job_record(self.job_id)],
             args=[*self._log_args(event), int(set_ttl), int(check)])
         if set_ttl:
             self._ttl_set_at = now
@@ -252,17 +269,19 @@ class Attempt:
         """Tell readers that a new attempt begins and the text so far is void."""
         self.write(self.next_event("restart", worker=self._deliveries.worker_id))
 
-    def finish(self, event: StreamEvent) -> bool:
-        """Mark the job DONE or FAILED and write its terminal event, if this attempt still owns it."""
+    def finish(self, event: StreamEvent, result: Any = None, failure: JobFailed | None = None) -> bool:
+        """Mark the job DONE or FAILED and write its terminal event, and its result or failure
+        (Deliveries.result_copy), if this attempt still owns it."""
         state = "DONE" if event.type == "end" else "FAILED"
+        result_key, meta, ttl_s = self._deliveries.result_copy(self.job_id, result, failure)
         return bool(self._deliveries._finish(
-            keys=[keys.event_log(self.job_id), keys.job_record(self.job_id), keys.LEASES],
-            args=[*self._log_args(event), self.owner, self.number, state]))
+            keys=[keys.event_log(self.job_id), keys.job_record(self.job_id), keys.LEASES, result_key],
+            args=[*self._log_args(event), self.owner, self.number, state, meta, ttl_s]))
 
     def fail(self, exc: JobFailed) -> NoReturn:
         """End the job with an `error` event (fenced like any finish), then raise `exc`."""
         self.finish(self.next_event("error", error_type=exc.error_type, error_message=exc.message,
-                                    worker=self._deliveries.worker_id))
+                                    worker=self._deliveries.worker_id), failure=exc)
         raise exc
 
     def _log_args(self, event: StreamEvent) -> list[Any]:

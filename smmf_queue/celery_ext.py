@@ -15,7 +15,9 @@ the worker's CPU per job went to two things, both fixed here without changing wh
   on its ack) in MULTI/EXEC: four of the Redis commands of every job. `QoS` sends the same
   writes in plain pipelines, one round trip each as before (why that is safe: its docstring).
 - Celery's Redis result backend did the same with each result's SETEX and PUBLISH:
-  `ResultBackend` sends them in a plain pipeline (queues.result_backend_url names it).
+  `ResultBackend` sends them in a plain pipeline (queues.result_backend_url names it). Where the
+  results live on the Redis of the job records, the worker's tasks store nothing themselves:
+  the fenced finish writes the result (`ResultBackend.result_copy`, lua.FINISH).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from celery import signals
+from celery import signals, states
 from celery.backends.redis import RedisBackend
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.transport import redis as kombu_redis
@@ -76,6 +78,18 @@ class ResultBackend(RedisBackend):
                 pipe.set(key, value)
             pipe.publish(key, value)
             pipe.execute()
+
+    def result_copy(self, task_id: str, result: Any = None,
+                    failure: BaseException | None = None) -> tuple[str, str]:
+        """The key and the encoded meta of a task's result or failure, as `store_result` would
+        write them, for a script that writes them itself (lua.FINISH). That script writes only
+        for the attempt that holds the job, so Celery's read before each write (never overwrite
+        a success with a duplicate delivery's outcome) is not needed, nor its round trip."""
+        state, value = ((states.FAILURE, self.prepare_exception(failure)) if failure is not None
+                        else (states.SUCCESS, result))
+        meta = self._get_result_meta(result=value, state=state, traceback=None, request=None)
+        meta["task_id"] = task_id
+        return self.get_key_for_task(task_id).decode(), self.encode(meta)
 
 
 class Channel(kombu_redis.Channel):

@@ -27,7 +27,7 @@ import redis.asyncio
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
-from . import chat_fields, keys, redis_clients, registry, tracing
+from . import chat_fields, keys, lua, redis_clients, registry, tracing
 from .batch.chunks import ChunkResult, embed_chunks
 from .config import ModelConfig, ModelKind, SmmfConfig, load_config
 from .errors import (
@@ -154,10 +154,11 @@ class _BaseClient:
     def _timeout(self, timeout: float | None) -> float:
         return timeout or self.config.queue.job_timeout_s
 
-    def _cancel_flag(self, job_id: str, ttl_s: float | None) -> tuple[str, int]:
-        """(key, seconds) of the flag that asks a job's worker to stop it, kept `ttl_s` seconds
-        (the job timeout by default); the worker checks it at every event."""
-        return keys.cancel_flag(job_id), max(1, int(self._timeout(ttl_s)))
+    def _cancel_call(self, job_id: str, ttl_s: float | None) -> tuple[str, int, str, int]:
+        """EVAL's arguments for lua.CANCEL: it marks the job's record, which its worker reads at
+        its claim and then now and then, and keeps it `ttl_s` seconds (the job timeout by
+        default) or longer. A script, not a SET: a cancel is rare, a command per claim is not."""
+        return lua.CANCEL, 1, keys.job_record(job_id), max(1, int(self._timeout(ttl_s)))
 
     @staticmethod
     def _expires(reader: JobReader, queue_timeout: float | None) -> float:
@@ -427,9 +428,8 @@ class AsyncClient(_BaseClient):
             return sum(await pipe.execute())
 
     async def cancel(self, job_id: str, ttl_s: float | None = None) -> None:
-        """Ask the worker running (or about to take) a job to stop it (see `_cancel_flag`)."""
-        key, seconds = self._cancel_flag(job_id, ttl_s)
-        await self._redis.set(key, 1, ex=seconds)
+        """Ask the worker running (or about to take) a job to stop it (see `_cancel_call`)."""
+        await self._redis.eval(*self._cancel_call(job_id, ttl_s))
 
     async def ping(self) -> None:
         """Raise if Redis cannot be reached."""
@@ -615,8 +615,7 @@ class Client(_BaseClient):
 
     def cancel(self, job_id: str, ttl_s: float | None = None) -> None:
         """AsyncClient.cancel on this thread."""
-        key, seconds = self._cancel_flag(job_id, ttl_s)
-        self._redis.set(key, 1, ex=seconds)
+        self._redis.eval(*self._cancel_call(job_id, ttl_s))
 
     def close(self) -> None:
         if self._loop.is_closed():

@@ -89,9 +89,9 @@ def forget(client: redis.Redis, job_ids: list[str]) -> int:
 
 
 def fresh_start(client: redis.Redis, job_id: str) -> None:
-    """Clear a job's record, event log and cancel flag, so that sending it again under the same
+    """Clear a job's record (its cancel mark with it) and event log, so that sending it again under the same
     id runs it as a new job (its first attempt) rather than finding it failed."""
-    client.delete(keys.job_record(job_id), keys.event_log(job_id), keys.cancel_flag(job_id))
+    client.delete(keys.job_record(job_id), keys.event_log(job_id))
 
 
 def requeue(client: redis.Redis, sender: JobSender, letter: DeadLetter) -> None:

@@ -127,16 +127,24 @@ async def sse(model: str, job_id: str, first: asyncio.Future[ChatDelta | None],
             {"id": chunk_id, "object": shape.object, "created": created,
              "model": model, "choices": choices, **extra})
 
+    # Frames ready together go out in one write (the role frame with a first delta that has
+    # come; the finish, usage and [DONE] frames): each write is a trip through Starlette and
+    # uvicorn. A delta's frame goes out before the next delta is awaited.
+    pending = b""
     if shape.role_frame and after < ROLE_FRAME:
-        yield chunk(ROLE_FRAME, [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                  "finish_reason": None}])
+        pending += chunk(ROLE_FRAME, [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                       "finish_reason": None}])
     if echo and after < ROLE_FRAME:
-        yield chunk(ROLE_FRAME, [shape.choice(ChatDelta(text=echo), None)])
+        pending += chunk(ROLE_FRAME, [shape.choice(ChatDelta(text=echo), None)])
     sent = after > ROLE_FRAME  # the client may hold text already
     ended = False
     try:
-        while not (await asyncio.wait({first}, timeout=keepalive_s))[0]:
-            yield KEEPALIVE
+        if not first.done():
+            if pending:
+                yield pending
+                pending = b""
+            while not (await asyncio.wait({first}, timeout=keepalive_s))[0]:
+                yield KEEPALIVE
         delta = first.result()
         while delta is not None:
             model = delta.model or model  # a fallback answers: its chunks name it
@@ -147,18 +155,21 @@ async def sse(model: str, job_id: str, first: asyncio.Future[ChatDelta | None],
                                 job_id=job_id)
             if (delta.text or delta.reasoning or delta.tool_calls or delta.logprobs) and (delta.seq, 0) > after:
                 sent = True
-                yield chunk((delta.seq, 0), [shape.choice(delta, None)])
+                pending += chunk((delta.seq, 0), [shape.choice(delta, None)])
             if delta.finish_reason is not None:
                 ended = True
                 if (delta.seq, 0) > after:
-                    yield chunk((delta.seq, 0), [shape.choice(None, delta.finish_reason)])
+                    pending += chunk((delta.seq, 0), [shape.choice(None, delta.finish_reason)])
                 if include_usage and delta.usage is not None and (delta.seq, 1) > after:
-                    yield chunk((delta.seq, 1), [], usage=delta.usage.model_dump())
+                    pending += chunk((delta.seq, 1), [], usage=delta.usage.model_dump())
+            elif pending:
+                yield pending
+                pending = b""
             delta = await next_or_none(stream)
     except SmmfError as exc:
         ended = True
         _, kind, code = classify(exc)
-        yield data({"error": {"message": exc.message, "type": kind, "param": None, "code": code}})
+        pending += data({"error": {"message": exc.message, "type": kind, "param": None, "code": code}})
     finally:
         if not ended:  # the client left: the job runs on for a while, for it to resume
             on_leave()
@@ -166,7 +177,7 @@ async def sse(model: str, job_id: str, first: asyncio.Future[ChatDelta | None],
             first.cancel()
             await asyncio.gather(first, return_exceptions=True)
         await stream.aclose()  # type: ignore[attr-defined]
-    yield b"data: [DONE]\n\n"
+    yield pending + b"data: [DONE]\n\n"
 
 
 def data(body: dict[str, Any]) -> bytes:

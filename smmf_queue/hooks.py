@@ -44,6 +44,8 @@ HOOKS = (
     Hook("kombu.transport.redis:QoS", "unacked_index_key", "celery_ext.QoS: the index of unacked messages"),
     Hook("celery.backends.redis:RedisBackend", "_set",
          "celery_ext.ResultBackend: a result stored and published without MULTI/EXEC"),
+    Hook("celery.backends.base:Backend", "_get_result_meta",
+         "celery_ext.ResultBackend.result_copy: the meta Celery would store, written by lua.FINISH"),
     Hook("celery.worker.consumer:Consumer", "on_send_event_buffered",
          "celery_ext.Consumer: task events published on a timer instead of at once"),
     Hook("celery.worker.consumer:Consumer", "_flush_events", "celery_ext.Consumer: the timer's flush"),

@@ -67,7 +67,7 @@ def event_log(job_id: str) -> str:
 
 
 def job_record(job_id: str) -> str:
-    """Hash holding one job's state, owner, attempt and lease."""
+    """Hash holding one job's state, owner, attempt and lease, and its caller's cancel mark."""
     return f"{PREFIX}:job:{job_id}"
 
 
@@ -85,11 +85,6 @@ DEAD_LETTERS = f"{PREFIX}:dead"
 def dead_letter(job_id: str) -> str:
     """JSON of one dead letter (see dead_letters.py)."""
     return f"{PREFIX}:dead:{job_id}"
-
-
-def cancel_flag(job_id: str) -> str:
-    """Key set by a caller that no longer wants a job's result (e.g. its HTTP client left)."""
-    return f"{PREFIX}:cancel:{job_id}"
 
 
 def stream_reader(job_id: str) -> str:

@@ -2,26 +2,26 @@
 
 Each runs atomically on Redis, which is what makes a job's life safe when the broker delivers it
 twice: a claim, a lease renewal and a fenced finish are each one compare-and-set. `attempt.py`
-runs them (see its state diagram); nothing else writes a job record or an event log.
+runs them (see its state diagram); nothing else writes a job record or an event log, but for
+the caller's CANCEL mark (client.py).
 Times come from Redis's own clock (`TIME`), so workers on other hosts agree on every lease.
-(REAP reads job records by a key prefix it is given: fine on one Redis, which is what kombu
-supports; a Redis Cluster would need the keys declared.)
+(REAP reaches job records and logs by key prefixes it is given: fine on one Redis, which is
+what kombu supports; a Redis Cluster would need the keys declared.)
 """
 
 from __future__ import annotations
 
 #: Claim a job's record for one delivery, and index its lease (keys.LEASES) for the reaper.
-#: KEYS[1] record, KEYS[2] cancel flag, KEYS[3] lease index; ARGV: owner, lease_ms,
-#: max_attempts, record_ttl_s, job id.
+#: KEYS[1] record, KEYS[2] lease index; ARGV: owner, lease_ms, max_attempts, record_ttl_s, job id.
 #: Answers {outcome, value}: 'claimed' or 'exhausted' with the attempt number, 'busy' with the
-#: ms until the other owner's lease ends, 'finished' or 'cancelled' with 0.
+#: ms until the other owner's lease ends, 'finished' or 'cancelled' (by its caller: CANCEL) with 0.
 CLAIM = """
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'cancelled', 0} end
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local record = redis.call('HMGET', KEYS[1], 'state', 'owner', 'lease_until', 'attempt')
+local record = redis.call('HMGET', KEYS[1], 'state', 'owner', 'lease_until', 'attempt', 'cancelled')
+if record[5] then return {'cancelled', 0} end
 local state = record[1]
 if state == 'DONE' or state == 'FAILED' then return {'finished', 0} end
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 if state == 'RUNNING' then
   local lease = tonumber(record[3])
   if record[2] ~= ARGV[1] and lease > now_ms then return {'busy', lease - now_ms} end
@@ -33,8 +33,16 @@ redis.call('HSET', KEYS[1], 'attempt', attempt, 'owner', ARGV[1], 'lease_until',
            'state', state)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 if state == 'EXHAUSTED' then return {'exhausted', attempt} end
-redis.call('ZADD', KEYS[3], lease_until, ARGV[5])
+redis.call('ZADD', KEYS[2], lease_until, ARGV[5])
 return {'claimed', attempt}
+"""
+
+#: A caller no longer wants a job's result (its HTTP client left, say): mark its record, which
+#: the claim and the running attempt read (Attempt.write), and keep the record at least
+#: ARGV[1] seconds (never shorten a running job's). KEYS[1] record.
+CANCEL = """
+redis.call('HSET', KEYS[1], 'cancelled', 1)
+if redis.call('TTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 """
 
 #: Extend a running job's lease, if `owner` still holds it and has not given it up (RELEASE)
@@ -60,21 +68,24 @@ if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6] .. ' ' .. ARGV[1]) 
 """
 
 #: Append and publish one event; when asked (ARGV[7], ARGV[8]: '1' or '0'), set the log's TTL
-#: and answer whether the caller cancelled the job (KEYS[2], the cancel flag). The worker asks
+#: and answer whether the caller cancelled the job (CANCEL marked its record). The worker asks
 #: for each only now and then (attempt.Attempt.write): per event, each was one more command on
 #: the Redis every worker and gateway shares.
-#: KEYS[1] log, KEYS[2] cancel flag; ARGV[1..6] as _APPEND_BODY.
+#: KEYS[1] log, KEYS[2] record; ARGV[1..6] as _APPEND_BODY.
 APPEND = _APPEND_BODY + """
 if ARGV[7] == '1' then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
-if ARGV[8] == '1' then return redis.call('EXISTS', KEYS[2]) end
+if ARGV[8] == '1' then return redis.call('HEXISTS', KEYS[2], 'cancelled') end
 return 0
 """
 
 #: Mark the job DONE or FAILED and write its terminal event, only if `owner` and `attempt` still
-#: hold the record (answers 1, else 0): a stale worker can never end a stream. The job leaves
-#: the lease index.
-#: KEYS[1] log, KEYS[2] record, KEYS[3] lease index; ARGV[1..6] as _APPEND_BODY (ARGV[6] is the
-#: job id), ARGV[7] owner, ARGV[8] attempt, ARGV[9] final state.
+#: hold the record (answers 1, else 0): a stale worker can never end a stream, nor overwrite the
+#: result. The job leaves the lease index. With a result (ARGV[10], Celery's encoded meta) it is
+#: stored and published as Celery's Redis backend would (KEYS[4], for ARGV[11] seconds), so
+#: that Celery's AsyncResult reads it, and no second round trip or dedup read is needed.
+#: KEYS[1] log, KEYS[2] record, KEYS[3] lease index, KEYS[4] result key; ARGV[1..6] as
+#: _APPEND_BODY (ARGV[6] is the job id), ARGV[7] owner, ARGV[8] attempt, ARGV[9] final state,
+#: ARGV[10] result ('' for none), ARGV[11] result TTL.
 FINISH = """
 local record = redis.call('HMGET', KEYS[2], 'owner', 'attempt')
 if record[1] ~= ARGV[7] or record[2] ~= ARGV[8] then return 0 end
@@ -82,6 +93,10 @@ redis.call('HSET', KEYS[2], 'state', ARGV[9])
 redis.call('ZREM', KEYS[3], ARGV[6])
 """ + _APPEND_BODY + """
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+if ARGV[10] ~= '' then
+  redis.call('SET', KEYS[4], ARGV[10], 'EX', ARGV[11])
+  redis.call('PUBLISH', KEYS[4], ARGV[10])
+end
 return 1
 """
 
@@ -99,8 +114,10 @@ return 1
 
 #: The jobs whose lease expired while they were RUNNING (their worker died, or stopped renewing):
 #: taken out of the lease index and returned, so that the reaper hands each back to its queue
-#: once. Index entries of finished jobs are dropped; those of renewed leases get their new end.
-#: KEYS[1] lease index; ARGV: record key prefix, most jobs to take.
+#: once. Their event logs get a TTL (a first attempt's log has none until its finish:
+#: Attempt.write). Index entries of finished jobs are dropped; those of renewed leases get their
+#: new end.
+#: KEYS[1] lease index; ARGV: record key prefix, most jobs to take, log key prefix, log TTL.
 REAP = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -114,7 +131,10 @@ for _, job in ipairs(due) do
     redis.call('ZADD', KEYS[1], lease, job)
   else
     redis.call('ZREM', KEYS[1], job)
-    if state == 'RUNNING' then table.insert(lost, job) end
+    if state == 'RUNNING' then
+      redis.call('EXPIRE', ARGV[3] .. job, ARGV[4])
+      table.insert(lost, job)
+    end
   end
 end
 return lost

@@ -114,6 +114,9 @@ class JobSender:
         message = self.app.amqp.create_task_message(
             request["job_id"], task, (), {"request": request}, expires=expires_s, argsrepr="()",
             kwargsrepr=f"{{model: {request['model']!r}, {size}}}")
+        # Whether Celery stores the result is the worker's to say (worker.register_tasks: where
+        # the job's finish writes it); the header, always there, would overrule the task's word.
+        message.headers.pop("ignore_result", None)
         if headers:
             message.headers.update(headers)
         with self._lock:

@@ -35,9 +35,11 @@ LOCK_TIMEOUT_S = 10.0
 class Reaper:
     """Finds jobs whose lease expired and puts their messages back on their queues."""
 
-    def __init__(self, client: redis.Redis, app: Celery):
+    def __init__(self, client: redis.Redis, app: Celery, *, event_ttl_s: int):
         self.client = client
         self.app = app
+        #: the TTL a lost job's event log gets (a running first attempt's has none).
+        self.event_ttl_s = event_ttl_s
         self.on_redis = str(app.conf.broker_url).startswith(("redis://", "rediss://"))
         self._reap = client.register_script(lua.REAP)
         self._broker: Any = None  # kombu connection, opened on first use
@@ -48,8 +50,9 @@ class Reaper:
         if not lock.acquire():
             return []
         try:
-            lost = [job.decode() for job in self._reap(keys=[keys.LEASES],
-                                                       args=[keys.job_record(""), REAP_BATCH])]
+            lost = [job.decode() for job in self._reap(
+                keys=[keys.LEASES],
+                args=[keys.job_record(""), REAP_BATCH, keys.event_log(""), self.event_ttl_s])]
             if lost and self.on_redis:
                 self._hand_back(set(lost))
             return lost

@@ -141,7 +141,7 @@ class JobReader:
     def __init__(self, job_id: str, model: str, timeout_s: float, *, from_seq: int = 1):
         self.assembler = EventAssembler(job_id, model)
         self.from_seq = from_seq
-        #: seconds the caller gives the job (also how long its cancel flag lives if it leaves).
+        #: seconds the caller gives the job (also how long its cancel mark lives if it leaves).
         self.timeout_s = timeout_s
         self._deadline = time.monotonic() + timeout_s
         self._live: StreamEvent | None = None

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from . import dead_letters, keys, logs, metrics, redis_clients, registry, tracing
 from .attempt import WORKER_LOST, Attempt, Deliveries, LeaseBusy
+from .celery_ext import ResultBackend
 from .config import ModelConfig, SmmfConfig
 from .dynamic_batching import EmbedBatcher
 from .errors import JobFailed, ProviderUnavailable
@@ -118,6 +119,15 @@ class WorkerRuntime:
                 self._batchers[model.name] = EmbedBatcher(provider, max_texts=model.max_batch_texts,
                                                           wait_s=model.batch_wait_ms / 1000)
             self._slots[(model.kind, model.name)] = threading.Semaphore(model.slots)
+
+    def write_results_with_finish(self, app: Celery) -> bool:
+        """Have each job's fenced finish write its Celery result (lua.FINISH), where results
+        live on the job records' Redis: then the tasks store none themselves (True)."""
+        backend = app.backend
+        if isinstance(backend, ResultBackend) and self.config.queue.results == self.config.queue.redis:
+            self.deliveries.results = backend
+            return True
+        return False
 
     def info(self) -> registry.WorkerInfo:
         return registry.WorkerInfo(
@@ -266,7 +276,7 @@ class WorkerRuntime:
         # Counted before the end is published: a caller's next job, admitted once it saw this
         # one's result, must see its tokens (they were generated, whoever finishes the job).
         self._count_tokens(model, event)
-        if not attempt.finish(event):
+        if not attempt.finish(event, result):
             log.warning("job %s: lost its lease before finishing; result dropped", job_id)
             metrics.JOBS.labels(model_name, kind, "lost_lease").inc()
             return None
@@ -406,17 +416,19 @@ def _trace_context(task: Task) -> dict[str, str] | None:
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     """Bind the chat, embedding and rerank tasks of `app` to this process's runtime. Their only
     retry is a delivery waiting for another that holds its job (LeaseBusy): unbounded, since
-    Celery's default of three would drop the job's message while it still runs elsewhere."""
+    Celery's default of three would drop the job's message while it still runs elsewhere. Where
+    the job's finish writes its result, the tasks store none (`ignore_result`)."""
+    finish_writes_results = runtime.write_results_with_finish(app)
 
-    @app.task(name=keys.CHAT_TASK, bind=True, max_retries=None)
+    @app.task(name=keys.CHAT_TASK, bind=True, max_retries=None, ignore_result=finish_writes_results)
     def chat(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
         return runtime.execute(task, "llm", _payload(args, kwargs))
 
-    @app.task(name=keys.EMBED_TASK, bind=True, max_retries=None)
+    @app.task(name=keys.EMBED_TASK, bind=True, max_retries=None, ignore_result=finish_writes_results)
     def embed(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
         return runtime.execute(task, "embedding", _payload(args, kwargs))
 
-    @app.task(name=keys.RERANK_TASK, bind=True, max_retries=None)
+    @app.task(name=keys.RERANK_TASK, bind=True, max_retries=None, ignore_result=finish_writes_results)
     def rerank(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
         return runtime.execute(task, "reranker", _payload(args, kwargs))
 
@@ -462,8 +474,8 @@ def run_worker(config: SmmfConfig, model_names: list[str], *, loglevel: str = "I
     register_tasks(app, runtime)
     # Our handler, in the format asked for (logs.py), instead of the one Celery would install.
     signals.setup_logging.connect(lambda **_: logs.configure(loglevel.upper()), weak=False)
-    signals.worker_ready.connect(lambda **_: runtime.start_heartbeat(Reaper(runtime.redis, app)),
-                                 weak=False)
+    reaper = Reaper(runtime.redis, app, event_ttl_s=config.queue.event_ttl_s)
+    signals.worker_ready.connect(lambda **_: runtime.start_heartbeat(reaper), weak=False)
     signals.worker_shutting_down.connect(lambda **_: runtime.stop_within_grace(), weak=False)
     signals.worker_shutdown.connect(lambda **_: runtime.stop_heartbeat(), weak=False)
     app.worker_main([

@@ -1,7 +1,8 @@
 """Our subclasses of Celery's and kombu's parts (smmf_queue/celery_ext.py) change cost, not
 behaviour: kombu keeps one redis client per channel, every task event still arrives, the
-unacknowledged-message bookkeeping holds a taken message until its ack, and a waiter on the
-result backend gets a result stored after it began waiting."""
+unacknowledged-message bookkeeping holds a taken message until its ack, a waiter on the
+result backend gets a result stored after it began waiting, and the result a job's fenced
+finish writes is Celery's own, which a stale attempt cannot overwrite."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import time
 from typing import Any
 
+import pytest
 import redis
 from kombu import Connection
 
@@ -64,6 +66,44 @@ def test_a_result_stored_after_its_waiter_began_reaches_it(config) -> None:  # t
     waiter.join(15)
     app.close()
     assert got == [{"text": "stored late"}]
+
+
+def test_the_finish_writes_celerys_result_and_a_stale_attempt_cannot_overwrite_it(config) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    from smmf_queue.attempt import Attempt, Deliveries
+    from smmf_queue.errors import JobFailed
+    from smmf_queue.queues import make_celery_app
+
+    app = make_celery_app(config)
+    deliveries = Deliveries(redis.Redis.from_url(config.queue.redis), "w", lease_s=0.05, max_attempts=3,
+                            record_ttl_s=60, event_ttl_s=60, max_events=100)
+    deliveries.results = app.backend
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(app.AsyncResult("fenced-result").get(timeout=10)))
+    waiter.start()
+    # Given a job whose first attempt lost its lease to a second
+    assert deliveries.claim("fenced-result", "old").value == 1
+    time.sleep(0.1)
+    assert deliveries.claim("fenced-result", "new").value == 2
+    old = Attempt(deliveries, "fenced-result", "old", 1, None)
+    new = Attempt(deliveries, "fenced-result", "new", 2, None)
+    # When both finish, the stale one last
+    assert new.finish(new.next_event("end"), {"text": "from the owner"})
+    assert not old.finish(old.next_event("end"), {"text": "stale"})
+    # Then Celery's waiter, begun before, and a later reader get the owner's result
+    waiter.join(15)
+    assert got == [{"text": "from the owner"}]
+    assert app.AsyncResult("fenced-result").get(timeout=5) == {"text": "from the owner"}
+    # and a failed job's result is Celery's FAILURE, with its exception's type
+    assert deliveries.claim("fenced-failure", "w/1").value == 1
+    failed = Attempt(deliveries, "fenced-failure", "w/1", 1, None)
+    with pytest.raises(JobFailed):
+        failed.fail(JobFailed("the model is on fire", error_type="Fire"))
+    stored = app.AsyncResult("fenced-failure")
+    assert stored.state == "FAILURE" and type(stored.result).__name__ == "JobFailed"
+    assert "the model is on fire" in str(stored.result)
+    app.close()
 
 
 def task_events(data: bytes) -> list[dict[str, Any]]:

@@ -183,7 +183,7 @@ def test_a_job_cancelled_while_queued_publishes_nothing(client: Client,
     # Given a job whose caller cancelled it before a worker took it (a worker starts the model
     # while the job's claim is on its way, and must read the answer before publishing)
     job_id = "cancelled-while-queued"
-    redis_client.set(keys.cancel_flag(job_id), 1, ex=60)
+    client.cancel(job_id, ttl_s=60)
     # When it is enqueued and the worker takes it
     with pytest.raises(JobTimeout):
         list(client.stream_chat(CHAT, HELLO, max_tokens=40, temperature=0, job_id=job_id, timeout=3))

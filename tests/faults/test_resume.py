@@ -139,7 +139,7 @@ def test_a_client_that_never_comes_back_has_its_job_cancelled(gateway: str,
     before, path = start_and_drop(gateway, after_text_frames=1)
     job_id = before[0][1]["id"].removeprefix("chatcmpl-")
     # Then, once the grace is over, the job is cancelled
-    wait_until(lambda: redis_client.exists(keys.cancel_flag(job_id)) == 1, 30, "the cancel flag")
+    wait_until(lambda: redis_client.hexists(keys.job_record(job_id), "cancelled"), 30, "the cancel mark")
 
 
 def test_bad_resumes_get_openai_shaped_4xx(gateway: str, redis_client: redis.Redis) -> None:

@@ -77,9 +77,12 @@ def test_the_reaper_hands_back_only_expired_running_jobs_once(
 def _reap_only_expired_running_jobs_once(redis_client: redis.Redis, config: Path) -> None:
     deliveries = Deliveries(redis_client, "w", lease_s=0.2, max_attempts=3, record_ttl_s=60,
                             event_ttl_s=60, max_events=100)
-    reaper = Reaper(redis_client, make_celery_app(load_config(config)))
-    # Given a job whose worker died and a finished one
+    reaper = Reaper(redis_client, make_celery_app(load_config(config)), event_ttl_s=600)
+    # Given a job whose worker died after its first event (its log has no TTL yet) and a
+    # finished one
     assert deliveries.claim("reap-dead", "dead").outcome == "claimed"
+    Attempt(deliveries, "reap-dead", "dead", 1, None).delta("half a reply")
+    assert redis_client.ttl(keys.event_log("reap-dead")) == -1
     assert deliveries.claim("reap-done", "done").outcome == "claimed"
     done = Attempt(deliveries, "reap-done", "done", 1, None)
     assert done.finish(done.next_event("end"))
@@ -92,8 +95,9 @@ def _reap_only_expired_running_jobs_once(redis_client: redis.Redis, config: Path
         return [reaper.reap(), reaper.reap()]
 
     first, second = deliveries.run("reap-alive", None, alive) or []
-    # Then only the dead one is handed back, once; the live one stays indexed
+    # Then only the dead one is handed back, once, its log now expiring; the live one stays indexed
     assert first == ["reap-dead"] and second == []
+    assert 0 < redis_client.ttl(keys.event_log("reap-dead")) <= 600
     assert redis_client.zscore(keys.LEASES, "reap-alive") is not None
     assert redis_client.zscore(keys.LEASES, "reap-done") is None
     reaper.close()
