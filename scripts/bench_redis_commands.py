@@ -7,7 +7,7 @@ worker writes (issue #20's targets: at most 12 per job and 3 per event).
 One worker for `tiny-noise-chat` on a private Redis; N chats of 1 token, then N of 32 tokens,
 through the SDK one after another. Commands per job and events per job (each job's event log
 length, read after the count) in the two groups give the two parts. What the stack does while
-idle (heartbeats, the reaper, kombu's polling) is measured over a quiet spell of the same
+idle (heartbeats, kombu's restore and polling) is measured over a quiet spell of the same
 length and taken off first. Prints the split and, for the 32-token group, commands per job by
 name.
 """

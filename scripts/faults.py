@@ -8,8 +8,8 @@
     .venv/bin/python scripts/faults.py openapi [--examples 200] [--seed 1]
     .venv/bin/python scripts/faults.py sentinel [--n 3] [--seed 1]
 
-`kills`: a private Redis (AOF on), three worker processes for the tiny random-weight chat model,
-kombu's visibility timeout at an hour (out of reach). N times: stream a long reply (temperature
+`kills`: a private Redis (AOF on), three worker processes for the tiny random-weight chat model
+(a killed worker's messages come back once their lease, `--lease`, is over). N times: stream a long reply (temperature
 0, so every attempt writes the same text), SIGKILL the worker that holds it after a random
 number of deltas, start a replacement. Reports how long after the kill the reader was told the
 reply restarts (the job running again on a live replica) and when it ended; checks every job
@@ -108,7 +108,7 @@ def kills(n: int, lease_s: float, heartbeat_s: float, seed: int) -> None:
         with Client(config) as client:
             reference = client.chat(MODEL, QUESTION, max_tokens=REPLY_TOKENS, temperature=0).text
             print(f"{n} SIGKILLs of the worker holding a streamed reply ({len(reference)} chars); "
-                  f"lease_s {lease_s}, heartbeat {heartbeat_s} s, visibility timeout 3600 s, "
+                  f"lease_s {lease_s}, heartbeat {heartbeat_s} s, "
                   f"seed {seed}, {os.cpu_count()} cores", flush=True)
             back: list[float] = []
             ended: list[float] = []

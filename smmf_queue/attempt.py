@@ -2,7 +2,7 @@
 lease and finishes it, fenced. The worker only says what to run (`Deliveries.run`).
 
 The Celery message is only the wake-up. Redis may deliver a message twice (a crashed worker's
-unacknowledged job comes back; so does a long one after the visibility timeout, celery #5935),
+unacknowledged job comes back; so does a live worker's whose heartbeat stalled past its lease),
 so each delivery first claims the job's record by an atomic compare-and-set (lua.CLAIM):
 
     (none) ──claim──> RUNNING(owner, attempt, lease) ──finish──> DONE | FAILED
@@ -153,10 +153,10 @@ class Deliveries:
                                          args=self._claim_args(job_id, owner)))
 
     def _claim_keys(self, job_id: str) -> list[str]:
-        return [keys.job_record(job_id), keys.LEASES]
+        return [keys.job_record(job_id)]
 
     def _claim_args(self, job_id: str, owner: str) -> list[Any]:
-        return [owner, self.lease_ms, self.max_attempts, self.record_ttl_s, job_id]
+        return [owner, self.lease_ms, self.max_attempts, self.record_ttl_s]
 
     def renew_leases(self) -> None:
         """Extend the leases of this worker's running jobs, in one round trip."""
@@ -166,22 +166,22 @@ class Deliveries:
             return
         pipe = self.client.pipeline(transaction=False)
         for owner, job_id in leases.items():
-            self._renew(keys=[keys.job_record(job_id), keys.LEASES], args=[owner, self.lease_ms, job_id],
-                        client=pipe)
+            self._renew(keys=[keys.job_record(job_id)], args=[owner, self.lease_ms], client=pipe)
         pipe.execute()
 
     def release_leases(self) -> int:
         """Give up the leases of this worker's running jobs at once (it is stopping before they
-        ended): the reaper of a live worker hands them back on its next pass. How many."""
+        ended), so that their next deliveries claim them at once (their messages go back with
+        celery_ext.give_back_held_messages). How many."""
         with self._running_lock:
             leases = dict(self._running)
         pipe = self.client.pipeline(transaction=False)
         for owner, job_id in leases.items():
-            self._release(keys=[keys.job_record(job_id), keys.LEASES], args=[owner, job_id], client=pipe)
+            self._release(keys=[keys.job_record(job_id)], args=[owner], client=pipe)
         return sum(pipe.execute()) if leases else 0
 
     def result_copy(self, job_id: str, result: Any, failure: JobFailed | None) -> tuple[str, Any, Any]:
-        """KEYS[4], ARGV[10] and ARGV[11] of lua.FINISH: the Celery result's key, meta and TTL,
+        """KEYS[3], ARGV[10] and ARGV[11] of lua.FINISH: the Celery result's key, meta and TTL,
         or an empty meta (the record's key standing in for the unused key) where the tasks
         store their results themselves."""
         if self.results is None:
@@ -242,9 +242,9 @@ class Attempt:
     def write(self, event: StreamEvent) -> bool:
         """Append and publish one event; True when the caller has cancelled the job.
 
-        A first attempt's log gets its TTL from the finish (or from the reaper, should its
-        worker die); a later attempt's, which the reaper gave one, with its first event; a long
-        attempt's again each half TTL, so a log never expires under a running job. The cancel
+        A first attempt's log gets its TTL from the finish; a later attempt's (its worker died
+        before the finish) with its first event; a long attempt's again each half TTL, so a log
+        never expires under a running job. The cancel
         mark, which the claim read, is read again at most every CANCEL_CHECK_S: a cancelled job
         stops within that, at an event."""
         now = time.monotonic()
@@ -275,7 +275,7 @@ class Attempt:
         state = "DONE" if event.type == "end" else "FAILED"
         result_key, meta, ttl_s = self._deliveries.result_copy(self.job_id, result, failure)
         return bool(self._deliveries._finish(
-            keys=[keys.event_log(self.job_id), keys.job_record(self.job_id), keys.LEASES, result_key],
+            keys=[keys.event_log(self.job_id), keys.job_record(self.job_id), result_key],
             args=[*self._log_args(event), self.owner, self.number, state, meta, ttl_s]))
 
     def fail(self, exc: JobFailed) -> NoReturn:

@@ -14,6 +14,10 @@ the worker's CPU per job went to two things, both fixed here without changing wh
 - kombu wrapped its bookkeeping of unacknowledged messages (two writes on taking a message, two
   on its ack) in MULTI/EXEC: four of the Redis commands of every job. `QoS` sends the same
   writes in plain pipelines, one round trip each as before (why that is safe: its docstring).
+- That bookkeeping is also how a dead worker's jobs come back: kombu's index of taken messages
+  is their lease. The worker's heartbeat stamps every message it holds (`renew_held_messages`),
+  and kombu's own restore, with `visibility_timeout` set to `worker.lease_s`, hands back the
+  messages of a worker that stopped stamping (queues.make_celery_app).
 - Celery's Redis result backend did the same with each result's SETEX and PUBLISH:
   `ResultBackend` sends them in a plain pipeline (queues.result_backend_url names it). Where the
   results live on the Redis of the job records, the worker's tasks store nothing themselves:
@@ -23,6 +27,8 @@ the worker's CPU per job went to two things, both fixed here without changing wh
 from __future__ import annotations
 
 import contextlib
+import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,6 +55,25 @@ class QoS(kombu_redis.QoS):
     restore (`restore_by_tag`) keeps its own WATCH/MULTI transaction.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        _HOLDERS.add(self)
+
+    def stamp_held(self, score: float) -> None:
+        """Give the messages this QoS holds (taken, not yet acknowledged) `score` in kombu's
+        index of taken messages: the time they were last known alive. Only entries still
+        there: XX never brings back a message acknowledged meanwhile."""
+        tags = self._held_tags()
+        if tags:
+            with self.channel.conn_or_acquire() as client:
+                client.zadd(self.unacked_index_key, dict.fromkeys(tags, score), xx=True)
+
+    def _held_tags(self) -> list[str]:
+        for _ in range(3):  # the consumer's thread may change them while they are copied
+            with contextlib.suppress(RuntimeError):
+                return list(self._delivered or ())
+        return []
+
     @contextlib.contextmanager
     def pipe_or_acquire(self, pipe: Any = None, client: Any = None) -> Iterator[Any]:
         if pipe:
@@ -60,6 +85,25 @@ class QoS(kombu_redis.QoS):
     def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
         with self.pipe_or_acquire(pipe) as pipe:
             return pipe.hdel(self.unacked_key, delivery_tag).zrem(self.unacked_index_key, delivery_tag)
+
+
+#: the QoS of each channel of this process: the messages they hold are this worker's.
+_HOLDERS: weakref.WeakSet[QoS] = weakref.WeakSet()
+
+
+def renew_held_messages() -> None:
+    """Mark every message this process holds as alive now (the worker's heartbeat): kombu's
+    restore hands back those not marked for its `visibility_timeout` (worker.lease_s)."""
+    now = time.time()  # kombu's own clock for this index
+    for qos in list(_HOLDERS):
+        qos.stamp_held(now)
+
+
+def give_back_held_messages() -> None:
+    """Mark every message this process holds as long dead: the next restore of any live worker
+    hands them back (a worker stopping before its jobs ended)."""
+    for qos in list(_HOLDERS):
+        qos.stamp_held(0)
 
 
 class ResultBackend(RedisBackend):

@@ -110,9 +110,8 @@ class QueueSettings(_Strict):
     event_log_max: int = Field(default=10_000, gt=0)
     #: how long results stay in the result backend, seconds.
     result_ttl_s: int = Field(default=3600, gt=0)
-    #: seconds before kombu re-delivers an unacknowledged job on Redis (its visibility_timeout).
-    #: A dead worker's claimed jobs come back sooner, when their lease expires (reaper.py); this
-    #: is the fallback, and a job running longer than it is delivered again (and found busy).
+    #: no longer used, still accepted: kombu's visibility timeout is now the lease of every
+    #: message a worker holds, `worker.lease_s` (celery_ext.renew_held_messages).
     visibility_timeout_s: int = Field(default=3600, gt=0)
     #: default for callers: fail at once with NoLiveWorker instead of waiting in the queue.
     fail_fast: bool = False
@@ -153,8 +152,9 @@ class WorkerSettings(_Strict):
     heartbeat_ttl_s: float = Field(default=6.0, gt=0)
     #: deliveries of one job before it is failed as a worker killer.
     max_attempts: int = Field(default=3, ge=1)
-    #: seconds a running job's lease lasts without renewal (renewed with each heartbeat); a job
-    #: whose worker died goes back on its queue once it expires (reaper.py).
+    #: seconds the lease of a job a worker holds lasts without renewal (renewed with each
+    #: heartbeat); a job whose worker died goes back on its queue once it expires, at the next
+    #: restore by a live worker (celery_ext.renew_held_messages). The same on every worker.
     lease_s: float = Field(default=10.0, gt=0)
     #: seconds a stopping worker (SIGTERM) lets its running jobs finish; then it gives up their
     #: leases, so that another worker runs them again at once, and exits.

@@ -71,13 +71,6 @@ def job_record(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 
 
-#: Sorted set of running jobs (job id → lease end, ms of Redis's clock): the reaper reads the
-#: expired ones from it instead of scanning every job record.
-LEASES = f"{PREFIX}:leases"
-#: Lock that lets one reaper act at a time (redis-py's Lock).
-REAPER_LOCK = f"{PREFIX}:reaper"
-
-
 #: Sorted set of dead letters (job id → unix time it was given up), newest last.
 DEAD_LETTERS = f"{PREFIX}:dead"
 

@@ -5,14 +5,14 @@ twice: a claim, a lease renewal and a fenced finish are each one compare-and-set
 runs them (see its state diagram); nothing else writes a job record or an event log, but for
 the caller's CANCEL mark (client.py).
 Times come from Redis's own clock (`TIME`), so workers on other hosts agree on every lease.
-(REAP reaches job records and logs by key prefixes it is given: fine on one Redis, which is
-what kombu supports; a Redis Cluster would need the keys declared.)
 """
 
 from __future__ import annotations
 
-#: Claim a job's record for one delivery, and index its lease (keys.LEASES) for the reaper.
-#: KEYS[1] record, KEYS[2] lease index; ARGV: owner, lease_ms, max_attempts, record_ttl_s, job id.
+#: Claim a job's record for one delivery. (The lease that brings the job back should its worker
+#: die is its message's, in kombu's index of taken messages: celery_ext.renew_held_messages;
+#: the record's lease tells another delivery that this one is alive.)
+#: KEYS[1] record; ARGV: owner, lease_ms, max_attempts, record_ttl_s.
 #: Answers {outcome, value}: 'claimed' or 'exhausted' with the attempt number, 'busy' with the
 #: ms until the other owner's lease ends, 'finished' or 'cancelled' (by its caller: CANCEL) with 0.
 CLAIM = """
@@ -33,7 +33,6 @@ redis.call('HSET', KEYS[1], 'attempt', attempt, 'owner', ARGV[1], 'lease_until',
            'state', state)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 if state == 'EXHAUSTED' then return {'exhausted', attempt} end
-redis.call('ZADD', KEYS[2], lease_until, ARGV[5])
 return {'claimed', attempt}
 """
 
@@ -47,14 +46,13 @@ if redis.call('TTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS
 
 #: Extend a running job's lease, if `owner` still holds it and has not given it up (RELEASE)
 #: (answers 1, else 0).
-#: KEYS[1] record, KEYS[2] lease index; ARGV: owner, lease_ms, job id.
+#: KEYS[1] record; ARGV: owner, lease_ms.
 RENEW = """
 local record = redis.call('HMGET', KEYS[1], 'owner', 'state', 'lease_until')
 if record[1] ~= ARGV[1] or record[2] ~= 'RUNNING' or record[3] == '0' then return 0 end
 local now = redis.call('TIME')
 local lease_until = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'lease_until', lease_until)
-redis.call('ZADD', KEYS[2], lease_until, ARGV[3])
 return 1
 """
 
@@ -80,62 +78,32 @@ return 0
 
 #: Mark the job DONE or FAILED and write its terminal event, only if `owner` and `attempt` still
 #: hold the record (answers 1, else 0): a stale worker can never end a stream, nor overwrite the
-#: result. The job leaves the lease index. With a result (ARGV[10], Celery's encoded meta) it is
-#: stored and published as Celery's Redis backend would (KEYS[4], for ARGV[11] seconds), so
-#: that Celery's AsyncResult reads it, and no second round trip or dedup read is needed.
-#: KEYS[1] log, KEYS[2] record, KEYS[3] lease index, KEYS[4] result key; ARGV[1..6] as
-#: _APPEND_BODY (ARGV[6] is the job id), ARGV[7] owner, ARGV[8] attempt, ARGV[9] final state,
-#: ARGV[10] result ('' for none), ARGV[11] result TTL.
+#: result. With a result (ARGV[10], Celery's encoded meta) it is stored and published as
+#: Celery's Redis backend would (KEYS[3], for ARGV[11] seconds), so that Celery's AsyncResult
+#: reads it, and no second round trip or dedup read is needed.
+#: KEYS[1] log, KEYS[2] record, KEYS[3] result key; ARGV[1..6] as _APPEND_BODY, ARGV[7] owner,
+#: ARGV[8] attempt, ARGV[9] final state, ARGV[10] result ('' for none), ARGV[11] result TTL.
 FINISH = """
 local record = redis.call('HMGET', KEYS[2], 'owner', 'attempt')
 if record[1] ~= ARGV[7] or record[2] ~= ARGV[8] then return 0 end
 redis.call('HSET', KEYS[2], 'state', ARGV[9])
-redis.call('ZREM', KEYS[3], ARGV[6])
 """ + _APPEND_BODY + """
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 if ARGV[10] ~= '' then
-  redis.call('SET', KEYS[4], ARGV[10], 'EX', ARGV[11])
-  redis.call('PUBLISH', KEYS[4], ARGV[10])
+  redis.call('SET', KEYS[3], ARGV[10], 'EX', ARGV[11])
+  redis.call('PUBLISH', KEYS[3], ARGV[10])
 end
 return 1
 """
 
 #: Give up a running job's lease at once, if `owner` still holds it (answers 1, else 0): a worker
-#: that stops before its job ended, so that the reaper hands the job back on its next pass
-#: instead of when the lease would have run out.
-#: KEYS[1] record, KEYS[2] lease index; ARGV: owner, job id.
+#: that stops before its job ended, so that the next delivery of the job claims it at once
+#: instead of finding it busy until the lease would have run out (its message comes back by
+#: celery_ext.give_back_held_messages).
+#: KEYS[1] record; ARGV: owner.
 RELEASE = """
 local record = redis.call('HMGET', KEYS[1], 'owner', 'state')
 if record[1] ~= ARGV[1] or record[2] ~= 'RUNNING' then return 0 end
 redis.call('HSET', KEYS[1], 'lease_until', 0)
-redis.call('ZADD', KEYS[2], 0, ARGV[2])
 return 1
-"""
-
-#: The jobs whose lease expired while they were RUNNING (their worker died, or stopped renewing):
-#: taken out of the lease index and returned, so that the reaper hands each back to its queue
-#: once. Their event logs get a TTL (a first attempt's log has none until its finish:
-#: Attempt.write). Index entries of finished jobs are dropped; those of renewed leases get their
-#: new end.
-#: KEYS[1] lease index; ARGV: record key prefix, most jobs to take, log key prefix, log TTL.
-REAP = """
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[2]))
-local lost = {}
-for _, job in ipairs(due) do
-  local record = ARGV[1] .. job
-  local fields = redis.call('HMGET', record, 'state', 'lease_until')
-  local state, lease = fields[1], tonumber(fields[2] or '0')
-  if state == 'RUNNING' and lease > now_ms then
-    redis.call('ZADD', KEYS[1], lease, job)
-  else
-    redis.call('ZREM', KEYS[1], job)
-    if state == 'RUNNING' then
-      redis.call('EXPIRE', ARGV[3] .. job, ARGV[4])
-      table.insert(lost, job)
-    end
-  end
-end
-return lost
 """

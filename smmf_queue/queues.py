@@ -1,7 +1,8 @@
 """The Celery app every producer and worker builds from the config, and how jobs are sent.
 
 JSON only (pickle on a shared broker is remote code execution), late acks with
-reject-on-worker-lost and prefetch 1 (a job whose worker dies goes to another replica), task
+reject-on-worker-lost and prefetch 1 (a job whose worker dies goes to another replica, on Redis
+once its lease, `worker.lease_s`, is over), task
 events on (Flower), one queue per model and kind (`keys.queue_name`). On Redis each queue has
 priority lanes (kombu's priority emulation): interactive jobs overtake waiting batch chunks.
 """
@@ -17,9 +18,6 @@ from celery import Celery
 from . import keys
 from .config import SmmfConfig
 from .providers import require_extra
-
-#: seconds between kombu's sweeps that return unacknowledged jobs of dead workers to their queue.
-UNACKED_RESTORE_INTERVAL_S = 5
 
 
 def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery:
@@ -47,8 +45,11 @@ def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery
         result_expires=config.queue.result_ttl_s,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
-            "visibility_timeout": config.queue.visibility_timeout_s,
-            "unacked_restore_interval": UNACKED_RESTORE_INTERVAL_S,
+            # A taken message's lease (celery_ext.renew_held_messages): one that its worker
+            # stopped renewing goes back on its queue at the next of kombu's restores, which
+            # every worker runs with each heartbeat.
+            "visibility_timeout": config.worker.lease_s,
+            "unacked_restore_interval": config.worker.heartbeat_interval_s,
             "unacked_restore_throttle": 1,
             "queue_order_strategy": "priority",
             "priority_steps": keys.PRIORITY_STEPS,

@@ -3,8 +3,9 @@
 `run_worker` checks that every model can run on this host before it consumes anything, loads
 them, and starts a Celery worker on a thread pool (a model is loaded once per process; prefork
 would copy it) sized by the models' `concurrency`, consuming only `smmf.<kind>.<model>` queues.
-A heartbeat thread keeps the worker's registry entry alive, renews the leases of its jobs and
-hands back jobs whose worker died (reaper.py).
+A heartbeat thread keeps the worker's registry entry alive and renews the leases of its jobs
+and of the messages it holds; kombu's restore, in every worker, hands back the messages of a
+worker that stopped renewing (celery_ext.renew_held_messages).
 A delivery's claim, events, lease and fenced finish live in `attempt.py`; this module says what
 a chat and an embedding job run.
 """
@@ -28,7 +29,7 @@ from pydantic import ValidationError
 
 from . import dead_letters, keys, logs, metrics, redis_clients, registry, tracing
 from .attempt import WORKER_LOST, Attempt, Deliveries, LeaseBusy
-from .celery_ext import ResultBackend
+from .celery_ext import ResultBackend, give_back_held_messages, renew_held_messages
 from .config import ModelConfig, SmmfConfig
 from .dynamic_batching import EmbedBatcher
 from .errors import JobFailed, ProviderUnavailable
@@ -47,7 +48,6 @@ from .model_limits import RateWindows
 from .providers import load_provider
 from .providers.base import Provider, close_chunks, provider_errors
 from .queues import make_celery_app
-from .reaper import Reaper
 from .streaming import DEADLINE_EXCEEDED
 from .tool_calls import assemble
 from .upstream_accounts import ACCOUNTS
@@ -139,23 +139,24 @@ class WorkerRuntime:
             in_flight=self.deliveries.in_flight, started_at=self._started_at, beat_at=time.time(),
             wire=WIRE_VERSION)
 
-    def start_heartbeat(self, reaper: Reaper) -> None:
+    def start_heartbeat(self) -> None:
         self.deliveries.load_claim()
         registry.beat(self.redis, self.info(), self.config.worker.heartbeat_ttl_s)
-        threading.Thread(target=self._heartbeat_loop, args=(reaper,), name="smmf-heartbeat",
-                         daemon=True).start()
+        threading.Thread(target=self._heartbeat_loop, name="smmf-heartbeat", daemon=True).start()
 
     def stop_within_grace(self) -> None:
         """On SIGTERM, Celery stops taking jobs and waits for the running ones with no limit.
-        After `worker.shutdown_grace_s`, give up the leases of those still running (the reaper
-        of a live worker hands them back on its next pass, and their streams restart there) and
-        end the process: a rolling restart neither waits for a long job nor loses it."""
+        After `worker.shutdown_grace_s`, give up the leases of those still running and of every
+        message held (the next restore by a live worker hands them back, and their streams
+        restart there) and end the process: a rolling restart neither waits for a long job nor
+        loses it."""
         def expire() -> None:
             if self._stop.wait(self.config.worker.shutdown_grace_s) or not self.deliveries.in_flight:
                 return
             self._stop.set()  # no more heartbeats
             try:
                 released = self.deliveries.release_leases()
+                give_back_held_messages()
             except redis.RedisError as exc:
                 log.error("could not give up the leases of running jobs (%s); they come back when "
                           "their leases expire", exc)
@@ -172,19 +173,14 @@ class WorkerRuntime:
         with contextlib.suppress(redis.RedisError):
             registry.forget(self.redis, self.worker_id)
 
-    def _heartbeat_loop(self, reaper: Reaper) -> None:
+    def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.config.worker.heartbeat_interval_s):
             try:
                 registry.beat(self.redis, self.info(), self.config.worker.heartbeat_ttl_s)
                 self.deliveries.renew_leases()
+                renew_held_messages()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
-                continue
-            try:
-                reaper.reap()
-            except Exception:  # the heartbeat must outlive any failure of a reap pass
-                log.exception("reaper pass failed")
-        reaper.close()
 
     def execute(self, task: Task, kind: str, payload: dict[str, Any]) -> dict[str, Any] | None:
         """Run one delivery of a job (Celery's side of it: the id, whether it was delivered
@@ -474,8 +470,7 @@ def run_worker(config: SmmfConfig, model_names: list[str], *, loglevel: str = "I
     register_tasks(app, runtime)
     # Our handler, in the format asked for (logs.py), instead of the one Celery would install.
     signals.setup_logging.connect(lambda **_: logs.configure(loglevel.upper()), weak=False)
-    reaper = Reaper(runtime.redis, app, event_ttl_s=config.queue.event_ttl_s)
-    signals.worker_ready.connect(lambda **_: runtime.start_heartbeat(reaper), weak=False)
+    signals.worker_ready.connect(lambda **_: runtime.start_heartbeat(), weak=False)
     signals.worker_shutting_down.connect(lambda **_: runtime.stop_within_grace(), weak=False)
     signals.worker_shutdown.connect(lambda **_: runtime.stop_heartbeat(), weak=False)
     app.worker_main([

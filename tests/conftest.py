@@ -140,7 +140,6 @@ device = "cpu"
 [queue]
 broker_url = "{redis_url}"
 job_timeout_s = 60
-visibility_timeout_s = 4
 
 [worker]
 heartbeat_interval_s = 0.5

@@ -60,7 +60,6 @@ device = "cpu"
 [queue]
 broker_url = "{redis_server.url}"
 job_timeout_s = 120
-visibility_timeout_s = 4
 
 [worker]
 heartbeat_interval_s = 0.5

@@ -18,7 +18,7 @@ def test_the_gateway_and_the_sdk_load_no_provider_beyond_the_table() -> None:
 
 
 def test_providers_know_no_queue_and_no_stream() -> None:
-    forbidden = {"streaming", "queues", "attempt", "client", "hub", "worker", "gateway", "lua", "reaper"}
+    forbidden = {"streaming", "queues", "attempt", "client", "hub", "worker", "gateway", "lua", "celery_ext"}
     for path in sorted((PACKAGE / "providers").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level:

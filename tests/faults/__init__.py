@@ -11,8 +11,8 @@ from ..conftest import write_config
 def fault_config(path: Path, redis_url: str, tiny_models: Path, model: str, *,
                  lease_s: float = 1, worker_extra: str = "", model_extra: str = "") -> Path:
     """The tests' config plus a tiny chat model of the fault's own (its own queue, so no other
-    test's worker takes its jobs), with kombu's sweep out of reach (300 s, beyond any job's
-    timeout) and a short lease: a job that comes back, comes back by its lease."""
+    test's worker takes its jobs) and a lease of `lease_s`: the time after which a dead worker's
+    job comes back."""
     write_config(path, redis_url, tiny_models, extra=f"""
 [[models.llms]]
 name = "{model}"
@@ -21,6 +21,5 @@ path = "{tiny_models / 'tiny-noise-chat'}"
 device = "cpu"
 {model_extra}
 """)
-    text = path.read_text().replace("visibility_timeout_s = 4", "visibility_timeout_s = 300")
-    path.write_text(text.replace("lease_s = 3", f"lease_s = {lease_s}\n{worker_extra}"))
+    path.write_text(path.read_text().replace("lease_s = 3", f"lease_s = {lease_s}\n{worker_extra}"))
     return path

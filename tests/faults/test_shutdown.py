@@ -2,7 +2,7 @@
 
 A job that ends within `worker.shutdown_grace_s` ends there; one still running after it is
 handed back at once and runs again on another worker, not after its lease (set here beyond the
-job's own timeout) or kombu's visibility timeout.
+job's own timeout).
 """
 
 from __future__ import annotations

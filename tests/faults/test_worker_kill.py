@@ -1,24 +1,26 @@
 """Fault: a whole worker process killed with SIGKILL in the middle of a job.
 
-Its job must come back through its lease (reaper.py), not through kombu's visibility timeout,
-which these tests set far beyond the job's own timeout: a job that came back that way would
-fail the test by timing out.
+Its job must come back through its lease: kombu's restore, in a live worker, hands back the
+messages that their worker stopped renewing for `worker.lease_s` (celery_ext).
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import json
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+from kombu import Connection
 
-from smmf_queue import Client, keys, load_config
-from smmf_queue.attempt import Attempt, Deliveries
+from smmf_queue import Client
 from smmf_queue.embedded_redis import EmbeddedRedis
-from smmf_queue.queues import make_celery_app
-from smmf_queue.reaper import Reaper
 
 from ..conftest import StartWorker, free_port
 from . import fault_config
@@ -32,11 +34,11 @@ QUESTION = [{"role": "user", "content": "what is a queue"}]
 @pytest.fixture(scope="module")
 def reaped_config(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis,
                   tiny_models: Path) -> Path:
-    return fault_config(tmp_path_factory.mktemp("reaper") / "reaper.toml", redis_server.url,
+    return fault_config(tmp_path_factory.mktemp("kill") / "kill.toml", redis_server.url,
                         tiny_models, MODEL)
 
 
-def test_a_killed_workers_job_comes_back_by_its_lease_not_the_visibility_timeout(
+def test_a_killed_workers_job_comes_back_by_its_lease(
         reaped_config: Path, start_worker: StartWorker) -> None:
     # Given a long reply streaming from the only worker of its model
     first = start_worker(MODEL, config=reaped_config)
@@ -67,37 +69,45 @@ def test_a_killed_workers_job_comes_back_by_its_lease_not_the_visibility_timeout
     second.stop()
 
 
-def test_the_reaper_hands_back_only_expired_running_jobs_once(
-        tmp_path: Path, reaped_config: Path) -> None:
-    # (a Redis of its own: the live workers of other tests reap the shared one too)
-    with EmbeddedRedis(free_port(), tmp_path / "redis", appendonly=False) as server:
-        _reap_only_expired_running_jobs_once(redis.Redis.from_url(server.url), reaped_config)
+def test_a_held_message_comes_back_once_its_holder_stops_renewing_it(tmp_path: Path) -> None:
+    # (a Redis of its own: the live workers of other tests restore messages on the shared one)
+    with EmbeddedRedis(free_port(), tmp_path / "redis", appendonly=False) as server, \
+            _holder(server.url) as (alive, alive_qos), _holder(server.url) as (dead, _):
+        client = redis.Redis.from_url(server.url)
+        # Given two taken messages, one held by a worker whose heartbeat renews it, the other by
+        # one that died (it renews nothing)
+        alive_tag, dead_tag = alive("from the live worker"), dead("from the dead worker")
+        for _ in range(6):
+            time.sleep(0.3)
+            alive_qos.stamp_held(time.time())
+        # When a restore passes, and again
+        alive_qos.restore_visible(num=None, interval=1)
+        alive_qos.restore_visible(num=None, interval=1)
+        # Then only the dead worker's message is back on its queue, once, marked redelivered
+        [back] = [json.loads(raw) for raw in client.lrange("held", 0, -1)]
+        assert back["headers"]["redelivered"] and json.loads(base64.b64decode(back["body"])) == {"text": "from the dead worker"}
+        assert not client.hexists("unacked", dead_tag) and client.hexists("unacked", alive_tag)
+        # and a live worker that stops gives its messages back at the next restore
+        alive_qos.stamp_held(0)
+        alive_qos.restore_visible(num=None, interval=1)
+        assert client.llen("held") == 2 and not client.hexists("unacked", alive_tag)
 
 
-def _reap_only_expired_running_jobs_once(redis_client: redis.Redis, config: Path) -> None:
-    deliveries = Deliveries(redis_client, "w", lease_s=0.2, max_attempts=3, record_ttl_s=60,
-                            event_ttl_s=60, max_events=100)
-    reaper = Reaper(redis_client, make_celery_app(load_config(config)), event_ttl_s=600)
-    # Given a job whose worker died after its first event (its log has no TTL yet) and a
-    # finished one
-    assert deliveries.claim("reap-dead", "dead").outcome == "claimed"
-    Attempt(deliveries, "reap-dead", "dead", 1, None).delta("half a reply")
-    assert redis_client.ttl(keys.event_log("reap-dead")) == -1
-    assert deliveries.claim("reap-done", "done").outcome == "claimed"
-    done = Attempt(deliveries, "reap-done", "done", 1, None)
-    assert done.finish(done.next_event("end"))
+@contextlib.contextmanager
+def _holder(url: str) -> Iterator[tuple[Callable[[str], str], Any]]:
+    """A consumer of the queue "held" on a connection of its own (kombu's visibility timeout
+    1 s): a function that puts a message and takes it (its delivery tag), and its QoS."""
+    with Connection(url, transport="smmf_queue.celery_ext:Transport",
+                    transport_options={"visibility_timeout": 1.0}) as conn:
+        queue = conn.SimpleQueue("held")
+        taken: list[Any] = []
+        with conn.Consumer(queue.queue, callbacks=[lambda body, message: taken.append(message)],
+                           accept=["json"]) as consumer:
 
-    def alive(attempt: Attempt) -> list[list[str]]:
-        # and one running on a live worker, whose heartbeat renews its lease
-        time.sleep(0.25)
-        deliveries.renew_leases()
-        # When the reaper passes twice
-        return [reaper.reap(), reaper.reap()]
+            def take(body: str) -> str:
+                queue.put({"text": body})
+                conn.drain_events(timeout=5)
+                return str(taken[-1].delivery_tag)
 
-    first, second = deliveries.run("reap-alive", None, alive) or []
-    # Then only the dead one is handed back, once, its log now expiring; the live one stays indexed
-    assert first == ["reap-dead"] and second == []
-    assert 0 < redis_client.ttl(keys.event_log("reap-dead")) <= 600
-    assert redis_client.zscore(keys.LEASES, "reap-alive") is not None
-    assert redis_client.zscore(keys.LEASES, "reap-done") is None
-    reaper.close()
+            yield take, consumer.channel.qos
+        queue.close()
