@@ -180,7 +180,7 @@ class Deliveries:
             self._release(keys=[keys.job_record(job_id)], args=[owner], client=pipe)
         return sum(pipe.execute()) if leases else 0
 
-    def result_copy(self, job_id: str, result: Any, failure: JobFailed | None) -> tuple[str, Any, Any]:
+    def result_copy(self, job_id: str, result: Any, failure: JobFailed | None) -> tuple[str, str, int]:
         """KEYS[3], ARGV[10] and ARGV[11] of lua.FINISH: the Celery result's key, meta and TTL,
         or an empty meta (the record's key standing in for the unused key) where the tasks
         store their results themselves."""
@@ -244,9 +244,8 @@ class Attempt:
 
         A first attempt's log gets its TTL from the finish; a later attempt's (its worker died
         before the finish) with its first event; a long attempt's again each half TTL, so a log
-        never expires under a running job. The cancel
-        mark, which the claim read, is read again at most every CANCEL_CHECK_S: a cancelled job
-        stops within that, at an event."""
+        never expires under a running job. The cancel mark, which the claim read, is read again
+        at most every CANCEL_CHECK_S: a cancelled job stops within that, at an event."""
         now = time.monotonic()
         set_ttl = self._ttl_set_at is None or now - self._ttl_set_at >= self._deliveries.event_ttl_s / 2
         check = now - self._cancel_seen_at >= CANCEL_CHECK_S
