@@ -91,6 +91,9 @@ class Deliveries:
         #: where set (WorkerRuntime.write_results_with_finish), each finish also writes the
         #: job's Celery result, and the worker's tasks store none.
         self.results: ResultBackend | None = None
+        #: called with the job's id when an attempt's finish is refused (a later delivery holds
+        #: the job): on Redis its message's ack then leaves kombu's lease (celery_ext.keep_lease_of).
+        self.on_lost: Callable[[str], None] = lambda job_id: None
         self._claim = client.register_script(lua.CLAIM)
         self._renew = client.register_script(lua.RENEW)
         self._release = client.register_script(lua.RELEASE)
@@ -273,9 +276,12 @@ class Attempt:
         (Deliveries.result_copy), if this attempt still owns it."""
         state = "DONE" if event.type == "end" else "FAILED"
         result_key, meta, ttl_s = self._deliveries.result_copy(self.job_id, result, failure)
-        return bool(self._deliveries._finish(
+        finished = bool(self._deliveries._finish(
             keys=[keys.event_log(self.job_id), keys.job_record(self.job_id), result_key],
             args=[*self._log_args(event), self.owner, self.number, state, meta, ttl_s]))
+        if not finished:
+            self._deliveries.on_lost(self.job_id)
+        return finished
 
     def fail(self, exc: JobFailed) -> NoReturn:
         """End the job with an `error` event (fenced like any finish), then raise `exc`."""

@@ -18,7 +18,9 @@ the worker's CPU per job went to two things, both fixed here without changing wh
 - That bookkeeping is also how a dead worker's jobs come back: kombu's index of taken messages
   is their lease. The worker's heartbeat stamps every message it holds (`renew_held_messages`),
   and kombu's own restore, with `visibility_timeout` set to `worker.lease_s`, hands back the
-  messages of a worker that stopped stamping (queues.make_celery_app).
+  messages of a worker that stopped stamping (queues.make_celery_app). A restored message keeps
+  its delivery tag, so a delivery that lost its job to a later one of the same message leaves
+  the index entry at its ack (`keep_lease_of`): it is the later delivery's lease.
 - Celery's Redis result backend did the same with each result's SETEX and PUBLISH:
   `ResultBackend` sends them in a plain pipeline (queues.result_backend_url names it). Where the
   results live on the Redis of the job records, the worker's tasks store nothing themselves:
@@ -28,6 +30,7 @@ the worker's CPU per job went to two things, both fixed here without changing wh
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -37,6 +40,7 @@ from celery import signals, states
 from celery.backends.redis import RedisBackend
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
 from vine import promise
 
 #: the longest a task event waits in the worker before it is published (Flower shows it then).
@@ -70,10 +74,24 @@ class QoS(kombu_redis.QoS):
                 client.zadd(self.unacked_index_key, dict.fromkeys(tags, score), xx=True)
 
     def _held_tags(self) -> list[str]:
+        """The tags taken and not yet acknowledged (kombu drops acknowledged ones from
+        `_delivered` only at its next take: until then they are in `_dirty`)."""
+        delivered: Any = self._delivered or {}
+        acknowledged: Any = self._dirty or set()
         for _ in range(3):  # the consumer's thread may change them while they are copied
             with contextlib.suppress(RuntimeError):
-                return list(self._delivered or ())
+                return [tag for tag in list(delivered) if tag not in acknowledged]
         return []
+
+    def ack(self, delivery_tag: str) -> None:
+        """kombu's ack, except for a delivery whose job another delivery took over
+        (`keep_lease_of`): only this process forgets it."""
+        delivered: Any = self._delivered
+        message = delivered.get(delivery_tag)
+        if message is not None and _lost_here((message.headers or {}).get("id")):
+            kombu_virtual.QoS.ack(self, delivery_tag)
+            return
+        super().ack(delivery_tag)
 
     @contextlib.contextmanager
     def pipe_or_acquire(self, pipe: Any = None, client: Any = None) -> Iterator[Any]:
@@ -90,6 +108,35 @@ class QoS(kombu_redis.QoS):
 
 #: the QoS of each channel of this process: the messages they hold are this worker's.
 _HOLDERS: weakref.WeakSet[QoS] = weakref.WeakSet()
+#: ids of jobs whose delivery here lost them to another delivery, until that delivery's ack
+#: (oldest first; only the newest LOST_KEPT are kept, should an ack never come).
+_LOST: dict[str, None] = {}
+_LOST_LOCK = threading.Lock()
+LOST_KEPT = 1024
+
+
+def keep_lease_of(job_id: str) -> None:
+    """The delivery of `job_id` running here lost the job to a later delivery (its fenced
+    finish was refused): its ack leaves the message's entry in kombu's index.
+
+    A message that kombu's restore handed back while its worker still ran it (a heartbeat
+    stalled past the lease) comes back with the same delivery tag: the entry that the stale
+    delivery's ack would remove is the later delivery's lease, and without it a death of the
+    later worker would leave the job unfinished for good. Should no later delivery hold the
+    message, it comes back once more, and its claim finds the job running or ended."""
+    with _LOST_LOCK:
+        _LOST[job_id] = None
+        while len(_LOST) > LOST_KEPT:
+            del _LOST[next(iter(_LOST))]
+
+
+def _lost_here(job_id: Any) -> bool:
+    """Whether `job_id` was lost here (keep_lease_of); forgets it."""
+    with _LOST_LOCK:
+        if job_id not in _LOST:
+            return False
+        del _LOST[job_id]
+        return True
 
 
 def renew_held_messages() -> None:

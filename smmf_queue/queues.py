@@ -20,6 +20,10 @@ from . import keys
 from .config import SmmfConfig
 from .providers import require_extra
 
+#: kombu's Redis transport with our QoS and channel (celery_ext.py), by name: producers never
+#: import it.
+REDIS_TRANSPORT = "smmf_queue.celery_ext:Transport"
+
 
 def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery:
     """A Celery app for the config's broker (no tasks registered).
@@ -62,7 +66,7 @@ def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery
         worker_consumer="smmf_queue.celery_ext:Consumer",
     )
     if config.queue.broker_url.startswith("redis://"):
-        app.conf.broker_transport = "smmf_queue.celery_ext:Transport"
+        app.conf.broker_transport = REDIS_TRANSPORT
     if config.queue.sentinel_master:  # kombu and the result backend find the master themselves
         app.conf.broker_transport_options["master_name"] = config.queue.sentinel_master
         app.conf.result_backend_transport_options = {"master_name": config.queue.sentinel_master}

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from . import dead_letters, keys, logs, metrics, redis_clients, registry, tracing
 from .attempt import WORKER_LOST, Attempt, Deliveries, LeaseBusy
-from .celery_ext import ResultBackend, give_back_held_messages, renew_held_messages
+from .celery_ext import ResultBackend, give_back_held_messages, keep_lease_of, renew_held_messages
 from .config import ModelConfig, SmmfConfig
 from .dynamic_batching import EmbedBatcher
 from .errors import JobFailed, ProviderUnavailable
@@ -47,7 +47,7 @@ from .jobs import (
 from .model_limits import RateWindows
 from .providers import load_provider
 from .providers.base import Provider, close_chunks, provider_errors
-from .queues import make_celery_app
+from .queues import REDIS_TRANSPORT, make_celery_app
 from .streaming import DEADLINE_EXCEEDED
 from .tool_calls import assemble
 from .upstream_accounts import ACCOUNTS
@@ -128,6 +128,12 @@ class WorkerRuntime:
             self.deliveries.results = backend
             return True
         return False
+
+    def keep_leases_of_lost_jobs(self, app: Celery) -> None:
+        """On Redis, a delivery that lost its job to a later delivery leaves the message's lease
+        in kombu's index at its ack: it is the later delivery's (celery_ext.keep_lease_of)."""
+        if app.conf.broker_transport == REDIS_TRANSPORT:
+            self.deliveries.on_lost = keep_lease_of
 
     def info(self) -> registry.WorkerInfo:
         return registry.WorkerInfo(
@@ -415,6 +421,7 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     Celery's default of three would drop the job's message while it still runs elsewhere. Where
     the job's finish writes its result, the tasks store none (`ignore_result`)."""
     finish_writes_results = runtime.write_results_with_finish(app)
+    runtime.keep_leases_of_lost_jobs(app)
 
     @app.task(name=keys.CHAT_TASK, bind=True, max_retries=None, ignore_result=finish_writes_results)
     def chat(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:

@@ -132,11 +132,15 @@ def test_a_live_lease_blocks_a_second_delivery_and_only_the_owner_finishes(
     time.sleep(0.35)  # A's lease expires (A died)
     second = deliveries.claim(job, "B")
     assert (second.outcome, second.value) == ("claimed", 2)
-    # A, back from the dead, cannot end the stream; B can, once
+    # A, back from the dead, cannot end the stream, and says it lost the job; B can, once
+    lost: list[str] = []
+    deliveries.on_lost = lost.append
     stale = attempt_of(deliveries, job, "A", 1)
     assert not stale.finish(stale.next_event("end"))
+    assert lost == [job]
     current = attempt_of(deliveries, job, "B", 2)
     assert current.finish(current.next_event("end"))
+    assert lost == [job]
     assert deliveries.claim(job, "C").outcome == "finished"
     assert [e.type for e in decode_log(redis_client.xrange(keys.event_log(job)))] == ["end"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,9 +21,10 @@ import redis
 from kombu import Connection
 
 from smmf_queue import Client
+from smmf_queue.celery_ext import keep_lease_of
 from smmf_queue.embedded_redis import EmbeddedRedis
 
-from ..conftest import StartWorker, free_port
+from ..conftest import StartWorker, free_port, wait_until
 from . import fault_config
 
 MODEL = "tiny-chat-reaped"
@@ -69,6 +71,44 @@ def test_a_killed_workers_job_comes_back_by_its_lease(
     second.stop()
 
 
+def test_a_job_taken_over_from_a_stalled_worker_comes_back_when_its_new_worker_dies(
+        reaped_config: Path, start_worker: StartWorker) -> None:
+    # Given a reply streaming from a worker that then stalls (SIGSTOP) past its lease, and a
+    # second worker that took the job over (kombu's restore handed the message back with its
+    # delivery tag, and the second claimed a new attempt)
+    first = start_worker(MODEL, config=reaped_config)
+    deltas: list[Any] = []
+    started = threading.Event()
+    with Client(reaped_config) as client:
+        def read() -> None:
+            for delta in client.stream_chat(MODEL, QUESTION, max_tokens=3000, temperature=0,
+                                            timeout=150):  # three attempts of a long reply
+                deltas.append(delta)
+                started.set()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert started.wait(30)
+        first.process.send_signal(signal.SIGSTOP)
+        second = start_worker(MODEL, config=reaped_config)
+        wait_until(lambda: any(d.restart for d in deltas), 30, "the second worker's restart")
+        # When the first worker runs again (its next event finds the log past it, its fenced
+        # finish is refused, and it acknowledges its message), and then the second dies
+        first.process.send_signal(signal.SIGCONT)
+        wait_until(lambda: "raised unexpected" in first.log.read_text(), 30, "the stale delivery's end")
+        time.sleep(0.5)  # its ack follows the task's end
+        second.kill()
+        reader.join(180)
+        # Then the job comes back once more, to the first worker, and its reply ends whole
+        assert not reader.is_alive()
+        assert sum(1 for d in deltas if d.restart) == 2
+        assert deltas[-1].finish_reason in ("stop", "length")
+        last = max(i for i, d in enumerate(deltas) if d.restart)
+        whole = client.chat(MODEL, QUESTION, max_tokens=3000, temperature=0)
+        assert "".join(d.text for d in deltas[last + 1:]) == whole.text
+    first.stop()
+
+
 def test_a_held_message_comes_back_once_its_holder_stops_renewing_it(tmp_path: Path) -> None:
     # (a Redis of its own: the live workers of other tests restore messages on the shared one)
     with EmbeddedRedis(free_port(), tmp_path / "redis", appendonly=False) as server, \
@@ -93,10 +133,39 @@ def test_a_held_message_comes_back_once_its_holder_stops_renewing_it(tmp_path: P
         assert client.llen("held") == 2 and not client.hexists("unacked", alive_tag)
 
 
+def test_a_delivery_that_lost_its_job_leaves_the_later_deliverys_lease(tmp_path: Path) -> None:
+    with EmbeddedRedis(free_port(), tmp_path / "redis", appendonly=False) as server, \
+            _holder(server.url) as (stale, stale_qos), _holder(server.url) as (later, later_qos):
+        client = redis.Redis.from_url(server.url)
+        # Given a job's message whose worker stalled past its lease, so that kombu's restore
+        # handed it back and another worker took it (a restored message keeps its tag)
+        tag = stale("job lost-1", job_id="lost-1")
+        time.sleep(1.2)
+        stale_qos.restore_visible(num=None, interval=1)
+        assert later(None) == tag
+        # When the stale delivery, whose finish was refused, acknowledges its message
+        keep_lease_of("lost-1")
+        stale_qos.channel.basic_ack(tag)
+        # Then the later delivery's lease is still in kombu's index, so that should its worker
+        # die too, the message comes back once more (the stale worker's heartbeat, going on,
+        # no longer renews it)
+        assert client.hexists("unacked", tag) and client.zscore("unacked_index", tag) is not None
+        for _ in range(4):
+            time.sleep(0.3)
+            stale_qos.stamp_held(time.time())
+        later_qos.restore_visible(num=None, interval=1)
+        assert client.llen("held") == 1
+        # while a delivery that kept its job acknowledges as kombu does (the entry goes)
+        assert later(None) == tag
+        later_qos.channel.basic_ack(tag)
+        assert not client.hexists("unacked", tag) and client.zscore("unacked_index", tag) is None
+
+
 @contextlib.contextmanager
-def _holder(url: str) -> Iterator[tuple[Callable[[str], str], Any]]:
+def _holder(url: str) -> Iterator[tuple[Callable[..., str], Any]]:
     """A consumer of the queue "held" on a connection of its own (kombu's visibility timeout
-    1 s): a function that puts a message and takes it (its delivery tag), and its QoS."""
+    1 s): a function that puts a message (with a body; a job id as Celery's `id` header) and
+    takes it, or only takes one (body None), answering its delivery tag; and its QoS."""
     with Connection(url, transport="smmf_queue.celery_ext:Transport",
                     transport_options={"visibility_timeout": 1.0}) as conn:
         queue = conn.SimpleQueue("held")
@@ -104,8 +173,9 @@ def _holder(url: str) -> Iterator[tuple[Callable[[str], str], Any]]:
         with conn.Consumer(queue.queue, callbacks=[lambda body, message: taken.append(message)],
                            accept=["json"]) as consumer:
 
-            def take(body: str) -> str:
-                queue.put({"text": body})
+            def take(body: str | None, job_id: str = "") -> str:
+                if body is not None:
+                    queue.put({"text": body}, headers={"id": job_id} if job_id else None)
                 conn.drain_events(timeout=5)
                 return str(taken[-1].delivery_tag)
 
