@@ -1,6 +1,7 @@
 """The long fault runs behind RELIABILITY.md; each prints its figures as it measures them.
 
     .venv/bin/python scripts/faults.py kills [--n 100] [--lease 2] [--heartbeat 0.5] [--seed 1]
+    .venv/bin/python scripts/faults.py stalls [--n 20] [--lease 2] [--heartbeat 0.5] [--seed 1]
     .venv/bin/python scripts/faults.py redis [--n 3]
     .venv/bin/python scripts/faults.py rolling [--rounds 2] [--clients 4] [--grace 1]
     .venv/bin/python scripts/faults.py resume [--streams 1000] [--drop 0.1] [--clients 4] [--seed 1]
@@ -15,6 +16,13 @@ number of deltas, start a replacement. Reports how long after the kill the reade
 reply restarts (the job running again on a live replica) and when it ended; checks every job
 ended exactly once with the whole reply (its event log holds one terminal event; the text after
 the restart equals an undisturbed run's), and counts lost jobs.
+
+`stalls`: as `kills`, but the worker that holds the reply is stopped (SIGSTOP) past its lease,
+so another takes the job over (kombu hands the message back with its delivery tag); at that
+restart the stalled worker continues (SIGCONT) and its stale delivery ends (its next event
+finds the log past it, its finish is refused), then the worker that took over is SIGKILLed and
+a replacement starts. Checks that the job comes back once more and ends exactly once with the
+whole reply; reports how long after that kill the reply restarted again.
 
 `redis`: a private Redis (AOF on), one worker and one SDK client in use. N times each: SIGKILL
 Redis, then a clean stop (SIGTERM); one second later it starts again on the same port with the
@@ -52,6 +60,7 @@ summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -61,6 +70,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
@@ -91,20 +101,7 @@ REPLY_TOKENS = 3000
 
 def kills(n: int, lease_s: float, heartbeat_s: float, seed: int) -> None:
     rng = random.Random(seed)
-    work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
-    with EmbeddedRedis(free_port(), work / "redis") as server:
-        config = _config(work, server, heartbeat_interval_s=heartbeat_s,
-                         heartbeat_ttl_s=heartbeat_s * 3, lease_s=lease_s)
-        client_redis = redis.Redis.from_url(server.url)
-        workers: dict[int, subprocess.Popen[bytes]] = {}
-
-        def spawn() -> None:
-            process = start_worker_process(config, [MODEL], work / f"worker-{len(workers)}.log")
-            workers[process.pid] = process
-
-        for _ in range(3):
-            spawn()
-        _wait_live(client_redis, 3)
+    with _replicas(lease_s, heartbeat_s) as (config, client_redis, replicas):
         with Client(config) as client:
             reference = client.chat(MODEL, QUESTION, max_tokens=REPLY_TOKENS, temperature=0).text
             print(f"{n} SIGKILLs of the worker holding a streamed reply ({len(reference)} chars); "
@@ -115,8 +112,8 @@ def kills(n: int, lease_s: float, heartbeat_s: float, seed: int) -> None:
             lost = wrong = doubled = 0
             for i in range(n):
                 _wait_live(client_redis, 2)
-                outcome = _one_kill(client, client_redis, workers, rng.randint(1, 40), f"kill-{seed}-{i}")
-                spawn()
+                outcome = _one_kill(client, client_redis, replicas, rng.randint(1, 40), f"kill-{seed}-{i}")
+                replicas.spawn()
                 if outcome is None:
                     lost += 1
                     print(f"  {i + 1}: LOST", flush=True)
@@ -129,7 +126,6 @@ def kills(n: int, lease_s: float, heartbeat_s: float, seed: int) -> None:
                 if (i + 1) % 10 == 0:
                     print(f"  {i + 1} kills: back on a replica p50 {percentile(back, 50):.2f} s, "
                           f"max {max(back):.2f} s", flush=True)
-        stop_processes(list(workers.values()), grace_s=30)
     print(f"lost {lost} / {n}; wrong replies {wrong} / {n}; jobs not ended exactly once {doubled} / {n}")
     if back:
         print(f"kill -> reply restarts on a replica: p50 {percentile(back, 50):.2f} s, "
@@ -138,7 +134,7 @@ def kills(n: int, lease_s: float, heartbeat_s: float, seed: int) -> None:
               f"p99 {percentile(ended, 99):.2f} s, max {max(ended):.2f} s")
 
 
-def _one_kill(client: Client, client_redis: redis.Redis, workers: dict[int, subprocess.Popen[bytes]],
+def _one_kill(client: Client, client_redis: redis.Redis, replicas: Replicas,
               after: int, job_id: str) -> tuple[str, float, float, int] | None:
     """Stream a reply, SIGKILL its worker after `after` deltas; (text after the restart, seconds
     from the kill to the restart and to the end, terminal events logged), or None if lost."""
@@ -155,10 +151,7 @@ def _one_kill(client: Client, client_redis: redis.Redis, workers: dict[int, subp
                 pieces = []
             pieces.append(delta.text)
             if count == after and not killed_at:
-                owner = client_redis.hget(keys.job_record(job_id), "owner") or b""
-                pid = int(owner.decode().split("/")[0].split("-")[-2])
-                workers[pid].send_signal(signal.SIGKILL)
-                workers[pid].wait()
+                replicas.kill(_owner_pid(client_redis, job_id))
                 killed_at.append(time.monotonic())
     except JobTimeout:
         return None
@@ -169,6 +162,93 @@ def _one_kill(client: Client, client_redis: redis.Redis, workers: dict[int, subp
     events = decode_log(client_redis.xrange(keys.event_log(job_id)))  # type: ignore[arg-type]
     terminals = sum(1 for e in events if e.terminal)
     return ("".join(pieces), restart_at[0] - killed_at[0], ended - killed_at[0], terminals)
+
+
+def stalls(n: int, lease_s: float, heartbeat_s: float, seed: int) -> None:
+    rng = random.Random(seed)
+    with _replicas(lease_s, heartbeat_s) as (config, client_redis, replicas):
+        with Client(config) as client:
+            reference = client.chat(MODEL, QUESTION, max_tokens=REPLY_TOKENS, temperature=0).text
+            print(f"{n} stalls (SIGSTOP past the lease) of the worker holding a streamed reply, a "
+                  f"takeover, SIGCONT, then a SIGKILL of the worker that took over; lease_s "
+                  f"{lease_s}, heartbeat {heartbeat_s} s, seed {seed}, {os.cpu_count()} cores", flush=True)
+            back: list[float] = []
+            lost = wrong = doubled = 0
+            for i in range(n):
+                _wait_live(client_redis, 3)
+                outcome = _one_stall(client, client_redis, replicas, rng.randint(1, 40), f"stall-{seed}-{i}")
+                replicas.spawn()
+                if outcome is None:
+                    lost += 1
+                    print(f"  {i + 1}: LOST", flush=True)
+                    continue
+                text, back_s, terminals = outcome
+                back.append(back_s)
+                wrong += text != reference
+                doubled += terminals != 1
+                if (i + 1) % 10 == 0:
+                    print(f"  {i + 1} rounds: lost {lost}, back after the second kill p50 "
+                          f"{percentile(back, 50):.2f} s", flush=True)
+    print(f"lost {lost} / {n}; wrong replies {wrong} / {n}; jobs not ended exactly once {doubled} / {n}")
+    if back:
+        print(f"kill of the worker that took over -> reply restarts again: p50 {percentile(back, 50):.2f} s, "
+              f"p99 {percentile(back, 99):.2f} s, max {max(back):.2f} s (n={len(back)})")
+
+
+def _one_stall(client: Client, client_redis: redis.Redis, replicas: Replicas, after: int,
+               job_id: str) -> tuple[str, float, int] | None:
+    """Stream a reply; after `after` deltas SIGSTOP its worker; at the takeover's restart SIGCONT
+    it, wait for its stale delivery to end, and SIGKILL the worker that took over. (Text after
+    the last restart, seconds from that kill to the next restart, terminal events logged), or
+    None if lost."""
+    pieces: list[str] = []
+    stalled: int | None = None
+    killed_at: list[float] = []
+    back: list[float] = []
+    count = 0
+    try:
+        for delta in client.stream_chat(MODEL, QUESTION, max_tokens=REPLY_TOKENS, temperature=0,
+                                        job_id=job_id):
+            count += 1
+            if delta.restart:
+                pieces = []
+                if killed_at and not back:
+                    back.append(time.monotonic() - killed_at[0])
+                elif stalled is not None and not killed_at:
+                    killed_at.append(_resume_then_kill_the_new_owner(client_redis, replicas, stalled, job_id))
+            pieces.append(delta.text)
+            if count == after and stalled is None:
+                stalled = _owner_pid(client_redis, job_id)
+                replicas.processes[stalled].send_signal(signal.SIGSTOP)
+    except JobTimeout:
+        return None
+    if not back:
+        raise SystemExit(f"job {job_id} ended after {count} deltas, before its faults; use a longer reply")
+    events = decode_log(client_redis.xrange(keys.event_log(job_id)))  # type: ignore[arg-type]
+    return "".join(pieces), back[0], sum(1 for e in events if e.terminal)
+
+
+def _resume_then_kill_the_new_owner(client_redis: redis.Redis, replicas: Replicas,
+                                    stalled: int, job_id: str) -> float:
+    """SIGCONT the stalled worker, wait until its stale delivery of `job_id` ended (and was
+    acknowledged), SIGKILL the job's new owner; when it was killed."""
+    owner = _owner_pid(client_redis, job_id)
+    replicas.processes[stalled].send_signal(signal.SIGCONT)
+    log = replicas.logs[stalled]
+    deadline = time.monotonic() + 30
+    while f"smmf.chat[{job_id}] raised" not in log.read_text():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the stalled worker's delivery of {job_id} did not end; see {log}")
+        time.sleep(0.05)
+    time.sleep(0.3)  # its ack follows the task's end
+    replicas.kill(owner)
+    return time.monotonic()
+
+
+def _owner_pid(client_redis: redis.Redis, job_id: str) -> int:
+    """The pid of the worker that holds a job (its owner is `<host>-<pid>-<id>/<attempt id>`)."""
+    owner = client_redis.hget(keys.job_record(job_id), "owner") or b""
+    return int(owner.decode().split("/")[0].split("-")[-2])
 
 
 def redis_restarts(n: int) -> None:
@@ -507,6 +587,43 @@ def openapi_run(examples: int, seed: int) -> None:
             stop_processes([gateway, *workers], grace_s=30)
 
 
+class Replicas:
+    """Worker processes of the tiny chat model on one config, by pid, with their logs."""
+
+    def __init__(self, config: Path, work: Path):
+        self.config, self.work = config, work
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+        self.logs: dict[int, Path] = {}
+
+    def spawn(self) -> None:
+        log = self.work / f"worker-{len(self.processes)}.log"
+        process = start_worker_process(self.config, [MODEL], log)
+        self.processes[process.pid], self.logs[process.pid] = process, log
+
+    def kill(self, pid: int) -> None:
+        self.processes[pid].send_signal(signal.SIGKILL)
+        self.processes[pid].wait()
+
+
+@contextlib.contextmanager
+def _replicas(lease_s: float, heartbeat_s: float) -> Iterator[tuple[Path, redis.Redis, Replicas]]:
+    """A private Redis (AOF on) and three live workers of the tiny chat model with this lease
+    and heartbeat: (config, a client of that Redis, the workers)."""
+    work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
+    with EmbeddedRedis(free_port(), work / "redis") as server:
+        config = _config(work, server, heartbeat_interval_s=heartbeat_s,
+                         heartbeat_ttl_s=heartbeat_s * 3, lease_s=lease_s)
+        client_redis = redis.Redis.from_url(server.url)
+        replicas = Replicas(config, work)
+        for _ in range(3):
+            replicas.spawn()
+        _wait_live(client_redis, 3)
+        try:
+            yield config, client_redis, replicas
+        finally:
+            stop_processes(list(replicas.processes.values()), grace_s=30)
+
+
 def _config(work: Path, server: EmbeddedRedis, models: str = "", **worker: float) -> Path:
     """A config for the tiny chat model (and `models`) on `server`: jobs may take 2 minutes,
     kombu's sweep is an hour away (the default), and `worker` sets [worker] keys."""
@@ -533,6 +650,11 @@ def main() -> None:
     kill.add_argument("--lease", type=float, default=2.0, help="worker.lease_s")
     kill.add_argument("--heartbeat", type=float, default=0.5, help="worker.heartbeat_interval_s")
     kill.add_argument("--seed", type=int, default=1)
+    stall = commands.add_parser("stalls", help="stall the worker holding a job past its lease, then kill its successor")
+    stall.add_argument("--n", type=int, default=20)
+    stall.add_argument("--lease", type=float, default=2.0, help="worker.lease_s")
+    stall.add_argument("--heartbeat", type=float, default=0.5, help="worker.heartbeat_interval_s")
+    stall.add_argument("--seed", type=int, default=1)
     outage = commands.add_parser("redis", help="kill and stop Redis under a live client")
     outage.add_argument("--n", type=int, default=3)
     restarts = commands.add_parser("rolling", help="restart every worker under steady load")
@@ -559,6 +681,8 @@ def main() -> None:
     make_models()
     if args.command == "kills":
         kills(args.n, args.lease, args.heartbeat, args.seed)
+    elif args.command == "stalls":
+        stalls(args.n, args.lease, args.heartbeat, args.seed)
     elif args.command == "redis":
         redis_restarts(args.n)
     elif args.command == "rolling":
