@@ -19,8 +19,8 @@ the restart equals an undisturbed run's), and counts lost jobs.
 
 `stalls`: as `kills`, but the worker that holds the reply is stopped (SIGSTOP) past its lease,
 so another takes the job over (kombu hands the message back with its delivery tag); at that
-restart the stalled worker continues (SIGCONT) and its stale delivery ends (its next event
-finds the log past it, its finish is refused), then the worker that took over is SIGKILLed and
+restart the stalled worker continues (SIGCONT) and its stale delivery stops (its next event
+finds the log past it), then the worker that took over is SIGKILLed and
 a replacement starts. Checks that the job comes back once more and ends exactly once with the
 whole reply; reports how long after that kill the reply restarted again.
 
@@ -236,7 +236,7 @@ def _resume_then_kill_the_new_owner(client_redis: redis.Redis, replicas: Replica
     replicas.processes[stalled].send_signal(signal.SIGCONT)
     log = replicas.logs[stalled]
     deadline = time.monotonic() + 30
-    while f"smmf.chat[{job_id}] raised" not in log.read_text():
+    while f"job {job_id}: attempt 1 lost the job" not in log.read_text():
         if time.monotonic() > deadline:
             raise SystemExit(f"the stalled worker's delivery of {job_id} did not end; see {log}")
         time.sleep(0.05)

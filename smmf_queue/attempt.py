@@ -65,6 +65,20 @@ class LeaseBusy(SmmfError):
         self.retry_in_s = retry_in_s
 
 
+class JobLost(SmmfError):
+    """Raised when a later delivery took the job over while this attempt ran (its worker
+    stalled past the lease): its next event found the log past it. The attempt stops and
+    writes nothing more; the later one streams on. Never reaches a caller."""
+
+    def __init__(self, job_id: str, attempt: int):
+        super().__init__(f"attempt {attempt} lost the job to a later delivery; stopped",
+                         job_id=job_id)
+
+
+#: the end of what Redis answers an XADD whose id is not past the log's newest entry.
+_LOG_IS_PAST = "equal or smaller than the target stream top item"
+
+
 class ClaimRefused(SmmfError):
     """Raised when a job started ahead of its claim (see PendingClaim) turns out not to be this
     delivery's first attempt: nothing was published, and the delivery goes on the ordinary way
@@ -243,7 +257,8 @@ class Attempt:
         return StreamEvent(seq=self.seq, attempt=self.number, type=type_, **fields)  # type: ignore[arg-type]
 
     def write(self, event: StreamEvent) -> bool:
-        """Append and publish one event; True when the caller has cancelled the job.
+        """Append and publish one event; True when the caller has cancelled the job; JobLost
+        when a later delivery wrote past this attempt's numbering (it took the job over).
 
         A first attempt's log gets its TTL from the finish; a later attempt's (its worker died
         before the finish) with its first event; a long attempt's again each half TTL, so a log
@@ -252,9 +267,15 @@ class Attempt:
         now = time.monotonic()
         set_ttl = self._ttl_set_at is None or now - self._ttl_set_at >= self._deliveries.event_ttl_s / 2
         check = now - self._cancel_seen_at >= CANCEL_CHECK_S
-        cancelled = self._deliveries._append(
-            keys=[keys.event_log(self.job_id), keys.job_record(self.job_id)],
-            args=[*self._log_args(event), int(set_ttl), int(check)])
+        try:
+            cancelled = self._deliveries._append(
+                keys=[keys.event_log(self.job_id), keys.job_record(self.job_id)],
+                args=[*self._log_args(event), int(set_ttl), int(check)])
+        except redis.ResponseError as exc:
+            if _LOG_IS_PAST not in str(exc):
+                raise
+            self._deliveries.on_lost(self.job_id)
+            raise JobLost(self.job_id, self.number) from None
         if set_ttl:
             self._ttl_set_at = now
         if check:

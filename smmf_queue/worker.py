@@ -28,7 +28,7 @@ from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
 from . import dead_letters, keys, logs, metrics, redis_clients, registry, tracing
-from .attempt import WORKER_LOST, Attempt, Deliveries, LeaseBusy
+from .attempt import WORKER_LOST, Attempt, Deliveries, JobLost, LeaseBusy
 from .celery_ext import ResultBackend, give_back_held_messages, keep_lease_of, renew_held_messages
 from .config import ModelConfig, SmmfConfig
 from .dynamic_batching import EmbedBatcher
@@ -201,6 +201,10 @@ class WorkerRuntime:
                                            ahead=kind == "llm" and _first_delivery(task))
         except LeaseBusy as busy:
             raise task.retry(countdown=busy.retry_in_s) from None
+        except JobLost as lost:
+            log.warning("job %s: %s", job_id, lost.message)
+            metrics.JOBS.labels(model, kind, "lost_lease").inc()
+            return None
         except JobFailed as exc:
             if exc.error_type in DEAD_ON:
                 self._keep_dead(self._dead_job(task, kind, payload, exc))

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from smmf_queue import keys
-from smmf_queue.attempt import Attempt, Claim, ClaimRefused, Deliveries, LeaseBusy, PendingClaim
+from smmf_queue.attempt import Attempt, Claim, ClaimRefused, Deliveries, JobLost, LeaseBusy, PendingClaim
 from smmf_queue.errors import JobFailed, JobTimeout
 from smmf_queue.jobs import StreamEvent, pack_vectors, unpack_vectors
 from smmf_queue.providers.base import StopFilter, drain
@@ -143,6 +143,28 @@ def test_a_live_lease_blocks_a_second_delivery_and_only_the_owner_finishes(
     assert lost == [job]
     assert deliveries.claim(job, "C").outcome == "finished"
     assert [e.type for e in decode_log(redis_client.xrange(keys.event_log(job)))] == ["end"]
+
+
+def test_a_stale_attempts_next_event_stops_it_once_a_later_attempt_wrote(
+        deliveries: Deliveries, redis_client: redis.Redis) -> None:
+    # Given a job whose first attempt stalled past its lease after one event, and a second
+    # attempt that took it over and wrote its restart
+    job = "stale-write-1"
+    lost: list[str] = []
+    deliveries.on_lost = lost.append
+    assert deliveries.claim(job, "A").outcome == "claimed"
+    stale = attempt_of(deliveries, job, "A", 1)
+    stale.delta("one")
+    time.sleep(0.35)
+    assert deliveries.claim(job, "B") == Claim("claimed", 2)
+    attempt_of(deliveries, job, "B", 2).restart()
+    # When the first attempt writes its next event, then it stops, writing nothing, and says
+    # it lost the job
+    with pytest.raises(JobLost):
+        stale.delta("two")
+    assert lost == [job]
+    assert [(e.type, e.attempt) for e in decode_log(redis_client.xrange(keys.event_log(job)))] == [
+        ("delta", 1), ("restart", 2)]
 
 
 def test_a_job_that_keeps_killing_workers_is_exhausted(deliveries: Deliveries) -> None:

@@ -92,10 +92,11 @@ def test_a_job_taken_over_from_a_stalled_worker_comes_back_when_its_new_worker_d
         first.process.send_signal(signal.SIGSTOP)
         second = start_worker(MODEL, config=reaped_config)
         wait_until(lambda: any(d.restart for d in deltas), 30, "the second worker's restart")
-        # When the first worker runs again (its next event finds the log past it, its fenced
-        # finish is refused, and it acknowledges its message), and then the second dies
+        # When the first worker runs again (its next event finds the log past it: it stops and
+        # acknowledges its message), and then the second dies
         first.process.send_signal(signal.SIGCONT)
-        wait_until(lambda: "raised unexpected" in first.log.read_text(), 30, "the stale delivery's end")
+        wait_until(lambda: "lost the job to a later delivery" in first.log.read_text(), 30,
+                   "the stale delivery's end")
         time.sleep(0.5)  # its ack follows the task's end
         second.kill()
         reader.join(180)
