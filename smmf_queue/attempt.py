@@ -13,7 +13,8 @@ so each delivery first claims the job's record by an atomic compare-and-set (lua
 A delivery that finds another owner's live lease runs nothing and checks back when that lease
 would expire (`LeaseBusy`). The heartbeat renews the leases of running jobs. Only the current
 owner and attempt may finish the job, and finishing also writes the terminal event, in the same
-script, so a stale worker can never end a stream.
+script, so a stale worker can never end a stream; its next event finds the log numbered past it
+and stops it (`JobLost`).
 
 Every event goes out in one round trip that appends it to the job's event log and publishes it
 (lua.APPEND). A new attempt continues the log's numbering and starts with a `restart` event, so
@@ -105,8 +106,9 @@ class Deliveries:
         #: where set (WorkerRuntime.write_results_with_finish), each finish also writes the
         #: job's Celery result, and the worker's tasks store none.
         self.results: ResultBackend | None = None
-        #: called with the job's id when an attempt's finish is refused (a later delivery holds
-        #: the job): on Redis its message's ack then leaves kombu's lease (celery_ext.keep_lease_of).
+        #: called with the job's id when an attempt finds that a later delivery holds the job
+        #: (its finish refused, or its next event past the log): on Redis its message's ack
+        #: then leaves kombu's lease, the later delivery's (celery_ext.keep_lease_of).
         self.on_lost: Callable[[str], None] = lambda job_id: None
         self._claim = client.register_script(lua.CLAIM)
         self._renew = client.register_script(lua.RENEW)

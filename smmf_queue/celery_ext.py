@@ -117,7 +117,8 @@ LOST_KEPT = 1024
 
 def keep_lease_of(job_id: str) -> None:
     """The delivery of `job_id` running here lost the job to a later delivery (its fenced
-    finish was refused): its ack leaves the message's entry in kombu's index.
+    finish was refused, or its next event found the log past it): its ack leaves the message's
+    entry in kombu's index.
 
     A message that kombu's restore handed back while its worker still ran it (a heartbeat
     stalled past the lease) comes back with the same delivery tag: the entry that the stale
