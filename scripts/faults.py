@@ -70,7 +70,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
 
@@ -99,45 +99,61 @@ device = "cpu"
 REPLY_TOKENS = 3000
 
 
+#: a round of a fault run whose job was not lost: (text after the last restart, terminal
+#: events logged, its timings in seconds, the first being fault -> reply restarts).
+Outcome = tuple[str, int, tuple[float, ...]]
+
+
 def kills(n: int, lease_s: float, heartbeat_s: float, seed: int) -> None:
-    rng = random.Random(seed)
-    with _replicas(lease_s, heartbeat_s) as (config, client_redis, replicas):
-        with Client(config) as client:
-            reference = client.chat(MODEL, QUESTION, max_tokens=REPLY_TOKENS, temperature=0).text
-            print(f"{n} SIGKILLs of the worker holding a streamed reply ({len(reference)} chars); "
-                  f"lease_s {lease_s}, heartbeat {heartbeat_s} s, "
-                  f"seed {seed}, {os.cpu_count()} cores", flush=True)
-            back: list[float] = []
-            ended: list[float] = []
-            lost = wrong = doubled = 0
-            for i in range(n):
-                _wait_live(client_redis, 2)
-                outcome = _one_kill(client, client_redis, replicas, rng.randint(1, 40), f"kill-{seed}-{i}")
-                replicas.spawn()
-                if outcome is None:
-                    lost += 1
-                    print(f"  {i + 1}: LOST", flush=True)
-                    continue
-                text, restart_s, end_s, terminals = outcome
-                back.append(restart_s)
-                ended.append(end_s)
-                wrong += text != reference
-                doubled += terminals != 1
-                if (i + 1) % 10 == 0:
-                    print(f"  {i + 1} kills: back on a replica p50 {percentile(back, 50):.2f} s, "
-                          f"max {max(back):.2f} s", flush=True)
-    print(f"lost {lost} / {n}; wrong replies {wrong} / {n}; jobs not ended exactly once {doubled} / {n}")
-    if back:
+    timings = _rounds(n, lease_s, heartbeat_s, seed, live=2, prefix="kill", one_round=_one_kill,
+                      title="SIGKILLs of the worker holding a streamed reply")
+    if timings:
+        back, ended = [t[0] for t in timings], [t[1] for t in timings]
         print(f"kill -> reply restarts on a replica: p50 {percentile(back, 50):.2f} s, "
               f"p99 {percentile(back, 99):.2f} s, max {max(back):.2f} s (n={len(back)})")
         print(f"kill -> reply ends:                  p50 {percentile(ended, 50):.2f} s, "
               f"p99 {percentile(ended, 99):.2f} s, max {max(ended):.2f} s")
 
 
+def _rounds(n: int, lease_s: float, heartbeat_s: float, seed: int, *, live: int, prefix: str,
+            title: str, one_round: Callable[[Client, redis.Redis, Replicas, int, str], Outcome | None],
+            ) -> list[tuple[float, ...]]:
+    """N rounds of one fault against three workers: each streams a long reply (temperature 0,
+    so every attempt writes the same text) through `one_round`, which faults it after a random
+    number of deltas, then a replacement worker starts. Prints the header, the progress and
+    the lost, wrong and not-exactly-once counts; returns the timings of the rounds not lost."""
+    rng = random.Random(seed)
+    timings: list[tuple[float, ...]] = []
+    lost = wrong = doubled = 0
+    with _replicas(lease_s, heartbeat_s) as (config, client_redis, replicas):
+        with Client(config) as client:
+            reference = client.chat(MODEL, QUESTION, max_tokens=REPLY_TOKENS, temperature=0).text
+            print(f"{n} {title} ({len(reference)} chars); lease_s {lease_s}, heartbeat {heartbeat_s} s, "
+                  f"seed {seed}, {os.cpu_count()} cores", flush=True)
+            for i in range(n):
+                _wait_live(client_redis, live)
+                outcome = one_round(client, client_redis, replicas, rng.randint(1, 40), f"{prefix}-{seed}-{i}")
+                replicas.spawn()
+                if outcome is None:
+                    lost += 1
+                    print(f"  {i + 1}: LOST", flush=True)
+                    continue
+                text, terminals, times = outcome
+                timings.append(times)
+                wrong += text != reference
+                doubled += terminals != 1
+                if (i + 1) % 10 == 0:
+                    print(f"  {i + 1} rounds: lost {lost}, reply back after the fault p50 "
+                          f"{percentile([t[0] for t in timings], 50):.2f} s", flush=True)
+    print(f"lost {lost} / {n}; wrong replies {wrong} / {n}; jobs not ended exactly once {doubled} / {n}")
+    return timings
+
+
 def _one_kill(client: Client, client_redis: redis.Redis, replicas: Replicas,
-              after: int, job_id: str) -> tuple[str, float, float, int] | None:
-    """Stream a reply, SIGKILL its worker after `after` deltas; (text after the restart, seconds
-    from the kill to the restart and to the end, terminal events logged), or None if lost."""
+              after: int, job_id: str) -> Outcome | None:
+    """Stream a reply, SIGKILL its worker after `after` deltas; (text after the restart,
+    terminal events logged, seconds from the kill to the restart and to the end), or None if
+    lost."""
     killed_at: list[float] = []
     restart_at: list[float] = []
     pieces: list[str] = []
@@ -161,45 +177,24 @@ def _one_kill(client: Client, client_redis: redis.Redis, replicas: Replicas,
                          "use a longer reply")
     events = decode_log(client_redis.xrange(keys.event_log(job_id)))  # type: ignore[arg-type]
     terminals = sum(1 for e in events if e.terminal)
-    return ("".join(pieces), restart_at[0] - killed_at[0], ended - killed_at[0], terminals)
+    return "".join(pieces), terminals, (restart_at[0] - killed_at[0], ended - killed_at[0])
 
 
 def stalls(n: int, lease_s: float, heartbeat_s: float, seed: int) -> None:
-    rng = random.Random(seed)
-    with _replicas(lease_s, heartbeat_s) as (config, client_redis, replicas):
-        with Client(config) as client:
-            reference = client.chat(MODEL, QUESTION, max_tokens=REPLY_TOKENS, temperature=0).text
-            print(f"{n} stalls (SIGSTOP past the lease) of the worker holding a streamed reply, a "
-                  f"takeover, SIGCONT, then a SIGKILL of the worker that took over; lease_s "
-                  f"{lease_s}, heartbeat {heartbeat_s} s, seed {seed}, {os.cpu_count()} cores", flush=True)
-            back: list[float] = []
-            lost = wrong = doubled = 0
-            for i in range(n):
-                _wait_live(client_redis, 3)
-                outcome = _one_stall(client, client_redis, replicas, rng.randint(1, 40), f"stall-{seed}-{i}")
-                replicas.spawn()
-                if outcome is None:
-                    lost += 1
-                    print(f"  {i + 1}: LOST", flush=True)
-                    continue
-                text, back_s, terminals = outcome
-                back.append(back_s)
-                wrong += text != reference
-                doubled += terminals != 1
-                if (i + 1) % 10 == 0:
-                    print(f"  {i + 1} rounds: lost {lost}, back after the second kill p50 "
-                          f"{percentile(back, 50):.2f} s", flush=True)
-    print(f"lost {lost} / {n}; wrong replies {wrong} / {n}; jobs not ended exactly once {doubled} / {n}")
-    if back:
+    timings = _rounds(n, lease_s, heartbeat_s, seed, live=3, prefix="stall", one_round=_one_stall,
+                      title="stalls (SIGSTOP past the lease) of the worker holding a streamed reply, "
+                            "a takeover, SIGCONT, then a SIGKILL of the worker that took over")
+    if timings:
+        back = [t[0] for t in timings]
         print(f"kill of the worker that took over -> reply restarts again: p50 {percentile(back, 50):.2f} s, "
               f"p99 {percentile(back, 99):.2f} s, max {max(back):.2f} s (n={len(back)})")
 
 
 def _one_stall(client: Client, client_redis: redis.Redis, replicas: Replicas, after: int,
-               job_id: str) -> tuple[str, float, int] | None:
+               job_id: str) -> Outcome | None:
     """Stream a reply; after `after` deltas SIGSTOP its worker; at the takeover's restart SIGCONT
     it, wait for its stale delivery to end, and SIGKILL the worker that took over. (Text after
-    the last restart, seconds from that kill to the next restart, terminal events logged), or
+    the last restart, terminal events logged, seconds from that kill to the next restart), or
     None if lost."""
     pieces: list[str] = []
     stalled: int | None = None
@@ -225,7 +220,7 @@ def _one_stall(client: Client, client_redis: redis.Redis, replicas: Replicas, af
     if not back:
         raise SystemExit(f"job {job_id} ended after {count} deltas, before its faults; use a longer reply")
     events = decode_log(client_redis.xrange(keys.event_log(job_id)))  # type: ignore[arg-type]
-    return "".join(pieces), back[0], sum(1 for e in events if e.terminal)
+    return "".join(pieces), sum(1 for e in events if e.terminal), (back[0],)
 
 
 def _resume_then_kill_the_new_owner(client_redis: redis.Redis, replicas: Replicas,
