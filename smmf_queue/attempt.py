@@ -178,14 +178,16 @@ class Deliveries:
         return [owner, self.lease_ms, self.max_attempts, self.record_ttl_s]
 
     def renew_leases(self) -> None:
-        """Extend the leases of this worker's running jobs, in one round trip."""
+        """Extend the leases of this worker's running jobs, and keep their records, in one round
+        trip."""
         with self._running_lock:
             leases = dict(self._running)
         if not leases:
             return
         pipe = self.client.pipeline(transaction=False)
         for owner, job_id in leases.items():
-            self._renew(keys=[keys.job_record(job_id)], args=[owner, self.lease_ms], client=pipe)
+            self._renew(keys=[keys.job_record(job_id)], args=[owner, self.lease_ms, self.record_ttl_s],
+                        client=pipe)
         pipe.execute()
 
     def release_leases(self) -> int:

@@ -45,14 +45,16 @@ if redis.call('TTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS
 """
 
 #: Extend a running job's lease, if `owner` still holds it and has not given it up (RELEASE)
-#: (answers 1, else 0).
-#: KEYS[1] record; ARGV: owner, lease_ms.
+#: (answers 1, else 0), and keep its record record_ttl_s from now: a job that runs longer than
+#: that would otherwise lose its record, and with it its fenced finish.
+#: KEYS[1] record; ARGV: owner, lease_ms, record_ttl_s.
 RENEW = """
 local record = redis.call('HMGET', KEYS[1], 'owner', 'state', 'lease_until')
 if record[1] ~= ARGV[1] or record[2] ~= 'RUNNING' or record[3] == '0' then return 0 end
 local now = redis.call('TIME')
 local lease_until = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'lease_until', lease_until)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 

@@ -214,6 +214,23 @@ def test_a_second_delivery_of_a_running_job_leaves_the_first_ones_lease_renewed(
     deliveries.run("renew-1", None, work, ahead=True)
 
 
+def test_a_job_that_runs_longer_than_its_record_s_ttl_still_finishes(redis_client: redis.Redis) -> None:
+    # Given a worker whose job records live one second
+    deliveries = Deliveries(redis_client, "w", lease_s=0.3, max_attempts=2, record_ttl_s=1,
+                            event_ttl_s=60, max_events=100)
+
+    def work(attempt: Attempt) -> bool:
+        # When its job runs for twice that, the heartbeat renewing its lease as it runs
+        for _ in range(8):
+            time.sleep(0.25)
+            deliveries.renew_leases()
+        return attempt.finish(attempt.next_event("end"))
+
+    # Then its record is still there for the fenced finish, which ends the stream
+    assert deliveries.run("long-1", None, work) is True
+    assert [e.type for e in decode_log(redis_client.xrange(keys.event_log("long-1")))] == ["end"]
+
+
 def test_a_claim_sent_ahead_is_in_redis_before_its_answer_is_read(deliveries: Deliveries,
                                                                   redis_client: redis.Redis) -> None:
     # Given a Redis whose script cache is empty (a fresh or restarted server), once the worker
