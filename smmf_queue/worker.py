@@ -384,9 +384,13 @@ class WorkerRuntime:
                                    worker=self.worker_id, vectors_b64=packed, dims=dims)
         result = {"job_id": attempt.job_id, "model": request.model, "dims": dims,
                   "usage": output.usage.model_dump(), "worker": self.worker_id}
-        if request.lane == "interactive":
-            # A batch chunk's vectors are read from its event log (also when a run resumes);
-            # storing them again in the result backend would only cost a large write.
+        if request.lane == "interactive" and not request.reply_to:
+            # Only a producer without a reply channel (a plain Celery one) reads the vectors
+            # from the result backend. The SDK and the gateway take them from the end event,
+            # and a batch chunk's are read from its event log (also when a run resumes): stored
+            # again, they would be a second copy on Redis for `result_ttl_s` (an hour by
+            # default, against the log's ten minutes), six times the memory of an embedding
+            # job (docs/performance-log.md).
             result["vectors_b64"] = packed
         return event, result
 

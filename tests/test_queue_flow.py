@@ -22,7 +22,7 @@ from smmf_queue import (
     keys,
 )
 from smmf_queue.config import SmmfConfig
-from smmf_queue.jobs import StreamEvent
+from smmf_queue.jobs import EmbeddingRequest, StreamEvent, unpack_vectors
 from smmf_queue.queues import make_celery_app
 from smmf_queue.streaming import decode_log
 
@@ -138,6 +138,28 @@ def test_embeddings_match_sentence_transformers_in_process(client: Client, confi
     fed = [min(len(ids), model.max_seq_length) for ids in model.tokenizer(texts)["input_ids"]]
     assert max(fed) == model.max_seq_length
     assert result.usage.prompt_tokens == sum(fed)
+
+
+def test_an_embedding_s_vectors_are_stored_once_unless_the_result_backend_is_its_only_way(
+        client: Client, config: SmmfConfig, redis_client: redis.Redis) -> None:
+    texts = ["a queue", "a cat"]
+    app = make_celery_app(config)
+    try:
+        # Given an embedding job sent by the SDK, whose reply channel carried its end event
+        result = client.embed(EMBED, texts)
+        stored = app.AsyncResult(result.job_id).get(timeout=10)
+        # When a plain Celery producer (no reply channel) sends the same
+        request = EmbeddingRequest(model=EMBED, texts=texts)
+        plain = app.send_task(keys.EMBED_TASK, kwargs={"request": request.message()}, task_id=request.job_id,
+                              queue=keys.queue_name("embedding", EMBED)).get(timeout=60)
+    finally:
+        app.close()
+    # Then the SDK's job keeps its vectors in its event log only, its result backend copy
+    # holding the rest; the plain producer's result carries them
+    [end] = logged_events(redis_client, result.job_id)
+    assert end.vectors_b64 is not None and unpack_vectors(end.vectors_b64, end.dims) == result.vectors
+    assert "vectors_b64" not in stored and stored["dims"] == end.dims and stored["usage"]["prompt_tokens"] > 0
+    assert unpack_vectors(plain["vectors_b64"], plain["dims"]) == result.vectors
 
 
 def test_two_models_never_receive_each_others_jobs(client: Client, chat_worker: WorkerProcess,
