@@ -392,6 +392,7 @@ def _build(raw: dict[str, Any], source: Path) -> SmmfConfig:
     _check_defaults(config)
     _check_fallbacks(config)
     _check_accounts(config)
+    _check_timings(config)
     return config
 
 
@@ -522,6 +523,22 @@ def _check_accounts(config: SmmfConfig) -> None:
             known = ", ".join(sorted(config.accounts)) or "none"
             raise ConfigError(f"{where}: expected the name of an [accounts.<name>] table, got "
                               f"'{model.account}' (configured: {known})")
+
+
+def _check_timings(config: SmmfConfig) -> None:
+    """Times that only work together: each heartbeat renews the leases and the registry entry
+    of its worker, so one late heartbeat must not hand a running job to another worker or hide
+    a live worker; and a job's record, kept `result_ttl_s` after its last renewal, must outlive
+    its lease."""
+    worker, beat = config.worker, config.worker.heartbeat_interval_s
+    for key, value in (("lease_s", worker.lease_s), ("heartbeat_ttl_s", worker.heartbeat_ttl_s)):
+        if value < 2 * beat:
+            raise ConfigError(f"{config.source}: key 'worker.{key}': expected at least twice "
+                              f"worker.heartbeat_interval_s ({beat:g} s), which renews it (got {value:g})")
+    if config.queue.result_ttl_s <= worker.lease_s:
+        raise ConfigError(f"{config.source}: key 'queue.result_ttl_s': expected more than "
+                          f"worker.lease_s ({worker.lease_s:g} s): a job's record must outlive its "
+                          f"lease (got {config.queue.result_ttl_s})")
 
 
 def _check_defaults(config: SmmfConfig) -> None:

@@ -132,6 +132,18 @@ def test_our_sections_check_values(tmp_path: Path) -> None:
     assert "key 'worker.heartbeat_ttl_s'" in message and "greater than 0" in message
 
 
+def test_times_that_only_work_together_are_checked_together(tmp_path: Path) -> None:
+    # A lease that one late heartbeat would let run out
+    message = error_of(write(tmp_path, "[worker]\nheartbeat_interval_s = 2\nlease_s = 3\n"))
+    assert "key 'worker.lease_s': expected at least twice worker.heartbeat_interval_s (2 s)" in message
+    # A registry entry that would vanish between heartbeats
+    message = error_of(write(tmp_path, "[worker]\nheartbeat_interval_s = 2\nheartbeat_ttl_s = 2\n"))
+    assert "key 'worker.heartbeat_ttl_s'" in message and "(got 2)" in message
+    # A job record that would expire under a live lease
+    message = error_of(write(tmp_path, "[queue]\nresult_ttl_s = 10\n"))
+    assert "key 'queue.result_ttl_s': expected more than worker.lease_s (10 s)" in message
+
+
 def test_unknown_model_keys_warn_by_name(tmp_path: Path) -> None:
     path = write(tmp_path, '[[models.llms]]\nname = "m"\nprovider = "hf"\n'
                            'temprature = 0.5\ntorch_dtype = "float32"\n')
