@@ -108,7 +108,9 @@ class QueueSettings(_Strict):
     event_ttl_s: int = Field(default=600, gt=0)
     #: most events kept per job for replay (deltas are coalesced, so this is rarely reached).
     event_log_max: int = Field(default=10_000, gt=0)
-    #: how long results stay in the result backend, seconds.
+    #: how long results stay in the result backend, seconds; a job's record (its state, which
+    #: keeps a late delivery of a finished job from running it again) as long after its
+    #: last lease renewal.
     result_ttl_s: int = Field(default=3600, gt=0)
     #: no longer used, still accepted: kombu's visibility timeout is now the lease of every
     #: message a worker holds, `worker.lease_s` (celery_ext.renew_held_messages).
