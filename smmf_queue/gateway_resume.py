@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import uuid
 
@@ -61,7 +62,7 @@ class LeftStreams:
         self._client = client
         self._redis = redis_clients.connect_async(client.config.queue)
         self._grace_s = grace_s
-        self._ttl_s = int(client.config.queue.job_timeout_s)
+        self._ttl_s = max(1, math.ceil(client.config.queue.job_timeout_s))  # SET's EX: whole seconds
         self._pending: set[asyncio.Task[None]] = set()
 
     async def attach(self, job_id: str) -> bytes:

@@ -7,6 +7,7 @@ it was away. One that never comes back has its job cancelled once the grace is o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import threading
@@ -18,7 +19,9 @@ import pytest
 import redis
 
 from smmf_queue import keys
+from smmf_queue.client import AsyncClient
 from smmf_queue.embedded_redis import EmbeddedRedis
+from smmf_queue.gateway_resume import LeftStreams
 
 from ..conftest import GATEWAY_KEY, StartWorker, free_port, start_service, wait_until
 from . import fault_config
@@ -190,3 +193,26 @@ def test_a_stream_cut_by_a_stopping_gateway_resumes_on_another_replica(gateway: 
     assert path is not None and before[-1] != (None, {"done": True})
     after = resume(gateway, path, before[-1][0])
     assert text_of(before) + text_of(after) == whole["choices"][0]["message"]["content"]
+
+
+def test_a_resume_is_noted_when_jobs_time_out_within_a_second(tmp_path: Path, resume_config: Path,
+                                                              redis_client: redis.Redis) -> None:
+    # Given a gateway's config whose jobs time out in half a second
+    config = tmp_path / "short.toml"
+    config.write_text(resume_config.read_text().replace("job_timeout_s = 60", "job_timeout_s = 0.5", 1))
+    assert "job_timeout_s = 0.5" in config.read_text()
+
+    async def attach() -> bytes:
+        client = AsyncClient(config)
+        streams = LeftStreams(client, grace_s=0)
+        try:
+            return await streams.attach("short-job")
+        finally:
+            await streams.aclose()
+            await client.aclose()
+
+    # When a reader resumes a stream, then its note is kept for a whole second, not refused by
+    # Redis (an EX of 0 seconds)
+    token = asyncio.run(attach())
+    assert redis_client.get(keys.stream_reader("short-job")) == token
+    assert redis_client.ttl(keys.stream_reader("short-job")) == 1
