@@ -6,7 +6,7 @@
     .venv/bin/python scripts/faults.py rolling [--rounds 2] [--clients 4] [--grace 1]
     .venv/bin/python scripts/faults.py resume [--streams 1000] [--drop 0.1] [--clients 4] [--seed 1]
     .venv/bin/python scripts/faults.py accepts [--n 3] [--fsync everysec|always] [--stop kill|term] [--seed 1]
-    .venv/bin/python scripts/faults.py openapi [--examples 200] [--seed 1]
+    .venv/bin/python scripts/faults.py openapi [--examples 200] [--seed 1] [--admin]
     .venv/bin/python scripts/faults.py sentinel [--n 3] [--seed 1]
 
 `kills`: a private Redis (AOF on), three worker processes for the tiny random-weight chat model
@@ -54,7 +54,8 @@ jobs the new master does not hold (replication is asynchronous); N rounds.
 
 `openapi`: the gateway with a chat and an embedding worker, and schemathesis run against the
 gateway's own OpenAPI document with every check (`tests/faults/schemathesis.toml`); prints its
-summary.
+summary. `--admin`: the gateway has a master key, and the run covers its admin API only
+(`/key/*`, `/usage`).
 """
 
 from __future__ import annotations
@@ -558,24 +559,34 @@ def _produce_through_failover(sender: JobSender, accepted: dict[str, float], sto
         accepted[job_id] = time.monotonic()
 
 
-def openapi_run(examples: int, seed: int) -> None:
+#: the master key of `openapi --admin`'s gateway.
+ADMIN_MASTER_KEY = "sk-faults-master"
+
+
+def openapi_run(examples: int, seed: int, admin: bool) -> None:
     work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
     with EmbeddedRedis(free_port(), work / "redis") as server:
         config = _config(work, server, models=EMBEDDING_TOML)
         workers = [start_worker_process(config, [name], work / f"worker-{name}.log")
                    for name in (MODEL, "all-MiniLM-L6-v2")]
         port = free_port()
+        if admin:
+            os.environ["SMMF_MASTER_KEY"] = ADMIN_MASTER_KEY
         gateway = start_process("gateway", config, work / "gateway.log", "--port", str(port))
+        os.environ.pop("SMMF_MASTER_KEY", None)
+        only = ["-H", f"Authorization: Bearer {ADMIN_MASTER_KEY}", "--include-path-regex",
+                "^/(key|usage)"] if admin else []
         try:
             _wait_live(redis.Redis.from_url(server.url), 2)
             _wait_http(f"http://127.0.0.1:{port}/healthz")
             print(f"schemathesis {version('schemathesis')}, all checks, {examples} examples per "
-                  f"operation, seed {seed}; {os.cpu_count()} cores", flush=True)
+                  f"operation, seed {seed}{', the admin API' if admin else ''}; {os.cpu_count()} cores",
+                  flush=True)
             run = subprocess.run(
                 [str(Path(sys.executable).with_name("st")), "--config-file",
                  str(ROOT / "tests" / "faults" / "schemathesis.toml"), "run",
                  f"http://127.0.0.1:{port}/openapi.json", "--checks", "all", "--max-examples",
-                 str(examples), "--seed", str(seed), "--request-timeout", "60", "--no-color"],
+                 str(examples), "--seed", str(seed), "--request-timeout", "60", "--no-color", *only],
                 capture_output=True, text=True)
             print(run.stdout[run.stdout.find("SUMMARY") - 40:] if run.returncode == 0 else run.stdout)
         finally:
@@ -672,6 +683,7 @@ def main() -> None:
     fuzz = commands.add_parser("openapi", help="schemathesis against the gateway's own schema")
     fuzz.add_argument("--examples", type=int, default=200)
     fuzz.add_argument("--seed", type=int, default=1)
+    fuzz.add_argument("--admin", action="store_true", help="the admin API only, with a master key")
     args = parser.parse_args()
     make_models()
     if args.command == "kills":
@@ -687,7 +699,7 @@ def main() -> None:
     elif args.command == "sentinel":
         sentinel_run(args.n, args.seed)
     elif args.command == "openapi":
-        openapi_run(args.examples, args.seed)
+        openapi_run(args.examples, args.seed, args.admin)
     else:
         resume_run(args.streams, args.drop, args.clients, args.seed)
 

@@ -67,6 +67,10 @@ class UnknownKey(RequestError):
     """Raised when an admin call names a virtual key that does not exist (never made, or revoked)."""
 
 
+class KeyAliasTaken(RequestError):
+    """Raised when an admin call gives a virtual key an alias another key has."""
+
+
 class InvalidKey(SmmfError):
     """Raised when a request's API key is unknown, revoked or expired (virtual_keys.py)."""
 

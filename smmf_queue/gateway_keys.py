@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import RequestError
-from .virtual_keys import KeySpec, KeyStore
+from .virtual_keys import DURATION_PATTERN, KeySpec, KeyStore
 
 
 class KeyUpdate(KeySpec):
@@ -35,7 +35,8 @@ def admin_router(store: KeyStore) -> APIRouter:
     router = APIRouter(tags=["keys"])
 
     @router.get("/usage")
-    def usage(key: str | None = None, since: str = "1d") -> dict[str, Any]:
+    def usage(key: str | None = None,
+              since: str = Query("1d", json_schema_extra={"pattern": DURATION_PATTERN})) -> dict[str, Any]:
         """Requests, tokens and failures by key and model over the UTC days `since` ("7d")
         reaches back into; one key's (by key, token or alias) or every key's."""
         try:

@@ -25,8 +25,9 @@ ERROR = {
                        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
     }},
 }
-_WHY = {400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknown model or stream",
-        413: "Request body too large", 429: "The model's queue is full (with Retry-After)",
+_WHY = {400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknown model, stream or key",
+        409: "The key alias is taken", 413: "Request body too large",
+        429: "The model's queue is full (with Retry-After)",
         502: "The job failed on its worker",
         503: "No live worker, or Redis unreachable (with Retry-After)", 504: "The job's deadline passed"}
 _JOB_ERRORS = [400, 401, 404, 413, 429, 502, 503, 504]
@@ -41,6 +42,13 @@ ROUTE_ERRORS = {
     ("/v1/models", "get"): [401, 503],
     ("/metrics", "get"): [503],
     ("/readyz", "get"): [503],
+    # The admin API (gateway_keys.py), with a master key only.
+    ("/usage", "get"): [400, 401, 404, 503],
+    ("/key/generate", "post"): [400, 401, 409, 503],
+    ("/key/info", "get"): [400, 401, 404, 503],
+    ("/key/list", "get"): [400, 401, 503],
+    ("/key/update", "post"): [400, 401, 404, 409, 503],
+    ("/key/delete", "post"): [400, 401, 404, 503],
 }
 #: one SSE event of a streamed chat (schemathesis checks each event against it).
 SSE_EVENT = {"type": "object", "required": ["data"],

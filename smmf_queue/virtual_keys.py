@@ -25,14 +25,21 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Annotated, Any
 
 import redis
 import redis.asyncio
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from . import keys, metrics
-from .errors import BudgetExceeded, InvalidKey, ModelNotAllowed, RateLimited, RequestError, UnknownKey
+from .errors import (
+    BudgetExceeded,
+    InvalidKey,
+    KeyAliasTaken,
+    ModelNotAllowed,
+    RateLimited,
+    UnknownKey,
+)
 from .jobs import Usage
 
 #: what a made key starts with (as OpenAI's and LiteLLM's do).
@@ -43,16 +50,32 @@ USAGE_DAYS = 400
 _MEASURES = ("requests", "prompt_tokens", "completion_tokens", "failed")
 #: a key's token: the SHA-256 of the key, in hex.
 _TOKEN = re.compile(r"[0-9a-f]{64}")
-_DURATION = re.compile(r"^(\d+)(s|m|h|d|w|mo)$")
+#: LiteLLM's duration strings ("30s", "15m", "12h", "30d", "2w", "1mo"), at most 9999 of a unit
+#: (822 years: a key's expiry must stay a date). Also the OpenAPI document's pattern.
+DURATION_PATTERN = r"^0*([1-9][0-9]{0,3})(s|m|h|d|w|mo)$"
+_DURATION = re.compile(DURATION_PATTERN)
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "mo": 30 * 86400}
 
 
 def parse_duration(text: str) -> int:
-    """Seconds in LiteLLM's duration strings: "30s", "15m", "12h", "30d", "2w", "1mo"."""
-    match = _DURATION.match(text.strip())
-    if not match or int(match.group(1)) == 0:
-        raise ValueError(f"'{text}' is not a duration like 30s, 15m, 12h, 30d, 2w or 1mo")
+    """Seconds in a duration string (DURATION_PATTERN)."""
+    match = _DURATION.fullmatch(text)
+    if not match:
+        raise ValueError(f"'{text}' is not a duration like 30s, 15m, 12h, 30d, 2w or 1mo "
+                         "(1 to 9999 of a unit)")
     return int(match.group(1)) * _SECONDS[match.group(2)]
+
+
+def _not_a_bool(value: Any) -> Any:
+    """JSON's true and false are no counts (pydantic would take them for 1 and 0)."""
+    if isinstance(value, bool):
+        raise ValueError("expected an integer, got a boolean")
+    return value
+
+
+#: a limit in an admin request: a whole number of at least 1 (5.0 too, as JSON Schema has it),
+#: never a boolean.
+Count = Annotated[int, Field(ge=1), BeforeValidator(_not_a_bool)]
 
 
 class KeySpec(BaseModel):
@@ -63,13 +86,13 @@ class KeySpec(BaseModel):
     key_alias: str | None = Field(default=None, min_length=1, max_length=200)
     #: model names or shell-style patterns ("team-a-*"); empty: every model.
     models: list[str] = Field(default_factory=list)
-    rpm_limit: int | None = Field(default=None, ge=1)
-    tpm_limit: int | None = Field(default=None, ge=1)
-    token_budget: int | None = Field(default=None, ge=1)
+    rpm_limit: Count | None = None
+    tpm_limit: Count | None = None
+    token_budget: Count | None = None
     #: the budget's period ("30d"); none: the budget is for the key's whole life.
-    budget_duration: str | None = None
+    budget_duration: str | None = Field(default=None, json_schema_extra={"pattern": DURATION_PATTERN})
     #: how long the key lives ("30d"); none: until revoked.
-    duration: str | None = None
+    duration: str | None = Field(default=None, json_schema_extra={"pattern": DURATION_PATTERN})
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("duration", "budget_duration")
@@ -132,7 +155,7 @@ class KeyStore:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         token = key_hash(key)
         if spec.key_alias and not self.redis.hsetnx(keys.VIRTUAL_KEY_ALIASES, spec.key_alias, token):
-            raise RequestError(f"key_alias '{spec.key_alias}' is taken by another key")
+            raise KeyAliasTaken(f"key_alias '{spec.key_alias}' is taken by another key")
         now = time.time()
         record: dict[Any, Any] = {"token": token, "key_name": f"{KEY_PREFIX}...{key[-4:]}",
                                   "created_at": str(int(now)), "counters": keys.virtual_key_counters(token),
@@ -160,7 +183,7 @@ class KeyStore:
         alias = changes.get("key_alias")
         if alias and alias != record.get("key_alias"):
             if not self.redis.hsetnx(keys.VIRTUAL_KEY_ALIASES, alias, token):
-                raise RequestError(f"key_alias '{alias}' is taken by another key")
+                raise KeyAliasTaken(f"key_alias '{alias}' is taken by another key")
             if record.get("key_alias"):
                 self.redis.hdel(keys.VIRTUAL_KEY_ALIASES, record["key_alias"])
         self.redis.hset(keys.virtual_key(token), mapping=_record_fields(changes, time.time()))
@@ -184,7 +207,7 @@ class KeyStore:
         """Usage by key and model over the UTC days that `since` ("7d", "24h") reaches back
         into, today's included; one key's (by key, token or alias) or every key's."""
         token = self._token(named) if named else None
-        days = max(1, math.ceil(parse_duration(since) / 86400))
+        days = min(USAGE_DAYS, max(1, math.ceil(parse_duration(since) / 86400)))  # none older is kept
         today = int(self.redis.time()[0]) // 86400
         pipe = self.redis.pipeline(transaction=False)
         for day in range(today - days + 1, today + 1):

@@ -96,6 +96,26 @@ def test_only_the_master_key_reaches_the_admin_api(gateways: tuple[str, str, lis
         assert response.json()["error"]["code"] == "invalid_api_key"
 
 
+def test_the_admin_api_refuses_what_it_cannot_honour_with_a_clear_4xx(
+        gateways: tuple[str, str, list[Path]]) -> None:
+    first, _, _ = gateways
+    new_key(first, key_alias="taken-alias")
+    # A second key with the same alias is a conflict, not a bad request
+    taken = admin(first, "/key/generate", {"key_alias": "taken-alias"})
+    assert (taken.status_code, taken.json()["error"]["code"]) == (409, "key_alias_taken")
+    # A boolean is no limit (pydantic alone would take true for 1)
+    boolean = admin(first, "/key/generate", {"rpm_limit": True})
+    assert (boolean.status_code, boolean.json()["error"]["param"]) == (400, "rpm_limit")
+    # A duration past 9999 of a unit is refused (its expiry was no date: a 500)
+    forever = admin(first, "/key/generate", {"duration": "99999999999d"})
+    assert forever.status_code == 400 and "1 to 9999 of a unit" in forever.json()["error"]["message"]
+    longest = admin(first, "/key/generate", {"duration": "9999mo"})
+    assert longest.status_code == 200 and longest.json()["expires"] > "2800"
+    # And /usage looks back no further than usage is kept, however far `since` reaches
+    assert admin(first, "/usage?since=9999w").status_code == 200
+    assert admin(first, "/usage?since=99999999999d").status_code == 400
+
+
 def test_rpm_5_gives_exactly_5_successes_across_both_gateways(gateways: tuple[str, str, list[Path]],
                                                              redis_client: redis.Redis) -> None:
     first, second, _ = gateways
