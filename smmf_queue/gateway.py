@@ -146,7 +146,8 @@ def create_app(config: SmmfConfig) -> FastAPI:
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         error = exc.errors()[0]
         param = ".".join(str(p) for p in error["loc"] if p != "body")
-        return error_response(400, f"{param}: {error['msg']}" if param else error["msg"],
+        message = error["msg"].removeprefix("Value error, ")  # pydantic's word for our validators
+        return error_response(400, f"{param}: {message}" if param else message,
                               "invalid_request_error", None, param or None)
 
     @app.exception_handler(StarletteHTTPException)

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import RequestError
 from .jobs import MAX_STOPS, SEED_MAX, ToolCall
+from .json_types import JsonBody
 
 
 class _ContentPart(BaseModel):
@@ -38,7 +39,7 @@ class _Message(BaseModel):
                                exclude_none=True)
 
 
-class _Function(BaseModel):
+class _Function(JsonBody):
     """A function tool; keys beyond OpenAI's are passed on, as with every field of a tool or a
     response format (a vendor's extension reaches its API: nothing is dropped unsaid)."""
 
@@ -61,7 +62,7 @@ class _NamedTool(BaseModel):
     function: dict[str, str]
 
 
-class _JsonSchema(BaseModel):
+class _JsonSchema(JsonBody):
     model_config = ConfigDict(extra="allow")
     name: str
     description: str | None = None
@@ -81,7 +82,7 @@ class _ResponseFormat(BaseModel):
 _NOT_JOB_FIELDS = {"model", "messages", "stream", "stream_options", "max_completion_tokens"}
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(JsonBody):
     """OpenAI's chat completion request: the fields a model honours reach it, the others are
     refused or dropped (chat_fields.py); unknown extra fields are ignored."""
 
@@ -123,7 +124,7 @@ class ChatCompletionRequest(BaseModel):
 COMPLETION_REFUSES = frozenset({"logprobs"})
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(JsonBody):
     """OpenAI's completions request: a prompt continued as it is, with no chat template."""
 
     model_config = ConfigDict(extra="allow")
@@ -142,7 +143,8 @@ class CompletionRequest(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     #: the prompt, then the completion, in the reply's text.
     echo: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    #: OpenAI's is a number; false is taken too, as for a chat (both are refused but when idle).
+    logprobs: int | bool | None = Field(default=None, ge=0, le=5)
     n: int = Field(default=1, ge=1)
     best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
@@ -162,7 +164,7 @@ class CompletionRequest(BaseModel):
         return fields
 
 
-class EmbeddingsRequest(BaseModel):
+class EmbeddingsRequest(JsonBody):
     """OpenAI's embeddings request. `input` as token ids (LangChain's OpenAIEmbeddings sends
     them by default, counted with tiktoken's encodings, not the served model's) is refused
     with a 400 that says how to send text instead."""
@@ -190,7 +192,7 @@ class _Document(BaseModel):
     text: str
 
 
-class RerankRequest(BaseModel):
+class RerankRequest(JsonBody):
     """The rerank request of Cohere and Jina, as vLLM and Xinference serve it."""
 
     model_config = ConfigDict(extra="allow")

@@ -25,11 +25,11 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Annotated, Any
+from typing import Any
 
 import redis
 import redis.asyncio
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from . import keys, metrics
 from .errors import (
@@ -41,6 +41,7 @@ from .errors import (
     UnknownKey,
 )
 from .jobs import Usage
+from .json_types import JsonBody
 
 #: what a made key starts with (as OpenAI's and LiteLLM's do).
 KEY_PREFIX = "sk-"
@@ -66,19 +67,7 @@ def parse_duration(text: str) -> int:
     return int(match.group(1)) * _SECONDS[match.group(2)]
 
 
-def _not_a_bool(value: Any) -> Any:
-    """JSON's true and false are no counts (pydantic would take them for 1 and 0)."""
-    if isinstance(value, bool):
-        raise ValueError("expected an integer, got a boolean")
-    return value
-
-
-#: a limit in an admin request: a whole number of at least 1 (5.0 too, as JSON Schema has it),
-#: never a boolean.
-Count = Annotated[int, Field(ge=1), BeforeValidator(_not_a_bool)]
-
-
-class KeySpec(BaseModel):
+class KeySpec(JsonBody):
     """What a key may do: the body of `/key/generate` and (every field optional) `/key/update`."""
 
     model_config = ConfigDict(extra="forbid")
@@ -86,9 +75,9 @@ class KeySpec(BaseModel):
     key_alias: str | None = Field(default=None, min_length=1, max_length=200)
     #: model names or shell-style patterns ("team-a-*"); empty: every model.
     models: list[str] = Field(default_factory=list)
-    rpm_limit: Count | None = None
-    tpm_limit: Count | None = None
-    token_budget: Count | None = None
+    rpm_limit: int | None = Field(default=None, ge=1)
+    tpm_limit: int | None = Field(default=None, ge=1)
+    token_budget: int | None = Field(default=None, ge=1)
     #: the budget's period ("30d"); none: the budget is for the key's whole life.
     budget_duration: str | None = Field(default=None, json_schema_extra={"pattern": DURATION_PATTERN})
     #: how long the key lives ("30d"); none: until revoked.
