@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import RequestError
 from .jobs import MAX_STOPS, SEED_MAX, ToolCall
@@ -164,6 +164,10 @@ class CompletionRequest(JsonBody):
         return fields
 
 
+#: the most texts one embeddings request may carry (OpenAI's limit).
+MAX_EMBEDDING_INPUTS = 2048
+
+
 class EmbeddingsRequest(JsonBody):
     """OpenAI's embeddings request. `input` as token ids (LangChain's OpenAIEmbeddings sends
     them by default, counted with tiktoken's encodings, not the served model's) is refused
@@ -171,11 +175,21 @@ class EmbeddingsRequest(JsonBody):
 
     model_config = ConfigDict(extra="allow")
     model: str
-    input: (str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
-            | Annotated[list[list[int]], Field(min_length=1)])
+    #: at most MAX_EMBEDDING_INPUTS texts, as OpenAI's API (a corpus goes through `embed-batch`).
+    input: (str | Annotated[list[str], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+            | Annotated[list[int], Field(min_length=1)] | Annotated[list[list[int]], Field(min_length=1)])
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _not_too_many(cls, value: Any) -> Any:
+        """Said plainly (the union's own first error would be "should be a valid string")."""
+        if isinstance(value, list) and len(value) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} texts per request, got {len(value)} "
+                             "(a corpus: `smmf-queue embed-batch` or the SDK's embed_batch)")
+        return value
 
     def texts(self) -> list[str]:
         if isinstance(self.input, str):

@@ -111,7 +111,7 @@ def test_errors_are_openai_shaped(oai: openai.OpenAI, gateway_url: str) -> None:
     assert no_worker.value.status_code == 503 and IDLE in str(no_worker.value)
 
 
-def test_numbers_and_booleans_must_be_json_s_own(gateway_url: str) -> None:
+def test_numbers_booleans_and_lists_must_be_what_json_and_openai_take(gateway_url: str) -> None:
     # pydantic alone took true for 1 (a one-token reply), "5" for 5, and 1 for true (a stream)
     url, auth = f"{gateway_url}/v1/chat/completions", {"Authorization": f"Bearer {GATEWAY_KEY}"}
     for field, value, said in (("max_tokens", True, "got true"), ("temperature", "0.5", "got a string"),
@@ -120,6 +120,10 @@ def test_numbers_and_booleans_must_be_json_s_own(gateway_url: str) -> None:
                             json={"model": CHAT, "messages": HELLO, "max_tokens": 2, field: value})
         assert answer.status_code == 400, (field, answer.text)
         assert answer.json()["error"]["param"].startswith(field) and said in answer.json()["error"]["message"]
+    # An embeddings request of more texts than OpenAI's API takes says so (not "a valid string")
+    many = httpx.post(f"{gateway_url}/v1/embeddings", headers=auth, timeout=30,
+                      json={"model": EMBED, "input": ["a"] * 2049})
+    assert many.status_code == 400 and "at most 2048 texts" in many.json()["error"]["message"]
     # while a whole number written as 2.0 is still one (JSON Schema's integers include it)
     answer = httpx.post(url, headers=auth, timeout=60, json={"model": CHAT, "messages": HELLO, "max_tokens": 2.0})
     assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] <= 2
