@@ -8,6 +8,7 @@ on the model, not annotated types, so that the OpenAPI document keeps each field
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Any, Union, get_args, get_origin
 
@@ -21,7 +22,7 @@ class JsonBody(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _json_scalars(cls, value: Any, info: ValidationInfo) -> Any:
-        takes = _scalars_taken(cls.model_fields[str(info.field_name)].annotation)
+        takes = _scalars_taken(cls, str(info.field_name))
         if "number" in takes and "bool" not in takes and isinstance(value, bool):
             raise ValueError(f"expected a number, got {str(value).lower()}")
         if "number" in takes and "str" not in takes and isinstance(value, str):
@@ -31,10 +32,13 @@ class JsonBody(BaseModel):
         return value
 
 
-def _scalars_taken(annotation: Any) -> set[str]:
-    """The JSON scalars a field's type takes at its top level ("other" for anything else)."""
+@functools.cache
+def _scalars_taken(model: type[BaseModel], field: str) -> frozenset[str]:
+    """The JSON scalars a field's type takes at its top level ("other" for anything else);
+    worked out once per field (a request's validation is on the gateway's hot path)."""
+    annotation = model.model_fields[field].annotation
     union = get_origin(annotation) in (Union, types.UnionType)
-    return {_scalar(option) for option in (get_args(annotation) if union else (annotation,))}
+    return frozenset(_scalar(option) for option in (get_args(annotation) if union else (annotation,)))
 
 
 def _scalar(option: Any) -> str:
