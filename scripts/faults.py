@@ -92,7 +92,7 @@ from benchkit import (
 from smmf_queue import BrokerUnavailable, Client, JobTimeout, keys, registry
 from smmf_queue.config import load_config
 from smmf_queue.embedded_redis import EmbeddedRedis
-from smmf_queue.jobs import new_job_id
+from smmf_queue.jobs import ChatDelta, new_job_id
 from smmf_queue.queues import JobSender, make_celery_app
 from smmf_queue.standalone import start_process, start_worker_process, stop_processes
 from smmf_queue.streaming import decode_log
@@ -160,13 +160,10 @@ def _rounds(n: int, lease_s: float, heartbeat_s: float, seed: int, *, live: int,
     return timings
 
 
-def _one_kill(client: Client, client_redis: redis.Redis, replicas: Replicas,
-              after: int, job_id: str) -> Outcome | None:
-    """Stream a reply, SIGKILL its worker after `after` deltas; (text after the restart,
-    terminal events logged, seconds from the kill to the restart and to the end), or None if
-    lost."""
-    killed_at: list[float] = []
-    restart_at: list[float] = []
+def _streamed(client: Client, job_id: str, on_delta: Callable[[int, ChatDelta], None]) -> tuple[str, int] | None:
+    """Stream a long reply, calling `on_delta` with each delta's number (from 1) and the delta
+    itself; (the text after the last restart, the deltas read), or None if the reader timed out
+    (the job was lost)."""
     pieces: list[str] = []
     count = 0
     try:
@@ -174,21 +171,44 @@ def _one_kill(client: Client, client_redis: redis.Redis, replicas: Replicas,
                                         job_id=job_id):
             count += 1
             if delta.restart:
-                restart_at.append(time.monotonic())
                 pieces = []
+            on_delta(count, delta)
             pieces.append(delta.text)
-            if count == after and not killed_at:
-                replicas.kill(_owner_pid(client_redis, job_id))
-                killed_at.append(time.monotonic())
     except JobTimeout:
         return None
+    return "".join(pieces), count
+
+
+def _terminal_events(client_redis: redis.Redis, job_id: str) -> int:
+    """How many terminal events (end or error) the job's log holds: exactly one is right."""
+    events = decode_log(client_redis.xrange(keys.event_log(job_id)))  # type: ignore[arg-type]
+    return sum(1 for e in events if e.terminal)
+
+
+def _one_kill(client: Client, client_redis: redis.Redis, replicas: Replicas,
+              after: int, job_id: str) -> Outcome | None:
+    """Stream a reply, SIGKILL its worker after `after` deltas; (text after the restart,
+    terminal events logged, seconds from the kill to the restart and to the end), or None if
+    lost."""
+    killed_at: list[float] = []
+    restart_at: list[float] = []
+
+    def on_delta(count: int, delta: ChatDelta) -> None:
+        if delta.restart:
+            restart_at.append(time.monotonic())
+        if count == after and not killed_at:
+            replicas.kill(_owner_pid(client_redis, job_id))
+            killed_at.append(time.monotonic())
+
+    streamed = _streamed(client, job_id, on_delta)
+    if streamed is None:
+        return None
     ended = time.monotonic()
+    text, count = streamed
     if not killed_at or not restart_at:  # the reply ended before the kill: count it as not a kill
         raise SystemExit(f"job {job_id} ended after {count} deltas, before its kill; "
                          "use a longer reply")
-    events = decode_log(client_redis.xrange(keys.event_log(job_id)))  # type: ignore[arg-type]
-    terminals = sum(1 for e in events if e.terminal)
-    return "".join(pieces), terminals, (restart_at[0] - killed_at[0], ended - killed_at[0])
+    return text, _terminal_events(client_redis, job_id), (restart_at[0] - killed_at[0], ended - killed_at[0])
 
 
 def stalls(n: int, lease_s: float, heartbeat_s: float, seed: int) -> None:
@@ -207,31 +227,27 @@ def _one_stall(client: Client, client_redis: redis.Redis, replicas: Replicas, af
     it, wait for its stale delivery to end, and SIGKILL the worker that took over. (Text after
     the last restart, terminal events logged, seconds from that kill to the next restart), or
     None if lost."""
-    pieces: list[str] = []
-    stalled: int | None = None
+    stalled: list[int] = []
     killed_at: list[float] = []
     back: list[float] = []
-    count = 0
-    try:
-        for delta in client.stream_chat(MODEL, QUESTION, max_tokens=REPLY_TOKENS, temperature=0,
-                                        job_id=job_id):
-            count += 1
-            if delta.restart:
-                pieces = []
-                if killed_at and not back:
-                    back.append(time.monotonic() - killed_at[0])
-                elif stalled is not None and not killed_at:
-                    killed_at.append(_resume_then_kill_the_new_owner(client_redis, replicas, stalled, job_id))
-            pieces.append(delta.text)
-            if count == after and stalled is None:
-                stalled = _owner_pid(client_redis, job_id)
-                replicas.processes[stalled].send_signal(signal.SIGSTOP)
-    except JobTimeout:
+
+    def on_delta(count: int, delta: ChatDelta) -> None:
+        if delta.restart:
+            if killed_at and not back:
+                back.append(time.monotonic() - killed_at[0])
+            elif stalled and not killed_at:
+                killed_at.append(_resume_then_kill_the_new_owner(client_redis, replicas, stalled[0], job_id))
+        if count == after and not stalled:
+            stalled.append(_owner_pid(client_redis, job_id))
+            replicas.processes[stalled[0]].send_signal(signal.SIGSTOP)
+
+    streamed = _streamed(client, job_id, on_delta)
+    if streamed is None:
         return None
+    text, count = streamed
     if not back:
         raise SystemExit(f"job {job_id} ended after {count} deltas, before its faults; use a longer reply")
-    events = decode_log(client_redis.xrange(keys.event_log(job_id)))  # type: ignore[arg-type]
-    return "".join(pieces), sum(1 for e in events if e.terminal), (back[0],)
+    return text, _terminal_events(client_redis, job_id), (back[0],)
 
 
 def _resume_then_kill_the_new_owner(client_redis: redis.Redis, replicas: Replicas,
