@@ -11,7 +11,8 @@ Commands per job and events per job (each job's event log length, read after the
 two chat groups give the two parts; an embedding job's fixed part is what it takes beyond its
 events at the chats' rate per event. What the stack does while idle (heartbeats, kombu's
 restore and polling) is measured over a quiet spell of the same length and taken off first.
-Prints the splits and, for the 32-token chats and the embeddings, commands per job by name.
+Prints the splits and, for the 32-token chats and the embeddings, commands per job by name;
+then what Redis holds for one more job of each (`MEMORY USAGE` of its keys, and their TTLs).
 """
 
 from __future__ import annotations
@@ -76,6 +77,16 @@ def per_job(commands: dict[str, int], idle: dict[str, float], seconds: float, n:
             if name not in ("config|resetstat", "info")}
 
 
+def memory(client: redis.Redis, job: Callable[[str], None]) -> str:
+    """Run one more job; what Redis holds for it (MEMORY USAGE of its keys, and their TTLs)."""
+    job_id = uuid.uuid4().hex
+    job(job_id)
+    held = {"event log": keys.event_log(job_id), "record": keys.job_record(job_id),
+            "Celery result": f"celery-task-meta-{job_id}"}
+    return ", ".join(f"{name} {client.memory_usage(key) or 0:,} B for {client.ttl(key)} s"
+                     for name, key in held.items())
+
+
 def print_by_name(title: str, job: dict[str, float]) -> None:
     print(title)
     for name, calls in sorted(job.items(), key=lambda item: -item[1]):
@@ -97,6 +108,7 @@ def main() -> None:
         long, long_s, long_events = run_group(client, chats(sdk, 32), args.n)
         embed, embed_s, embed_events = run_group(client, embeddings(sdk), args.n)
         idle = idle_rate(client, max(short_s, long_s, embed_s))
+        held = {"chat of 32 tokens": memory(client, chats(sdk, 32)), "embedding": memory(client, embeddings(sdk))}
     short_job, long_job = per_job(short, idle, short_s, args.n), per_job(long, idle, long_s, args.n)
     embed_job = per_job(embed, idle, embed_s, args.n)
     c1, c2, c3 = sum(short_job.values()), sum(long_job.values()), sum(embed_job.values())
@@ -111,6 +123,8 @@ def main() -> None:
     print(f"embedding: fixed per job {c3 - per_event * e3:.1f} + {per_event:.2f} per event")
     print_by_name("per chat of 32 tokens, by command:", long_job)
     print_by_name("per embedding job, by command:", embed_job)
+    for what, keys_held in held.items():
+        print(f"Redis memory of one {what}: {keys_held}")
 
 
 if __name__ == "__main__":
