@@ -13,8 +13,8 @@ so each delivery first claims the job's record by an atomic compare-and-set (lua
 A delivery that finds another owner's live lease runs nothing and checks back when that lease
 would expire (`LeaseBusy`). The heartbeat renews the leases of running jobs. Only the current
 owner and attempt may finish the job, and finishing also writes the terminal event, in the same
-script, so a stale worker can never end a stream; its next event finds the log numbered past it
-and stops it (`JobLost`).
+script, so a stale worker can never end a stream: its next event finds the log numbered past it,
+or its finish is refused, and it stops (`JobLost`).
 
 Every event goes out in one round trip that appends it to the job's event log and publishes it
 (lua.APPEND). A new attempt continues the log's numbering and starts with a `restart` event, so
@@ -68,8 +68,9 @@ class LeaseBusy(SmmfError):
 
 class JobLost(SmmfError):
     """Raised when a later delivery took the job over while this attempt ran (its worker
-    stalled past the lease): its next event found the log past it. The attempt stops and
-    writes nothing more; the later one streams on. Never reaches a caller."""
+    stalled past the lease): its next event found the log past it, or its finish was refused.
+    The attempt stops and writes nothing more; the later one streams on. Never reaches a
+    caller."""
 
     def __init__(self, job_id: str, attempt: int):
         super().__init__(f"attempt {attempt} lost the job to a later delivery; stopped",
@@ -278,8 +279,7 @@ class Attempt:
         except redis.ResponseError as exc:
             if _LOG_IS_PAST not in str(exc):
                 raise
-            self._deliveries.on_lost(self.job_id)
-            raise JobLost(self.job_id, self.number) from None
+            self._lost()
         if set_ttl:
             self._ttl_set_at = now
         if check:
@@ -296,23 +296,28 @@ class Attempt:
         """Tell readers that a new attempt begins and the text so far is void."""
         self.write(self.next_event("restart", worker=self._deliveries.worker_id))
 
-    def finish(self, event: StreamEvent, result: Any = None, failure: JobFailed | None = None) -> bool:
+    def finish(self, event: StreamEvent, result: Any = None, failure: JobFailed | None = None) -> None:
         """Mark the job DONE or FAILED and write its terminal event, and its result or failure
-        (Deliveries.result_copy), if this attempt still owns it."""
+        (Deliveries.result_copy), if this attempt still owns it; JobLost if a later delivery
+        holds it (the fence refused: nothing was written), as from an event."""
         state = "DONE" if event.type == "end" else "FAILED"
         result_key, meta, ttl_s = self._deliveries.result_copy(self.job_id, result, failure)
-        finished = bool(self._deliveries._finish(
-            keys=[keys.event_log(self.job_id), keys.job_record(self.job_id), result_key],
-            args=[*self._log_args(event), self.owner, self.number, state, meta, ttl_s]))
-        if not finished:
-            self._deliveries.on_lost(self.job_id)
-        return finished
+        if not self._deliveries._finish(
+                keys=[keys.event_log(self.job_id), keys.job_record(self.job_id), result_key],
+                args=[*self._log_args(event), self.owner, self.number, state, meta, ttl_s]):
+            self._lost()
 
     def fail(self, exc: JobFailed) -> NoReturn:
-        """End the job with an `error` event (fenced like any finish), then raise `exc`."""
+        """End the job with an `error` event (fenced like any finish), then raise `exc`
+        (JobLost instead if a later delivery holds the job: its outcome is that one's)."""
         self.finish(self.next_event("error", error_type=exc.error_type, error_message=exc.message,
                                     worker=self._deliveries.worker_id), failure=exc)
         raise exc
+
+    def _lost(self) -> NoReturn:
+        """A later delivery holds the job: tell the worker (Deliveries.on_lost) and stop."""
+        self._deliveries.on_lost(self.job_id)
+        raise JobLost(self.job_id, self.number) from None
 
     def _log_args(self, event: StreamEvent) -> list[Any]:
         """ARGV of lua._APPEND_BODY; every write, terminal ones too, passes the gate first."""

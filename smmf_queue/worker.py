@@ -232,7 +232,7 @@ class WorkerRuntime:
 
         try:
             self.deliveries.run(job_id, None, give_up)
-        except (JobFailed, LeaseBusy, redis.RedisError):
+        except (JobFailed, JobLost, LeaseBusy, redis.RedisError):
             pass
 
     def dead_letter_message(self, message: Any, reason: str) -> None:
@@ -282,10 +282,7 @@ class WorkerRuntime:
         # Counted before the end is published: a caller's next job, admitted once it saw this
         # one's result, must see its tokens (they were generated, whoever finishes the job).
         self._count_tokens(model, event)
-        if not attempt.finish(event, result):
-            log.warning("job %s: lost its lease before finishing; result dropped", job_id)
-            metrics.JOBS.labels(model_name, kind, "lost_lease").inc()
-            return None
+        attempt.finish(event, result)
         metrics.JOBS.labels(model_name, kind, "done").inc()
         return result
 

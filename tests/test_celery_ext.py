@@ -71,7 +71,7 @@ def test_a_result_stored_after_its_waiter_began_reaches_it(config) -> None:  # t
 def test_the_finish_writes_celerys_result_and_a_stale_attempt_cannot_overwrite_it(config) -> None:  # type: ignore[no-untyped-def]
     import threading
 
-    from smmf_queue.attempt import Attempt, Deliveries
+    from smmf_queue.attempt import Attempt, Deliveries, JobLost
     from smmf_queue.errors import JobFailed
     from smmf_queue.queues import make_celery_app
 
@@ -89,8 +89,9 @@ def test_the_finish_writes_celerys_result_and_a_stale_attempt_cannot_overwrite_i
     old = Attempt(deliveries, "fenced-result", "old", 1, None)
     new = Attempt(deliveries, "fenced-result", "new", 2, None)
     # When both finish, the stale one last
-    assert new.finish(new.next_event("end"), {"text": "from the owner"})
-    assert not old.finish(old.next_event("end"), {"text": "stale"})
+    new.finish(new.next_event("end"), {"text": "from the owner"})
+    with pytest.raises(JobLost):
+        old.finish(old.next_event("end"), {"text": "stale"})
     # Then Celery's waiter, begun before, and a later reader get the owner's result
     waiter.join(15)
     assert got == [{"text": "from the owner"}]

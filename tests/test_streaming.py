@@ -136,11 +136,16 @@ def test_a_live_lease_blocks_a_second_delivery_and_only_the_owner_finishes(
     lost: list[str] = []
     deliveries.on_lost = lost.append
     stale = attempt_of(deliveries, job, "A", 1)
-    assert not stale.finish(stale.next_event("end"))
+    with pytest.raises(JobLost):
+        stale.finish(stale.next_event("end"))
     assert lost == [job]
+    # nor fail it: its failure is not the job's (no dead letter is kept for it)
+    with pytest.raises(JobLost):
+        stale.fail(JobFailed("the stale attempt's own error", error_type="Boom"))
+    assert lost == [job, job]
     current = attempt_of(deliveries, job, "B", 2)
-    assert current.finish(current.next_event("end"))
-    assert lost == [job]
+    current.finish(current.next_event("end"))
+    assert lost == [job, job]
     assert deliveries.claim(job, "C").outcome == "finished"
     assert [e.type for e in decode_log(redis_client.xrange(keys.event_log(job)))] == ["end"]
 
@@ -186,7 +191,7 @@ def test_a_delivery_runs_its_work_once_and_a_second_one_finds_it_busy_then_finis
         with pytest.raises(LeaseBusy) as busy:
             deliveries.run("run-1", None, lambda _: "twice")
         assert 0 < busy.value.retry_in_s <= 1.3
-        assert attempt.finish(attempt.next_event("end"))
+        attempt.finish(attempt.next_event("end"))
         return "done"
 
     assert deliveries.run("run-1", None, work, ahead=True) == "done"
@@ -219,15 +224,16 @@ def test_a_job_that_runs_longer_than_its_record_s_ttl_still_finishes(redis_clien
     deliveries = Deliveries(redis_client, "w", lease_s=0.3, max_attempts=2, record_ttl_s=1,
                             event_ttl_s=60, max_events=100)
 
-    def work(attempt: Attempt) -> bool:
+    def work(attempt: Attempt) -> str:
         # When its job runs for twice that, the heartbeat renewing its lease as it runs
         for _ in range(8):
             time.sleep(0.25)
             deliveries.renew_leases()
-        return attempt.finish(attempt.next_event("end"))
+        attempt.finish(attempt.next_event("end"))  # JobLost had the record expired
+        return "finished"
 
     # Then its record is still there for the fenced finish, which ends the stream
-    assert deliveries.run("long-1", None, work) is True
+    assert deliveries.run("long-1", None, work) == "finished"
     assert [e.type for e in decode_log(redis_client.xrange(keys.event_log("long-1")))] == ["end"]
 
 
@@ -242,7 +248,7 @@ def test_a_claim_sent_ahead_is_in_redis_before_its_answer_is_read(deliveries: De
     wait_until(lambda: redis_client.hget(keys.job_record("ahead-loaded"), "owner") == b"A", 5, "the claim")
     pending.confirm()
     attempt = Attempt(deliveries, "ahead-loaded", "A", 1, None)
-    assert attempt.finish(attempt.next_event("end"))  # no RUNNING job left for other tests
+    attempt.finish(attempt.next_event("end"))  # no RUNNING job left for other tests
 
 
 def test_a_delivery_started_ahead_of_a_refused_claim_publishes_nothing_and_restarts(
