@@ -517,7 +517,7 @@ def _log_bounds(gap: LogRange) -> tuple[str, str]:
 def _first_error(exc: ValidationError) -> str:
     error = exc.errors()[0]
     where = ".".join(str(p) for p in error["loc"])
-    return f"{where}: {error['msg']}"
+    return f"{where}: {error['msg'].removeprefix('Value error, ')}"
 
 
 class Client(_BaseClient):

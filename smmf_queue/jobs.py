@@ -23,6 +23,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .json_types import JsonBody
+
 #: wire version of requests and events; bump on an incompatible change.
 WIRE_VERSION = 2
 #: the version of a request that uses nothing wire 2 added.
@@ -110,7 +112,7 @@ SEED_MAX = 2**32 - 1
 MAX_STOPS = 16
 
 
-class SamplingParams(_Wire):
+class SamplingParams(_Wire, JsonBody):
     """Sampling parameters; None means "the model's default". 0 is a value, never dropped."""
 
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -133,8 +135,9 @@ class SamplingParams(_Wire):
         return {rename.get(name, name): value for name, value in values.items()}
 
 
-class _JobRequest(_Wire):
-    """What every job's request carries, whatever its kind."""
+class _JobRequest(_Wire, JsonBody):
+    """What every job's request carries, whatever its kind. Its numbers and booleans are JSON's
+    own (json_types.py): `max_tokens=True` from a caller's slip is an error, not one token."""
 
     v: int = WIRE_VERSION
     job_id: str = Field(default_factory=new_job_id, pattern=JOB_ID_PATTERN)

@@ -186,6 +186,11 @@ def test_request_errors_are_typed(client: Client) -> None:
         client.chat(CHAT, [])
     with pytest.raises(RequestError, match="job_id"):  # job ids end at a space on reply channels
         client.chat(CHAT, HELLO, job_id="two words")
+    # A slip of type is an error that names the field, not a one-token reply or a stream
+    with pytest.raises(RequestError, match=r"^invalid chat request: params\.max_tokens: expected a number, got true$"):
+        client.chat(CHAT, HELLO, max_tokens=True)
+    with pytest.raises(RequestError, match="normalize: expected true or false"):
+        client.embed(EMBED, ["x"], normalize=1)
 
 
 def test_a_producer_subscribes_once_not_per_job(config: SmmfConfig, redis_client: redis.Redis,
