@@ -13,7 +13,10 @@ caller processes for Celery), and the CPU time (user + system, from /proc) that 
 server processes spent: gateway + worker + Redis, or Celery worker + Redis. What each process
 does while idle (heartbeats, polling) is measured over a quiet spell and taken off. Prints CPU
 per request for each path, the gateway's share, and the ratios, and for reference what the
-providers' own calls cost in this process. A ratio is taken within each round (our path against
+providers' own calls cost in this process and what the HTTP part alone costs: the HTTP floor,
+a FastAPI app on uvicorn (the gateway's framework, parser and loop) that validates the same
+request body with the gateway's own model and streams back, in as many writes, the bytes the
+gateway sent for one chat, with no queue behind it. A ratio is taken within each round (our path against
 the bare path measured just before it) and the median of those is printed with each round's:
 the machine's speed drifts between rounds, and a ratio of two medians mixes rounds.
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing
 import os
 import statistics
@@ -31,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,7 @@ from benchkit import MESSAGES, free_port, worker_stack
 from celery import Celery
 
 from smmf_queue import registry
+from smmf_queue.gateway_models import ChatCompletionRequest
 from smmf_queue.standalone import start_process
 
 EMBED = "fast-embed"
@@ -196,6 +201,66 @@ def gateway(config: Path) -> Iterator[tuple[int, int]]:
         process.wait(timeout=15)
 
 
+def record_reply(port: int, frames: Path) -> None:
+    """Keep the bytes of one streamed chat through the gateway, as the reads that brought them
+    (about its writes), for the HTTP floor to send back."""
+    async def record() -> list[str]:
+        body = {"model": MODEL, "messages": MESSAGES, "stream": True, "max_tokens": 16}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60,
+                                     headers={"Authorization": f"Bearer {STATIC_KEY}"}) as http:
+            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                response.raise_for_status()
+                return [chunk.decode() async for chunk in response.aiter_raw()]
+    frames.write_text(json.dumps(asyncio.run(record())))
+
+
+def serve_http_floor(port: int, frames: Path) -> None:
+    """The HTTP floor's server: what any gateway on FastAPI and uvicorn costs per streamed chat."""
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    writes = [frame.encode() for frame in json.loads(frames.read_text())]
+    app = FastAPI()
+
+    # ChatCompletionRequest is imported at the module's top: FastAPI resolves the body's type there.
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest) -> StreamingResponse:
+        async def reply() -> AsyncIterator[bytes]:
+            for write in writes:
+                yield write
+        return StreamingResponse(reply(), media_type="text/event-stream")
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", log_config=None,
+                access_log=False)
+
+
+@contextmanager
+def http_floor(frames: Path, log: Path) -> Iterator[tuple[int, int]]:
+    """The HTTP floor's server process, answering: its port and pid."""
+    port = free_port()
+    with open(log, "ab") as out:
+        process = subprocess.Popen([sys.executable, __file__, "--http-floor", str(port), str(frames)],
+                                   stdout=out, stderr=subprocess.STDOUT)
+    try:
+        asyncio.run(_answering(port))
+        yield port, process.pid
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+async def _answering(port: int) -> None:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+        for _ in range(300):
+            try:
+                await streamed_chat(http)
+                return
+            except httpx.TransportError:
+                await asyncio.sleep(0.1)
+    raise RuntimeError(f"the HTTP floor's server on port {port} never answered")
+
+
 def embedding_toml(backend: int) -> str:
     return f"""
 [[models.embeddings]]
@@ -244,7 +309,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--bare-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--http-floor", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.http_floor:
+        serve_http_floor(int(args.http_floor[0]), Path(args.http_floor[1]))
+        return
     if args.bare_worker:
         bare_app(args.bare_worker).worker_main(["worker", "--pool=threads", "--concurrency=64",
                                                 "--loglevel=WARNING", "--without-gossip",
@@ -256,14 +325,19 @@ def main() -> None:
             worker_stack(models_toml(backend) + embedding_toml(backend), [MODEL, EMBED]))
         port, gateway_pid = stack.enter_context(gateway(config))
         bare_pid = stack.enter_context(bare_worker(server.url, config, config.with_name("bare.log")))
+        record_reply(port, config.with_name("frames.json"))
+        floor_port, floor_pid = stack.enter_context(
+            http_floor(config.with_name("frames.json"), config.with_name("floor.log")))
         [worker_pid] = [w.pid for w in registry.live_workers(redis.Redis.from_url(server.url))]
         assert server.process is not None
         ours = {"gateway": gateway_pid, "worker": worker_pid, "redis": server.process.pid}
         bare = {"celery worker": bare_pid, "redis": server.process.pid}
-        idle = idle_rates({**ours, **bare})
+        floor = {"http floor": floor_pid}
+        idle = idle_rates({**ours, **bare, **floor})
         paths: dict[str, tuple[dict[str, int], Callable[[], None]]] = {
             "chat, bare Celery": (bare, lambda: run_bare(server.url, "bench.chat", [str(config)], args.n, args.clients)),
             "chat, gateway": (ours, lambda: run_gateway(port, streamed_chat, args.n, args.clients)),
+            "chat, HTTP floor": (floor, lambda: run_gateway(floor_port, streamed_chat, args.n, args.clients)),
             "embedding, bare Celery": (bare, lambda: run_bare(server.url, "bench.embed", [str(config), TEXTS], args.n, args.clients)),
             "embedding, gateway": (ours, lambda: run_gateway(port, embedding, args.n, args.clients)),
         }
@@ -284,6 +358,10 @@ def main() -> None:
     gateway_share = statistics.median(row["gateway"] for row in rounds["chat, gateway"])
     print(f"chat: gateway path / bare Celery {paired_ratios(rounds['chat, gateway'], rounds['chat, bare Celery'])} "
           f"(target: at most 1.5x); the gateway's share {gateway_share:.2f} ms (target: at most 1 ms)")
+    shares = [{"gateway": row["gateway"]} for row in rounds["chat, gateway"]]
+    floor_ms = statistics.median(row["http floor"] for row in rounds["chat, HTTP floor"])
+    print(f"chat: the gateway's share / the HTTP floor {paired_ratios(shares, rounds['chat, HTTP floor'])}; "
+          f"the floor {floor_ms:.2f} ms, the gateway {gateway_share - floor_ms:.2f} ms over it")
     print(f"embedding: gateway path / bare Celery "
           f"{paired_ratios(rounds['embedding, gateway'], rounds['embedding, bare Celery'])} (target: at most 1.2x)")
 
