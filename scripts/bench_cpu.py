@@ -174,31 +174,37 @@ def idle_rates(pids: dict[str, int]) -> dict[str, float]:
 
 
 @contextmanager
-def bare_worker(url: str, config: Path, log: Path) -> Iterator[int]:
-    """The bare Celery worker process (its pid), ready."""
-    with open(log, "ab") as out:
-        process = subprocess.Popen([sys.executable, __file__, "--bare-worker", url], stdout=out,
-                                   stderr=subprocess.STDOUT)
+def running(process: subprocess.Popen[bytes]) -> Iterator[int]:
+    """`process` until the block ends (its pid)."""
     try:
-        app = bare_app(url)
-        app.send_task("bench.embed", args=[str(config), TEXTS[:1]]).get(timeout=120)  # loads the model
         yield process.pid
     finally:
         process.terminate()
         process.wait(timeout=15)
 
 
+def this_script(log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """This script in a process of its own (a server of one path), its output to `log`."""
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, __file__, *args], stdout=out, stderr=subprocess.STDOUT)
+
+
+@contextmanager
+def bare_worker(url: str, config: Path, log: Path) -> Iterator[int]:
+    """The bare Celery worker process (its pid), ready."""
+    with running(this_script(log, "--bare-worker", url)) as pid:
+        app = bare_app(url)
+        app.send_task("bench.embed", args=[str(config), TEXTS[:1]]).get(timeout=120)  # loads the model
+        yield pid
+
+
 @contextmanager
 def gateway(config: Path) -> Iterator[tuple[int, int]]:
     """One gateway process, healthy: its port and pid."""
     port = free_port()
-    process = start_process("gateway", config, config.with_name("gateway.log"), "--port", str(port))
-    try:
+    with running(start_process("gateway", config, config.with_name("gateway.log"), "--port", str(port))) as pid:
         asyncio.run(_healthy(port))
-        yield port, process.pid
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
+        yield port, pid
 
 
 def record_reply(port: int, frames: Path) -> None:
@@ -239,15 +245,9 @@ def serve_http_floor(port: int, frames: Path) -> None:
 def http_floor(frames: Path, log: Path) -> Iterator[tuple[int, int]]:
     """The HTTP floor's server process, answering: its port and pid."""
     port = free_port()
-    with open(log, "ab") as out:
-        process = subprocess.Popen([sys.executable, __file__, "--http-floor", str(port), str(frames)],
-                                   stdout=out, stderr=subprocess.STDOUT)
-    try:
+    with running(this_script(log, "--http-floor", str(port), str(frames))) as pid:
         asyncio.run(_answering(port))
-        yield port, process.pid
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
+        yield port, pid
 
 
 async def _answering(port: int) -> None:
