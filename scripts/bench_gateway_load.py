@@ -14,8 +14,11 @@ with 64 slots each that points at the backend, and `--gateways` gateway processe
 Prints chats/s and first-token p50 for each and the ratios. `--curve` measures the scale-out
 curve instead: workers 1, 2, 4 by gateways 1, 2, each as a ratio to the direct rate of the run.
 `--virtual-key` measures what a virtual key costs instead (virtual_keys.py: the admission
-script, rpm and tpm counted, usage settled): the gateway with a static key and with a virtual
-key, in turn, `--rounds` times each, and the difference of their first-token p50s.
+script, rpm and tpm counted, usage settled): pairs of chats through one gateway, one with its
+static key and one with a virtual key, back to back (which goes first alternates), `--n` pairs
+per block, `--rounds` blocks; the median of the pairs' first-token differences, per block and
+over all. Pairing chat by chat cancels the machine's drift, which moved whole rows of each
+key by more than the 0.3 ms target (sessions 11 to 17).
 
     .venv/bin/python scripts/bench_gateway_load.py [--n 2000] [--clients 64] [--workers 1]
         [--gateways 1] [--client-procs 1] [--curve | --virtual-key [--rounds 3]]
@@ -292,32 +295,75 @@ def curve(args: argparse.Namespace, backend: int) -> None:
 
 
 def virtual_key(args: argparse.Namespace, backend: int) -> None:
-    """The gateway with a static key and with a virtual key (rpm and tpm set, far above what
-    the run uses), row by row in turn; the p50s and their difference."""
+    """What a virtual key (rpm and tpm set, far above what the run uses) adds to the first token:
+    the median of chat-by-chat pairs' differences against the gateway's static key."""
     import redis
 
     from smmf_queue.virtual_keys import KeySpec, KeyStore
 
     with ExitStack() as stack:
         config, server = stack.enter_context(worker_stack(models_toml(backend), [MODEL], workers=args.workers))
-        ports = stack.enter_context(gateways(config, args.gateways))
+        [port] = stack.enter_context(gateways(config, 1))
         made = KeyStore(redis.Redis.from_url(server.url)).generate(
             KeySpec(key_alias="bench", rpm_limit=10**9, tpm_limit=10**12))
-        print(f"{args.n} streamed chats of 16 chunks per row, {args.clients} client(s) at a time, "
-              f"{args.workers} worker process(es), {os.cpu_count()} cores; static key and virtual key in turn",
-              flush=True)
-        p50s: dict[str, list[float]] = {"static key": [], "virtual key": []}
-        for _ in range(args.rounds):
-            for name, key in (("static key", STATIC_KEY), ("virtual key", made["key"])):
-                ttfts, start, end = asyncio.run(load_path("gateway", ports, str(config), args.n,
-                                                          args.clients, key=key))
-                p50s[name].append(sorted(ttfts)[len(ttfts) // 2] * 1000)
-                row(f"gateway, {name}", args.n / (end - start), p50s[name][-1])
-    static, virtual = (sorted(p50s[name])[len(p50s[name]) // 2] for name in p50s)
-    pairs = sorted(v - s for s, v in zip(p50s["static key"], p50s["virtual key"]))
-    print(f"first token p50, median of {args.rounds} rows: static key {static:.2f} ms, virtual key "
-          f"{virtual:.2f} ms; added by the virtual key: {pairs[len(pairs) // 2]:+.2f} ms, the median "
-          f"of the {len(pairs)} pairs' differences ({pairs[0]:+.2f} to {pairs[-1]:+.2f}; target: under 0.3 ms)")
+        print(f"{args.rounds} blocks of {args.n} pairs of streamed chats of 16 chunks, one with the "
+              f"static key and one with a virtual key, back to back; {args.clients} client(s) at a time, "
+              f"{args.workers} worker process(es), {os.cpu_count()} cores", flush=True)
+        firsts: dict[str, list[float]] = {STATIC_KEY: [], made["key"]: []}
+        wholes: dict[str, list[float]] = {STATIC_KEY: [], made["key"]: []}
+        blocks = [asyncio.run(paired_block(port, STATIC_KEY, made["key"], args.n, args.clients,
+                                           firsts, wholes))
+                  for _ in range(args.rounds)]
+    for number, block in enumerate(blocks, 1):
+        print(f"  block {number}: added by the virtual key {median(block):+.3f} ms "
+              f"(pairs' quartiles {quantile(block, 0.25):+.3f} to {quantile(block, 0.75):+.3f})", flush=True)
+    rates = [args.clients * 1000 * len(times) / sum(times) for times in wholes.values()]
+    print(f"chats/s, from each key's mean chat time with {args.clients} client(s): static key "
+          f"{rates[0]:.1f}, virtual key {rates[1]:.1f} ({rates[1] / rates[0]:.3f}x)")
+    static, virtual = (median(times) for times in firsts.values())
+    print(f"first token p50: static key {static:.2f} ms, virtual key {virtual:.2f} ms; added by the virtual "
+          f"key: {median([d for block in blocks for d in block]):+.3f} ms, the median of all "
+          f"{sum(map(len, blocks))} pairs' differences (blocks {min(map(median, blocks)):+.3f} to "
+          f"{max(map(median, blocks)):+.3f}; target: under 0.3 ms)")
+
+
+async def paired_block(port: int, static_key: str, virtual_key: str, n: int, clients: int,
+                       firsts: dict[str, list[float]], wholes: dict[str, list[float]]) -> list[float]:
+    """n pairs of chats, one per key, back to back on each client (the first of a pair
+    alternates); each pair's first-token difference in ms, the virtual key's minus the static
+    key's. `firsts` and `wholes` get every chat's first token and whole time (ms), by key."""
+    https = {key: httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60,
+                                    headers={"Authorization": f"Bearer {key}"})
+             for key in (static_key, virtual_key)}
+    chats = {key: streamed_post(http, "/v1/chat/completions", MODEL) for key, http in https.items()}
+    turn = iter(range(1 << 62))
+
+    async def pair() -> float:
+        order = (static_key, virtual_key) if next(turn) % 2 else (virtual_key, static_key)
+        took = {}
+        for key in order:
+            started = time.perf_counter()
+            took[key] = await chats[key]() * 1000
+            wholes[key].append((time.perf_counter() - started) * 1000)
+            firsts[key].append(took[key])
+        return took[virtual_key] - took[static_key]
+
+    try:
+        await run_clients(pair, clients * 2, clients)  # warm connections and caches
+        differences, _ = await run_clients(pair, n, clients)
+        return differences
+    finally:
+        for http in https.values():
+            await http.aclose()
+
+
+def median(values: list[float]) -> float:
+    return quantile(values, 0.5)
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:
@@ -329,7 +375,7 @@ def main() -> None:
     parser.add_argument("--client-procs", type=int, default=1, help="load-client processes")
     parser.add_argument("--curve", action="store_true", help="workers 1, 2, 4 by gateways 1, 2")
     parser.add_argument("--virtual-key", action="store_true", help="what a virtual key costs")
-    parser.add_argument("--rounds", type=int, default=3, help="--virtual-key: rows of each")
+    parser.add_argument("--rounds", type=int, default=3, help="--virtual-key: blocks of --n pairs")
     parser.add_argument("--backend", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.backend:
