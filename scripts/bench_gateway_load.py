@@ -32,6 +32,7 @@ import base64
 import json
 import multiprocessing
 import os
+import statistics
 import struct
 import subprocess
 import sys
@@ -157,13 +158,12 @@ def in_turn(chats: list[Callable[[], Awaitable[float]]]) -> Callable[[], Awaitab
 
 
 async def load_path(path: str, ports: list[int], config: str, n: int, clients: int,
-                    warm_up: bool = True, key: str = STATIC_KEY) -> tuple[list[float], float, float]:
+                    warm_up: bool = True) -> tuple[list[float], float, float]:
     """(first-token times, start, end on the monotonic clock) of n chats on one path:
-    "direct" to the backend at ports[0], "gateway" over the gateways at `ports` (with `key`),
-    or "SDK"."""
+    "direct" to the backend at ports[0], "gateway" over the gateways at `ports`, or "SDK"."""
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     https = [httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60, limits=limits,
-                               headers={"Authorization": f"Bearer {key}"}) for port in ports]
+                               headers={"Authorization": f"Bearer {STATIC_KEY}"}) for port in ports]
     sdk = AsyncClient(config) if path == "SDK" else None
     if sdk is not None:
         chat = sdk_chat(sdk)
@@ -315,16 +315,17 @@ def virtual_key(args: argparse.Namespace, backend: int) -> None:
                                            firsts, wholes))
                   for _ in range(args.rounds)]
     for number, block in enumerate(blocks, 1):
-        print(f"  block {number}: added by the virtual key {median(block):+.3f} ms "
-              f"(pairs' quartiles {quantile(block, 0.25):+.3f} to {quantile(block, 0.75):+.3f})", flush=True)
+        low, middle, high = statistics.quantiles(block, n=4)
+        print(f"  block {number}: added by the virtual key {middle:+.3f} ms "
+              f"(pairs' quartiles {low:+.3f} to {high:+.3f})", flush=True)
     rates = [args.clients * 1000 * len(times) / sum(times) for times in wholes.values()]
     print(f"chats/s, from each key's mean chat time with {args.clients} client(s): static key "
           f"{rates[0]:.1f}, virtual key {rates[1]:.1f} ({rates[1] / rates[0]:.3f}x)")
-    static, virtual = (median(times) for times in firsts.values())
+    static, virtual = (statistics.median(times) for times in firsts.values())
     print(f"first token p50: static key {static:.2f} ms, virtual key {virtual:.2f} ms; added by the virtual "
-          f"key: {median([d for block in blocks for d in block]):+.3f} ms, the median of all "
-          f"{sum(map(len, blocks))} pairs' differences (blocks {min(map(median, blocks)):+.3f} to "
-          f"{max(map(median, blocks)):+.3f}; target: under 0.3 ms)")
+          f"key: {statistics.median(d for block in blocks for d in block):+.3f} ms, the median of all "
+          f"{sum(map(len, blocks))} pairs' differences (blocks {min(map(statistics.median, blocks)):+.3f} "
+          f"to {max(map(statistics.median, blocks)):+.3f}; target: under 0.3 ms)")
 
 
 async def paired_block(port: int, static_key: str, virtual_key: str, n: int, clients: int,
@@ -337,6 +338,7 @@ async def paired_block(port: int, static_key: str, virtual_key: str, n: int, cli
              for key in (static_key, virtual_key)}
     chats = {key: streamed_post(http, "/v1/chat/completions", MODEL) for key, http in https.items()}
     turn = iter(range(1 << 62))
+    measuring = False
 
     async def pair() -> float:
         order = (static_key, virtual_key) if next(turn) % 2 else (virtual_key, static_key)
@@ -344,26 +346,20 @@ async def paired_block(port: int, static_key: str, virtual_key: str, n: int, cli
         for key in order:
             started = time.perf_counter()
             took[key] = await chats[key]() * 1000
-            wholes[key].append((time.perf_counter() - started) * 1000)
-            firsts[key].append(took[key])
+            if measuring:
+                wholes[key].append((time.perf_counter() - started) * 1000)
+                firsts[key].append(took[key])
         return took[virtual_key] - took[static_key]
 
     try:
         await run_clients(pair, clients * 2, clients)  # warm connections and caches
+        measuring = True
         differences, _ = await run_clients(pair, n, clients)
         return differences
     finally:
         for http in https.values():
             await http.aclose()
 
-
-def median(values: list[float]) -> float:
-    return quantile(values, 0.5)
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:
