@@ -16,7 +16,7 @@ the worker's CPU per job went to two things, both fixed here without changing wh
   on its ack) in MULTI/EXEC: four of the Redis commands of every job. `QoS` sends the same
   writes in plain pipelines, one round trip each as before (why that is safe: its docstring).
 - That bookkeeping is also how a dead worker's jobs come back: kombu's index of taken messages
-  is their lease. The worker's heartbeat stamps every message it holds (`renew_held_messages`),
+  is their lease (on one Redis and behind Sentinel: `Transport`, `SentinelTransport`). The worker's heartbeat stamps every message it holds (`renew_held_messages`),
   and kombu's own restore, with `visibility_timeout` set to `worker.lease_s`, hands back the
   messages of a worker that stopped stamping (queues.make_celery_app). A restored message keeps
   its delivery tag, so a delivery that lost its job to a later one of the same message leaves
@@ -185,21 +185,37 @@ class ResultBackend(RedisBackend):
         return self.get_key_for_task(task_id).decode(), self.encode(meta)
 
 
-class Channel(kombu_redis.Channel):
-    QoS = QoS
+class _KeptClient:
+    """One redis client per kombu channel, kept while the channel's connection pool is."""
+
     _sync_client: Any = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
-            return super()._create_client(asynchronous=True)
+            return super()._create_client(asynchronous=True)  # type: ignore[misc]
         client = self._sync_client
-        if client is None or client.connection_pool is not self.pool:
-            client = self._sync_client = super()._create_client()
+        if client is None or client.connection_pool is not self.pool:  # type: ignore[attr-defined]
+            client = self._sync_client = super()._create_client()  # type: ignore[misc]
         return client
+
+
+class Channel(_KeptClient, kombu_redis.Channel):
+    QoS = QoS
 
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(_KeptClient, kombu_redis.SentinelChannel):
+    """The same behind Sentinel: without our QoS, nothing would renew a held message's lease,
+    and kombu's restore would hand back every job that runs longer than `worker.lease_s`."""
+
+    QoS = QoS
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
 
 
 class Consumer(CeleryConsumer):

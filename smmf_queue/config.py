@@ -112,8 +112,11 @@ class QueueSettings(_Strict):
     #: keeps a late delivery of a finished job from running it again) as long after its
     #: last lease renewal.
     result_ttl_s: int = Field(default=3600, gt=0)
-    #: no longer used, still accepted: kombu's visibility timeout is now the lease of every
-    #: message a worker holds, `worker.lease_s` (celery_ext.renew_held_messages).
+    #: kombu's visibility timeout on a TLS Redis (`rediss://`) only, whose transport is
+    #: kombu's own: there nothing renews the lease of a message a worker holds, so a dead
+    #: worker's job comes back after this, and a job may run this long without being handed
+    #: back. On `redis://` and `sentinel://` the lease is `worker.lease_s`, renewed by each
+    #: heartbeat (celery_ext.renew_held_messages).
     visibility_timeout_s: int = Field(default=3600, gt=0)
     #: default for callers: fail at once with NoLiveWorker instead of waiting in the queue.
     fail_fast: bool = False

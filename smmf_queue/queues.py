@@ -20,9 +20,11 @@ from . import keys
 from .config import SmmfConfig
 from .providers import require_extra
 
-#: kombu's Redis transport with our QoS and channel (celery_ext.py), by name: producers never
-#: import it.
-REDIS_TRANSPORT = "smmf_queue.celery_ext:Transport"
+#: kombu's Redis transports with our QoS and channel (celery_ext.py), by URL scheme and by
+#: name: producers never import them. Our QoS is what renews the lease of a message a worker
+#: holds: without it, a job running longer than `worker.lease_s` would be handed back.
+REDIS_TRANSPORTS = {"redis://": "smmf_queue.celery_ext:Transport",
+                    "sentinel://": "smmf_queue.celery_ext:SentinelTransport"}
 
 
 def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery:
@@ -65,8 +67,12 @@ def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery
         broker_pool_limit=32,
         worker_consumer="smmf_queue.celery_ext:Consumer",
     )
-    if config.queue.broker_url.startswith("redis://"):
-        app.conf.broker_transport = REDIS_TRANSPORT
+    ours = [transport for scheme, transport in REDIS_TRANSPORTS.items()
+            if config.queue.broker_url.startswith(scheme)]
+    if ours:
+        app.conf.broker_transport = ours[0]
+    else:  # kombu's own (a TLS Redis): nothing renews a held message, so no lease of seconds
+        app.conf.broker_transport_options["visibility_timeout"] = config.queue.visibility_timeout_s
     if config.queue.sentinel_master:  # kombu and the result backend find the master themselves
         app.conf.broker_transport_options["master_name"] = config.queue.sentinel_master
         app.conf.result_backend_transport_options = {"master_name": config.queue.sentinel_master}

@@ -47,7 +47,7 @@ from .jobs import (
 from .model_limits import RateWindows
 from .providers import load_provider
 from .providers.base import Provider, close_chunks, provider_errors
-from .queues import REDIS_TRANSPORT, make_celery_app
+from .queues import REDIS_TRANSPORTS, make_celery_app
 from .streaming import DEADLINE_EXCEEDED
 from .tool_calls import assemble
 from .upstream_accounts import ACCOUNTS
@@ -130,9 +130,10 @@ class WorkerRuntime:
         return False
 
     def keep_leases_of_lost_jobs(self, app: Celery) -> None:
-        """On Redis, a delivery that lost its job to a later delivery leaves the message's lease
-        in kombu's index at its ack: it is the later delivery's (celery_ext.keep_lease_of)."""
-        if app.conf.broker_transport == REDIS_TRANSPORT:
+        """On Redis (behind Sentinel too), a delivery that lost its job to a later delivery
+        leaves the message's lease in kombu's index at its ack: it is the later delivery's
+        (celery_ext.keep_lease_of)."""
+        if app.conf.broker_transport in REDIS_TRANSPORTS.values():
             self.deliveries.on_lost = keep_lease_of
 
     def info(self) -> registry.WorkerInfo:

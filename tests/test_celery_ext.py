@@ -16,6 +16,8 @@ import redis
 from kombu import Connection
 
 from smmf_queue import Client
+from smmf_queue.config import SmmfConfig
+from smmf_queue.queues import make_celery_app
 
 from .conftest import EMBED, SPARE, StartWorker, WorkerProcess
 
@@ -29,6 +31,23 @@ def test_a_channel_keeps_one_redis_client_until_its_pool_is_replaced(redis_serve
             assert client is first and client.ping()
         channel._disconnect_pools()  # what kombu does after a fork or a lost connection
         assert channel._create_client() is not first
+
+
+@pytest.mark.parametrize(("url", "transport", "lease"), [
+    ("redis://127.0.0.1:6379/0", "smmf_queue.celery_ext:Transport", "worker.lease_s"),
+    ("sentinel://127.0.0.1:26379/0", "smmf_queue.celery_ext:SentinelTransport", "worker.lease_s"),
+    ("rediss://127.0.0.1:6380/0", None, "queue.visibility_timeout_s"),
+])
+def test_a_held_message_s_lease_is_ours_wherever_our_transport_renews_it(
+        config: SmmfConfig, url: str, transport: str | None, lease: str) -> None:
+    queue = config.queue.model_copy(update={"broker_url": url, "sentinel_master": "m",
+                                            "visibility_timeout_s": 1234})
+    app = make_celery_app(config.model_copy(update={"queue": queue}), store_results=False)
+    # Our QoS renews held messages with each heartbeat: there the lease is worker.lease_s;
+    # kombu's own transport (a TLS Redis) renews nothing: there it stays long
+    assert app.conf.broker_transport == transport
+    expected = config.worker.lease_s if lease == "worker.lease_s" else 1234
+    assert app.conf.broker_transport_options["visibility_timeout"] == expected
 
 
 def test_a_taken_message_is_held_as_unacknowledged_until_its_ack(redis_server) -> None:  # type: ignore[no-untyped-def]
@@ -54,7 +73,6 @@ def test_a_result_stored_after_its_waiter_began_reaches_it(config) -> None:  # t
     import threading
 
     from smmf_queue.celery_ext import ResultBackend
-    from smmf_queue.queues import make_celery_app
 
     app = make_celery_app(config)
     assert isinstance(app.backend, ResultBackend)
@@ -73,7 +91,6 @@ def test_the_finish_writes_celerys_result_and_a_stale_attempt_cannot_overwrite_i
 
     from smmf_queue.attempt import Attempt, Deliveries, JobLost
     from smmf_queue.errors import JobFailed
-    from smmf_queue.queues import make_celery_app
 
     app = make_celery_app(config)
     deliveries = Deliveries(redis.Redis.from_url(config.queue.redis), "w", lease_s=0.05, max_attempts=3,

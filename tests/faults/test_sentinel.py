@@ -8,15 +8,21 @@ again, with no restart of theirs.
 
 from __future__ import annotations
 
+import base64
+import json
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from smmf_queue import BrokerUnavailable, Client, JobTimeout
 
 from ..conftest import CHAT, StartWorker, wait_until, write_config
+from ..fake_upstream import FakeUpstream, chat_chunk
 from .sentinel_group import MASTER, SentinelGroup
 
 HELLO = [{"role": "user", "content": "hi"}]
@@ -60,3 +66,59 @@ def test_clients_and_workers_follow_a_sentinel_failover(sentinels: SentinelGroup
         wait_until(lambda: sentinels.master() == sentinels.replica_port, 60, "the failover")
         assert chat_eventually(client, 60) == before
     worker.stop()
+
+
+
+LONG_MODEL = "held-chat"
+
+
+def test_behind_sentinel_a_job_longer_than_its_lease_is_delivered_once(
+        sentinels: SentinelGroup, tmp_path: Path, tiny_models: Path, start_worker: StartWorker,
+        upstream: FakeUpstream) -> None:
+    # Given a worker behind the sentinels whose held messages' leases last a second, and a chat
+    # whose upstream (the FAKE: it holds a reply open on cue) answers until the test says so
+    config = write_config(tmp_path / "long.toml", sentinels.url, tiny_models, extra=f"""
+[[models.llms]]
+name = "{LONG_MODEL}"
+provider = "proxy/openai"
+api_base = "{upstream.url}/v1"
+api_key = "unused"
+max_retries = 0
+""")
+    config.write_text(config.read_text().replace("lease_s = 3", "lease_s = 1").replace(
+        f'broker_url = "{sentinels.url}"', f'broker_url = "{sentinels.url}"\nsentinel_master = "{MASTER}"'))
+    release = threading.Event()
+    upstream.reset()
+    upstream.sse([chat_chunk("held "), chat_chunk("long", finish="stop")], hold=release, done=False)
+    start_worker(LONG_MODEL, config=config)
+    task_events = redis.Redis(port=sentinels.master_port).pubsub(ignore_subscribe_messages=True)
+    task_events.psubscribe("*celeryev*")
+    task_events.get_message(timeout=5)  # the confirmation: events from here on count
+    with Client(config) as client:
+        job_id = f"held-{uuid.uuid4().hex}"
+        stream = client.stream_chat(LONG_MODEL, HELLO, timeout=60, job_id=job_id)
+        first = next(stream)
+        # When the job runs for four leases (kombu restores every half second meanwhile)
+        time.sleep(4)
+        release.set()
+        deltas = [first, *stream]
+    # Then its message stayed with its worker, renewed by the heartbeat: delivered once, never
+    # handed back to run into the live lease (and retried until the job ended)
+    seen = _task_events_of(task_events, job_id, until="task-succeeded")
+    assert seen.count("task-received") == 1 and "task-retried" not in seen, seen
+    assert "".join(d.text for d in deltas) == "held long"
+
+
+def _task_events_of(pubsub: redis.client.PubSub, job_id: str, until: str) -> list[str]:
+    """The types of the task events of `job_id` published so far, read until `until` comes."""
+    seen: list[str] = []
+    deadline = time.monotonic() + 15
+    while until not in seen and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=1)
+        if message is None:
+            continue
+        body = json.loads(base64.b64decode(json.loads(message["data"])["body"]))
+        seen += [e["type"] for e in (body if isinstance(body, list) else [body])
+                 if e.get("uuid") == job_id]
+    pubsub.close()
+    return seen
