@@ -16,9 +16,10 @@ the worker's CPU per job went to two things, both fixed here without changing wh
   on its ack) in MULTI/EXEC: four of the Redis commands of every job. `QoS` sends the same
   writes in plain pipelines, one round trip each as before (why that is safe: its docstring).
 - That bookkeeping is also how a dead worker's jobs come back: kombu's index of taken messages
-  is their lease (on one Redis and behind Sentinel: `Transport`, `SentinelTransport`). The worker's heartbeat stamps every message it holds (`renew_held_messages`),
-  and kombu's own restore, with `visibility_timeout` set to `worker.lease_s`, hands back the
-  messages of a worker that stopped stamping (queues.make_celery_app). A restored message keeps
+  is their lease, on one Redis and behind Sentinel (`Transport`, `SentinelTransport`). The
+  worker's heartbeat stamps every message it holds (`renew_held_messages`), and kombu's own
+  restore, with `visibility_timeout` set to `worker.lease_s`, hands back the messages of a
+  worker that stopped stamping (queues.make_celery_app). A restored message keeps
   its delivery tag, so a delivery that lost its job to a later one of the same message leaves
   the index entry at its ack (`keep_lease_of`): it is the later delivery's lease.
 - Celery's Redis result backend did the same with each result's SETEX and PUBLISH:

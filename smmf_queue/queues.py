@@ -67,10 +67,10 @@ def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery
         broker_pool_limit=32,
         worker_consumer="smmf_queue.celery_ext:Consumer",
     )
-    ours = [transport for scheme, transport in REDIS_TRANSPORTS.items()
-            if config.queue.broker_url.startswith(scheme)]
-    if ours:
-        app.conf.broker_transport = ours[0]
+    ours = next((transport for scheme, transport in REDIS_TRANSPORTS.items()
+                 if config.queue.broker_url.startswith(scheme)), None)
+    if ours is not None:
+        app.conf.broker_transport = ours
     else:  # kombu's own (a TLS Redis): nothing renews a held message, so no lease of seconds
         app.conf.broker_transport_options["visibility_timeout"] = config.queue.visibility_timeout_s
     if config.queue.sentinel_master:  # kombu and the result backend find the master themselves

@@ -68,7 +68,6 @@ def test_clients_and_workers_follow_a_sentinel_failover(sentinels: SentinelGroup
     worker.stop()
 
 
-
 LONG_MODEL = "held-chat"
 
 
