@@ -39,6 +39,7 @@ from .errors import (
     RequestError,
     UnknownJob,
     UnsupportedParameter,
+    validation_message,
 )
 from .jobs import (
     PLAIN_WIRE,
@@ -517,7 +518,7 @@ def _log_bounds(gap: LogRange) -> tuple[str, str]:
 def _first_error(exc: ValidationError) -> str:
     error = exc.errors()[0]
     where = ".".join(str(p) for p in error["loc"])
-    return f"{where}: {error['msg'].removeprefix('Value error, ')}"
+    return f"{where}: {validation_message(error)}"
 
 
 class Client(_BaseClient):

@@ -34,7 +34,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .errors import ConfigError, UnknownModel, WrongModelKind
+from .errors import ConfigError, UnknownModel, WrongModelKind, validation_message
 from .providers import PROVIDERS, honoured, known_providers, suggest_provider
 
 #: The config used when none is given: offline, embedded Redis, local models.
@@ -559,7 +559,7 @@ def _describe(exc: ValidationError, source: Path | str, where: str, prefix: str 
     lines = []
     for error in exc.errors():
         key = prefix + (".".join(str(part) for part in error["loc"]) or "?")
-        message = error["msg"].removeprefix("Value error, ")
+        message = validation_message(error)
         if error["type"] == "extra_forbidden":
             message = "unknown key (not a setting of this section)"
         elif error["type"] == "missing":

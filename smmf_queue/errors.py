@@ -22,6 +22,15 @@ prompt: they cross the wire and land in logs and in Flower.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+
+def validation_message(error: Mapping[str, Any]) -> str:
+    """One pydantic error's message, without the "Value error, " pydantic puts before the words
+    of our own validators (json_types.JsonBody, the config's checks)."""
+    return str(error["msg"]).removeprefix("Value error, ")
+
 
 class SmmfError(Exception):
     """Root of every error smmf-queue raises on purpose."""

@@ -38,7 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import chat_fields, gateway_choices, gateway_openapi, logs, metrics, redis_clients, registry, tracing
 from .client import AsyncClient
 from .config import SmmfConfig, load_config
-from .errors import RateLimited, RequestError, SmmfError
+from .errors import RateLimited, RequestError, SmmfError, validation_message
 from .gateway_errors import classify, error_response
 from .gateway_keys import admin_router
 from .gateway_models import (
@@ -146,7 +146,7 @@ def create_app(config: SmmfConfig) -> FastAPI:
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         error = exc.errors()[0]
         param = ".".join(str(p) for p in error["loc"] if p != "body")
-        message = error["msg"].removeprefix("Value error, ")  # pydantic's word for our validators
+        message = validation_message(error)
         return error_response(400, f"{param}: {message}" if param else message,
                               "invalid_request_error", None, param or None)
 
