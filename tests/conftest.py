@@ -5,7 +5,9 @@ Nothing here talks to the Redis on :6379; every test run starts its own server.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import math
 import os
 import signal
@@ -16,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -197,6 +200,22 @@ class WorkerProcess:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def event_capture(redis_client: redis.Redis) -> redis.client.PubSub:
+    """A subscription to Celery's event fanout on Redis (what Flower reads), confirmed."""
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.psubscribe("*celeryev*")
+    pubsub.get_message(timeout=5)  # the confirmation (returns None): events from here on count
+    return pubsub
+
+
+def task_events(data: bytes) -> list[dict[str, Any]]:
+    """The task events inside one message of Celery's event fanout on Redis."""
+    envelope = json.loads(data)
+    body = json.loads(base64.b64decode(envelope["body"]))
+    events = body if isinstance(body, list) else [body]
+    return [e for e in events if str(e.get("type", "")).startswith("task-")]
 
 
 def cosine(a: list[float], b: list[float]) -> float:

@@ -6,8 +6,6 @@ finish writes is Celery's own, which a stale attempt cannot overwrite."""
 
 from __future__ import annotations
 
-import base64
-import json
 import time
 from typing import Any
 
@@ -19,7 +17,7 @@ from smmf_queue import Client
 from smmf_queue.config import SmmfConfig
 from smmf_queue.queues import make_celery_app
 
-from .conftest import EMBED, SPARE, StartWorker, WorkerProcess
+from .conftest import EMBED, SPARE, StartWorker, WorkerProcess, event_capture, task_events
 
 
 def test_a_channel_keeps_one_redis_client_until_its_pool_is_replaced(redis_server) -> None:  # type: ignore[no-untyped-def]
@@ -124,22 +122,7 @@ def test_the_finish_writes_celerys_result_and_a_stale_attempt_cannot_overwrite_i
     app.close()
 
 
-def task_events(data: bytes) -> list[dict[str, Any]]:
-    """The task events inside one message of Celery's event fanout on Redis."""
-    envelope = json.loads(data)
-    body = json.loads(base64.b64decode(envelope["body"]))
-    events = body if isinstance(body, list) else [body]
-    return [e for e in events if str(e.get("type", "")).startswith("task-")]
-
-
 WANTED = {"task-received", "task-started", "task-succeeded"}
-
-
-def event_capture(redis_client: redis.Redis) -> redis.client.PubSub:
-    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
-    pubsub.psubscribe("*celeryev*")
-    pubsub.get_message(timeout=5)  # the confirmation (returns None): events from here on count
-    return pubsub
 
 
 def collect(pubsub: redis.client.PubSub, ids: list[str]) -> tuple[dict[str, set[str]], int]:

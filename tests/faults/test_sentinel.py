@@ -8,8 +8,6 @@ again, with no restart of theirs.
 
 from __future__ import annotations
 
-import base64
-import json
 import threading
 import time
 import uuid
@@ -21,7 +19,7 @@ import redis
 
 from smmf_queue import BrokerUnavailable, Client, JobTimeout
 
-from ..conftest import CHAT, StartWorker, wait_until, write_config
+from ..conftest import CHAT, StartWorker, event_capture, task_events, wait_until, write_config
 from ..fake_upstream import FakeUpstream, chat_chunk
 from .sentinel_group import MASTER, SentinelGroup
 
@@ -90,9 +88,8 @@ max_retries = 0
     upstream.reset()
     upstream.sse([chat_chunk("held "), chat_chunk("long", finish="stop")], hold=release, done=False)
     start_worker(LONG_MODEL, config=config)
-    task_events = redis.Redis(port=sentinels.master_port).pubsub(ignore_subscribe_messages=True)
-    task_events.psubscribe("*celeryev*")
-    task_events.get_message(timeout=5)  # the confirmation: events from here on count
+    master = redis.Redis(port=sentinels.master_port)  # kept: a dropped client closes its pool
+    events = event_capture(master)
     with Client(config) as client:
         job_id = f"held-{uuid.uuid4().hex}"
         stream = client.stream_chat(LONG_MODEL, HELLO, timeout=60, job_id=job_id)
@@ -103,7 +100,7 @@ max_retries = 0
         deltas = [first, *stream]
     # Then its message stayed with its worker, renewed by the heartbeat: delivered once, never
     # handed back to run into the live lease (and retried until the job ended)
-    seen = _task_events_of(task_events, job_id, until="task-succeeded")
+    seen = _task_events_of(events, job_id, until="task-succeeded")
     assert seen.count("task-received") == 1 and "task-retried" not in seen, seen
     assert "".join(d.text for d in deltas) == "held long"
 
@@ -114,10 +111,7 @@ def _task_events_of(pubsub: redis.client.PubSub, job_id: str, until: str) -> lis
     deadline = time.monotonic() + 15
     while until not in seen and time.monotonic() < deadline:
         message = pubsub.get_message(timeout=1)
-        if message is None:
-            continue
-        body = json.loads(base64.b64decode(json.loads(message["data"])["body"]))
-        seen += [e["type"] for e in (body if isinstance(body, list) else [body])
-                 if e.get("uuid") == job_id]
+        events = task_events(message["data"]) if message else []
+        seen += [event["type"] for event in events if event.get("uuid") == job_id]
     pubsub.close()
     return seen
