@@ -30,7 +30,7 @@ import redis
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -54,7 +54,7 @@ from .gateway_resume import (
     LeftStreams,
     parse_last_event_id,
 )
-from .gateway_sse import COMPLETION, SSE_HEADERS, next_or_none, observe_ttft, queued_stream, sse, whole_choice
+from .gateway_sse import COMPLETION, EventStream, next_or_none, observe_ttft, queued_stream, sse, whole_choice
 from .gateway_usage import Accounting, Ticket
 from .jobs import JOB_ID_PATTERN, Usage, new_job_id, pack_vectors
 from .virtual_keys import KEY_PREFIX, KeyStore, may_call
@@ -204,10 +204,10 @@ def create_app(config: SmmfConfig) -> FastAPI:
                 headers["x-smmf-resume"] = (f"/v1/chat/completions/chatcmpl-{job_id}/stream?"
                                             f"model={quote(body.model)}"
                                             + ("&include_usage=true" if include_usage else ""))
-            return StreamingResponse(
+            return EventStream(
                 sse(body.model, job_id, first, stream, include_usage, NOTHING_SEEN,
                     lambda: app.state.left_streams.left(job_id, None), config.gateway.keepalive_s),
-                media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+                headers)
         result = await accounting().settled(ticket, client.chat(
             body.model, messages, fail_fast=fail_fast, job_id=job_id, **call, **fields))
         return JSONResponse({
@@ -237,10 +237,10 @@ def create_app(config: SmmfConfig) -> FastAPI:
             await accounting().settle(ticket, None)
             raise
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(
+        return EventStream(
             gateway_choices.streamed(body.model, streams, firsts, include_usage,
                                      config.gateway.keepalive_s, accounting().on_end(ticket)),
-            media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+            headers)
 
     def _refuse_or_drop(body: ChatCompletionRequest) -> list[str]:
         """The fields of `body` to drop (its model's drop_params); UnsupportedParameter for one
@@ -276,10 +276,10 @@ def create_app(config: SmmfConfig) -> FastAPI:
                                                 job_id=job_id, cancel_on_leave=True,
                                                 on_end=accounting().on_end(ticket), **call, **fields)
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(
+            return EventStream(
                 sse(body.model, job_id, first, stream, include_usage, NOTHING_SEEN, lambda: None,
                     config.gateway.keepalive_s, COMPLETION, echo),
-                media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+                headers)
         result = await accounting().settled(ticket, client.chat(
             body.model, [], fail_fast=fail_fast, job_id=job_id, **call, **fields))
         return JSONResponse({
@@ -307,10 +307,8 @@ def create_app(config: SmmfConfig) -> FastAPI:
                                          wait_for_start=False)
         first = asyncio.ensure_future(next_or_none(stream))
         await first  # UnknownJob: a 404
-        return StreamingResponse(sse(model, job_id, first, stream, include_usage, after,
-                                     lambda: left_streams.left(job_id, token),
-                                     config.gateway.keepalive_s),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        return EventStream(sse(model, job_id, first, stream, include_usage, after,
+                               lambda: left_streams.left(job_id, token), config.gateway.keepalive_s))
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingsRequest, request: Request,
