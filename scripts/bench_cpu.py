@@ -15,8 +15,8 @@ does while idle (heartbeats, polling) is measured over a quiet spell and taken o
 per request for each path, the gateway's share, and the ratios, and for reference what the
 providers' own calls cost in this process and what the HTTP part alone costs: the HTTP floor,
 a FastAPI app on uvicorn (the gateway's framework, parser and loop) that validates the same
-request body with the gateway's own model and streams back, in as many writes, the bytes the
-gateway sent for one chat, with no queue behind it. A ratio is taken within each round (our
+request body with the gateway's own model and streams back, in as many writes and through the
+gateway's own response class, the bytes the gateway sent for one chat, with no queue behind it. A ratio is taken within each round (our
 path against the bare path measured just before it) and the median of those is printed with
 each round's: the machine's speed drifts between rounds, and a ratio of two medians mixes
 rounds.
@@ -50,6 +50,7 @@ from celery import Celery
 
 from smmf_queue import registry
 from smmf_queue.gateway_models import ChatCompletionRequest
+from smmf_queue.gateway_sse import EventStream
 from smmf_queue.standalone import start_process
 
 EMBED = "fast-embed"
@@ -225,18 +226,17 @@ def serve_http_floor(port: int, frames: Path) -> None:
     """The HTTP floor's server: what any gateway on FastAPI and uvicorn costs per streamed chat."""
     import uvicorn
     from fastapi import FastAPI
-    from fastapi.responses import StreamingResponse
 
     writes = [frame.encode() for frame in json.loads(frames.read_text())]
     app = FastAPI()
 
     # ChatCompletionRequest is imported at the module's top: FastAPI resolves the body's type there.
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest) -> StreamingResponse:
+    async def chat(body: ChatCompletionRequest) -> EventStream:
         async def reply() -> AsyncIterator[bytes]:
             for write in writes:
                 yield write
-        return StreamingResponse(reply(), media_type="text/event-stream")
+        return EventStream(reply())
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", log_config=None,
                 access_log=False)

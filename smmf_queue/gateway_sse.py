@@ -83,25 +83,23 @@ def observe_ttft(model: str, arrived: float, first: asyncio.Future[Any]) -> None
         metrics.GATEWAY_TTFT.labels(model).observe(time.perf_counter() - arrived)
 
 
-async def first_of(first: asyncio.Future[Any], queued: asyncio.Event) -> None:
-    """Wait until the first delta came (or the stream failed) or the job is on its queue."""
-    waiting = asyncio.ensure_future(queued.wait())
-    await asyncio.wait({first, waiting}, return_when=asyncio.FIRST_COMPLETED)
-    waiting.cancel()
-
-
 async def queued_stream(client: AsyncClient, model: str, messages: list[dict[str, Any]],
                         on_end: Callable[[Usage | None], Awaitable[None]] | None = None,
                         **call: Any) -> tuple[AsyncIterator[ChatDelta], asyncio.Future[Any]]:
     """A streamed job, once it is on its queue: (its deltas, the future of the first one). A
     refusal, which comes before anything is queued, raises here: a plain 4xx/5xx, not a frame.
     `on_end` gets the job's usage when its stream ends (None if it ended without one)."""
-    queued = asyncio.Event()
-    stream = client.stream_chat(model, messages, on_queued=queued.set, **call)
+    queued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_queued() -> None:  # once per model tried (fallbacks)
+        if not queued.done():
+            queued.set_result(None)
+
+    stream = client.stream_chat(model, messages, on_queued=on_queued, **call)
     if on_end is not None:
         stream = _ending(stream, on_end)
     first = asyncio.ensure_future(next_or_none(stream))
-    await first_of(first, queued)
+    await asyncio.wait({first, queued}, return_when=asyncio.FIRST_COMPLETED)
     if first.done():
         first.result()
     return stream, first
@@ -167,9 +165,10 @@ async def sse(model: str, job_id: str, first: asyncio.Future[ChatDelta | None],
             {"id": chunk_id, "object": shape.object, "created": created,
              "model": model, "choices": choices, **extra})
 
-    # Frames ready together go out in one write (the role frame with a first delta that has
-    # come; the finish, usage and [DONE] frames): each write is a trip through Starlette and
-    # uvicorn. A delta's frame goes out before the next delta is awaited.
+    # Frames ready together go out in one write (the role frame with the first delta, or with
+    # the first comment line while the job waits for a worker; the finish, usage and [DONE]
+    # frames): each write is a trip through Starlette and uvicorn. A delta's frame goes out
+    # before the next delta is awaited.
     pending = b""
     if shape.role_frame and after < ROLE_FRAME:
         pending += chunk(ROLE_FRAME, [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -179,12 +178,9 @@ async def sse(model: str, job_id: str, first: asyncio.Future[ChatDelta | None],
     sent = after > ROLE_FRAME  # the client may hold text already
     ended = False
     try:
-        if not first.done():
-            if pending:
-                yield pending
-                pending = b""
-            while not (await asyncio.wait({first}, timeout=keepalive_s))[0]:
-                yield KEEPALIVE
+        while not first.done() and not (await asyncio.wait({first}, timeout=keepalive_s))[0]:
+            yield pending + KEEPALIVE
+            pending = b""
         delta = first.result()
         while delta is not None:
             model = delta.model or model  # a fallback answers: its chunks name it
