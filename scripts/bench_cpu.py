@@ -16,10 +16,10 @@ per request for each path, the gateway's share, and the ratios, and for referenc
 providers' own calls cost in this process and what the HTTP part alone costs: the HTTP floor,
 a FastAPI app on uvicorn (the gateway's framework, parser and loop) that validates the same
 request body with the gateway's own model and streams back, in as many writes and through the
-gateway's own response class, the bytes the gateway sent for one chat, with no queue behind it. A ratio is taken within each round (our
-path against the bare path measured just before it) and the median of those is printed with
-each round's: the machine's speed drifts between rounds, and a ratio of two medians mixes
-rounds.
+gateway's own response class, the bytes the gateway sent for one chat, with no queue behind
+it. A ratio is taken within each round (our path against the bare path measured just before
+it) and the median of those is printed with each round's: the machine's speed drifts between
+rounds, and a ratio of two medians mixes rounds.
 
     .venv/bin/python scripts/bench_cpu.py [--n 400] [--clients 8] [--rounds 3]
 """

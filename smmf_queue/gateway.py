@@ -11,6 +11,7 @@ API keys and the request counter.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import re
@@ -25,6 +26,7 @@ from functools import partial
 from typing import Annotated, Any
 from urllib.parse import quote
 
+import orjson
 import prometheus_client
 import redis
 from fastapi import Depends, FastAPI, Header, Request
@@ -56,7 +58,7 @@ from .gateway_resume import (
 )
 from .gateway_sse import COMPLETION, EventStream, next_or_none, observe_ttft, queued_stream, sse, whole_choice
 from .gateway_usage import Accounting, Ticket
-from .jobs import JOB_ID_PATTERN, Usage, new_job_id, pack_vectors
+from .jobs import JOB_ID_PATTERN, StreamEvent, Usage, new_job_id, vector_rows
 from .virtual_keys import KEY_PREFIX, KeyStore, may_call
 
 log = logging.getLogger("smmf_queue.gateway")
@@ -310,22 +312,16 @@ def create_app(config: SmmfConfig) -> FastAPI:
         return EventStream(sse(model, job_id, first, stream, include_usage, after,
                                lambda: left_streams.left(job_id, token), config.gateway.keepalive_s))
 
-    @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingsRequest, request: Request,
-                         deadlines: Deadlines) -> dict[str, Any]:
+    @app.post("/v1/embeddings", response_model=None)
+    async def embeddings(body: EmbeddingsRequest, request: Request, deadlines: Deadlines) -> Response:
         request.state.model = body.model
         request.state.request_id = job_id = new_job_id()
         texts = body.texts()
         ticket = await accounting().admit(request.state, body.model, job_id, "embedding", inputs=len(texts))
-        result = await accounting().settled(ticket, app.state.client.embed(
+        end = await accounting().settled(ticket, app.state.client.embedding_job(
             body.model, texts, fail_fast=fail_fast, job_id=job_id, dimensions=body.dimensions,
             **deadlines))
-        return {"object": "list", "model": body.model,
-                "data": [{"object": "embedding", "index": i,
-                          "embedding": _encode(vector, body.encoding_format)}
-                         for i, vector in enumerate(result.vectors)],
-                "usage": {"prompt_tokens": result.usage.prompt_tokens,
-                          "total_tokens": result.usage.total_tokens}}
+        return _embeddings_reply(body.model, end, body.encoding_format)
 
     @app.post("/v1/rerank")
     @app.post("/rerank")
@@ -507,11 +503,20 @@ def _invalid_key() -> JSONResponse:
     return error_response(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
 
 
-def _encode(vector: list[float], encoding: str) -> list[float] | str:
-    if encoding == "float":
-        return vector
-    packed, _ = pack_vectors([vector])
-    return packed
+def _embeddings_reply(model: str, end: StreamEvent, encoding: str) -> Response:
+    """OpenAI's embeddings reply, written from the float32 rows the vectors crossed the queue as:
+    each row's bytes in base64, or JSON numbers of float32's shortest digits (orjson). Through
+    Python floats, at float64's 17 digits, the reply was longer and dearer to write
+    (docs/performance-log.md)."""
+    rows = vector_rows(end.vectors_b64 or "", end.dims or 0)
+    vectors = ([base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
+               if encoding == "base64" else list(rows))
+    usage = end.usage or Usage()
+    body = {"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i, "embedding": vector}
+                     for i, vector in enumerate(vectors)],
+            "usage": {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.total_tokens}}
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
 
 def serve(config: SmmfConfig, host: str | None = None, port: int | None = None,

@@ -131,11 +131,12 @@ class Accounting:
             log.warning("job %s: usage of its left stream not counted: %s", ticket.job_id, exc)
 
     async def settled(self, ticket: Ticket, call: Awaitable[Any]) -> Any:
-        """`call`'s result, its usage counted (none, if it fails)."""
+        """`call`'s result, its usage counted (none, if it fails; a result without usage, such as
+        an `end` event that has none, used none)."""
         try:
             result = await call
         except BaseException:
             await self.settle(ticket, None)
             raise
-        await self.settle(ticket, result.usage)
+        await self.settle(ticket, result.usage or Usage())
         return result

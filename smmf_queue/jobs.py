@@ -335,9 +335,14 @@ def pack_vectors(vectors: Sequence[Sequence[float]] | np.ndarray) -> tuple[str, 
     return base64.b64encode(rows.tobytes()).decode("ascii"), dims
 
 
+def vector_rows(data: str, dims: int) -> np.ndarray:
+    """The inverse of pack_vectors: a 2-D float32 array (no rows when `dims` is 0)."""
+    if not dims:
+        return np.empty((0, 0), dtype="<f4")
+    return np.frombuffer(base64.b64decode(data), dtype="<f4").reshape(-1, dims)
+
+
 def unpack_vectors(data: str, dims: int) -> list[list[float]]:
     """The inverse of pack_vectors, as lists of floats."""
-    if not dims:
-        return []
-    rows: list[list[float]] = np.frombuffer(base64.b64decode(data), dtype="<f4").reshape(-1, dims).tolist()
+    rows: list[list[float]] = vector_rows(data, dims).tolist()
     return rows

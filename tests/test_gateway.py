@@ -79,6 +79,14 @@ def test_embeddings_in_float_and_base64_keep_order(oai: openai.OpenAI, gateway_u
     single = oai.embeddings.create(model=EMBED, input="queues")  # the SDK's default: base64
     assert cosine(single.data[0].embedding, floats.data[0].embedding) > 0.9999
     assert floats.usage.prompt_tokens > 3
+    # The float reply holds base64's float32 numbers exactly, in float32's shortest digits (at
+    # most 9 significant), not float64's 17
+    text = httpx.post(f"{gateway_url}/v1/embeddings", headers={"Authorization": f"Bearer {GATEWAY_KEY}"},
+                      json={"model": EMBED, "input": texts, "encoding_format": "float"}).text
+    for item, packed in zip(json.loads(text)["data"], raw["data"]):
+        assert array("f", item["embedding"]).tobytes() == base64.b64decode(packed["embedding"])
+    numbers = text.split('"embedding":[', 1)[1].split("]", 1)[0].split(",")
+    assert max(len(n.lstrip("-").lower().split("e")[0].replace(".", "").lstrip("0")) for n in numbers) <= 9
 
 
 def test_models_lists_kind_provider_and_live_workers(oai: openai.OpenAI, gateway_url: str) -> None:
