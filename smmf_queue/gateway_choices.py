@@ -2,9 +2,10 @@
 workers are free (at once where there are several), merged into one reply.
 
 Every provider honours `n` this way, so it is not in any provider's table. A seeded request
-gives choice i the seed `seed + i`: the choices differ as sampling makes them, and the request
-stays reproducible (unseeded, they differ by chance; at temperature 0 they are alike, as
-OpenAI's are). Each choice processes the prompt again; usage counts it once, as OpenAI's does.
+gives choice i the seed `seed + i` (past the largest seed, counting on from 0): the choices
+differ as sampling makes them, and the request stays reproducible (unseeded, they differ by
+chance; at temperature 0 they are alike, as OpenAI's are). Each choice processes the prompt
+again; usage counts it once, as OpenAI's does.
 A streamed reply of several choices carries no SSE ids: it cannot be resumed.
 """
 
@@ -20,13 +21,15 @@ from .client import AsyncClient
 from .errors import JobFailed, SmmfError
 from .gateway_errors import classify
 from .gateway_sse import KEEPALIVE, chat_choice, data, next_or_none, queued_stream, whole_choice
-from .jobs import ChatDelta, ChatResult, Usage, new_job_id
+from .jobs import SEED_MAX, ChatDelta, ChatResult, Usage, new_job_id
 
 
 def per_choice(fields: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    """The fields of each choice's job: the request's, with `seed + i` where it is seeded."""
+    """The fields of each choice's job: the request's, with `seed + i` where it is seeded (a
+    seed near SEED_MAX wraps to 0 rather than making a choice's job one that no engine takes)."""
     seed = fields.get("seed")
-    return [{**fields, **({"seed": seed + i} if seed is not None else {})} for i in range(n)]
+    return [{**fields, **({"seed": (seed + i) % (SEED_MAX + 1)} if seed is not None else {})}
+            for i in range(n)]
 
 
 async def whole(client: AsyncClient, model: str, messages: list[dict[str, Any]],

@@ -410,6 +410,12 @@ def test_n_choices_are_one_job_each_seeded_in_turn(oai: openai.OpenAI) -> None:
     # and more choices than gateway.max_n (16) are refused before any job is queued
     with pytest.raises(openai.BadRequestError, match="max_n"):
         oai.chat.completions.create(**ask, n=17)  # type: ignore[call-overload]
+    # and the largest seed there is gives its next choices seeds 0, 1 (it was a 400: "params.seed")
+    from smmf_queue.jobs import SEED_MAX
+
+    last = oai.chat.completions.create(**{**ask, "seed": SEED_MAX}, n=3)  # type: ignore[call-overload]
+    assert [c.message.content for c in last.choices[1:]] == [
+        oai.chat.completions.create(**{**ask, "seed": i}).choices[0].message.content for i in range(2)]  # type: ignore[call-overload]
 
 
 def test_logprobs_of_an_hf_model_streamed_and_whole(oai: openai.OpenAI) -> None:
