@@ -25,7 +25,9 @@ the worker's CPU per job went to two things, both fixed here without changing wh
 - Celery's Redis result backend did the same with each result's SETEX and PUBLISH:
   `ResultBackend` sends them in a plain pipeline (queues.result_backend_url names it). Where the
   results live on the Redis of the job records, the worker's tasks store nothing themselves:
-  the fenced finish writes the result (`ResultBackend.result_copy`, lua.FINISH).
+  the fenced finish writes the result (`ResultBackend.result_copy`, lua.FINISH), and publishes
+  it only where no reply channel brings the job's `end` to its producer (`ResultBackend`: a
+  waiter looks for the result each second too).
 """
 
 from __future__ import annotations
@@ -161,7 +163,25 @@ class ResultBackend(RedisBackend):
 
     Without MULTI/EXEC a waiter still cannot miss the result: Celery's waiter subscribes to
     the result's channel before it reads the key, and the key is written before the PUBLISH.
+    The fenced finish publishes only a plain Celery producer's result (lua.FINISH), so a waiter
+    also looks for its result each interval of Celery's wait (a second).
     """
+
+    def _wait_for_pending(self, result: Any, timeout: Any = None, on_interval: Any = None,
+                          on_message: Any = None, **kwargs: Any) -> Any:
+        """Celery's wait on the result's channel, looking for the stored result each interval
+        too: the finish of a job with a reply channel (the SDK's, the gateway's) does not
+        publish it, its producer having the job's `end` event."""
+        consumer = self.result_consumer
+
+        def look() -> None:
+            if not result.on_ready.ready:  # a GET each interval until the result is in
+                consumer.on_wait_for_pending(result)
+            if on_interval is not None:
+                on_interval()
+
+        return super()._wait_for_pending(result, timeout=timeout, on_interval=look,
+                                         on_message=on_message, **kwargs)
 
     def _set(self, key: str, value: Any, expires: Any = None) -> None:
         expires = self.expires if expires is None else expires

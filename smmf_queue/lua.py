@@ -80,9 +80,12 @@ return 0
 
 #: Mark the job DONE or FAILED and write its terminal event, only if `owner` and `attempt` still
 #: hold the record (answers 1, else 0): a stale worker can never end a stream, nor overwrite the
-#: result. With a result (ARGV[10], Celery's encoded meta) it is stored and published as
-#: Celery's Redis backend would (KEYS[3], for ARGV[11] seconds), so that Celery's AsyncResult
-#: reads it, and no second round trip or dedup read is needed.
+#: result. With a result (ARGV[10], Celery's encoded meta) it is stored as Celery's Redis backend
+#: would (KEYS[3], for ARGV[11] seconds), so that Celery's AsyncResult reads it, and no second
+#: round trip or dedup read is needed. It is published for Celery's waiters only where the job
+#: has no reply channel (a plain Celery producer's): the SDK and the gateway have the `end`
+#: event, and a waiter of their jobs looks for the result each second
+#: (celery_ext.ResultBackend).
 #: KEYS[1] log, KEYS[2] record, KEYS[3] result key; ARGV[1..6] as _APPEND_BODY, ARGV[7] owner,
 #: ARGV[8] attempt, ARGV[9] final state, ARGV[10] result ('' for none), ARGV[11] result TTL.
 FINISH = """
@@ -93,7 +96,7 @@ redis.call('HSET', KEYS[2], 'state', ARGV[9])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 if ARGV[10] ~= '' then
   redis.call('SET', KEYS[3], ARGV[10], 'EX', ARGV[11])
-  redis.call('PUBLISH', KEYS[3], ARGV[10])
+  if ARGV[5] == '' then redis.call('PUBLISH', KEYS[3], ARGV[10]) end
 end
 return 1
 """

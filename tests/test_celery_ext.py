@@ -1,8 +1,8 @@
 """Our subclasses of Celery's and kombu's parts (smmf_queue/celery_ext.py) change cost, not
 behaviour: kombu keeps one redis client per channel, every task event still arrives, the
 unacknowledged-message bookkeeping holds a taken message until its ack, a waiter on the
-result backend gets a result stored after it began waiting, and the result a job's fenced
-finish writes is Celery's own, which a stale attempt cannot overwrite."""
+result backend gets a result stored after it began waiting (published or not), and the result a
+job's fenced finish writes is Celery's own, which a stale attempt cannot overwrite."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import redis
 from kombu import Connection
 
-from smmf_queue import Client
+from smmf_queue import Client, keys
 from smmf_queue.config import SmmfConfig
 from smmf_queue.queues import make_celery_app
 
@@ -119,6 +119,35 @@ def test_the_finish_writes_celerys_result_and_a_stale_attempt_cannot_overwrite_i
     stored = app.AsyncResult("fenced-failure")
     assert stored.state == "FAILURE" and type(stored.result).__name__ == "JobFailed"
     assert "the model is on fire" in str(stored.result)
+    app.close()
+
+
+def test_a_waiter_gets_the_result_that_the_finish_did_not_publish(config) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    from smmf_queue.attempt import Attempt, Deliveries
+
+    app = make_celery_app(config)
+    deliveries = Deliveries(redis.Redis.from_url(config.queue.redis), "w", lease_s=30, max_attempts=2,
+                            record_ttl_s=60, event_ttl_s=60, max_events=100)
+    deliveries.results = app.backend
+    listener = redis.Redis.from_url(config.queue.redis).pubsub()
+    listener.subscribe(app.backend.get_key_for_task("unpublished"))
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(app.AsyncResult("unpublished").get(timeout=10)))
+    waiter.start()
+    # Given a job whose producer reads its events on a reply channel, and a Celery waiter
+    assert deliveries.claim("unpublished", "w/1").value == 1
+    time.sleep(0.5)  # the waiter has subscribed and found nothing
+    # When it finishes
+    attempt = Attempt(deliveries, "unpublished", "w/1", 1, keys.reply_channel("someone"))
+    attempt.finish(attempt.next_event("end"), {"text": "not published"})
+    # Then its result was not published (its producer has its end event), yet the waiter has it
+    waiter.join(15)
+    assert got == [{"text": "not published"}]
+    messages = [listener.get_message(timeout=0.1) for _ in range(3)]
+    assert [m["type"] for m in messages if m] == ["subscribe"]
+    listener.close()
     app.close()
 
 
