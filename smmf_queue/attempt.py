@@ -187,8 +187,7 @@ class Deliveries:
             return
         pipe = self.client.pipeline(transaction=False)
         for owner, job_id in leases.items():
-            self._renew(keys=[keys.job_record(job_id)], args=[owner, self.lease_ms, self.record_ttl_s],
-                        client=pipe)
+            self._renew(keys=[keys.job_record(job_id)], args=[owner, self.record_ttl_s], client=pipe)
         pipe.execute()
 
     def release_leases(self) -> int:

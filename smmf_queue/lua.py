@@ -4,7 +4,9 @@ Each runs atomically on Redis, which is what makes a job's life safe when the br
 twice: a claim, a lease renewal and a fenced finish are each one compare-and-set. `attempt.py`
 runs them (see its state diagram); nothing else writes a job record or an event log, but for
 the caller's CANCEL mark (client.py).
-Times come from Redis's own clock (`TIME`), so workers on other hosts agree on every lease.
+Leases are timed by Redis's own clock, so workers on other hosts agree on every one: a record's
+TTL is set anew at each claim and renewal, so how long ago its owner last renewed is that TTL
+(the record's `ttl_ms`) less what is left of it (PTTL). No script calls TIME.
 """
 
 from __future__ import annotations
@@ -16,21 +18,26 @@ from __future__ import annotations
 #: Answers {outcome, value}: 'claimed' or 'exhausted' with the attempt number, 'busy' with the
 #: ms until the other owner's lease ends, 'finished' or 'cancelled' (by its caller: CANCEL) with 0.
 CLAIM = """
-local record = redis.call('HMGET', KEYS[1], 'state', 'owner', 'lease_until', 'attempt', 'cancelled')
+local record = redis.call('HMGET', KEYS[1], 'state', 'owner', 'lease_ms', 'attempt', 'cancelled', 'ttl_ms')
 if record[5] then return {'cancelled', 0} end
 local state = record[1]
 if state == 'DONE' or state == 'FAILED' then return {'finished', 0} end
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-if state == 'RUNNING' then
-  local lease = tonumber(record[3])
-  if record[2] ~= ARGV[1] and lease > now_ms then return {'busy', lease - now_ms} end
+if state == 'RUNNING' and record[2] ~= ARGV[1] then
+  local left
+  if record[6] then
+    left = tonumber(record[3]) - (tonumber(record[6]) - redis.call('PTTL', KEYS[1]))
+  else  -- claimed by a worker of before session 19, which timed its lease by TIME
+    local now = redis.call('TIME')
+    left = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
+           - (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+  end
+  if left > 0 then return {'busy', left} end
 end
 local attempt = tonumber(record[4] or '0') + 1
-local lease_until = now_ms + tonumber(ARGV[2])
 if attempt > tonumber(ARGV[3]) then state = 'EXHAUSTED' else state = 'RUNNING' end
-redis.call('HSET', KEYS[1], 'attempt', attempt, 'owner', ARGV[1], 'lease_until', lease_until,
-           'state', state)
+-- lease_until 0: what a worker of before session 19 reads as a lease given up (a rolling upgrade)
+redis.call('HSET', KEYS[1], 'attempt', attempt, 'owner', ARGV[1], 'lease_ms', ARGV[2],
+           'ttl_ms', tonumber(ARGV[4]) * 1000, 'lease_until', 0, 'state', state)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 if state == 'EXHAUSTED' then return {'exhausted', attempt} end
 return {'claimed', attempt}
@@ -45,16 +52,14 @@ if redis.call('TTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS
 """
 
 #: Extend a running job's lease, if `owner` still holds it and has not given it up (RELEASE)
-#: (answers 1, else 0), and keep its record record_ttl_s from now: a job that runs longer than
-#: that would otherwise lose its record, and with it its fenced finish.
-#: KEYS[1] record; ARGV: owner, lease_ms, record_ttl_s.
+#: (answers 1, else 0), by setting its record's TTL anew (see the top: the TTL is the lease's
+#: clock), which also keeps the record record_ttl_s from now: a job that runs longer than that
+#: would otherwise lose its record, and with it its fenced finish.
+#: KEYS[1] record; ARGV: owner, record_ttl_s (the claim's).
 RENEW = """
-local record = redis.call('HMGET', KEYS[1], 'owner', 'state', 'lease_until')
+local record = redis.call('HMGET', KEYS[1], 'owner', 'state', 'lease_ms')
 if record[1] ~= ARGV[1] or record[2] ~= 'RUNNING' or record[3] == '0' then return 0 end
-local now = redis.call('TIME')
-local lease_until = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], 'lease_until', lease_until)
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
@@ -109,6 +114,6 @@ return 1
 RELEASE = """
 local record = redis.call('HMGET', KEYS[1], 'owner', 'state')
 if record[1] ~= ARGV[1] or record[2] ~= 'RUNNING' then return 0 end
-redis.call('HSET', KEYS[1], 'lease_until', 0)
+redis.call('HSET', KEYS[1], 'lease_ms', 0)
 return 1
 """

@@ -172,6 +172,24 @@ def test_a_stale_attempts_next_event_stops_it_once_a_later_attempt_wrote(
         ("delta", 1), ("restart", 2)]
 
 
+def test_a_lease_taken_by_a_worker_of_before_session_19_is_timed_as_it_timed_it(
+        deliveries: Deliveries, redis_client: redis.Redis) -> None:
+    # Given a job claimed by a worker of an earlier version (a rolling upgrade), whose record
+    # says when its lease ends on Redis' clock (`lease_until`), not how long it is
+    seconds, micros = redis_client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    redis_client.hset(keys.job_record("old-1"), mapping={"state": "RUNNING", "owner": "old", "attempt": 1,
+                                                         "lease_until": now_ms + 300})
+    redis_client.expire(keys.job_record("old-1"), 60)
+    # When a delivery of this version claims it, then it waits for that lease, then takes it
+    busy = deliveries.claim("old-1", "new")
+    assert busy.outcome == "busy" and 0 < busy.value <= 300
+    time.sleep(0.35)
+    assert deliveries.claim("old-1", "new") == Claim("claimed", 2)
+    # and its record still tells an earlier version's claim that the lease is not its to wait for
+    assert redis_client.hget(keys.job_record("old-1"), "lease_until") == b"0"
+
+
 def test_a_job_that_keeps_killing_workers_is_exhausted(deliveries: Deliveries) -> None:
     job = "fence-2"
     for owner in ("A", "B"):
@@ -202,18 +220,18 @@ def test_a_delivery_runs_its_work_once_and_a_second_one_finds_it_busy_then_finis
 
 def test_a_second_delivery_of_a_running_job_leaves_the_first_ones_lease_renewed(
         deliveries: Deliveries, redis_client: redis.Redis) -> None:
-    def lease_until() -> int:
-        return int(redis_client.hget(keys.job_record("renew-1"), "lease_until") or 0)
+    def lease_left_ms() -> int:  # the record's TTL is its lease's clock (lua.py)
+        return int(redis_client.pttl(keys.job_record("renew-1")))
 
     def work(attempt: Attempt) -> None:
         # When a second delivery of the running job arrives at the same worker and backs off
         with pytest.raises(LeaseBusy):
             deliveries.run("renew-1", None, lambda _: "twice")
         # Then the first is still counted here, and the heartbeat's renewal extends its lease
-        before = lease_until()
         time.sleep(0.01)
+        before = lease_left_ms()
         deliveries.renew_leases()
-        assert deliveries.in_flight == 1 and lease_until() > before
+        assert deliveries.in_flight == 1 and lease_left_ms() > before
         attempt.finish(attempt.next_event("end"))
 
     deliveries.run("renew-1", None, work, ahead=True)
