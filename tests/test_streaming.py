@@ -220,7 +220,7 @@ def test_a_delivery_runs_its_work_once_and_a_second_one_finds_it_busy_then_finis
 
 def test_a_second_delivery_of_a_running_job_leaves_the_first_ones_lease_renewed(
         deliveries: Deliveries, redis_client: redis.Redis) -> None:
-    def lease_left_ms() -> int:  # the record's TTL is its lease's clock (lua.py)
+    def record_ttl_left_ms() -> int:  # the record's TTL is its lease's clock (lua.py)
         return int(redis_client.pttl(keys.job_record("renew-1")))
 
     def work(attempt: Attempt) -> None:
@@ -228,10 +228,14 @@ def test_a_second_delivery_of_a_running_job_leaves_the_first_ones_lease_renewed(
         with pytest.raises(LeaseBusy):
             deliveries.run("renew-1", None, lambda _: "twice")
         # Then the first is still counted here, and the heartbeat's renewal extends its lease
-        time.sleep(0.01)
-        before = lease_left_ms()
+        time.sleep(0.2)
+        before = record_ttl_left_ms()
         deliveries.renew_leases()
-        assert deliveries.in_flight == 1 and lease_left_ms() > before
+        assert deliveries.in_flight == 1 and record_ttl_left_ms() > before
+        # past the 0.3 s lease from the claim, not from the renewal: a third delivery still waits
+        time.sleep(0.2)
+        with pytest.raises(LeaseBusy):
+            deliveries.run("renew-1", None, lambda _: "thrice")
         attempt.finish(attempt.next_event("end"))
 
     deliveries.run("renew-1", None, work, ahead=True)
