@@ -254,6 +254,8 @@ class Attempt:
         now = time.monotonic()
         self._ttl_set_at: float | None = now if number == 1 else None
         self._cancel_seen_at = now
+        #: the reply's last delta, kept for the finish to write in its round trip (`delta`).
+        self._last_delta: StreamEvent | None = None
 
     def next_event(self, type_: str, **fields: Any) -> StreamEvent:
         """Build the next event in order (not yet written)."""
@@ -286,24 +288,32 @@ class Attempt:
         return bool(cancelled)
 
     def delta(self, text: str, reasoning: str = "", tool_calls: list[ToolCallDelta] | None = None,
-              logprobs: list[dict[str, Any]] | None = None) -> bool:
-        """Write a delta; True when the caller has cancelled the job."""
-        return self.write(self.next_event("delta", text=text, reasoning=reasoning,
-                                          tool_calls=tool_calls or None, logprobs=logprobs or None))
+              logprobs: list[dict[str, Any]] | None = None, *, last: bool = False) -> bool:
+        """Write a delta; True when the caller has cancelled the job. The `last` one (the
+        reply's end came with it) is kept and written by the finish, in its round trip."""
+        event = self.next_event("delta", text=text, reasoning=reasoning,
+                                tool_calls=tool_calls or None, logprobs=logprobs or None)
+        if last:
+            self._last_delta = event
+            return False
+        return self.write(event)
 
     def restart(self) -> None:
         """Tell readers that a new attempt begins and the text so far is void."""
         self.write(self.next_event("restart", worker=self._deliveries.worker_id))
 
     def finish(self, event: StreamEvent, result: Any = None, failure: JobFailed | None = None) -> None:
-        """Mark the job DONE or FAILED and write its terminal event, and its result or failure
-        (Deliveries.result_copy), if this attempt still owns it; JobLost if a later delivery
-        holds it (the fence refused: nothing was written), as from an event."""
+        """Mark the job DONE or FAILED and write its terminal event, after the last delta if
+        one was kept (`delta`), and its result or failure (Deliveries.result_copy), if this
+        attempt still owns it; JobLost if a later delivery holds it (the fence refused: nothing
+        was written), as from an event."""
         state = "DONE" if event.type == "end" else "FAILED"
         result_key, meta, ttl_s = self._deliveries.result_copy(self.job_id, result, failure)
+        last, self._last_delta = self._last_delta, None
+        last_args = self._log_args(last)[:2] if last is not None else ["", 0]
         if not self._deliveries._finish(
                 keys=[keys.event_log(self.job_id), keys.job_record(self.job_id), result_key],
-                args=[*self._log_args(event), self.owner, self.number, state, meta, ttl_s]):
+                args=[*self._log_args(event), self.owner, self.number, state, meta, ttl_s, *last_args]):
             self._lost()
 
     def fail(self, exc: JobFailed) -> NoReturn:

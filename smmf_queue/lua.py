@@ -91,12 +91,19 @@ return 0
 #: has no reply channel (a plain Celery producer's): the SDK and the gateway have the `end`
 #: event, and a waiter of their jobs looks for the result each second
 #: (celery_ext.ResultBackend).
+#: A reply's last delta, when it came with its end (ARGV[12], its seq ARGV[13]), is appended and
+#: published first, in the same call.
 #: KEYS[1] log, KEYS[2] record, KEYS[3] result key; ARGV[1..6] as _APPEND_BODY, ARGV[7] owner,
-#: ARGV[8] attempt, ARGV[9] final state, ARGV[10] result ('' for none), ARGV[11] result TTL.
+#: ARGV[8] attempt, ARGV[9] final state, ARGV[10] result ('' for none), ARGV[11] result TTL,
+#: ARGV[12] the last delta ('' for none), ARGV[13] its seq.
 FINISH = """
 local record = redis.call('HMGET', KEYS[2], 'owner', 'attempt')
 if record[1] ~= ARGV[7] or record[2] ~= ARGV[8] then return 0 end
 redis.call('HSET', KEYS[2], 'state', ARGV[9])
+if ARGV[12] ~= '' then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], ARGV[13] .. '-0', 'e', ARGV[12])
+  if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6] .. ' ' .. ARGV[12]) end
+end
 """ + _APPEND_BODY + """
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 if ARGV[10] ~= '' then

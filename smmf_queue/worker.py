@@ -326,18 +326,21 @@ class WorkerRuntime:
         chunks = provider.stream_chat(request)
         try:
             for chunk in chunks:
+                if chunk.output or chunk.finish_reason is None:
+                    if not (text or fragments):
+                        metrics.WORKER_TTFT.labels(request.model).observe(time.perf_counter() - started)
+                    text.append(chunk.text)
+                    reasoning.append(chunk.reasoning)
+                    fragments.extend(chunk.tool_calls)
+                    logprobs.extend(chunk.logprobs)
+                    # The final chunk's text (read with the end) goes out with the end.
+                    if attempt.delta(chunk.text, chunk.reasoning, chunk.tool_calls, chunk.logprobs,
+                                     last=chunk.finish_reason is not None):
+                        raise JobFailed("cancelled by the caller", error_type="Cancelled",
+                                        model=request.model, job_id=attempt.job_id)
                 if chunk.finish_reason is not None:
                     finish_reason, usage = chunk.finish_reason, chunk.usage or Usage()
                     break
-                if not (text or fragments):
-                    metrics.WORKER_TTFT.labels(request.model).observe(time.perf_counter() - started)
-                text.append(chunk.text)
-                reasoning.append(chunk.reasoning)
-                fragments.extend(chunk.tool_calls)
-                logprobs.extend(chunk.logprobs)
-                if attempt.delta(chunk.text, chunk.reasoning, chunk.tool_calls, chunk.logprobs):
-                    raise JobFailed("cancelled by the caller", error_type="Cancelled",
-                                    model=request.model, job_id=attempt.job_id)
         finally:
             # The provider stops now (hf: its stopping criterion fires), also at the final chunk:
             # the job ends then, not when the rest of its source was read (an HTTP body's end,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -25,7 +26,21 @@ def test_text_that_came_before_an_error_is_delivered_first() -> None:
     assert "".join(received) == "partial"
 
 
-def test_the_final_chunk_stays_separate_and_closing_stops_the_source() -> None:
+def test_text_read_with_the_final_chunk_goes_in_it() -> None:
+    # Given a source whose last text and end are both ready when the reader next wakes
+    def source() -> Iterator[ChatChunk]:
+        yield ChatChunk(text="first")
+        yield ChatChunk(text=" last")
+        yield ChatChunk(finish_reason="stop")
+
+    stream = read_ahead(source(), "t")
+    assert next(stream).text == "first"
+    time.sleep(0.2)  # the helper has read the rest meanwhile
+    # Then they come as one final chunk, which the worker writes with the end in one round trip
+    assert list(stream) == [ChatChunk(text=" last", finish_reason="stop")]
+
+
+def test_the_final_chunk_ends_the_stream_and_closing_stops_the_source() -> None:
     stopped = threading.Event()
 
     def source() -> Iterator[ChatChunk]:
@@ -46,7 +61,7 @@ def test_the_final_chunk_stays_separate_and_closing_stops_the_source() -> None:
             break
     stream.close()
     assert "".join(c.text for c in chunks) == "ab"
-    assert chunks[-1] == ChatChunk(finish_reason="stop")
+    assert chunks[-1].finish_reason == "stop"
     assert stopped.wait(5)
 
 

@@ -190,6 +190,37 @@ def test_a_lease_taken_by_a_worker_of_before_session_19_is_timed_as_it_timed_it(
     assert redis_client.hget(keys.job_record("old-1"), "lease_until") == b"0"
 
 
+def test_a_last_delta_kept_for_the_finish_is_written_and_published_before_the_end(
+        deliveries: Deliveries, redis_client: redis.Redis) -> None:
+    reply = keys.reply_channel("last-delta")
+    listener = redis_client.pubsub()
+    listener.subscribe(reply)
+    assert listener.get_message(timeout=1)["type"] == "subscribe"
+    # Given a reply whose last text came with its end
+    assert deliveries.claim("last-1", "A").outcome == "claimed"
+    attempt = Attempt(deliveries, "last-1", "A", 1, reply)
+    attempt.delta("Hello")
+    assert attempt.delta(", world", last=True) is False
+    assert [e.type for e in decode_log(redis_client.xrange(keys.event_log("last-1")))] == ["delta"]
+    # When the attempt finishes, then the log and the reply channel have it before the end
+    attempt.finish(attempt.next_event("end"))
+    logged = decode_log(redis_client.xrange(keys.event_log("last-1")))
+    assert [(e.seq, e.type, e.text) for e in logged] == [(1, "delta", "Hello"), (2, "delta", ", world"),
+                                                        (3, "end", "")]
+    published = [listener.get_message(timeout=1) for _ in range(3)]
+    assert [StreamEvent.model_validate_json(m["data"].split(b" ", 1)[1]).seq for m in published] == [1, 2, 3]
+    listener.close()
+    # and a stale attempt's kept delta is refused with its finish: nothing written
+    assert deliveries.claim("last-2", "B").outcome == "claimed"
+    stale = Attempt(deliveries, "last-2", "B", 1, None)
+    time.sleep(0.35)
+    assert deliveries.claim("last-2", "C") == Claim("claimed", 2)
+    stale.delta("stale", last=True)
+    with pytest.raises(JobLost):
+        stale.finish(stale.next_event("end"))
+    assert redis_client.xlen(keys.event_log("last-2")) == 0
+
+
 def test_a_job_that_keeps_killing_workers_is_exhausted(deliveries: Deliveries) -> None:
     job = "fence-2"
     for owner in ("A", "B"):

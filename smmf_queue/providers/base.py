@@ -182,8 +182,8 @@ def read_ahead(chunks: Iterator[ChatChunk], name: str) -> Iterator[ChatChunk]:
     The job thread reads the source itself until the first text: that piece goes out without a
     hop between threads. Then a helper thread pulls the rest while the job thread writes
     events, so text that arrives during one Redis round trip goes out in the next event (see
-    `drain`) instead of one event per token. The final chunk (finish_reason, usage) is
-    passed on by itself. Closing this generator closes `chunks` (the helper does so at its next
+    `drain`) instead of one event per token. The final chunk (finish_reason, usage) carries
+    the text read with it. Closing this generator closes `chunks` (the helper does so at its next
     item), which ends an HTTP stream or stops an engine; once the final chunk is passed on, the
     helper lets the source run out instead (an HTTP body read to its end keeps its connection).
     The helper does not `hand_over` after each chunk: the first text has gone out already and
@@ -243,21 +243,24 @@ def close_chunks(chunks: Iterator[ChatChunk]) -> None:
 
 
 def _merge(batch: list[object]) -> Iterator[ChatChunk]:
-    """One chunk for the output of a batch; output that came before an error or the end goes
-    first."""
+    """One chunk for the output of a batch. Output that came before an error goes first; output
+    that came with the final chunk goes in it, so that the worker writes the last text and the
+    end in one round trip (WorkerRuntime._chat)."""
     pending: list[ChatChunk] = []
     for item in batch:
         if isinstance(item, ChatChunk) and item.finish_reason is None:
             if item.output:
                 pending.append(item)
             continue
-        if pending:
-            yield _joined(pending)
-        pending = []
         if isinstance(item, _Raised):
+            if pending:
+                yield _joined(pending)
             raise item.error
         assert isinstance(item, ChatChunk)
-        yield ChatChunk(finish_reason=item.finish_reason, usage=item.usage)
+        final = _joined(pending) if pending else ChatChunk()
+        final.finish_reason, final.usage = item.finish_reason, item.usage
+        yield final
+        pending = []
     if pending:
         yield _joined(pending)
 
