@@ -310,7 +310,7 @@ class Attempt:
         state = "DONE" if event.type == "end" else "FAILED"
         result_key, meta, ttl_s = self._deliveries.result_copy(self.job_id, result, failure)
         last, self._last_delta = self._last_delta, None
-        last_args = self._log_args(last)[:2] if last is not None else ["", 0]
+        last_args: list[Any] = [last.encode(), last.seq] if last is not None else ["", 0]
         if not self._deliveries._finish(
                 keys=[keys.event_log(self.job_id), keys.job_record(self.job_id), result_key],
                 args=[*self._log_args(event), self.owner, self.number, state, meta, ttl_s, *last_args]):

@@ -63,13 +63,16 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-#: Append one event to the log (a capped Stream whose entry ids are `<seq>-0`) and publish it,
-#: prefixed with the job id, on its producer's reply channel: the producer reads it live there,
-#: anyone else tails the log (client.AsyncClient.replay). Shared by APPEND and FINISH.
+#: `append(event, seq)`: append one event to the log (a capped Stream whose entry ids are
+#: `<seq>-0`) and publish it, prefixed with the job id, on its producer's reply channel: the
+#: producer reads it live there, anyone else tails the log (client.AsyncClient.replay). Shared
+#: by APPEND and FINISH, which call it with ARGV[1], ARGV[2].
 #: KEYS[1] log; ARGV[1..6]: event json, seq, maxlen, ttl_s, reply channel ('' for none), job id.
 _APPEND_BODY = """
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], ARGV[2] .. '-0', 'e', ARGV[1])
-if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6] .. ' ' .. ARGV[1]) end
+local function append(event, seq)
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'e', event)
+  if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6] .. ' ' .. event) end
+end
 """
 
 #: Append and publish one event; when asked (ARGV[7], ARGV[8]: '1' or '0'), set the log's TTL
@@ -78,6 +81,7 @@ if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6] .. ' ' .. ARGV[1]) 
 #: the Redis every worker and gateway shares.
 #: KEYS[1] log, KEYS[2] record; ARGV[1..6] as _APPEND_BODY.
 APPEND = _APPEND_BODY + """
+append(ARGV[1], ARGV[2])
 if ARGV[7] == '1' then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
 if ARGV[8] == '1' then return redis.call('HEXISTS', KEYS[2], 'cancelled') end
 return 0
@@ -96,15 +100,12 @@ return 0
 #: KEYS[1] log, KEYS[2] record, KEYS[3] result key; ARGV[1..6] as _APPEND_BODY, ARGV[7] owner,
 #: ARGV[8] attempt, ARGV[9] final state, ARGV[10] result ('' for none), ARGV[11] result TTL,
 #: ARGV[12] the last delta ('' for none), ARGV[13] its seq.
-FINISH = """
+FINISH = _APPEND_BODY + """
 local record = redis.call('HMGET', KEYS[2], 'owner', 'attempt')
 if record[1] ~= ARGV[7] or record[2] ~= ARGV[8] then return 0 end
 redis.call('HSET', KEYS[2], 'state', ARGV[9])
-if ARGV[12] ~= '' then
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], ARGV[13] .. '-0', 'e', ARGV[12])
-  if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6] .. ' ' .. ARGV[12]) end
-end
-""" + _APPEND_BODY + """
+if ARGV[12] ~= '' then append(ARGV[12], ARGV[13]) end
+append(ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 if ARGV[10] ~= '' then
   redis.call('SET', KEYS[3], ARGV[10], 'EX', ARGV[11])
