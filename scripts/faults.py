@@ -89,7 +89,7 @@ from benchkit import (
     percentile,
 )
 
-from smmf_queue import BrokerUnavailable, Client, JobTimeout, keys, registry
+from smmf_queue import BrokerUnavailable, Client, JobTimeout, job_record, keys, registry
 from smmf_queue.config import load_config
 from smmf_queue.embedded_redis import EmbeddedRedis
 from smmf_queue.jobs import ChatDelta, new_job_id
@@ -269,8 +269,8 @@ def _resume_then_kill_the_new_owner(client_redis: redis.Redis, replicas: Replica
 
 def _owner_pid(client_redis: redis.Redis, job_id: str) -> int:
     """The pid of the worker that holds a job (its owner is `<host>-<pid>-<id>/<attempt id>`)."""
-    owner = client_redis.hget(keys.job_record(job_id), "owner") or b""
-    return int(owner.decode().split("/")[0].split("-")[-2])
+    owner = job_record.read(client_redis, job_id).get("owner", "")
+    return int(owner.split("/")[0].split("-")[-2])
 
 
 def redis_restarts(n: int) -> None:

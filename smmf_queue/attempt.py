@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, cast
 
 import redis
 
-from . import keys, lua
+from . import job_record, keys, lua
 from .errors import JobFailed, SmmfError
 from .jobs import StreamEvent, ToolCallDelta
 
@@ -121,12 +121,6 @@ class Deliveries:
         self._running: dict[str, str] = {}
         self._running_lock = threading.Lock()
 
-    def load_claim(self) -> None:
-        """Load CLAIM into Redis' script cache: PendingClaim sends it without waiting for the
-        answer, so a NOSCRIPT (a fresh Redis) would leave a first delivery unclaimed until its
-        first event, which a wait for an upstream account (upstream_accounts.py) may defer."""
-        self.client.script_load(lua.CLAIM)
-
     def run(self, job_id: str, reply_to: str | None, work: Callable[[Attempt], R], *,
             ahead: bool = False) -> R | None:
         """One delivery of a job: claim it, and if it is ours run `work` on its attempt.
@@ -169,14 +163,24 @@ class Deliveries:
         return work(attempt)
 
     def claim(self, job_id: str, owner: str) -> Claim:
-        return _decode_claim(self._claim(keys=self._claim_keys(job_id),
-                                         args=self._claim_args(job_id, owner)))
+        """Claim a job's record: a first delivery's with one `SET NX` (job_record.py), any other
+        through lua.CLAIM."""
+        if self.client.set(*self._first_claim(job_id, owner), nx=True, px=self.record_ttl_ms):
+            return Claim("claimed", 1)
+        return self.claim_again(job_id, owner)
 
-    def _claim_keys(self, job_id: str) -> list[str]:
-        return [keys.job_record(job_id)]
+    def claim_again(self, job_id: str, owner: str) -> Claim:
+        """Claim a job whose record is there already (lua.CLAIM)."""
+        return _decode_claim(self._claim(keys=[keys.job_record(job_id)],
+                                         args=[owner, self.lease_ms, self.max_attempts, self.record_ttl_s]))
 
-    def _claim_args(self, job_id: str, owner: str) -> list[Any]:
-        return [owner, self.lease_ms, self.max_attempts, self.record_ttl_s]
+    def _first_claim(self, job_id: str, owner: str) -> tuple[str, str]:
+        """The key and value of a first claim's SET (with NX, PX record_ttl_ms)."""
+        return keys.job_record(job_id), job_record.first_claim(owner, self.lease_ms, self.record_ttl_ms)
+
+    @property
+    def record_ttl_ms(self) -> int:
+        return self.record_ttl_s * 1000
 
     def renew_leases(self) -> None:
         """Extend the leases of this worker's running jobs, and keep their records, in one round
@@ -344,19 +348,20 @@ class PendingClaim:
     Claiming first and then starting the model put a whole Redis round trip before the first
     token; sent ahead, it overlaps the model's work (the first token sooner by most of that
     round trip: docs/performance-log.md).
-    The worker reads the answer before it publishes anything. Should reading fail (a broken
-    connection; NOSCRIPT after a Redis restart), the same owner claims again the ordinary way.
+    What is sent is a first claim's `SET NX`; where it finds a record there, the claim goes on
+    through lua.CLAIM when the answer is read. The worker reads the answer before it publishes
+    anything. Should reading fail (a broken connection), the same owner claims again the
+    ordinary way.
     """
 
     def __init__(self, deliveries: Deliveries, job_id: str, owner: str):
         self._deliveries, self._job_id, self._owner = deliveries, job_id, owner
         self._claim: Claim | None = None
         self._pool = deliveries.client.connection_pool
-        script_keys = deliveries._claim_keys(job_id)
         self._connection: Any = self._pool.get_connection()
-        try:  # what redis-py's Script does, minus waiting for the answer
-            self._connection.send_command("EVALSHA", deliveries._claim.sha, len(script_keys),
-                                          *script_keys, *deliveries._claim_args(job_id, owner))
+        try:  # what redis-py's set(nx=True, px=...) does, minus waiting for the answer
+            self._connection.send_command("SET", *deliveries._first_claim(job_id, owner), "NX",
+                                          "PX", deliveries.record_ttl_ms)
         except (OSError, redis.RedisError):
             self._release(broken=True)
 
@@ -385,7 +390,9 @@ class PendingClaim:
                 self._release(broken=True)
             else:
                 self._release()
-                return _decode_claim(reply)
+                if reply is None:  # a record is there: not a first delivery, or cancelled
+                    return self._deliveries.claim_again(self._job_id, self._owner)
+                return Claim("claimed", 1)
         return self._deliveries.claim(self._job_id, self._owner)  # not sent, or its answer lost
 
     def _release(self, broken: bool = False) -> None:

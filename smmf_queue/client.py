@@ -27,7 +27,7 @@ import redis.asyncio
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
-from . import chat_fields, keys, lua, redis_clients, registry, tracing
+from . import chat_fields, job_record, keys, lua, redis_clients, registry, tracing
 from .batch.chunks import ChunkResult, embed_chunks
 from .config import ModelConfig, ModelKind, SmmfConfig, load_config
 from .errors import (
@@ -408,10 +408,10 @@ class AsyncClient(_BaseClient):
         try:
             if await self._redis.exists(keys.event_log(job_id)):
                 return
-            state = await self._redis.hget(keys.job_record(job_id), "state")
+            record = job_record.decode(await self._redis.get(keys.job_record(job_id)))
         except (OSError, redis.RedisError) as exc:
             raise _unreachable(exc, model) from None
-        if state != b"RUNNING":
+        if record.get("state") != "RUNNING":
             raise UnknownJob(f"no stream for job {job_id}: not started yet, or its log expired",
                              model=model, job_id=job_id)
 

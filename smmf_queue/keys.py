@@ -67,7 +67,8 @@ def event_log(job_id: str) -> str:
 
 
 def job_record(job_id: str) -> str:
-    """Hash holding one job's state, owner, attempt and lease, and its caller's cancel mark."""
+    """JSON string holding one job's state, owner, attempt and lease, and its caller's cancel
+    mark (job_record.py)."""
     return f"{PREFIX}:job:{job_id}"
 
 

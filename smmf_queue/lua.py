@@ -1,7 +1,8 @@
 """Every Lua script of a job's record and its event log, in one place.
 
 Each runs atomically on Redis, which is what makes a job's life safe when the broker delivers it
-twice: a claim, a lease renewal and a fenced finish are each one compare-and-set. `attempt.py`
+twice: a claim, a lease renewal and a fenced finish are each one compare-and-set (a first
+delivery's claim is a plain `SET NX`: job_record.py). `attempt.py`
 runs them (see its state diagram); nothing else writes a job record or an event log, but for
 the caller's CANCEL mark (client.py).
 Leases are timed by Redis's own clock, so workers on other hosts agree on every one: a record's
@@ -11,44 +12,69 @@ TTL is set anew at each claim and renewal, so how long ago its owner last renewe
 
 from __future__ import annotations
 
-#: Claim a job's record for one delivery. (The lease that brings the job back should its worker
-#: die is its message's, in kombu's index of taken messages: celery_ext.renew_held_messages;
-#: the record's lease tells another delivery that this one is alive.)
+#: Claim a job's record for one delivery, where its first claim (`SET NX`, Deliveries.claim)
+#: found a record there: a redelivery, a finished or cancelled job. (The lease that brings the job
+#: back should its worker die is its message's, in kombu's index of taken messages:
+#: celery_ext.renew_held_messages; the record's lease tells another delivery that this one is
+#: alive.) A record that a worker of before session 20 wrote, as a hash, is read and rewritten.
 #: KEYS[1] record; ARGV: owner, lease_ms, max_attempts, record_ttl_s.
 #: Answers {outcome, value}: 'claimed' or 'exhausted' with the attempt number, 'busy' with the
 #: ms until the other owner's lease ends, 'finished' or 'cancelled' (by its caller: CANCEL) with 0.
 CLAIM = """
-local record = redis.call('HMGET', KEYS[1], 'state', 'owner', 'lease_ms', 'attempt', 'cancelled', 'ttl_ms')
-if record[5] then return {'cancelled', 0} end
-local state = record[1]
+local function from_hash(key)
+  local f = redis.call('HMGET', key, 'state', 'owner', 'lease_ms', 'attempt', 'cancelled', 'ttl_ms',
+                       'lease_until')
+  return {state = f[1] or nil, owner = f[2] or nil, lease_ms = tonumber(f[3]), attempt = tonumber(f[4]),
+          cancelled = f[5] and 1 or nil, ttl_ms = tonumber(f[6]), lease_until = tonumber(f[7])}
+end
+local function lease_left(record)
+  if record.ttl_ms then return (record.lease_ms or 0) - (record.ttl_ms - redis.call('PTTL', KEYS[1])) end
+  local now = redis.call('TIME')  -- a hash of before session 19, which timed its lease by TIME
+  return (record.lease_until or 0) - (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+end
+local record
+if redis.call('TYPE', KEYS[1]).ok == 'hash' then record = from_hash(KEYS[1])
+else record = cjson.decode(redis.call('GET', KEYS[1]) or '{}') end
+if record.cancelled then return {'cancelled', 0} end
+local state = record.state
 if state == 'DONE' or state == 'FAILED' then return {'finished', 0} end
-if state == 'RUNNING' and record[2] ~= ARGV[1] then
-  local left
-  if record[6] then
-    left = tonumber(record[3]) - (tonumber(record[6]) - redis.call('PTTL', KEYS[1]))
-  else  -- claimed by a worker of before session 19, which timed its lease by TIME
-    local now = redis.call('TIME')
-    left = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
-           - (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
-  end
+if state == 'RUNNING' and record.owner ~= ARGV[1] then
+  local left = lease_left(record)
   if left > 0 then return {'busy', left} end
 end
-local attempt = tonumber(record[4] or '0') + 1
+local attempt = (record.attempt or 0) + 1
 if attempt > tonumber(ARGV[3]) then state = 'EXHAUSTED' else state = 'RUNNING' end
--- lease_until 0: what a worker of before session 19 reads as a lease given up (a rolling upgrade)
-redis.call('HSET', KEYS[1], 'attempt', attempt, 'owner', ARGV[1], 'lease_ms', ARGV[2],
-           'ttl_ms', tonumber(ARGV[4]) * 1000, 'lease_until', 0, 'state', state)
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+local ttl_ms = tonumber(ARGV[4]) * 1000
+redis.call('SET', KEYS[1], cjson.encode({state = state, owner = ARGV[1], attempt = attempt,
+                                         lease_ms = tonumber(ARGV[2]), ttl_ms = ttl_ms}), 'PX', ttl_ms)
 if state == 'EXHAUSTED' then return {'exhausted', attempt} end
 return {'claimed', attempt}
 """
 
 #: A caller no longer wants a job's result (its HTTP client left, say): mark its record, which
-#: the claim and the running attempt read (Attempt.write), and keep the record at least
-#: ARGV[1] seconds (never shorten a running job's). KEYS[1] record.
+#: the claim and the running attempt read (Attempt.write), creating it if the job has not
+#: started (so that its first claim finds it), and keep it at least ARGV[1] seconds (never
+#: shorten a running job's). A hash is a record of a worker of before session 20.
+#: KEYS[1] record.
 CANCEL = """
-redis.call('HSET', KEYS[1], 'cancelled', 1)
-if redis.call('TTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+local ttl = redis.call('TTL', KEYS[1])
+if redis.call('TYPE', KEYS[1]).ok == 'hash' then
+  redis.call('HSET', KEYS[1], 'cancelled', 1)
+else
+  local record = cjson.decode(redis.call('GET', KEYS[1]) or '{}')
+  record.cancelled = 1
+  redis.call('SET', KEYS[1], cjson.encode(record), 'KEEPTTL')
+end
+if ttl < tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+"""
+
+#: The record's fields, as a table ({} for none): `local record = load(key)`.
+_LOAD_BODY = """
+local function load(key)
+  local raw = redis.call('GET', key)
+  if raw then return cjson.decode(raw) end
+  return {}
+end
 """
 
 #: Extend a running job's lease, if `owner` still holds it and has not given it up (RELEASE)
@@ -56,9 +82,9 @@ if redis.call('TTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS
 #: clock), which also keeps the record record_ttl_s from now: a job that runs longer than that
 #: would otherwise lose its record, and with it its fenced finish.
 #: KEYS[1] record; ARGV: owner, record_ttl_s (the claim's).
-RENEW = """
-local record = redis.call('HMGET', KEYS[1], 'owner', 'state', 'lease_ms')
-if record[1] ~= ARGV[1] or record[2] ~= 'RUNNING' or record[3] == '0' then return 0 end
+RENEW = _LOAD_BODY + """
+local record = load(KEYS[1])
+if record.owner ~= ARGV[1] or record.state ~= 'RUNNING' or record.lease_ms == 0 then return 0 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
@@ -80,10 +106,10 @@ end
 #: for each only now and then (attempt.Attempt.write): per event, each was one more command on
 #: the Redis every worker and gateway shares.
 #: KEYS[1] log, KEYS[2] record; ARGV[1..6] as _APPEND_BODY.
-APPEND = _APPEND_BODY + """
+APPEND = _APPEND_BODY + _LOAD_BODY + """
 append(ARGV[1], ARGV[2])
 if ARGV[7] == '1' then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
-if ARGV[8] == '1' then return redis.call('HEXISTS', KEYS[2], 'cancelled') end
+if ARGV[8] == '1' and load(KEYS[2]).cancelled then return 1 end
 return 0
 """
 
@@ -100,10 +126,11 @@ return 0
 #: KEYS[1] log, KEYS[2] record, KEYS[3] result key; ARGV[1..6] as _APPEND_BODY, ARGV[7] owner,
 #: ARGV[8] attempt, ARGV[9] final state, ARGV[10] result ('' for none), ARGV[11] result TTL,
 #: ARGV[12] the last delta ('' for none), ARGV[13] its seq.
-FINISH = _APPEND_BODY + """
-local record = redis.call('HMGET', KEYS[2], 'owner', 'attempt')
-if record[1] ~= ARGV[7] or record[2] ~= ARGV[8] then return 0 end
-redis.call('HSET', KEYS[2], 'state', ARGV[9])
+FINISH = _APPEND_BODY + _LOAD_BODY + """
+local record = load(KEYS[2])
+if record.owner ~= ARGV[7] or record.attempt ~= tonumber(ARGV[8]) then return 0 end
+record.state = ARGV[9]
+redis.call('SET', KEYS[2], cjson.encode(record), 'KEEPTTL')
 if ARGV[12] ~= '' then append(ARGV[12], ARGV[13]) end
 append(ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
@@ -119,9 +146,10 @@ return 1
 #: instead of finding it busy until the lease would have run out (its message comes back by
 #: celery_ext.give_back_held_messages).
 #: KEYS[1] record; ARGV: owner.
-RELEASE = """
-local record = redis.call('HMGET', KEYS[1], 'owner', 'state')
-if record[1] ~= ARGV[1] or record[2] ~= 'RUNNING' then return 0 end
-redis.call('HSET', KEYS[1], 'lease_ms', 0)
+RELEASE = _LOAD_BODY + """
+local record = load(KEYS[1])
+if record.owner ~= ARGV[1] or record.state ~= 'RUNNING' then return 0 end
+record.lease_ms = 0
+redis.call('SET', KEYS[1], cjson.encode(record), 'KEEPTTL')
 return 1
 """

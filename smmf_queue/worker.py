@@ -147,7 +147,6 @@ class WorkerRuntime:
             wire=WIRE_VERSION)
 
     def start_heartbeat(self) -> None:
-        self.deliveries.load_claim()
         registry.beat(self.redis, self.info(), self.config.worker.heartbeat_ttl_s)
         threading.Thread(target=self._heartbeat_loop, name="smmf-heartbeat", daemon=True).start()
 

@@ -143,7 +143,7 @@ def test_health_and_readiness(gateway_url: str) -> None:
 
 
 def test_client_disconnect_cancels_the_job_on_the_worker(gateway_url: str, redis_client) -> None:  # type: ignore[no-untyped-def]
-    from smmf_queue import keys
+    from smmf_queue import job_record, keys
     from smmf_queue.streaming import decode_log
 
     # Given a long streamed reply
@@ -163,7 +163,7 @@ def test_client_disconnect_cancels_the_job_on_the_worker(gateway_url: str, redis
     wait_until(lambda: bool(terminal()), 30, "the job to end")
     end = terminal()[0]
     assert (end.type, end.error_type) == ("error", "Cancelled")
-    assert redis_client.hget(keys.job_record(job_id), "state") == b"FAILED"
+    assert job_record.read(redis_client, job_id)["state"] == "FAILED"
 
 
 def test_prometheus_metrics_from_gateway_and_worker(oai: openai.OpenAI, gateway_url: str,

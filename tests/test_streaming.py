@@ -9,7 +9,7 @@ import time
 import pytest
 import redis
 
-from smmf_queue import keys
+from smmf_queue import job_record, keys, lua
 from smmf_queue.attempt import Attempt, Claim, ClaimRefused, Deliveries, JobLost, LeaseBusy, PendingClaim
 from smmf_queue.errors import JobFailed, JobTimeout
 from smmf_queue.jobs import StreamEvent, pack_vectors, unpack_vectors
@@ -172,22 +172,56 @@ def test_a_stale_attempts_next_event_stops_it_once_a_later_attempt_wrote(
         ("delta", 1), ("restart", 2)]
 
 
-def test_a_lease_taken_by_a_worker_of_before_session_19_is_timed_as_it_timed_it(
-        deliveries: Deliveries, redis_client: redis.Redis) -> None:
-    # Given a job claimed by a worker of an earlier version (a rolling upgrade), whose record
-    # says when its lease ends on Redis' clock (`lease_until`), not how long it is
+def test_a_first_claim_writes_the_whole_record_and_its_ttl(deliveries: Deliveries,
+                                                           redis_client: redis.Redis) -> None:
+    assert deliveries.claim("first-1", "A") == Claim("claimed", 1)
+    assert job_record.read(redis_client, "first-1") == {
+        "state": "RUNNING", "owner": "A", "attempt": 1, "lease_ms": 300, "ttl_ms": 60_000}
+    assert 59_000 < redis_client.pttl(keys.job_record("first-1")) <= 60_000
+    # and a renewal and the finish read it, and keep it: only its owner's
+    def renew(owner: str) -> int:
+        return int(deliveries._renew(keys=[keys.job_record("first-1")], args=[owner, 60]))
+
+    assert (renew("B"), renew("A")) == (0, 1)
+    attempt_of(deliveries, "first-1", "A", 1).finish(StreamEvent(seq=1, attempt=1, type="end"))
+    assert job_record.read(redis_client, "first-1")["state"] == "DONE"
+    assert redis_client.pttl(keys.job_record("first-1")) > 59_000
+
+
+def test_a_cancel_before_the_first_claim_stops_it(deliveries: Deliveries, redis_client: redis.Redis) -> None:
+    # Given a job its caller cancelled before any worker took it
+    redis_client.eval(lua.CANCEL, 1, keys.job_record("cancel-1"), 30)
+    # When a first delivery claims it, then it runs nothing, by the first claim or sent ahead
+    assert deliveries.claim("cancel-1", "A") == Claim("cancelled", 0)
+    assert PendingClaim(deliveries, "cancel-1", "B").result() == Claim("cancelled", 0)
+    # and a cancel of a running job keeps its record's fields and its longer TTL
+    deliveries.claim("cancel-2", "A")
+    redis_client.eval(lua.CANCEL, 1, keys.job_record("cancel-2"), 30)
+    assert job_record.read(redis_client, "cancel-2")["owner"] == "A"
+    assert job_record.read(redis_client, "cancel-2")["cancelled"] == 1
+    assert redis_client.pttl(keys.job_record("cancel-2")) > 59_000
+
+
+@pytest.mark.parametrize("timed_by", ["ttl", "lease_until"])
+def test_a_hash_record_of_an_earlier_version_is_timed_as_it_timed_it_then_rewritten(
+        deliveries: Deliveries, redis_client: redis.Redis, timed_by: str) -> None:
+    # Given a job claimed by a worker of an earlier version (a rolling upgrade): a hash, whose
+    # lease is timed by its TTL (session 19) or ends at `lease_until` on Redis' clock (before)
+    job = f"old-{timed_by}"
     seconds, micros = redis_client.time()
-    now_ms = seconds * 1000 + micros // 1000
-    redis_client.hset(keys.job_record("old-1"), mapping={"state": "RUNNING", "owner": "old", "attempt": 1,
-                                                         "lease_until": now_ms + 300})
-    redis_client.expire(keys.job_record("old-1"), 60)
+    lease = ({"lease_ms": 300, "ttl_ms": 60_000} if timed_by == "ttl"
+             else {"lease_until": seconds * 1000 + micros // 1000 + 300})
+    redis_client.hset(keys.job_record(job), mapping={"state": "RUNNING", "owner": "old", "attempt": 1,
+                                                     **lease})
+    redis_client.expire(keys.job_record(job), 60)
     # When a delivery of this version claims it, then it waits for that lease, then takes it
-    busy = deliveries.claim("old-1", "new")
+    busy = deliveries.claim(job, "new")
     assert busy.outcome == "busy" and 0 < busy.value <= 300
     time.sleep(0.35)
-    assert deliveries.claim("old-1", "new") == Claim("claimed", 2)
-    # and its record still tells an earlier version's claim that the lease is not its to wait for
-    assert redis_client.hget(keys.job_record("old-1"), "lease_until") == b"0"
+    assert deliveries.claim(job, "new") == Claim("claimed", 2)
+    # and the record is this version's from then on
+    assert job_record.read(redis_client, job) == {
+        "state": "RUNNING", "owner": "new", "attempt": 2, "lease_ms": 300, "ttl_ms": 60_000}
 
 
 def test_a_last_delta_kept_for_the_finish_is_written_and_published_before_the_end(
@@ -292,13 +326,12 @@ def test_a_job_that_runs_longer_than_its_record_s_ttl_still_finishes(redis_clien
 
 def test_a_claim_sent_ahead_is_in_redis_before_its_answer_is_read(deliveries: Deliveries,
                                                                   redis_client: redis.Redis) -> None:
-    # Given a Redis whose script cache is empty (a fresh or restarted server), once the worker
-    # loaded its claim script
+    # Given a Redis whose script cache is empty (a fresh or restarted server): a first claim
+    # is a plain SET
     redis_client.script_flush()
-    deliveries.load_claim()
     # When a claim is sent ahead, then the job is held (leased) before its answer is read
     pending = PendingClaim(deliveries, "ahead-loaded", "A")
-    wait_until(lambda: redis_client.hget(keys.job_record("ahead-loaded"), "owner") == b"A", 5, "the claim")
+    wait_until(lambda: job_record.read(redis_client, "ahead-loaded").get("owner") == "A", 5, "the claim")
     pending.confirm()
     attempt = Attempt(deliveries, "ahead-loaded", "A", 1, None)
     attempt.finish(attempt.next_event("end"))  # no RUNNING job left for other tests
@@ -356,6 +389,7 @@ def test_a_claim_sent_ahead_survives_a_script_flush_and_gives_its_connection_bac
         if i % 5 == 0:
             client.script_flush()  # as after a Redis restart: EVALSHA answers NOSCRIPT
         assert PendingClaim(deliveries, f"ahead-2-{i}", "A").result() == Claim("claimed", 1)
+        assert PendingClaim(deliveries, f"ahead-2-{i}", "B").result().outcome == "busy"  # lua.CLAIM
         PendingClaim(deliveries, f"ahead-3-{i}", "A").release()  # the job stopped before reading it
     assert [c["name"] for c in client.client_list()].count("ahead") == 1
 

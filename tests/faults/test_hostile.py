@@ -14,7 +14,7 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Producer
 
-from smmf_queue import Client, dead_letters, keys
+from smmf_queue import Client, dead_letters, job_record, keys
 from smmf_queue.config import SmmfConfig
 from smmf_queue.streaming import decode_log
 
@@ -94,7 +94,7 @@ def test_a_hostile_message_never_runs_nor_stops_the_worker(
     # And the hostile message ran no model: no job ended DONE under its id
     job_id = headers.get("id")
     if job_id:
-        assert redis_client.hget(keys.job_record(job_id), "state") != b"DONE"
+        assert job_record.read(redis_client, job_id).get("state") != "DONE"
     # and it is a dead letter with the reason, or (a job that failed as such) none
     letters = [letter for letter in dead_letters.listed(redis_client, 1000)
                if letter.job_id == job_id or (not job_id and not letter.request.get("headers"))]
@@ -127,6 +127,6 @@ def test_a_message_whose_job_id_collides_with_a_running_job_runs_nothing(
         assert client.chat(MODEL, HELLO, max_tokens=2).usage.completion_tokens == 2  # (after it)
     events = decode_log(redis_client.xrange(keys.event_log(job_id)))  # type: ignore[arg-type]
     assert [e.type for e in events if e.terminal] == ["end"]
-    assert redis_client.hget(keys.job_record(job_id), "attempt") == b"1"
+    assert job_record.read(redis_client, job_id)["attempt"] == 1
     assert not any(d.restart for d in deltas) and worker.process.poll() is None
 

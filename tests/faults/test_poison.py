@@ -16,7 +16,7 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
-from smmf_queue import Client, JobFailed, keys
+from smmf_queue import Client, JobFailed, job_record, keys
 from smmf_queue.cli import app
 from smmf_queue.embedded_redis import EmbeddedRedis
 
@@ -47,9 +47,9 @@ def test_a_prompt_that_kills_its_worker_ends_as_a_dead_letter_after_max_attempts
         """The poison: SIGKILL each worker that starts the job, and start a replacement."""
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and len(killed) < 3:
-            record = redis_client.hgetall(keys.job_record(job_id))
-            if record.get(b"state") == b"RUNNING" and int(record[b"attempt"]) > len(killed):
-                pid = int(record[b"owner"].decode().split("/")[0].split("-")[-2])
+            record = job_record.read(redis_client, job_id)
+            if record.get("state") == "RUNNING" and record["attempt"] > len(killed):
+                pid = int(record["owner"].split("/")[0].split("-")[-2])
                 workers[pid].kill()
                 killed.append(pid)
                 replacement = start_worker(MODEL, config=poison_config, wait=False)
@@ -66,7 +66,7 @@ def test_a_prompt_that_kills_its_worker_ends_as_a_dead_letter_after_max_attempts
         killer.join(10)
         # Then it ended after exactly max_attempts (3) attempts, its caller told why
         assert failed.value.error_type == "WorkerLost" and len(killed) == 3
-        assert redis_client.hget(keys.job_record(job_id), "state") == b"FAILED"
+        assert job_record.read(redis_client, job_id)["state"] == "FAILED"
         # and other jobs of the same queue still flow
         assert client.chat(MODEL, HELLO, max_tokens=3).usage.completion_tokens == 3
         # And an operator finds it among the dead letters, with its request
@@ -83,8 +83,8 @@ def test_a_prompt_that_kills_its_worker_ends_as_a_dead_letter_after_max_attempts
         assert requeued.exit_code == 0, requeued.output
         replay = list(client.replay(job_id, MODEL))  # (returns at the job's terminal event)
         assert replay and not any(d.restart for d in replay)
-        assert redis_client.hget(keys.job_record(job_id), "state") == b"DONE"
-        assert redis_client.hget(keys.job_record(job_id), "attempt") == b"1"
+        assert job_record.read(redis_client, job_id)["state"] == "DONE"
+        assert job_record.read(redis_client, job_id)["attempt"] == 1
         # and its letter is gone; purge drops the rest
         assert job_id not in runner.invoke(app, ["jobs", "list", "--json", "-c", str(poison_config)]).output
         assert runner.invoke(app, ["jobs", "purge", "--all", "-c", str(poison_config)]).exit_code == 0

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import redis
 
-from smmf_queue import keys
+from smmf_queue import job_record, keys
 from smmf_queue.client import AsyncClient
 from smmf_queue.embedded_redis import EmbeddedRedis
 from smmf_queue.gateway_resume import LeftStreams
@@ -142,7 +142,7 @@ def test_a_client_that_never_comes_back_has_its_job_cancelled(gateway: str,
     before, path = start_and_drop(gateway, after_text_frames=1)
     job_id = before[0][1]["id"].removeprefix("chatcmpl-")
     # Then, once the grace is over, the job is cancelled
-    wait_until(lambda: redis_client.hexists(keys.job_record(job_id), "cancelled"), 30, "the cancel mark")
+    wait_until(lambda: job_record.read(redis_client, job_id).get("cancelled"), 30, "the cancel mark")
 
 
 def test_bad_resumes_get_openai_shaped_4xx(gateway: str, redis_client: redis.Redis) -> None:

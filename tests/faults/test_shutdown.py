@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from smmf_queue import ChatDelta, Client, keys
+from smmf_queue import ChatDelta, Client, job_record
 from smmf_queue.embedded_redis import EmbeddedRedis
 
 from ..conftest import StartWorker, WorkerProcess
@@ -47,7 +47,7 @@ def stream_and_stop_its_worker(config: Path, workers: list[WorkerProcess],
         reader = threading.Thread(target=read)
         reader.start()
         assert started.wait(30)
-        owner = (redis_client.hget(keys.job_record(job_id), "owner") or b"").decode()
+        owner = job_record.read(redis_client, job_id).get("owner", "")
         [holder] = [w for w in workers if owner.startswith(w.worker_id)]
         holder.process.send_signal(signal.SIGTERM)
         reader.join(90)
@@ -81,6 +81,5 @@ def test_a_job_still_running_after_the_grace_is_handed_back_at_once(
     assert sum(1 for d in deltas if d.restart) == 1
     assert deltas[-1].finish_reason in ("stop", "length")
     [other] = [w for w in workers if w is not holder]
-    assert (redis_client.hget(keys.job_record("rolling-2"), "owner") or b"").decode().startswith(
-        other.worker_id)
+    assert job_record.read(redis_client, "rolling-2")["owner"].startswith(other.worker_id)
     other.stop()
