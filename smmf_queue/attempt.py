@@ -111,6 +111,11 @@ class Deliveries:
         #: (its finish refused, or its next event past the log): on Redis its message's ack
         #: then leaves kombu's lease, the later delivery's (celery_ext.keep_lease_of).
         self.on_lost: Callable[[str], None] = lambda job_id: None
+        #: where set (WorkerRuntime.settle_messages_with_finish): kombu's bookkeeping of the
+        #: message of a job held here (its hash, its index, its tag), which the job's finish
+        #: removes (lua.FINISH), then telling `on_settled`, so that its ack only forgets it.
+        self.held_message: Callable[[str], tuple[str, str, str] | None] = lambda job_id: None
+        self.on_settled: Callable[[str], None] = lambda job_id: None
         self._claim = client.register_script(lua.CLAIM)
         self._renew = client.register_script(lua.RENEW)
         self._release = client.register_script(lua.RELEASE)
@@ -308,17 +313,23 @@ class Attempt:
 
     def finish(self, event: StreamEvent, result: Any = None, failure: JobFailed | None = None) -> None:
         """Mark the job DONE or FAILED and write its terminal event, after the last delta if
-        one was kept (`delta`), and its result or failure (Deliveries.result_copy), if this
+        one was kept (`delta`), and its result or failure (Deliveries.result_copy), and remove
+        its message's bookkeeping where the worker holds it (Deliveries.held_message), if this
         attempt still owns it; JobLost if a later delivery holds it (the fence refused: nothing
         was written), as from an event."""
+        deliveries = self._deliveries
         state = "DONE" if event.type == "end" else "FAILED"
-        result_key, meta, ttl_s = self._deliveries.result_copy(self.job_id, result, failure)
+        result_key, meta, ttl_s = deliveries.result_copy(self.job_id, result, failure)
         last, self._last_delta = self._last_delta, None
         last_args: list[Any] = [last.encode(), last.seq] if last is not None else ["", 0]
-        if not self._deliveries._finish(
-                keys=[keys.event_log(self.job_id), keys.job_record(self.job_id), result_key],
-                args=[*self._log_args(event), self.owner, self.number, state, meta, ttl_s, *last_args]):
+        record = keys.job_record(self.job_id)
+        unacked, index, tag = deliveries.held_message(self.job_id) or (record, record, "")
+        if not deliveries._finish(
+                keys=[keys.event_log(self.job_id), record, result_key, unacked, index],
+                args=[*self._log_args(event), self.owner, self.number, state, meta, ttl_s, *last_args, tag]):
             self._lost()
+        if tag:
+            deliveries.on_settled(self.job_id)
 
     def fail(self, exc: JobFailed) -> NoReturn:
         """End the job with an `error` event (fenced like any finish), then raise `exc`

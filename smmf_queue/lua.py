@@ -122,10 +122,13 @@ return 0
 #: event, and a waiter of their jobs looks for the result each second
 #: (celery_ext.ResultBackend).
 #: A reply's last delta, when it came with its end (ARGV[12], its seq ARGV[13]), is appended and
-#: published first, in the same call.
-#: KEYS[1] log, KEYS[2] record, KEYS[3] result key; ARGV[1..6] as _APPEND_BODY, ARGV[7] owner,
-#: ARGV[8] attempt, ARGV[9] final state, ARGV[10] result ('' for none), ARGV[11] result TTL,
-#: ARGV[12] the last delta ('' for none), ARGV[13] its seq.
+#: published first, in the same call. With a delivery tag (ARGV[14]), the job's message is
+#: removed from kombu's bookkeeping of taken messages (its hash KEYS[4] and index KEYS[5]) as its
+#: ack would (celery_ext.held_message): the ack then only forgets it in the worker.
+#: KEYS[1] log, KEYS[2] record, KEYS[3] result key, KEYS[4..5] kombu's unacked hash and index;
+#: ARGV[1..6] as _APPEND_BODY, ARGV[7] owner, ARGV[8] attempt, ARGV[9] final state, ARGV[10]
+#: result ('' for none), ARGV[11] result TTL, ARGV[12] the last delta ('' for none), ARGV[13]
+#: its seq, ARGV[14] the message's delivery tag ('' for none).
 FINISH = _APPEND_BODY + _LOAD_BODY + """
 local record = load(KEYS[2])
 if record.owner ~= ARGV[7] or record.attempt ~= tonumber(ARGV[8]) then return 0 end
@@ -137,6 +140,10 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 if ARGV[10] ~= '' then
   redis.call('SET', KEYS[3], ARGV[10], 'EX', ARGV[11])
   if ARGV[5] == '' then redis.call('PUBLISH', KEYS[3], ARGV[10]) end
+end
+if ARGV[14] ~= '' then
+  redis.call('HDEL', KEYS[4], ARGV[14])
+  redis.call('ZREM', KEYS[5], ARGV[14])
 end
 return 1
 """

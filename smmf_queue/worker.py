@@ -29,7 +29,14 @@ from pydantic import ValidationError
 
 from . import dead_letters, keys, logs, metrics, redis_clients, registry, tracing
 from .attempt import WORKER_LOST, Attempt, Deliveries, JobLost, LeaseBusy
-from .celery_ext import ResultBackend, give_back_held_messages, keep_lease_of, renew_held_messages
+from .celery_ext import (
+    ResultBackend,
+    give_back_held_messages,
+    held_message,
+    keep_lease_of,
+    renew_held_messages,
+    settled_by_finish,
+)
 from .config import ModelConfig, SmmfConfig
 from .dynamic_batching import EmbedBatcher
 from .errors import JobFailed, ProviderUnavailable
@@ -135,6 +142,15 @@ class WorkerRuntime:
         (celery_ext.keep_lease_of)."""
         if app.conf.broker_transport in REDIS_TRANSPORTS.values():
             self.deliveries.on_lost = keep_lease_of
+
+    def settle_messages_with_finish(self, app: Celery) -> None:
+        """On our Redis transport, where the broker is the job records' Redis, each job's
+        fenced finish also removes its message from kombu's bookkeeping of taken messages, and
+        its ack only forgets it here (celery_ext.held_message): one round trip fewer per job."""
+        if (app.conf.broker_transport == REDIS_TRANSPORTS["redis://"]
+                and self.config.queue.broker_url == self.config.queue.redis):
+            self.deliveries.held_message = held_message
+            self.deliveries.on_settled = settled_by_finish
 
     def info(self) -> registry.WorkerInfo:
         return registry.WorkerInfo(
@@ -430,6 +446,7 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     the job's finish writes its result, the tasks store none (`ignore_result`)."""
     finish_writes_results = runtime.write_results_with_finish(app)
     runtime.keep_leases_of_lost_jobs(app)
+    runtime.settle_messages_with_finish(app)
 
     @app.task(name=keys.CHAT_TASK, bind=True, max_retries=None, ignore_result=finish_writes_results)
     def chat(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:

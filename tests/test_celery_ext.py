@@ -6,6 +6,8 @@ job's fenced finish writes is Celery's own, which a stale attempt cannot overwri
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from typing import Any
 
@@ -17,7 +19,7 @@ from smmf_queue import Client, keys
 from smmf_queue.config import SmmfConfig
 from smmf_queue.queues import make_celery_app
 
-from .conftest import EMBED, SPARE, StartWorker, WorkerProcess, event_capture, task_events
+from .conftest import EMBED, SPARE, StartWorker, WorkerProcess, event_capture, task_events, wait_until
 
 
 def test_a_channel_keeps_one_redis_client_until_its_pool_is_replaced(redis_server) -> None:  # type: ignore[no-untyped-def]
@@ -65,6 +67,36 @@ def test_a_taken_message_is_held_as_unacknowledged_until_its_ack(redis_server) -
             message.ack()
             assert not client.hexists("unacked", tag) and client.zscore("unacked_index", tag) is None
         queue.close()
+
+
+def test_a_job_s_finish_clears_its_message_s_bookkeeping_in_its_own_script_call(
+        client: Client, embed_worker: WorkerProcess, redis_client: redis.Redis) -> None:
+    # Given a worker whose broker is the Redis of its job records, watched command by command
+    commands: list[dict[str, Any]] = []
+    monitor = redis_client.monitor()
+    monitor.connection.send_command("MONITOR")  # what `with monitor` does, without blocking
+    assert monitor.connection.read_response() in (b"OK", "OK")
+
+    def watch() -> None:
+        with contextlib.suppress(redis.ConnectionError):
+            while True:
+                commands.append(monitor.next_command())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    # When it runs a job
+    job = client.embed(EMBED, ["text"]).job_id
+    tag = next(c["command"].split()[2] for c in list(commands) if c["command"].startswith("HSET unacked "))
+    wait_until(lambda: not redis_client.hexists("unacked", tag) and redis_client.zscore(
+        "unacked_index", tag) is None, 10, "the message's bookkeeping cleared")
+    time.sleep(0.2)  # the ack, after the task's end
+    monitor.connection.disconnect()
+    watcher.join(5)
+    # Then the job's fenced finish cleared it, and the ack sent nothing more for it
+    cleared = [c for c in commands if c["command"].startswith(("HDEL unacked ", "ZREM unacked_index "))
+               and tag in c["command"]]
+    assert [(c["command"].split()[0], c["client_type"]) for c in cleared] == [("HDEL", "lua"), ("ZREM", "lua")]
+    assert any(c["command"].startswith("EVALSHA") and job in c["command"] for c in commands)
 
 
 def test_a_result_stored_after_its_waiter_began_reaches_it(config) -> None:  # type: ignore[no-untyped-def]
