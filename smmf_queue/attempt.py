@@ -113,7 +113,8 @@ class Deliveries:
         self.on_lost: Callable[[str], None] = lambda job_id: None
         #: where set (WorkerRuntime.settle_messages_with_finish): kombu's bookkeeping of the
         #: message of a job held here (its hash, its index, its tag), which the job's finish
-        #: removes (lua.FINISH), then telling `on_settled`, so that its ack only forgets it.
+        #: removes (lua.FINISH), then telling `on_settled` the tag, so that its ack only
+        #: forgets it.
         self.held_message: Callable[[str], tuple[str, str, str] | None] = lambda job_id: None
         self.on_settled: Callable[[str], None] = lambda job_id: None
         self._claim = client.register_script(lua.CLAIM)
@@ -329,7 +330,7 @@ class Attempt:
                 args=[*self._log_args(event), self.owner, self.number, state, meta, ttl_s, *last_args, tag]):
             self._lost()
         if tag:
-            deliveries.on_settled(self.job_id)
+            deliveries.on_settled(tag)
 
     def fail(self, exc: JobFailed) -> NoReturn:
         """End the job with an `error` event (fenced like any finish), then raise `exc`

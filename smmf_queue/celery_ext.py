@@ -101,7 +101,7 @@ class QoS(kombu_redis.QoS):
         (`keep_lease_of`) or whose finish removed its bookkeeping already (`settled_by_finish`):
         only this process forgets those."""
         job_id = self._let_go(delivery_tag)
-        if job_id is not None and (_lost_here(job_id) or _settled_here(job_id)):
+        if _settled_here(delivery_tag) or (job_id is not None and _lost_here(job_id)):
             kombu_virtual.QoS.ack(self, delivery_tag)
             return
         super().ack(delivery_tag)
@@ -169,7 +169,7 @@ def _lost_here(job_id: Any) -> bool:
 
 #: the QoS and delivery tag of the message of each job taken here, until its ack.
 _HELD: dict[str, tuple[QoS, str]] = {}
-#: ids of jobs whose finish removed their message's bookkeeping, until their ack.
+#: delivery tags of messages whose job's finish removed their bookkeeping, until their ack.
 _SETTLED: set[str] = set()
 
 
@@ -187,16 +187,17 @@ def held_message(job_id: str) -> tuple[str, str, str] | None:
     return prefix + qos.unacked_key, prefix + qos.unacked_index_key, tag
 
 
-def settled_by_finish(job_id: str) -> None:
-    """The finish of `job_id` removed its message's bookkeeping (`held_message`): its ack only
-    forgets the message here."""
-    _SETTLED.add(job_id)
+def settled_by_finish(delivery_tag: str) -> None:
+    """A job's finish removed the bookkeeping of its message `delivery_tag` (`held_message`):
+    its ack only forgets the message here. By tag, not job: two messages of one job id (a
+    caller that sent it twice) each keep their own bookkeeping until their own ack."""
+    _SETTLED.add(delivery_tag)
 
 
-def _settled_here(job_id: Any) -> bool:
-    """Whether `job_id`'s finish settled its message here (settled_by_finish); forgets it."""
+def _settled_here(delivery_tag: str) -> bool:
+    """Whether a finish settled the message `delivery_tag` here (settled_by_finish); forgets it."""
     try:
-        _SETTLED.remove(job_id)
+        _SETTLED.remove(delivery_tag)
     except KeyError:
         return False
     return True

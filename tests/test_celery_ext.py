@@ -15,7 +15,7 @@ import pytest
 import redis
 from kombu import Connection
 
-from smmf_queue import Client, keys
+from smmf_queue import Client, celery_ext, keys
 from smmf_queue.config import SmmfConfig
 from smmf_queue.queues import make_celery_app
 
@@ -66,6 +66,36 @@ def test_a_taken_message_is_held_as_unacknowledged_until_its_ack(redis_server) -
             assert client.hexists("unacked", tag) and client.zscore("unacked_index", tag) is not None
             message.ack()
             assert not client.hexists("unacked", tag) and client.zscore("unacked_index", tag) is None
+        queue.close()
+
+
+def test_a_finish_settles_only_the_message_it_cleared(redis_server) -> None:  # type: ignore[no-untyped-def]
+    client = redis.Redis.from_url(redis_server.url)
+    taken: list[Any] = []
+    with Connection(redis_server.url, transport="smmf_queue.celery_ext:Transport") as conn:
+        # Given two messages of one job id held at once (a caller that sent the job twice)
+        queue = conn.SimpleQueue("test-settled-by-tag")
+        for n in (1, 2):
+            queue.put({"n": n}, headers={"id": "twice-sent"})
+        consumer = conn.Consumer(queue.queue, callbacks=[lambda body, message: taken.append(message)],
+                                 accept=["json"])
+        with consumer:
+            while len(taken) < 2:
+                conn.drain_events(timeout=5)
+            first, second = taken
+            # When a finish clears the bookkeeping of the one it finds held (the later)
+            unacked, index, tag = celery_ext.held_message("twice-sent") or ("", "", "")
+            assert tag == second.delivery_tag
+            client.hdel(unacked, tag)
+            client.zrem(index, tag)
+            celery_ext.settled_by_finish(tag)
+            # Then each ack settles its own message: nothing is left behind for kombu's restore
+            first.ack()
+            second.ack()
+            for message in (first, second):
+                assert not client.hexists("unacked", message.delivery_tag)
+                assert client.zscore("unacked_index", message.delivery_tag) is None
+            assert celery_ext.held_message("twice-sent") is None
         queue.close()
 
 
