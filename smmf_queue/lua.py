@@ -12,6 +12,15 @@ TTL is set anew at each claim and renewal, so how long ago its owner last renewe
 
 from __future__ import annotations
 
+#: A job record's fields (job_record.py), as a table ({} for none): `local record = load(key)`.
+_LOAD_BODY = """
+local function load(key)
+  local raw = redis.call('GET', key)
+  if raw then return cjson.decode(raw) end
+  return {}
+end
+"""
+
 #: Claim a job's record for one delivery, where its first claim (`SET NX`, Deliveries.claim)
 #: found a record there: a redelivery, a finished or cancelled job. (The lease that brings the job
 #: back should its worker die is its message's, in kombu's index of taken messages:
@@ -20,7 +29,7 @@ from __future__ import annotations
 #: KEYS[1] record; ARGV: owner, lease_ms, max_attempts, record_ttl_s.
 #: Answers {outcome, value}: 'claimed' or 'exhausted' with the attempt number, 'busy' with the
 #: ms until the other owner's lease ends, 'finished' or 'cancelled' (by its caller: CANCEL) with 0.
-CLAIM = """
+CLAIM = _LOAD_BODY + """
 local function from_hash(key)
   local f = redis.call('HMGET', key, 'state', 'owner', 'lease_ms', 'attempt', 'cancelled', 'ttl_ms',
                        'lease_until')
@@ -33,8 +42,7 @@ local function lease_left(record)
   return (record.lease_until or 0) - (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
 end
 local record
-if redis.call('TYPE', KEYS[1]).ok == 'hash' then record = from_hash(KEYS[1])
-else record = cjson.decode(redis.call('GET', KEYS[1]) or '{}') end
+if redis.call('TYPE', KEYS[1]).ok == 'hash' then record = from_hash(KEYS[1]) else record = load(KEYS[1]) end
 if record.cancelled then return {'cancelled', 0} end
 local state = record.state
 if state == 'DONE' or state == 'FAILED' then return {'finished', 0} end
@@ -56,25 +64,16 @@ return {'claimed', attempt}
 #: started (so that its first claim finds it), and keep it at least ARGV[1] seconds (never
 #: shorten a running job's). A hash is a record of a worker of before session 20.
 #: KEYS[1] record.
-CANCEL = """
+CANCEL = _LOAD_BODY + """
 local ttl = redis.call('TTL', KEYS[1])
 if redis.call('TYPE', KEYS[1]).ok == 'hash' then
   redis.call('HSET', KEYS[1], 'cancelled', 1)
 else
-  local record = cjson.decode(redis.call('GET', KEYS[1]) or '{}')
+  local record = load(KEYS[1])
   record.cancelled = 1
   redis.call('SET', KEYS[1], cjson.encode(record), 'KEEPTTL')
 end
 if ttl < tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
-"""
-
-#: The record's fields, as a table ({} for none): `local record = load(key)`.
-_LOAD_BODY = """
-local function load(key)
-  local raw = redis.call('GET', key)
-  if raw then return cjson.decode(raw) end
-  return {}
-end
 """
 
 #: Extend a running job's lease, if `owner` still holds it and has not given it up (RELEASE)
