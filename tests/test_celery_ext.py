@@ -1,6 +1,7 @@
 """Our subclasses of Celery's and kombu's parts (smmf_queue/celery_ext.py) change cost, not
 behaviour: kombu keeps one redis client per channel, every task event still arrives, the
-unacknowledged-message bookkeeping holds a taken message until its ack, a waiter on the
+unacknowledged-message bookkeeping holds a taken message until its ack (or the job's finish,
+which clears it for the ack, each message by its own tag), a waiter on the
 result backend gets a result stored after it began waiting (published or not), and the result a
 job's fenced finish writes is Celery's own, which a stale attempt cannot overwrite."""
 
