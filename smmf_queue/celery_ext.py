@@ -101,7 +101,7 @@ class QoS(kombu_redis.QoS):
         (`keep_lease_of`) or whose finish removed its bookkeeping already (`settled_by_finish`):
         only this process forgets those."""
         job_id = self._let_go(delivery_tag)
-        if _settled_here(delivery_tag) or (job_id is not None and _lost_here(job_id)):
+        if _SETTLED.take(delivery_tag) or (job_id is not None and _LOST.take(job_id)):
             kombu_virtual.QoS.ack(self, delivery_tag)
             return
         super().ack(delivery_tag)
@@ -135,11 +135,34 @@ class QoS(kombu_redis.QoS):
 
 #: the QoS of each channel of this process: the messages they hold are this worker's.
 _HOLDERS: weakref.WeakSet[QoS] = weakref.WeakSet()
-#: ids of jobs whose delivery here lost them to another delivery, until that delivery's ack
-#: (oldest first; only the newest LOST_KEPT are kept, should an ack never come).
-_LOST: dict[str, None] = {}
-_LOST_LOCK = threading.Lock()
-LOST_KEPT = 1024
+
+
+class _Marks:
+    """Keys marked in this process until their message's ack takes the mark, once (oldest
+    first; only the newest `kept` are kept, should an ack never come)."""
+
+    def __init__(self, kept: int = 1024):
+        self._marks: dict[str, None] = {}
+        self._lock = threading.Lock()
+        self._kept = kept
+
+    def add(self, key: str) -> None:
+        with self._lock:
+            self._marks[key] = None
+            while len(self._marks) > self._kept:
+                del self._marks[next(iter(self._marks))]
+
+    def take(self, key: str) -> bool:
+        """Whether `key` was marked; forgets it."""
+        with self._lock:
+            if key not in self._marks:
+                return False
+            del self._marks[key]
+            return True
+
+
+#: ids of jobs whose delivery here lost them to another delivery, until that delivery's ack.
+_LOST = _Marks()
 
 
 def keep_lease_of(job_id: str) -> None:
@@ -152,25 +175,13 @@ def keep_lease_of(job_id: str) -> None:
     delivery's ack would remove is the later delivery's lease, and without it a death of the
     later worker would leave the job unfinished for good. Should no later delivery hold the
     message, it comes back once more, and its claim finds the job running or ended."""
-    with _LOST_LOCK:
-        _LOST[job_id] = None
-        while len(_LOST) > LOST_KEPT:
-            del _LOST[next(iter(_LOST))]
-
-
-def _lost_here(job_id: Any) -> bool:
-    """Whether `job_id` was lost here (keep_lease_of); forgets it."""
-    with _LOST_LOCK:
-        if job_id not in _LOST:
-            return False
-        del _LOST[job_id]
-        return True
+    _LOST.add(job_id)
 
 
 #: the QoS and delivery tag of the message of each job taken here, until its ack.
 _HELD: dict[str, tuple[QoS, str]] = {}
 #: delivery tags of messages whose job's finish removed their bookkeeping, until their ack.
-_SETTLED: set[str] = set()
+_SETTLED = _Marks()
 
 
 def held_message(job_id: str) -> tuple[str, str, str] | None:
@@ -192,15 +203,6 @@ def settled_by_finish(delivery_tag: str) -> None:
     its ack only forgets the message here. By tag, not job: two messages of one job id (a
     caller that sent it twice) each keep their own bookkeeping until their own ack."""
     _SETTLED.add(delivery_tag)
-
-
-def _settled_here(delivery_tag: str) -> bool:
-    """Whether a finish settled the message `delivery_tag` here (settled_by_finish); forgets it."""
-    try:
-        _SETTLED.remove(delivery_tag)
-    except KeyError:
-        return False
-    return True
 
 
 def renew_held_messages() -> None:
