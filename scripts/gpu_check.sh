@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The checks that need an NVIDIA GPU, in one go: the GPU tests (the hf provider on `cuda` through
-# the queue, the vLLM refusals on a GPU host, the extras' imports), then the dispatch and
+# The checks that need an NVIDIA GPU, in one go, the open question first: the GPU tests (the hf
+# provider on `cuda` through the queue, the vLLM refusals on a GPU host, the extras' imports),
+# then embed-batch against sentence-transformers in pairs of fresh processes (issue #20's GPU
+# figure: one process's rate differs from the next one's there), then the dispatch and
 # embedding benchmarks with the models on the GPU, dispatch once more on this host's CPUs, the
-# scale-out curve on its cores, and the embedding profile (py-spy). About 9 minutes on an H200
-# host with 16 cores. CI has no GPU; run this where one is lent, with smmf-queue and the `hf`
-# extra importable by $PYTHON (default .venv/bin/python): scripts/gpu_carry.sh says how.
+# scale-out curve on its cores, and the embedding profile (py-spy): about 9 minutes on an H200
+# host with 16 cores before the pairs came first. Each figure prints as it is measured;
+# EMBED_PAIRS sets the pairs (6), ONLY=pairs stops after them. CI has no GPU; run this where one
+# is lent, with smmf-queue and the `hf` extra importable by $PYTHON (default .venv/bin/python):
+# scripts/gpu_carry.sh says how.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
@@ -18,6 +22,8 @@ transformers.__version__, 'cuda', torch.cuda.is_available())"
 tests=0
 "$python" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_engines.py tests/test_extras.py \
   || tests=$?
+"$python" scripts/bench_embed.py --n "${EMBED_N:-20000}" --device cuda --pairs "${EMBED_PAIRS:-6}"
+[ "${ONLY:-}" = pairs ] && exit "$tests"
 "$python" scripts/bench_dispatch.py --n "${DISPATCH_N:-200}" --device cuda
 "$python" scripts/bench_dispatch.py --n "${DISPATCH_N:-200}" --device cpu
 "$python" scripts/bench_embed.py --n "${EMBED_N:-20000}" --device cuda
