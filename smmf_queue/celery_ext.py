@@ -110,6 +110,17 @@ class QoS(kombu_redis.QoS):
         self._let_go(delivery_tag)
         super().reject(delivery_tag, requeue=requeue)
 
+    def restore_unacked_once(self, stderr: Any = None) -> Any:
+        """kombu's restore as the channel closes (its connection lost, the worker stopping):
+        the messages it held are no longer held here, acknowledged or not, so `held_message`
+        forgets them, and this QoS with them."""
+        try:
+            return super().restore_unacked_once(stderr)
+        finally:
+            for job_id, (holder, _) in list(_HELD.items()):
+                if holder is self:
+                    _HELD.pop(job_id, None)
+
     def _let_go(self, delivery_tag: str) -> str | None:
         """The id of the job that a message held here brings, no longer held (`held_message`)."""
         delivered: Any = self._delivered

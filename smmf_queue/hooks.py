@@ -57,6 +57,8 @@ HOOKS = (
     Hook("kombu.transport.redis:QoS", "append",
          "celery_ext.QoS.append: which job each taken message brings (celery_ext.held_message)"),
     Hook("kombu.transport.redis:QoS", "reject", "celery_ext.QoS.reject: a rejected message is no longer held"),
+    Hook("kombu.transport.virtual.base:QoS", "restore_unacked_once",
+         "celery_ext.QoS.restore_unacked_once: a closed channel's messages are no longer held"),
     Hook("kombu.transport.redis:Channel", "global_keyprefix",
          "celery_ext.held_message: kombu's key prefix, for the keys lua.FINISH writes itself"),
     Hook("celery.backends.redis:RedisBackend", "_set",

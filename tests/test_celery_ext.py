@@ -1,7 +1,7 @@
 """Our subclasses of Celery's and kombu's parts (smmf_queue/celery_ext.py) change cost, not
 behaviour: kombu keeps one redis client per channel, every task event still arrives, the
 unacknowledged-message bookkeeping holds a taken message until its ack (or the job's finish,
-which clears it for the ack, each message by its own tag), a waiter on the
+which clears it for the ack, each message by its own tag, or its channel's close), a waiter on the
 result backend gets a result stored after it began waiting (published or not), and the result a
 job's fenced finish writes is Celery's own, which a stale attempt cannot overwrite."""
 
@@ -68,6 +68,23 @@ def test_a_taken_message_is_held_as_unacknowledged_until_its_ack(redis_server) -
             message.ack()
             assert not client.hexists("unacked", tag) and client.zscore("unacked_index", tag) is None
         queue.close()
+
+
+def test_a_closed_channel_s_messages_are_no_longer_held(redis_server) -> None:  # type: ignore[no-untyped-def]
+    client = redis.Redis.from_url(redis_server.url)
+    taken: list[Any] = []
+    with Connection(redis_server.url, transport="smmf_queue.celery_ext:Transport") as conn:
+        queue = conn.SimpleQueue("test-held-until-close")
+        queue.put({"n": 1}, headers={"id": "held-then-closed"})
+        consumer = conn.Consumer(queue.queue, callbacks=[lambda body, message: taken.append(message)],
+                                 accept=["json"])
+        with consumer:
+            conn.drain_events(timeout=5)
+            assert celery_ext.held_message("held-then-closed") is not None
+    # When its channel closes unacknowledged (a lost connection, a stop), kombu restores the
+    # message to its queue, and this process no longer counts it as held
+    assert celery_ext.held_message("held-then-closed") is None
+    assert client.llen("test-held-until-close") == 1
 
 
 def test_a_finish_settles_only_the_message_it_cleared(redis_server) -> None:  # type: ignore[no-untyped-def]
