@@ -9,19 +9,23 @@ import httpx
 import pytest
 
 from smmf_queue import Client
-from smmf_queue.config import SmmfConfig
 
-from .conftest import CHAT, FLOWER_AUTH, WorkerProcess, start_service, wait_until
+from .conftest import CHAT, FLOWER_AUTH, WorkerProcess, free_port, start_service, wait_until
 
 SECRET_PROMPT = "my private prompt 7f3a"
 
 
 @pytest.fixture(scope="module")
-def flower_url(config: SmmfConfig, config_path: Path, chat_worker: WorkerProcess,
+def flower_url(config_path: Path, chat_worker: WorkerProcess,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("flower") / "flower.log"
-    url = f"http://127.0.0.1:{config.flower.port}"
-    process = start_service("flower", config_path, log, f"{url}/healthcheck")
+    # A port chosen now (SMMF_FLOWER__PORT): the one in the session's config was chosen minutes
+    # earlier, and another test's server that took it meanwhile answered for Flower.
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SMMF_FLOWER__PORT", str(port))
+        process = start_service("flower", config_path, log, f"{url}/healthcheck")
     yield url
     process.terminate()
     process.wait(timeout=15)
