@@ -41,6 +41,8 @@ HOOKS = (
          "celery_ext.QoS.ack: a delivery that lost its job leaves the later delivery's lease"),
     Hook("kombu.transport.redis:QoS", "restore_visible",
          "queues.make_celery_app: kombu's restore hands back a dead worker's messages after its lease"),
+    Hook("kombu.transport.redis:Channel", "unacked_mutex_expire",
+         "queues.make_celery_app: the restore's lock, left by a killed worker, expires in a heartbeat"),
     Hook("kombu.transport.redis:Channel", "conn_or_acquire", "celery_ext.QoS.stamp_held: its client"),
     Hook("kombu.transport.redis:Channel", "QoS", "celery_ext.Channel: its QoS class is celery_ext.QoS"),
     Hook("kombu.transport.redis:SentinelChannel", "QoS",

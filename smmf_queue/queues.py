@@ -58,6 +58,9 @@ def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery
             "visibility_timeout": config.worker.lease_s,
             "unacked_restore_interval": config.worker.heartbeat_interval_s,
             "unacked_restore_throttle": 1,
+            # kombu's restore runs under a lock that lasts 5 minutes unless released: one left
+            # by a worker killed inside a restore held every restore back that long.
+            "unacked_mutex_expire": config.worker.heartbeat_interval_s,
             "queue_order_strategy": "priority",
             "priority_steps": keys.PRIORITY_STEPS,
         },

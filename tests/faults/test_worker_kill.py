@@ -71,6 +71,52 @@ def test_a_killed_workers_job_comes_back_by_its_lease(
     second.stop()
 
 
+def test_a_worker_killed_inside_a_restore_does_not_hold_the_others_restores_back(
+        reaped_config: Path, start_worker: StartWorker, redis_server: EmbeddedRedis) -> None:
+    # Given a long reply streaming from the only worker of its model, and the lock that kombu's
+    # restore takes, as workers take it (seen by MONITOR)
+    first = start_worker(MODEL, config=reaped_config)
+    key, expiry_ms = _restore_lock(redis_server.url)
+    deltas = []
+    started = threading.Event()
+    with Client(reaped_config) as client:
+        def read() -> None:
+            for delta in client.stream_chat(MODEL, QUESTION, max_tokens=3000, temperature=0,
+                                            timeout=60):
+                deltas.append(delta)
+                started.set()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert started.wait(30)
+        # When that worker is killed inside a restore, leaving the lock held as it took it,
+        # and a replica starts
+        first.kill()
+        lock = redis.Redis.from_url(redis_server.url)
+        lock.set(key, "the killed worker", px=expiry_ms)
+        second = start_worker(MODEL, config=reaped_config)
+        reader.join(90)
+        lock.delete(key)  # (should this fail: not on the next tests' restores)
+        # Then the job still comes back and its reply ends within the job's timeout (kombu's
+        # lock lasted 5 minutes: every restore waited for it)
+        assert not reader.is_alive()
+        assert sum(1 for d in deltas if d.restart) == 1
+        assert deltas[-1].finish_reason in ("stop", "length")
+    second.stop()
+
+
+def _restore_lock(url: str) -> tuple[str, int]:
+    """The key of the lock that workers take for kombu's restore, and its expiry, from the
+    first such SET that MONITOR shows (redis-py's lock: SET key token NX PX ms)."""
+    deadline = time.monotonic() + 30
+    with redis.Redis.from_url(url, socket_timeout=5).monitor() as monitor:
+        while time.monotonic() < deadline:
+            words = monitor.next_command()["command"].split()
+            if words[0].upper() == "SET" and words[1].endswith("unacked_mutex") and "PX" in words:
+                return words[1], int(words[words.index("PX") + 1])
+    raise AssertionError("no worker took the restore's lock within 30 s")
+
+
 def test_a_job_taken_over_from_a_stalled_worker_comes_back_when_its_new_worker_dies(
         reaped_config: Path, start_worker: StartWorker) -> None:
     # Given a reply streaming from a worker that then stalls (SIGSTOP) past its lease, and a
