@@ -175,7 +175,7 @@ class WorkerRuntime:
         def expire() -> None:
             if self._stop.wait(self.config.worker.shutdown_grace_s) or not self.deliveries.in_flight:
                 return
-            self._stop.set()  # no more heartbeats
+            self.stop_heartbeat()  # and no longer listed: producers do not count on it
             try:
                 released = self.deliveries.release_leases()
                 give_back_held_messages()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from smmf_queue import ChatDelta, Client, job_record
+from smmf_queue import ChatDelta, Client, job_record, registry
 from smmf_queue.embedded_redis import EmbeddedRedis
 
 from ..conftest import StartWorker, WorkerProcess
@@ -70,14 +70,18 @@ def test_a_job_that_ends_within_the_grace_ends_on_the_stopping_worker(
 def test_a_job_still_running_after_the_grace_is_handed_back_at_once(
         tmp_path: Path, redis_server: EmbeddedRedis, tiny_models: Path, start_worker: StartWorker,
         redis_client: redis.Redis) -> None:
-    # Given two workers of a model with a 100 s lease, and a long reply on one of them
+    # Given two workers of a model with a 100 s lease (and a heartbeat that lasts as long), and
+    # a long reply on one of them
     config = config_with(tmp_path, redis_server, tiny_models, grace_s=0.1)
+    config.write_text(config.read_text().replace("heartbeat_ttl_s = 1.5", "heartbeat_ttl_s = 100"))
     workers = [start_worker(MODEL, config=config), start_worker(MODEL, config=config)]
     # When the worker holding it gets SIGTERM (grace 0.1 s)
     deltas, holder = stream_and_stop_its_worker(config, workers, redis_client, "rolling-2")
-    # Then it stops, and the reply restarts once on the other worker and ends, long before the
-    # lease would have run out (the reader's timeout is 60 s)
+    # Then it stops, no longer listed as a live worker (producers do not count on it), and the
+    # reply restarts once on the other worker and ends, long before the lease would have run
+    # out (the reader's timeout is 60 s)
     assert holder.process.wait(timeout=30) == 0
+    assert holder.worker_id not in [w.worker_id for w in registry.live_workers(redis_client)]
     assert sum(1 for d in deltas if d.restart) == 1
     assert deltas[-1].finish_reason in ("stop", "length")
     [other] = [w for w in workers if w is not holder]
