@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar, cast
 
@@ -65,6 +66,8 @@ T = TypeVar("T")
 QUEUE_FULL_RETRY_S = 1.0
 #: seconds before a reader tailing a job's log asks again after Redis failed it.
 TAIL_RETRY_S = 0.2
+#: seconds after a failed send during which an AsyncClient sends from a thread (`_send`).
+BROKER_SUSPECT_S = 30.0
 #: what sends a chat to its model's next fallback: no live worker, a full queue, its rate
 #: limits, or a failure (before the first token, for a stream).
 FALLS_BACK = (NoLiveWorker, QueueFull, RateLimited, JobFailed)
@@ -266,6 +269,8 @@ class AsyncClient(_BaseClient):
         super().__init__(config)
         self._redis = redis_clients.connect_async(self.config.queue)
         self._hub = StreamHub(self._redis)
+        #: until when (monotonic) jobs are sent from a thread: a send failed (`_send`).
+        self._broker_suspect_until = 0.0
 
     async def chat(self, model: str, messages: list[dict[str, Any]], *,
                    timeout: float | None = None, queue_timeout: float | None = None,
@@ -463,7 +468,7 @@ class AsyncClient(_BaseClient):
         except (OSError, redis.RedisError, asyncio.TimeoutError) as exc:
             raise _unreachable(exc, model) from None
         inbox = self._hub.open(reader.job_id)
-        self._enqueue(self._hub, kind, request, self._expires(reader, queue_timeout))
+        await self._send(kind, request, self._expires(reader, queue_timeout))
         if on_queued is not None:
             on_queued()
         try:
@@ -476,6 +481,22 @@ class AsyncClient(_BaseClient):
                     await self.cancel(reader.job_id, reader.timeout_s)
         for delta in reader.ending(kind):
             yield delta
+
+    async def _send(self, kind: ModelKind, request: dict[str, Any], expires_s: float) -> None:
+        """Enqueue a job from this loop's own thread (kombu's publish blocks, but for a
+        fraction of a millisecond: a hop to a thread would cost more), or from a thread for
+        BROKER_SUSPECT_S after a send failed: a silent Redis (no reply for
+        queue.socket_timeout_s) then holds up each request that waits for it, not the loop and
+        every other request with it."""
+        try:
+            if time.monotonic() < self._broker_suspect_until:
+                await asyncio.to_thread(self._enqueue, self._hub, kind, request, expires_s)
+                self._broker_suspect_until = 0.0
+            else:
+                self._enqueue(self._hub, kind, request, expires_s)
+        except BrokerUnavailable:
+            self._broker_suspect_until = time.monotonic() + BROKER_SUSPECT_S
+            raise
 
     async def _read(self, reader: JobReader, inbox: asyncio.Queue[bytes]) -> AsyncIterator[ChatDelta]:
         """The job's deltas until its terminal event: live ones from `inbox`, gaps from the log."""

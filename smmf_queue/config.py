@@ -124,6 +124,11 @@ class QueueSettings(_Strict):
     dead_letter_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
     #: with `sentinel://` URLs (Redis Sentinel): the name of the master the sentinels watch.
     sentinel_master: str | None = None
+    #: seconds a Redis command (or a connect) may wait before its client gives up: a Redis that
+    #: went silent without closing its connections (a frozen host, a partition, a failover's
+    #: lost master) is then an outage, answered like one, not a hang. At least 3: longer than
+    #: the blocking reads we send (streaming.QUIET_CHECK_S).
+    socket_timeout_s: float = Field(default=5.0, ge=3.0)
 
     @model_validator(mode="after")
     def _sentinel_needs_a_master(self) -> QueueSettings:

@@ -61,6 +61,10 @@ def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery
             # kombu's restore runs under a lock that lasts 5 minutes unless released: one left
             # by a worker killed inside a restore held every restore back that long.
             "unacked_mutex_expire": config.worker.heartbeat_interval_s,
+            # A silent Redis: a publish or another command gives up (kombu checks its BRPOP
+            # and pub/sub connections itself).
+            "socket_timeout": config.queue.socket_timeout_s,
+            "socket_connect_timeout": config.queue.socket_timeout_s,
             "queue_order_strategy": "priority",
             "priority_steps": keys.PRIORITY_STEPS,
         },

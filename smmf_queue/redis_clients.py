@@ -38,19 +38,27 @@ def sentinel_nodes(url: str) -> tuple[list[tuple[str, int]], int, str | None]:
     return nodes, db, password
 
 
+def timeouts(queue: QueueSettings, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with the config's socket timeouts where they name none (QueueSettings)."""
+    return {"socket_timeout": queue.socket_timeout_s, "socket_connect_timeout": queue.socket_timeout_s,
+            **options}
+
+
 def connect(queue: QueueSettings, **options: Any) -> redis.Redis:
     """A blocking client of the Redis that `queue` names (its master, behind Sentinel)."""
+    options = timeouts(queue, options)
     if not is_sentinel(queue.redis):
         return redis.Redis.from_url(queue.redis, **options)
     nodes, db, password = sentinel_nodes(queue.redis)
-    sentinels = redis.sentinel.Sentinel(nodes, socket_timeout=options.get("socket_connect_timeout"))
+    sentinels = redis.sentinel.Sentinel(nodes, socket_timeout=options["socket_connect_timeout"])
     return sentinels.master_for(str(queue.sentinel_master), db=db, password=password, **options)
 
 
 def connect_async(queue: QueueSettings, **options: Any) -> redis.asyncio.Redis:
     """connect() for an event loop."""
+    options = timeouts(queue, options)
     if not is_sentinel(queue.redis):
         return redis.asyncio.from_url(queue.redis, **options)
     nodes, db, password = sentinel_nodes(queue.redis)
-    sentinels = redis.asyncio.sentinel.Sentinel(nodes)
+    sentinels = redis.asyncio.sentinel.Sentinel(nodes, socket_timeout=options["socket_connect_timeout"])
     return sentinels.master_for(str(queue.sentinel_master), db=db, password=password, **options)

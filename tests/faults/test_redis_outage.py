@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -114,30 +117,13 @@ def test_the_gateway_answers_503_with_retry_after_while_redis_is_down(
     gateway = start_service("gateway", config, tmp_path / "gateway.log",
                             f"http://127.0.0.1:{port}/healthz", "--port", str(port))
     try:
-        def post(stream: bool = False) -> tuple[int, dict[str, str], dict[str, object]]:
-            body = json.dumps({"model": CHAT, "messages": HELLO, "max_tokens": 2,
-                               "stream": stream}).encode()
-            return send(urllib.request.Request(
-                f"http://127.0.0.1:{port}/v1/chat/completions", body,
-                {"Content-Type": "application/json", "Authorization": f"Bearer {GATEWAY_KEY}"}))
-
-        def get(path: str) -> tuple[int, dict[str, str], dict[str, object]]:
-            return send(urllib.request.Request(f"http://127.0.0.1:{port}{path}",
-                                               headers={"Authorization": f"Bearer {GATEWAY_KEY}"}))
-
-        def send(request: urllib.request.Request) -> tuple[int, dict[str, str], dict[str, object]]:
-            try:
-                with urllib.request.urlopen(request, timeout=60) as response:
-                    return response.status, _lower(response.headers.items()), json.load(response)
-            except urllib.error.HTTPError as error:
-                return error.code, _lower(error.headers.items()), json.load(error)
-
+        post = partial(_post, port)
         assert post()[0] == 200
         # When Redis dies, the gateway answers 503 with Retry-After, OpenAI-shaped, whether the
         # request streams or not, and so do the routes that read Redis themselves
         kill(server)
         time.sleep(1.5)  # past the liveness cache: the request itself meets Redis down
-        for answer in (post(), post(stream=True), get("/v1/models")):
+        for answer in (post(), post(stream=True), _get(port, "/v1/models")):
             status, headers, body = answer
             assert status == 503, body
             assert int(headers["retry-after"]) >= 1
@@ -151,6 +137,69 @@ def test_the_gateway_answers_503_with_retry_after_while_redis_is_down(
     finally:
         gateway.terminate()
         gateway.wait(timeout=15)
+
+
+def test_the_gateway_answers_503_and_stays_responsive_while_redis_is_silent(
+        outage: tuple[EmbeddedRedis, Path], tmp_path: Path) -> None:
+    # Given a gateway whose Redis commands give up after 3 s, and which sends a chat without
+    # first asking Redis for live workers (wait_for_worker: its send is the first command)
+    server, config = outage
+    silent_config = tmp_path / "silent.toml"
+    silent_config.write_text(config.read_text().replace(
+        "job_timeout_s = 60", "job_timeout_s = 60\nsocket_timeout_s = 3").replace(
+        "max_body_bytes = 65536", "max_body_bytes = 65536\nwait_for_worker = true"))
+    port = free_port()
+    gateway = start_service("gateway", silent_config, tmp_path / "gateway.log",
+                            f"http://127.0.0.1:{port}/healthz", "--port", str(port))
+    assert server.process is not None
+    try:
+        assert _post(port)[0] == 200
+        # When Redis goes silent, its connections open (SIGSTOP: a frozen host, a partition)
+        server.process.send_signal(signal.SIGSTOP)
+        # Then a chat gets a 503 broker_unavailable (it used to wait for ever, and so did every
+        # other request: the first send held the gateway's event loop)
+        status, _, body = _post(port)
+        assert status == 503 and body["error"]["code"] == "broker_unavailable", body  # type: ignore[index]
+        # and while the next chat waits for Redis, the gateway answers others at once
+        waiting: list[int] = []
+        chat = threading.Thread(target=lambda: waiting.append(_post(port, stream=True)[0]))
+        chat.start()
+        time.sleep(0.5)
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).status == 200
+        assert chat.is_alive()  # (the health check answered while it waited)
+        chat.join(60)
+        assert waiting == [503]
+        # and once Redis answers again, the gateway serves without a restart of its own
+        server.process.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + RECOVERY_BOUND_S
+        while (status := _post(port)[0]) != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert status == 200
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+        gateway.terminate()
+        gateway.wait(timeout=15)
+
+
+def _post(port: int, stream: bool = False) -> tuple[int, dict[str, str], dict[str, object]]:
+    """A chat through the gateway on `port`: its status, headers and JSON body."""
+    body = json.dumps({"model": CHAT, "messages": HELLO, "max_tokens": 2, "stream": stream}).encode()
+    return _send(urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", body,
+        {"Content-Type": "application/json", "Authorization": f"Bearer {GATEWAY_KEY}"}))
+
+
+def _get(port: int, path: str) -> tuple[int, dict[str, str], dict[str, object]]:
+    return _send(urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                        headers={"Authorization": f"Bearer {GATEWAY_KEY}"}))
+
+
+def _send(request: urllib.request.Request) -> tuple[int, dict[str, str], dict[str, object]]:
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, _lower(response.headers.items()), json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, _lower(error.headers.items()), json.load(error)
 
 
 def _lower(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
