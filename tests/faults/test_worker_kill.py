@@ -44,18 +44,8 @@ def test_a_killed_workers_job_comes_back_by_its_lease(
         reaped_config: Path, start_worker: StartWorker) -> None:
     # Given a long reply streaming from the only worker of its model
     first = start_worker(MODEL, config=reaped_config)
-    deltas = []
-    started = threading.Event()
     with Client(reaped_config) as client:
-        def read() -> None:
-            for delta in client.stream_chat(MODEL, QUESTION, max_tokens=3000, temperature=0,
-                                            timeout=60):
-                deltas.append(delta)
-                started.set()
-
-        reader = threading.Thread(target=read)
-        reader.start()
-        assert started.wait(30)
+        reader, deltas = _long_reply(client, timeout_s=60)
         # When that worker is killed with SIGKILL and a replica starts
         first.kill()
         second = start_worker(MODEL, config=reaped_config)
@@ -77,18 +67,8 @@ def test_a_worker_killed_inside_a_restore_does_not_hold_the_others_restores_back
     # restore takes, as workers take it (seen by MONITOR)
     first = start_worker(MODEL, config=reaped_config)
     key, expiry_ms = _restore_lock(redis_server.url)
-    deltas = []
-    started = threading.Event()
     with Client(reaped_config) as client:
-        def read() -> None:
-            for delta in client.stream_chat(MODEL, QUESTION, max_tokens=3000, temperature=0,
-                                            timeout=60):
-                deltas.append(delta)
-                started.set()
-
-        reader = threading.Thread(target=read)
-        reader.start()
-        assert started.wait(30)
+        reader, deltas = _long_reply(client, timeout_s=60)
         # When that worker is killed inside a restore, leaving the lock held as it took it,
         # and a replica starts
         first.kill()
@@ -103,6 +83,23 @@ def test_a_worker_killed_inside_a_restore_does_not_hold_the_others_restores_back
         assert sum(1 for d in deltas if d.restart) == 1
         assert deltas[-1].finish_reason in ("stop", "length")
     second.stop()
+
+
+def _long_reply(client: Client, timeout_s: float) -> tuple[threading.Thread, list[Any]]:
+    """A long reply streaming into a list on a thread of its own, once its first delta came."""
+    deltas: list[Any] = []
+    started = threading.Event()
+
+    def read() -> None:
+        for delta in client.stream_chat(MODEL, QUESTION, max_tokens=3000, temperature=0,
+                                        timeout=timeout_s):
+            deltas.append(delta)
+            started.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert started.wait(30)
+    return reader, deltas
 
 
 def _restore_lock(url: str) -> tuple[str, int]:
@@ -123,18 +120,8 @@ def test_a_job_taken_over_from_a_stalled_worker_comes_back_when_its_new_worker_d
     # second worker that took the job over (kombu's restore handed the message back with its
     # delivery tag, and the second claimed a new attempt)
     first = start_worker(MODEL, config=reaped_config)
-    deltas: list[Any] = []
-    started = threading.Event()
     with Client(reaped_config) as client:
-        def read() -> None:
-            for delta in client.stream_chat(MODEL, QUESTION, max_tokens=3000, temperature=0,
-                                            timeout=150):  # three attempts of a long reply
-                deltas.append(delta)
-                started.set()
-
-        reader = threading.Thread(target=read)
-        reader.start()
-        assert started.wait(30)
+        reader, deltas = _long_reply(client, timeout_s=150)  # three attempts of a long reply
         first.process.send_signal(signal.SIGSTOP)
         second = start_worker(MODEL, config=reaped_config)
         wait_until(lambda: any(d.restart for d in deltas), 30, "the second worker's restart")
