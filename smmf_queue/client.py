@@ -268,7 +268,7 @@ class AsyncClient(_BaseClient):
     def __init__(self, config: str | os.PathLike[str] | SmmfConfig | None = None):
         super().__init__(config)
         self._redis = redis_clients.connect_async(self.config.queue)
-        self._hub = StreamHub(self._redis)
+        self._hub = StreamHub(self._redis, silent_after_s=self.config.queue.socket_timeout_s)
         #: until when (monotonic) jobs are sent from a thread: a send failed (`_send`).
         self._broker_suspect_until = 0.0
 

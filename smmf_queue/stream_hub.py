@@ -32,13 +32,21 @@ from . import keys
 SUBSCRIBE_TIMEOUT_S = 10.0
 #: seconds between attempts to read again after the pub/sub connection broke.
 RECONNECT_DELAY_S = 0.2
+#: seconds without a message after which a StreamHub pings its connection (`_watch`).
+PING_AFTER_S = 1.0
 
 
 class StreamHub:
     """Multiplexes the events of many jobs over one pub/sub connection."""
 
-    def __init__(self, client: redis.asyncio.Redis):
+    def __init__(self, client: redis.asyncio.Redis, silent_after_s: float = 5.0):
         self._pubsub = client.pubsub()
+        #: seconds without a message, pings' answers included, after which the connection is
+        #: taken for dead (queue.socket_timeout_s).
+        self._silent_after_s = silent_after_s
+        #: when (monotonic) the last message came: an event, a confirmation or a ping's answer.
+        self._heard_at = time.monotonic()
+        self._watcher: asyncio.Task[None] | None = None
         #: this hub's reply channel: workers publish `<job id> <event>` on it.
         self.reply_channel = keys.reply_channel(uuid.uuid4().hex)
         self._reply_key = self.reply_channel.encode()
@@ -69,7 +77,9 @@ class StreamHub:
                 raise
             self._has_channels.set()
             if self._reader is None or self._reader.done():
+                self._heard_at = time.monotonic()
                 self._reader = asyncio.create_task(self._read(), name="smmf-stream-hub")
+                self._watcher = asyncio.create_task(self._watch(), name="smmf-stream-hub-watch")
         try:
             await asyncio.wait_for(asyncio.shield(confirmation), SUBSCRIBE_TIMEOUT_S)
         except TimeoutError:
@@ -99,11 +109,31 @@ class StreamHub:
                 await self._has_channels.wait()
             try:
                 async for message in self._pubsub.listen():
+                    self._heard_at = time.monotonic()
                     self._route(message)
             except (OSError, redis.RedisError):
                 # Redis went away: redis-py reconnects and re-subscribes on the next read; events
                 # published meanwhile are replayed from the log by the readers (streaming.JobReader).
                 await asyncio.sleep(RECONNECT_DELAY_S)
+
+    async def _watch(self) -> None:
+        """Ping the connection while nothing comes, and drop it once not even an answer came
+        for `silent_after_s`: a Redis gone silent with the connection open (a frozen or lost
+        host) would hold the subscription for ever, and behind Sentinel keep it on a master
+        that was replaced. redis-py then connects afresh (to the current master) and
+        subscribes again; readers fill what they missed from the jobs' logs."""
+        while True:
+            await asyncio.sleep(PING_AFTER_S)
+            quiet_s = time.monotonic() - self._heard_at
+            if quiet_s < PING_AFTER_S or not self._pubsub.subscribed:
+                continue
+            connection = self._pubsub.connection
+            if quiet_s > self._silent_after_s and connection is not None:
+                await connection.disconnect()
+                self._heard_at = time.monotonic()  # the next connection's time starts now
+                continue
+            with contextlib.suppress(OSError, redis.RedisError):
+                await self._pubsub.ping()
 
     def _route(self, message: dict[str, Any]) -> None:
         channel = message["channel"]
@@ -117,10 +147,11 @@ class StreamHub:
                 self._confirmation.set_result(None)
 
     async def aclose(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+        for task in (self._watcher, self._reader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         with contextlib.suppress(Exception):
             await self._pubsub.aclose()
 

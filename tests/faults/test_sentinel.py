@@ -8,6 +8,8 @@ again, with no restart of theirs.
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import threading
 import time
 import uuid
@@ -17,7 +19,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from smmf_queue import BrokerUnavailable, Client, JobTimeout
+from smmf_queue import BrokerUnavailable, Client, JobTimeout, redis_clients
+from smmf_queue.config import load_config
+from smmf_queue.stream_hub import StreamHub
 
 from ..conftest import CHAT, StartWorker, event_capture, task_events, wait_until, write_config
 from ..fake_upstream import FakeUpstream, chat_chunk
@@ -64,6 +68,46 @@ def test_clients_and_workers_follow_a_sentinel_failover(sentinels: SentinelGroup
         wait_until(lambda: sentinels.master() == sentinels.replica_port, 60, "the failover")
         assert chat_eventually(client, 60) == before
     worker.stop()
+
+
+def test_the_stream_hub_follows_a_failover_away_from_a_silent_master(
+        sentinels: SentinelGroup, tmp_path: Path, tiny_models: Path) -> None:
+    # Given a gateway's stream hub subscribed to its reply channel through the sentinels, with
+    # Redis commands that give up after 3 s
+    config = write_config(tmp_path / "silent.toml", sentinels.url, tiny_models)
+    config.write_text(config.read_text().replace(
+        f'broker_url = "{sentinels.url}"',
+        f'broker_url = "{sentinels.url}"\nsentinel_master = "{MASTER}"\nsocket_timeout_s = 3'))
+    queue = load_config(config).queue
+
+    async def follow() -> int:
+        client = redis_clients.connect_async(queue)
+        hub = StreamHub(client, silent_after_s=queue.socket_timeout_s)
+        await hub.start()
+        try:
+            assert _subscribers(sentinels.master_port, hub.reply_channel) == 1
+            # When the master goes silent with its connections open (SIGSTOP: a frozen host)
+            # and the sentinels promote the replica
+            sentinels.processes[sentinels.master_port].send_signal(signal.SIGSTOP)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and (
+                    sentinels.master() != sentinels.replica_port
+                    or _subscribers(sentinels.replica_port, hub.reply_channel) == 0):
+                await asyncio.sleep(0.2)
+            # Then the hub has subscribed again, on the new master (it used to wait on the
+            # silent one for ever, and events came only from the logs, every 2 s)
+            return _subscribers(sentinels.replica_port, hub.reply_channel)
+        finally:
+            await hub.aclose()
+            await client.aclose()
+
+    assert asyncio.run(follow()) == 1
+
+
+def _subscribers(port: int, channel: str) -> int:
+    """How many subscribers the Redis on `port` has for `channel` (PUBSUB NUMSUB)."""
+    [(_, count)] = redis.Redis(port=port, socket_timeout=2).pubsub_numsub(channel)
+    return int(count)
 
 
 LONG_MODEL = "held-chat"
