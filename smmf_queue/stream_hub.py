@@ -128,12 +128,12 @@ class StreamHub:
             if quiet_s < PING_AFTER_S or not self._pubsub.subscribed:
                 continue
             connection = self._pubsub.connection
-            if quiet_s > self._silent_after_s and connection is not None:
-                await connection.disconnect()
-                self._heard_at = time.monotonic()  # the next connection's time starts now
-                continue
             with contextlib.suppress(OSError, redis.RedisError):
-                await self._pubsub.ping()
+                if quiet_s > self._silent_after_s and connection is not None:
+                    self._heard_at = time.monotonic()  # the next connection's time starts now
+                    await connection.disconnect()
+                else:
+                    await self._pubsub.ping()
 
     def _route(self, message: dict[str, Any]) -> None:
         channel = message["channel"]
