@@ -557,7 +557,7 @@ class Client(_BaseClient):
         self._thread.start()
         self._async = self._call(_make_async_client(self.config))
         self._redis = redis_clients.connect(self.config.queue)
-        self._hub = ThreadHub(self._redis)
+        self._hub = ThreadHub(self._redis, silent_after_s=self.config.queue.socket_timeout_s)
 
     def chat(self, model: str, messages: list[dict[str, Any]], **kwargs: Any) -> ChatResult:
         """Run a chat job and return the whole reply."""

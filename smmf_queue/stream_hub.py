@@ -166,8 +166,11 @@ class ThreadHub:
     reads next if its own inbox is still empty.
     """
 
-    def __init__(self, client: redis.Redis):
+    def __init__(self, client: redis.Redis, silent_after_s: float = 5.0):
         self._pubsub = client.pubsub()
+        #: as StreamHub's: when the last message came, the last ping, and when to give up.
+        self._silent_after_s = silent_after_s
+        self._heard_at = self._pinged_at = time.monotonic()
         #: this hub's reply channel: workers publish `<job id> <event>` on it.
         self.reply_channel = keys.reply_channel(uuid.uuid4().hex)
         self._inboxes: dict[str, collections.deque[bytes]] = {}
@@ -222,6 +225,7 @@ class ThreadHub:
         self._changed.release()
         try:
             message = self._pubsub.get_message(timeout=timeout)
+            self._keep_alive(message is not None)
         except (OSError, redis.RedisError):
             # Redis went away: redis-py reconnects and re-subscribes on the next read; events
             # published meanwhile are replayed from the log by the readers (client.Client).
@@ -235,6 +239,21 @@ class ThreadHub:
             if inbox is not None:
                 inbox.append(data)
         self._changed.notify_all()
+
+    def _keep_alive(self, heard: bool) -> None:
+        """StreamHub._watch for the reading thread: while nothing comes, ping the connection
+        (once per PING_AFTER_S), and drop it once not even an answer came for
+        `silent_after_s`, so that the next read connects afresh and subscribes again."""
+        now = time.monotonic()
+        if heard:
+            self._heard_at = now
+            return
+        if now - self._heard_at > self._silent_after_s and self._pubsub.connection is not None:
+            self._heard_at = now  # the next connection's time starts now
+            self._pubsub.connection.disconnect()
+        elif now - max(self._heard_at, self._pinged_at) >= PING_AFTER_S:
+            self._pinged_at = now
+            self._pubsub.ping()
 
     def shutdown(self) -> None:
         with contextlib.suppress(Exception):

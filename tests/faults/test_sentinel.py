@@ -20,8 +20,8 @@ import pytest
 import redis
 
 from smmf_queue import BrokerUnavailable, Client, JobTimeout, redis_clients
-from smmf_queue.config import load_config
-from smmf_queue.stream_hub import StreamHub
+from smmf_queue.config import SmmfConfig, load_config
+from smmf_queue.stream_hub import StreamHub, ThreadHub
 
 from ..conftest import CHAT, StartWorker, event_capture, task_events, wait_until, write_config
 from ..fake_upstream import FakeUpstream, chat_chunk
@@ -74,11 +74,7 @@ def test_the_stream_hub_follows_a_failover_away_from_a_silent_master(
         sentinels: SentinelGroup, tmp_path: Path, tiny_models: Path) -> None:
     # Given a gateway's stream hub subscribed to its reply channel through the sentinels, with
     # Redis commands that give up after 3 s
-    config = write_config(tmp_path / "silent.toml", sentinels.url, tiny_models)
-    config.write_text(config.read_text().replace(
-        f'broker_url = "{sentinels.url}"',
-        f'broker_url = "{sentinels.url}"\nsentinel_master = "{MASTER}"\nsocket_timeout_s = 3'))
-    queue = load_config(config).queue
+    queue = _silent_config(sentinels, tmp_path, tiny_models).queue
 
     async def follow() -> int:
         client = redis_clients.connect_async(queue)
@@ -102,6 +98,36 @@ def test_the_stream_hub_follows_a_failover_away_from_a_silent_master(
             await client.aclose()
 
     assert asyncio.run(follow()) == 1
+
+
+def test_the_blocking_clients_hub_follows_a_failover_away_from_a_silent_master(
+        sentinels: SentinelGroup, tmp_path: Path, tiny_models: Path) -> None:
+    # Given a blocking client's hub (ThreadHub) subscribed through the sentinels, with a job
+    # whose events it waits for
+    queue = _silent_config(sentinels, tmp_path, tiny_models).queue
+    hub = ThreadHub(redis_clients.connect(queue), silent_after_s=queue.socket_timeout_s)
+    hub.start()
+    hub.open("waiting")
+    assert _subscribers(sentinels.master_port, hub.reply_channel) == 1
+    # When the master goes silent (SIGSTOP) and the sentinels promote the replica
+    sentinels.processes[sentinels.master_port].send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (
+            sentinels.master() != sentinels.replica_port
+            or _subscribers(sentinels.replica_port, hub.reply_channel) == 0):
+        hub.get("waiting", 0.5)  # what a reader does while it waits: the hub reads then
+    # Then the hub has subscribed again, on the new master
+    assert _subscribers(sentinels.replica_port, hub.reply_channel) == 1
+    hub.shutdown()
+
+
+def _silent_config(sentinels: SentinelGroup, tmp_path: Path, tiny_models: Path) -> SmmfConfig:
+    """The tests' config behind the sentinels, with Redis commands that give up after 3 s."""
+    config = write_config(tmp_path / "silent.toml", sentinels.url, tiny_models)
+    config.write_text(config.read_text().replace(
+        f'broker_url = "{sentinels.url}"',
+        f'broker_url = "{sentinels.url}"\nsentinel_master = "{MASTER}"\nsocket_timeout_s = 3'))
+    return load_config(config)
 
 
 def _subscribers(port: int, channel: str) -> int:
