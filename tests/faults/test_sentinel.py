@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -83,16 +83,11 @@ def test_the_stream_hub_follows_a_failover_away_from_a_silent_master(
         try:
             assert _subscribers(sentinels.master_port, hub.reply_channel) == 1
             # When the master goes silent with its connections open (SIGSTOP: a frozen host)
-            # and the sentinels promote the replica
-            sentinels.processes[sentinels.master_port].send_signal(signal.SIGSTOP)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and (
-                    sentinels.master() != sentinels.replica_port
-                    or _subscribers(sentinels.replica_port, hub.reply_channel) == 0):
-                await asyncio.sleep(0.2)
+            # and the sentinels promote the replica (the hub's loop runs meanwhile)
             # Then the hub has subscribed again, on the new master (it used to wait on the
             # silent one for ever, and events came only from the logs, every 2 s)
-            return _subscribers(sentinels.replica_port, hub.reply_channel)
+            return await asyncio.to_thread(_silent_failover, sentinels, hub.reply_channel,
+                                           lambda: time.sleep(0.2))
         finally:
             await hub.aclose()
             await client.aclose()
@@ -109,16 +104,23 @@ def test_the_blocking_clients_hub_follows_a_failover_away_from_a_silent_master(
     hub.start()
     hub.open("waiting")
     assert _subscribers(sentinels.master_port, hub.reply_channel) == 1
-    # When the master goes silent (SIGSTOP) and the sentinels promote the replica
+    # When the master goes silent (SIGSTOP) and the sentinels promote the replica, while a
+    # reader waits (the hub reads then)
+    # Then the hub has subscribed again, on the new master
+    assert _silent_failover(sentinels, hub.reply_channel, lambda: hub.get("waiting", 0.5)) == 1
+    hub.shutdown()
+
+
+def _silent_failover(sentinels: SentinelGroup, channel: str, wait: Callable[[], object]) -> int:
+    """SIGSTOP the master (a frozen host), then `wait` again and again until the sentinels have
+    promoted the replica and `channel` has a subscriber there (60 s at most); how many."""
     sentinels.processes[sentinels.master_port].send_signal(signal.SIGSTOP)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (
             sentinels.master() != sentinels.replica_port
-            or _subscribers(sentinels.replica_port, hub.reply_channel) == 0):
-        hub.get("waiting", 0.5)  # what a reader does while it waits: the hub reads then
-    # Then the hub has subscribed again, on the new master
-    assert _subscribers(sentinels.replica_port, hub.reply_channel) == 1
-    hub.shutdown()
+            or _subscribers(sentinels.replica_port, channel) == 0):
+        wait()
+    return _subscribers(sentinels.replica_port, channel)
 
 
 def _silent_config(sentinels: SentinelGroup, tmp_path: Path, tiny_models: Path) -> SmmfConfig:
