@@ -32,8 +32,38 @@ from . import keys
 SUBSCRIBE_TIMEOUT_S = 10.0
 #: seconds between attempts to read again after the pub/sub connection broke.
 RECONNECT_DELAY_S = 0.2
-#: seconds without a message after which a StreamHub pings its connection (`_watch`).
+#: seconds without a message after which a hub pings its connection (`Silence`).
 PING_AFTER_S = 1.0
+
+
+class Silence:
+    """When a hub's pub/sub connection should be pinged, and when dropped for dead.
+
+    While nothing comes, a hub pings its connection once per PING_AFTER_S; once not even an
+    answer came for `silent_after_s` (queue.socket_timeout_s), it drops the connection: a Redis
+    gone silent with the connection open (a frozen or lost host) would hold the subscription
+    for ever, and behind Sentinel keep it on a master that was replaced. redis-py then connects
+    afresh (to the current master) and subscribes again; readers fill what they missed from
+    the jobs' logs."""
+
+    def __init__(self, silent_after_s: float):
+        self.silent_after_s = silent_after_s
+        self.heard_at = self.pinged_at = time.monotonic()
+
+    def heard(self) -> None:
+        """A message came: an event, a confirmation or a ping's answer."""
+        self.heard_at = time.monotonic()
+
+    def next_step(self) -> str | None:
+        """"drop", "ping" or None (nothing to do yet)."""
+        now = time.monotonic()
+        if now - self.heard_at > self.silent_after_s:
+            self.heard_at = now  # the next connection's time starts now
+            return "drop"
+        if now - max(self.heard_at, self.pinged_at) >= PING_AFTER_S:
+            self.pinged_at = now
+            return "ping"
+        return None
 
 
 class StreamHub:
@@ -41,11 +71,7 @@ class StreamHub:
 
     def __init__(self, client: redis.asyncio.Redis, silent_after_s: float = 5.0):
         self._pubsub = client.pubsub()
-        #: seconds without a message, pings' answers included, after which the connection is
-        #: taken for dead (queue.socket_timeout_s).
-        self._silent_after_s = silent_after_s
-        #: when (monotonic) the last message came: an event, a confirmation or a ping's answer.
-        self._heard_at = time.monotonic()
+        self._silence = Silence(silent_after_s)
         self._watcher: asyncio.Task[None] | None = None
         #: this hub's reply channel: workers publish `<job id> <event>` on it.
         self.reply_channel = keys.reply_channel(uuid.uuid4().hex)
@@ -77,7 +103,7 @@ class StreamHub:
                 raise
             self._has_channels.set()
             if self._reader is None or self._reader.done():
-                self._heard_at = time.monotonic()
+                self._silence.heard()
                 self._reader = asyncio.create_task(self._read(), name="smmf-stream-hub")
                 self._watcher = asyncio.create_task(self._watch(), name="smmf-stream-hub-watch")
         try:
@@ -109,7 +135,7 @@ class StreamHub:
                 await self._has_channels.wait()
             try:
                 async for message in self._pubsub.listen():
-                    self._heard_at = time.monotonic()
+                    self._silence.heard()
                     self._route(message)
             except (OSError, redis.RedisError):
                 # Redis went away: redis-py reconnects and re-subscribes on the next read; events
@@ -117,22 +143,16 @@ class StreamHub:
                 await asyncio.sleep(RECONNECT_DELAY_S)
 
     async def _watch(self) -> None:
-        """Ping the connection while nothing comes, and drop it once not even an answer came
-        for `silent_after_s`: a Redis gone silent with the connection open (a frozen or lost
-        host) would hold the subscription for ever, and behind Sentinel keep it on a master
-        that was replaced. redis-py then connects afresh (to the current master) and
-        subscribes again; readers fill what they missed from the jobs' logs."""
+        """Ping the connection while nothing comes, or drop it for dead (`Silence`)."""
         while True:
             await asyncio.sleep(PING_AFTER_S)
-            quiet_s = time.monotonic() - self._heard_at
-            if quiet_s < PING_AFTER_S or not self._pubsub.subscribed:
+            if not self._pubsub.subscribed:
                 continue
-            connection = self._pubsub.connection
+            step, connection = self._silence.next_step(), self._pubsub.connection
             with contextlib.suppress(OSError, redis.RedisError):
-                if quiet_s > self._silent_after_s and connection is not None:
-                    self._heard_at = time.monotonic()  # the next connection's time starts now
+                if step == "drop" and connection is not None:
                     await connection.disconnect()
-                else:
+                elif step == "ping":
                     await self._pubsub.ping()
 
     def _route(self, message: dict[str, Any]) -> None:
@@ -168,9 +188,7 @@ class ThreadHub:
 
     def __init__(self, client: redis.Redis, silent_after_s: float = 5.0):
         self._pubsub = client.pubsub()
-        #: as StreamHub's: when the last message came, the last ping, and when to give up.
-        self._silent_after_s = silent_after_s
-        self._heard_at = self._pinged_at = time.monotonic()
+        self._silence = Silence(silent_after_s)
         #: this hub's reply channel: workers publish `<job id> <event>` on it.
         self.reply_channel = keys.reply_channel(uuid.uuid4().hex)
         self._inboxes: dict[str, collections.deque[bytes]] = {}
@@ -241,18 +259,14 @@ class ThreadHub:
         self._changed.notify_all()
 
     def _keep_alive(self, heard: bool) -> None:
-        """StreamHub._watch for the reading thread: while nothing comes, ping the connection
-        (once per PING_AFTER_S), and drop it once not even an answer came for
-        `silent_after_s`, so that the next read connects afresh and subscribes again."""
-        now = time.monotonic()
+        """StreamHub._watch for the reading thread (`Silence`)."""
         if heard:
-            self._heard_at = now
+            self._silence.heard()
             return
-        if now - self._heard_at > self._silent_after_s and self._pubsub.connection is not None:
-            self._heard_at = now  # the next connection's time starts now
-            self._pubsub.connection.disconnect()
-        elif now - max(self._heard_at, self._pinged_at) >= PING_AFTER_S:
-            self._pinged_at = now
+        step, connection = self._silence.next_step(), self._pubsub.connection
+        if step == "drop" and connection is not None:
+            connection.disconnect()
+        elif step == "ping":
             self._pubsub.ping()
 
     def shutdown(self) -> None:
