@@ -8,6 +8,7 @@
     .venv/bin/python scripts/faults.py accepts [--n 3] [--fsync everysec|always] [--stop kill|term] [--seed 1]
     .venv/bin/python scripts/faults.py openapi [--examples 200] [--seed 1] [--admin]
     .venv/bin/python scripts/faults.py sentinel [--n 3] [--seed 1]
+    .venv/bin/python scripts/faults.py silent-master [--n 8]
 
 `kills`: a private Redis (AOF on), three worker processes for the tiny random-weight chat model
 (a killed worker's messages come back once their lease, `--lease`, is over). N times: stream a long reply (temperature
@@ -51,6 +52,13 @@ before the stop the lost ones were accepted; N rounds.
 sentinels as fast as it can; after a random 1-3 s the master is SIGKILLed. Reports how long
 until the producer's jobs were accepted again (by the promoted replica) and how many accepted
 jobs the new master does not hold (replication is asynchronous); N rounds.
+
+`silent-master`: a master, a replica and three sentinels, one worker of the tiny chat model and
+one SDK client behind them (`queue.socket_timeout_s` at its default). N times: right after a
+chat ends, the master is frozen (SIGSTOP: its connections stay open, nothing answers), so the
+worker's last writes for that job may meet the silence. Reports how long until the replica is
+promoted and until a chat is served again (the client retries); says whether the worker's
+writes met the silence (its log); a round with no chat served within 120 s counts as stuck.
 
 `openapi`: the gateway with a chat, an embedding and a reranker worker, and schemathesis run
 against the gateway's own OpenAPI document with every check (`tests/faults/schemathesis.toml`);
@@ -571,6 +579,52 @@ def sentinel_run(n: int, seed: int) -> None:
     print(f"lost {total_lost} / {total_accepted} accepted jobs")
 
 
+def silent_master_run(n: int) -> None:
+    print(f"Redis master SIGSTOPped {n} times right after a chat, one worker and one client behind "
+          f"3 sentinels (down-after 1 s); {os.cpu_count()} cores", flush=True)
+    stuck = 0
+    for round_ in range(n):
+        work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
+        group = SentinelGroup(work)
+        group.start()
+        config, log = work / "silent.toml", work / "worker.log"
+        config.write_text(chat_toml(MODEL) + f'\n[queue]\nbroker_url = "{group.url}"\n'
+                          f'sentinel_master = "{SENTINEL_MASTER}"\n')
+        worker = start_worker_process(config, [MODEL], log)
+        try:
+            with Client(config) as client:
+                if not _chat_within(client, 120):
+                    raise SystemExit(f"the worker served no chat within 120 s: {log}")
+                group.processes[group.master_port].send_signal(signal.SIGSTOP)
+                stopped = time.monotonic()
+                while group.master() != group.replica_port and time.monotonic() - stopped < 60:
+                    time.sleep(0.1)
+                promoted = time.monotonic() - stopped
+                served = _chat_within(client, 120)
+                back = time.monotonic() - stopped
+            met = ("; the worker's writes for the last job met the silence"
+                   if "Failed operation" in log.read_text() else "")
+            stuck += not served
+            outcome = f"a chat served again {back:.1f} s after the stop" if served else "STUCK"
+            print(f"  round {round_ + 1}: replica promoted {promoted:.1f} s after the stop, "
+                  f"{outcome}{met}", flush=True)
+        finally:
+            stop_processes([worker], grace_s=10)
+            group.stop()
+    print(f"stuck {stuck} / {n}")
+
+
+def _chat_within(client: Client, bound_s: float) -> bool:
+    """Whether a chat is served within `bound_s`, retried meanwhile."""
+    deadline = time.monotonic() + bound_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(BrokerUnavailable, JobTimeout):
+            client.chat(MODEL, QUESTION, max_tokens=4, temperature=0, timeout=10)
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def _produce_through_failover(sender: JobSender, accepted: dict[str, float], stop: threading.Event) -> None:
     """Enqueue chat jobs until `stop`, retrying while the broker fails over."""
     while not stop.is_set():
@@ -706,6 +760,8 @@ def main() -> None:
     failover = commands.add_parser("sentinel", help="SIGKILL the master behind Sentinel under a producer")
     failover.add_argument("--n", type=int, default=3)
     failover.add_argument("--seed", type=int, default=1)
+    silent = commands.add_parser("silent-master", help="SIGSTOP the master behind Sentinel after a chat")
+    silent.add_argument("--n", type=int, default=8)
     fuzz = commands.add_parser("openapi", help="schemathesis against the gateway's own schema")
     fuzz.add_argument("--examples", type=int, default=200)
     fuzz.add_argument("--seed", type=int, default=1)
@@ -724,6 +780,8 @@ def main() -> None:
         accepts(args.n, args.fsync, args.stop, args.seed)
     elif args.command == "sentinel":
         sentinel_run(args.n, args.seed)
+    elif args.command == "silent-master":
+        silent_master_run(args.n)
     elif args.command == "openapi":
         openapi_run(args.examples, args.seed, args.admin)
     else:

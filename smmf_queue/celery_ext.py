@@ -1,5 +1,6 @@
 """Small subclasses of Celery's and kombu's parts, named in the app's config: what makes each job
-cheaper, and the lease of every message a worker holds.
+cheaper, the lease of every message a worker holds, and a worker that a silent Redis cannot
+leave holding a message for good (`QoS.ack`, `ThreadPool`).
 
 Profiled with py-spy on a worker whose model answers instantly (docs/performance-log.md), about half of
 the worker's CPU per job went to two things, both fixed here without changing what is sent:
@@ -36,18 +37,23 @@ the worker's CPU per job went to two things, both fixed here without changing wh
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
 
+from billiard.einfo import ExceptionInfo
 from celery import signals, states
 from celery.backends.redis import RedisBackend
+from celery.concurrency.thread import TaskPool as CeleryThreadPool
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 from vine import promise
+
+log = logging.getLogger("smmf_queue.celery_ext")
 
 #: the longest a task event waits in the worker before it is published (Flower shows it then).
 EVENT_FLUSH_INTERVAL_S = 0.1
@@ -99,16 +105,30 @@ class QoS(kombu_redis.QoS):
     def ack(self, delivery_tag: str) -> None:
         """kombu's ack, except for a delivery whose job another delivery took over
         (`keep_lease_of`) or whose finish removed its bookkeeping already (`settled_by_finish`):
-        only this process forgets those."""
+        only this process forgets those.
+
+        This process forgets the message even when Redis does not hear the ack (kombu forgets
+        only after Redis did): a message still held here fills the worker's prefetch slot, and
+        the heartbeat renews its lease, so a silent Redis at the ack stopped the worker for
+        good. Forgotten, its lease lapses, it comes back, and its finished job runs nothing."""
         job_id = self._let_go(delivery_tag)
-        if _SETTLED.take(delivery_tag) or (job_id is not None and _LOST.take(job_id)):
+        settled = _SETTLED.take(delivery_tag) or (job_id is not None and _LOST.take(job_id))
+        try:
+            if not settled:
+                self._remove_from_indices(delivery_tag).execute()
+        finally:
             kombu_virtual.QoS.ack(self, delivery_tag)
-            return
-        super().ack(delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        """kombu's reject; this process forgets the message whatever Redis answers (`ack`)."""
         self._let_go(delivery_tag)
-        super().reject(delivery_tag, requeue=requeue)
+        try:
+            if requeue:
+                self.restore_by_tag(delivery_tag, leftmost=True)
+            else:
+                self._remove_from_indices(delivery_tag).execute()
+        finally:
+            kombu_virtual.QoS.ack(self, delivery_tag)
 
     def restore_unacked_once(self, stderr: Any = None) -> Any:
         """kombu's restore as the channel closes (its connection lost, the worker stopping):
@@ -310,6 +330,31 @@ class SentinelChannel(_KeptClient, kombu_redis.SentinelChannel):
 
 class SentinelTransport(kombu_redis.SentinelTransport):
     Channel = SentinelChannel
+
+
+class ThreadPool(CeleryThreadPool):
+    """Celery's thread pool, except that a task whose trace fails outside its body still ends.
+
+    Celery's trace raises when storing the task's state fails twice (the result backend's Redis
+    silent or full): the thread pool then dropped the exception with its future, so the task
+    never ended, its message stayed held and the worker took no other job, for good. Here such
+    a task ends as a failure, as Celery ends a task whose body raised: its message is
+    acknowledged (the body has run to its end, so the job's record holds its outcome) and
+    Flower sees `task-failed`."""
+
+    def on_apply(self, target: Any, *args: Any, **kwargs: Any) -> Any:
+        return super().on_apply(_ends_on_internal_error(target), *args, **kwargs)
+
+
+def _ends_on_internal_error(target: Any) -> Any:
+    """`target`, returning Celery's "failed" triple where it would raise (`ThreadPool`)."""
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return target(*args, **kwargs)
+        except Exception:
+            log.exception("a task's trace failed outside its body; it ends as failed")
+            return 1, ExceptionInfo(internal=True), 0.0
+    return run
 
 
 class Consumer(CeleryConsumer):

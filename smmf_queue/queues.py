@@ -61,10 +61,13 @@ def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery
             # kombu's restore runs under a lock that lasts 5 minutes unless released: one left
             # by a worker killed inside a restore held every restore back that long.
             "unacked_mutex_expire": config.worker.heartbeat_interval_s,
-            # A silent Redis: a publish or another command gives up (kombu checks its BRPOP
-            # and pub/sub connections itself).
+            # A silent Redis (a frozen host, a partition): a publish or another command gives
+            # up, and a worker drops a BRPOP or pub/sub connection that has not answered for
+            # two checks (kombu's default of 25 s between checks took 51 s to follow a
+            # failover away from a silent master).
             "socket_timeout": config.queue.socket_timeout_s,
             "socket_connect_timeout": config.queue.socket_timeout_s,
+            "health_check_interval": config.queue.socket_timeout_s,
             "queue_order_strategy": "priority",
             "priority_steps": keys.PRIORITY_STEPS,
         },
@@ -73,6 +76,12 @@ def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery
         task_default_queue=keys.DEFAULT_QUEUE,
         broker_pool_limit=32,
         worker_consumer="smmf_queue.celery_ext:Consumer",
+        # The result backend's commands give up in a silent Redis too (Celery's default: never),
+        # and a worker storing a result tries again until Redis answers (behind Sentinel: the
+        # new master), rather than failing a job that has run.
+        redis_socket_timeout=config.queue.socket_timeout_s,
+        redis_socket_connect_timeout=config.queue.socket_timeout_s,
+        result_backend_always_retry=True,
     )
     ours = next((transport for scheme, transport in REDIS_TRANSPORTS.items()
                  if config.queue.broker_url.startswith(scheme)), None)

@@ -1,8 +1,9 @@
 """The model-pinned worker: loads its models once, then consumes only their queues.
 
 `run_worker` checks that every model can run on this host before it consumes anything, loads
-them, and starts a Celery worker on a thread pool (a model is loaded once per process; prefork
-would copy it) sized by the models' `concurrency`, consuming only `smmf.<kind>.<model>` queues.
+them, and starts a Celery worker on a thread pool (celery_ext.ThreadPool: a model is loaded
+once per process; prefork would copy it) sized by the models' `concurrency`, consuming only
+`smmf.<kind>.<model>` queues.
 A heartbeat thread keeps the worker's registry entry alive and renews the leases of its jobs
 and of the messages it holds; kombu's restore, in every worker, hands back the messages of a
 worker that stopped renewing (celery_ext.renew_held_messages).
@@ -505,8 +506,11 @@ def run_worker(config: SmmfConfig, model_names: list[str], *, loglevel: str = "I
     signals.worker_ready.connect(lambda **_: runtime.start_heartbeat(), weak=False)
     signals.worker_shutting_down.connect(lambda **_: runtime.stop_within_grace(), weak=False)
     signals.worker_shutdown.connect(lambda **_: runtime.stop_heartbeat(), weak=False)
+    # Celery's thread pool (`--pool` takes only Celery's own names; a configured pool replaces
+    # its default).
+    app.conf.worker_pool = "smmf_queue.celery_ext:ThreadPool"
     app.worker_main([
-        "worker", "--pool=threads", f"--concurrency={runtime.pool_size}",
+        "worker", f"--concurrency={runtime.pool_size}",
         f"--queues={','.join(runtime.queues)}", f"--hostname={runtime.nodename}",
         "--without-gossip", "--without-mingle", "--task-events", f"--loglevel={loglevel}",
     ])

@@ -117,6 +117,59 @@ def test_a_finish_settles_only_the_message_it_cleared(redis_server) -> None:  # 
         queue.close()
 
 
+@pytest.mark.parametrize("settle", ["ack", "reject"])
+def test_a_message_whose_ack_redis_did_not_hear_leaves_the_worker_s_slot(redis_server, settle: str) -> None:  # type: ignore[no-untyped-def]
+    client = redis.Redis.from_url(redis_server.url)
+    taken: list[Any] = []
+    options = {"socket_timeout": 0.3}
+    with Connection(redis_server.url, transport="smmf_queue.celery_ext:Transport",
+                    transport_options=options) as conn:
+        # Given a message held by a channel that takes one at a time (a worker's one slot)
+        queue = conn.SimpleQueue(f"test-unheard-{settle}")
+        queue.put({"n": 1}, headers={"id": f"unheard-{settle}"})
+        consumer = conn.Consumer(queue.queue, callbacks=[lambda body, message: taken.append(message)],
+                                 accept=["json"], prefetch_count=1)
+        with consumer:
+            conn.drain_events(timeout=5)
+            [message] = taken
+            qos = message.channel.qos
+            assert not qos.can_consume()
+            # When Redis does not answer its ack or reject (its writes paused: a silent Redis)
+            client.client_pause(10_000, all=False)
+            try:
+                with pytest.raises(redis.RedisError):
+                    message.ack() if settle == "ack" else message.reject()
+            finally:
+                client.client_unpause()
+            # Then the channel holds it no longer: the slot takes the next message, and the
+            # heartbeat no longer renews this one's lease, so kombu's restore hands it back (it
+            # used to fill the slot for good, its lease renewed)
+            assert qos.can_consume() and qos._held_tags() == []
+            assert celery_ext.held_message(f"unheard-{settle}") is None
+            # (The paused writes run after the pause; a silent Redis may run them too, or not.)
+            client.hdel("unacked", message.delivery_tag)
+            client.zrem("unacked_index", message.delivery_tag)
+        queue.close()
+
+
+def test_a_task_whose_trace_fails_outside_its_body_still_ends() -> None:
+    # Given the worker's thread pool, and a task whose trace raises (as Celery's does when
+    # storing the task's state fails twice: its result backend silent or full)
+    pool = celery_ext.ThreadPool(limit=1)
+    pool.start()
+    ended: list[Any] = []
+
+    def trace() -> None:
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    pool.apply_async(trace, callback=ended.append).wait(5)
+    pool.stop()
+    # Then the task ends, as a failure, with the trace's error (Celery's thread pool dropped the
+    # error with the thread's future: the task never ended, and its message stayed held)
+    [(failed, info, _)] = ended
+    assert failed == 1 and isinstance(info.exception.exc, redis.TimeoutError)
+
+
 def test_a_job_s_finish_clears_its_message_s_bookkeeping_in_its_own_script_call(
         client: Client, embed_worker: WorkerProcess, redis_client: redis.Redis) -> None:
     # Given a worker whose broker is the Redis of its job records, watched command by command
