@@ -150,7 +150,7 @@ def _rounds(n: int, lease_s: float, heartbeat_s: float, seed: int, *, live: int,
             print(f"{n} {title} ({len(reference)} chars); lease_s {lease_s}, heartbeat {heartbeat_s} s, "
                   f"seed {seed}, {os.cpu_count()} cores", flush=True)
             for i in range(n):
-                _wait_live(client_redis, live)
+                _wait_live(client_redis, live, replicas.running())
                 outcome = one_round(client, client_redis, replicas, rng.randint(1, 40), f"{prefix}-{seed}-{i}")
                 replicas.spawn()
                 if outcome is None:
@@ -690,6 +690,10 @@ class Replicas:
         self.processes[pid].send_signal(signal.SIGKILL)
         self.processes[pid].wait()
 
+    def running(self) -> set[int]:
+        """The pids of the workers not killed (a killed one stays listed live until its TTL)."""
+        return {pid for pid, process in self.processes.items() if process.poll() is None}
+
 
 @contextlib.contextmanager
 def _replicas(lease_s: float, heartbeat_s: float) -> Iterator[tuple[Path, redis.Redis, Replicas]]:
@@ -720,9 +724,10 @@ def _config(work: Path, server: EmbeddedRedis, models: str = "", **worker: float
     return config
 
 
-def _wait_live(client: redis.Redis, count: int) -> None:
+def _wait_live(client: redis.Redis, count: int, pids: set[int] | None = None) -> None:
+    """Wait until `count` workers are live (of `pids`, where given)."""
     deadline = time.monotonic() + 120
-    while len(registry.live_workers(client)) < count:
+    while len([w for w in registry.live_workers(client) if pids is None or w.pid in pids]) < count:
         if time.monotonic() > deadline:
             raise SystemExit(f"fewer than {count} live workers after 120 s")
         time.sleep(0.2)

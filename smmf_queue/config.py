@@ -126,8 +126,9 @@ class QueueSettings(_Strict):
     sentinel_master: str | None = None
     #: seconds a Redis command (or a connect) may wait before its client gives up: a Redis that
     #: went silent without closing its connections (a frozen host, a partition, a failover's
-    #: lost master) is then an outage, answered like one, not a hang. At least 3: longer than
-    #: the blocking reads we send (streaming.QUIET_CHECK_S).
+    #: lost master) is then an outage, answered like one, not a hang; a worker checks its
+    #: waiting connections (kombu's BRPOP and pub/sub) this often. At least 3: longer than the
+    #: blocking reads we send (streaming.QUIET_CHECK_S).
     socket_timeout_s: float = Field(default=5.0, ge=3.0)
 
     @model_validator(mode="after")

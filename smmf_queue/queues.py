@@ -62,9 +62,9 @@ def make_celery_app(config: SmmfConfig, *, store_results: bool = True) -> Celery
             # by a worker killed inside a restore held every restore back that long.
             "unacked_mutex_expire": config.worker.heartbeat_interval_s,
             # A silent Redis (a frozen host, a partition): a publish or another command gives
-            # up, and a worker drops a BRPOP or pub/sub connection that has not answered for
-            # two checks (kombu's default of 25 s between checks took 51 s to follow a
-            # failover away from a silent master).
+            # up, and a worker drops a BRPOP or pub/sub connection whose answer is overdue at
+            # kombu's check of it, every socket timeout (kombu's default, 25 s, took up to 51 s
+            # to follow a failover away from a silent master).
             "socket_timeout": config.queue.socket_timeout_s,
             "socket_connect_timeout": config.queue.socket_timeout_s,
             "health_check_interval": config.queue.socket_timeout_s,

@@ -506,8 +506,8 @@ def run_worker(config: SmmfConfig, model_names: list[str], *, loglevel: str = "I
     signals.worker_ready.connect(lambda **_: runtime.start_heartbeat(), weak=False)
     signals.worker_shutting_down.connect(lambda **_: runtime.stop_within_grace(), weak=False)
     signals.worker_shutdown.connect(lambda **_: runtime.stop_heartbeat(), weak=False)
-    # Celery's thread pool (`--pool` takes only Celery's own names; a configured pool replaces
-    # its default).
+    # celery_ext.ThreadPool: Celery's thread pool, in which every task ends (`--pool` takes only
+    # Celery's own names; a configured pool replaces its default).
     app.conf.worker_pool = "smmf_queue.celery_ext:ThreadPool"
     app.worker_main([
         "worker", f"--concurrency={runtime.pool_size}",
