@@ -25,6 +25,7 @@ from typing import Any
 import prometheus_client
 import redis
 from celery import Celery, Task, signals
+from celery.exceptions import Reject
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
@@ -226,6 +227,14 @@ class WorkerRuntime:
             if exc.error_type in DEAD_ON:
                 self._keep_dead(self._dead_job(task, kind, payload, exc))
             raise
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # Redis went away under the job (down, silent), so its end may not be written: its
+            # message goes back to its queue (or, Redis not answering, comes back after its
+            # lease), where Celery would acknowledge it as a failed task's, and the job, still
+            # RUNNING in its record, would be lost to its caller. (Not for Redis refusing a
+            # command, a full Redis: a job sent back at once would come back at once.)
+            log.warning("job %s: Redis failed under it (%s); its message goes back", job_id, exc)
+            raise Reject(exc, requeue=True) from None
 
     def _dead_job(self, task: Task, kind: str, payload: dict[str, Any],
                   exc: JobFailed) -> dead_letters.DeadLetter:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import redis
 
 from ..config import ModelConfig
 from ..errors import JobFailed, ProviderUnavailable, SmmfError
@@ -118,10 +119,12 @@ def unit_vectors(vectors: list[list[float]]) -> list[list[float]]:
 
 @contextlib.contextmanager
 def provider_errors(model: ModelConfig, job_id: str) -> Iterator[None]:
-    """Map any foreign error from a provider call to JobFailed, with no secret in its message."""
+    """Map any foreign error from a provider call to JobFailed, with no secret in its message.
+    A Redis error is the job's own writes failing, not the provider: it stays itself (the
+    worker hands the job's message back: worker.WorkerRuntime.execute)."""
     try:
         yield
-    except SmmfError:
+    except (SmmfError, redis.RedisError):
         raise
     except Exception as exc:  # the boundary: whatever an engine or SDK raises
         message = f"{type(exc).__name__}: {exc}"

@@ -27,10 +27,11 @@ import redis
 from smmf_queue import AsyncClient, BrokerUnavailable, Client, keys
 from smmf_queue.config import load_config
 from smmf_queue.embedded_redis import EmbeddedRedis
-from smmf_queue.jobs import new_job_id
+from smmf_queue.jobs import ChatDelta, new_job_id
 from smmf_queue.queues import JobSender, make_celery_app
+from smmf_queue.streaming import decode_log
 
-from ..conftest import CHAT, GATEWAY_KEY, StartWorker, free_port, start_service, write_config
+from ..conftest import CHAT, GATEWAY_KEY, StartWorker, free_port, start_service, wait_until, write_config
 
 T = TypeVar("T")
 HELLO = [{"role": "user", "content": "hi"}]
@@ -179,6 +180,46 @@ def test_the_gateway_answers_503_and_stays_responsive_while_redis_is_silent(
         server.process.send_signal(signal.SIGCONT)
         gateway.terminate()
         gateway.wait(timeout=15)
+
+
+def test_a_job_running_when_redis_goes_silent_runs_again_and_ends_whole(
+        outage: tuple[EmbeddedRedis, Path]) -> None:
+    # Given a long reply streaming from the worker (Redis commands give up after 5 s)
+    server, config = outage
+    assert server.process is not None
+    with Client(config) as client:
+        reference = client.chat(CHAT, HELLO, max_tokens=3000, temperature=0).text
+        job_id = new_job_id()
+        deltas: list[ChatDelta] = []
+        errors: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                deltas.extend(client.stream_chat(CHAT, HELLO, max_tokens=3000, temperature=0,
+                                                 timeout=150, job_id=job_id))
+            except BaseException as exc:  # noqa: BLE001 (the test asserts there was none)
+                errors.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        wait_until(lambda: len(deltas) >= 5, 30, "the first deltas")
+        # When Redis goes silent for 40 s mid-reply (SIGSTOP), longer than the worker's writes
+        # wait, so that its event writes and the job's failure fail
+        server.process.send_signal(signal.SIGSTOP)
+        time.sleep(40)
+        server.process.send_signal(signal.SIGCONT)
+        reader.join(150)
+        # Then the job's message came back and the job ran again: its reader gets the whole
+        # reply after a restart, and the log one end (the worker used to acknowledge the
+        # message as a failed task's while the job's record still said RUNNING: its caller
+        # waited out its timeout)
+        assert not errors, errors
+        restart = max(i for i, delta in enumerate(deltas) if delta.restart)
+        assert "".join(delta.text for delta in deltas[restart:]) == reference
+        logged = decode_log(redis.Redis.from_url(server.url).xrange(keys.event_log(job_id)))  # type: ignore[arg-type]
+        assert sum(1 for event in logged if event.terminal) == 1
+        # and the worker serves the next chat
+        assert client.chat(CHAT, HELLO, max_tokens=4, temperature=0, timeout=60).text
 
 
 def _post(port: int, stream: bool = False) -> tuple[int, dict[str, str], dict[str, object]]:
