@@ -105,30 +105,31 @@ class QoS(kombu_redis.QoS):
     def ack(self, delivery_tag: str) -> None:
         """kombu's ack, except for a delivery whose job another delivery took over
         (`keep_lease_of`) or whose finish removed its bookkeeping already (`settled_by_finish`):
-        only this process forgets those.
-
-        This process forgets the message even when Redis does not hear the ack (kombu forgets
-        only after Redis did): a message still held here fills the worker's prefetch slot, and
-        the heartbeat renews its lease, so a silent Redis at the ack stopped the worker for
-        good. Forgotten, its lease lapses, it comes back, and its finished job runs nothing."""
+        only this process forgets those."""
         job_id = self._let_go(delivery_tag)
-        settled = _SETTLED.take(delivery_tag) or (job_id is not None and _LOST.take(job_id))
-        try:
-            if not settled:
-                self._remove_from_indices(delivery_tag).execute()
-        finally:
+        if _SETTLED.take(delivery_tag) or (job_id is not None and _LOST.take(job_id)):
             kombu_virtual.QoS.ack(self, delivery_tag)
+            return
+        with self._forgotten_even_if_unheard(delivery_tag):
+            super().ack(delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        """kombu's reject; this process forgets the message whatever Redis answers (`ack`)."""
         self._let_go(delivery_tag)
+        with self._forgotten_even_if_unheard(delivery_tag):
+            super().reject(delivery_tag, requeue=requeue)
+
+    @contextlib.contextmanager
+    def _forgotten_even_if_unheard(self, delivery_tag: str) -> Iterator[None]:
+        """kombu forgets an acknowledged or rejected message only once Redis has heard: here it
+        is forgotten even when Redis does not answer. A message still held fills the worker's
+        prefetch slot and the heartbeat renews its lease, so a silent Redis at the ack stopped
+        the worker for good; forgotten, its lease lapses, it comes back, and its finished job
+        runs nothing."""
         try:
-            if requeue:
-                self.restore_by_tag(delivery_tag, leftmost=True)
-            else:
-                self._remove_from_indices(delivery_tag).execute()
-        finally:
+            yield
+        except Exception:
             kombu_virtual.QoS.ack(self, delivery_tag)
+            raise
 
     def restore_unacked_once(self, stderr: Any = None) -> Any:
         """kombu's restore as the channel closes (its connection lost, the worker stopping):

@@ -42,7 +42,6 @@ HOOKS = (
          "and a message is forgotten here even when Redis does not hear its ack"),
     Hook("kombu.transport.virtual.base:QoS", "ack",
          "celery_ext.QoS.ack and reject: forgetting a message here, apart from Redis"),
-    Hook("kombu.transport.redis:QoS", "restore_by_tag", "celery_ext.QoS.reject: a message requeued"),
     Hook("kombu.transport.redis:QoS", "restore_visible",
          "queues.make_celery_app: kombu's restore hands back a dead worker's messages after its lease"),
     Hook("kombu.transport.redis:Channel", "unacked_mutex_expire",
