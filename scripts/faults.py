@@ -546,13 +546,7 @@ def sentinel_run(n: int, seed: int) -> None:
           f"(down-after 1 s); seed {seed}, {os.cpu_count()} cores", flush=True)
     total_accepted = total_lost = 0
     for round_ in range(n):
-        work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
-        group = SentinelGroup(work)
-        group.start()
-        try:
-            config = work / "sentinel.toml"
-            config.write_text(chat_toml(MODEL) + f'\n[queue]\nbroker_url = "{group.url}"\n'
-                              f'sentinel_master = "{SENTINEL_MASTER}"\n')
+        with _sentinel_group() as (group, config):
             sender = JobSender(make_celery_app(load_config(config), store_results=False))
             accepted: dict[str, float] = {}
             stop = threading.Event()
@@ -561,8 +555,7 @@ def sentinel_run(n: int, seed: int) -> None:
             time.sleep(rng.uniform(1, 3))
             group.kill(group.master_port)
             killed = time.monotonic()
-            while group.master() != group.replica_port and time.monotonic() - killed < 60:
-                time.sleep(0.1)
+            _wait_promoted(group, killed)
             while not any(at > killed for at in list(accepted.values())) and time.monotonic() - killed < 60:
                 time.sleep(0.1)
             back = min((at for at in list(accepted.values()) if at > killed), default=float("nan"))
@@ -574,8 +567,6 @@ def sentinel_run(n: int, seed: int) -> None:
             total_lost += len(lost)
             print(f"  round {round_ + 1}: accepted {len(accepted)}, lost {len(lost)}; jobs accepted "
                   f"again {back - killed:.1f} s after the kill", flush=True)
-        finally:
-            group.stop()
     print(f"lost {total_lost} / {total_accepted} accepted jobs")
 
 
@@ -584,34 +575,50 @@ def silent_master_run(n: int) -> None:
           f"3 sentinels (down-after 1 s); {os.cpu_count()} cores", flush=True)
     stuck = 0
     for round_ in range(n):
-        work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
-        group = SentinelGroup(work)
-        group.start()
-        config, log = work / "silent.toml", work / "worker.log"
+        with _sentinel_group() as (group, config):
+            log = config.parent / "worker.log"
+            worker = start_worker_process(config, [MODEL], log)
+            try:
+                with Client(config) as client:
+                    if not _chat_within(client, 120):
+                        raise SystemExit(f"the worker served no chat within 120 s: {log}")
+                    group.processes[group.master_port].send_signal(signal.SIGSTOP)
+                    stopped = time.monotonic()
+                    promoted = _wait_promoted(group, stopped)
+                    served = _chat_within(client, 120)
+                    back = time.monotonic() - stopped
+            finally:
+                stop_processes([worker], grace_s=10)
+        met = ("; the worker's writes for the last job met the silence"
+               if "Failed operation" in log.read_text() else "")
+        stuck += not served
+        outcome = f"a chat served again {back:.1f} s after the stop" if served else "STUCK"
+        print(f"  round {round_ + 1}: replica promoted {promoted:.1f} s after the stop, "
+              f"{outcome}{met}", flush=True)
+    print(f"stuck {stuck} / {n}")
+
+
+@contextlib.contextmanager
+def _sentinel_group() -> Iterator[tuple[SentinelGroup, Path]]:
+    """A master, a replica and three sentinels, and a config for the tiny chat model behind
+    them (stopped at the end)."""
+    work = Path(tempfile.mkdtemp(prefix="smmf-faults-"))
+    group = SentinelGroup(work)
+    group.start()
+    try:
+        config = work / "sentinel.toml"
         config.write_text(chat_toml(MODEL) + f'\n[queue]\nbroker_url = "{group.url}"\n'
                           f'sentinel_master = "{SENTINEL_MASTER}"\n')
-        worker = start_worker_process(config, [MODEL], log)
-        try:
-            with Client(config) as client:
-                if not _chat_within(client, 120):
-                    raise SystemExit(f"the worker served no chat within 120 s: {log}")
-                group.processes[group.master_port].send_signal(signal.SIGSTOP)
-                stopped = time.monotonic()
-                while group.master() != group.replica_port and time.monotonic() - stopped < 60:
-                    time.sleep(0.1)
-                promoted = time.monotonic() - stopped
-                served = _chat_within(client, 120)
-                back = time.monotonic() - stopped
-            met = ("; the worker's writes for the last job met the silence"
-                   if "Failed operation" in log.read_text() else "")
-            stuck += not served
-            outcome = f"a chat served again {back:.1f} s after the stop" if served else "STUCK"
-            print(f"  round {round_ + 1}: replica promoted {promoted:.1f} s after the stop, "
-                  f"{outcome}{met}", flush=True)
-        finally:
-            stop_processes([worker], grace_s=10)
-            group.stop()
-    print(f"stuck {stuck} / {n}")
+        yield group, config
+    finally:
+        group.stop()
+
+
+def _wait_promoted(group: SentinelGroup, since: float) -> float:
+    """Wait until the sentinels have promoted the replica (60 s at most); seconds since `since`."""
+    while group.master() != group.replica_port and time.monotonic() - since < 60:
+        time.sleep(0.1)
+    return time.monotonic() - since
 
 
 def _chat_within(client: Client, bound_s: float) -> bool:
